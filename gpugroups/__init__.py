@@ -1,0 +1,57 @@
+"""gpugroups: run several Hugging Face models on one or more GPUs from Jupyter.
+
+The public face. Heavy parts (torch, transformers) load lazily on first use of ``manager()``,
+``Manager``, ``panel()`` or ``serve()``, so ``import gpugroups`` and the light modules
+(``catalog``, ``placement``, ``protocol``) stay cheap enough for the Jupyter server process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import GpuGroupsError
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .manager import Manager
+
+__all__ = ["Client", "GpuGroupsError", "Manager", "manager", "panel", "serve", "__version__"]
+
+_LAZY = {"Manager": ".manager", "Client": ".client"}
+
+
+def manager(**kwargs: Any) -> Manager:
+    """This kernel's manager, created on first call (``kwargs`` go to ``Manager`` then)."""
+    from .manager import default_manager
+
+    return default_manager(**kwargs)
+
+
+def panel(m: Manager | None = None) -> Any:
+    """The live widget for ``m`` (default: this kernel's manager)."""
+    from .widgets import Panel
+
+    return Panel(m or manager())
+
+
+def serve(m: Manager | None = None) -> Any:
+    """Make this kernel the host behind the server extension's ``/api/v2`` routes."""
+    from .kernel import serve as _serve
+
+    return _serve(m or manager())
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    from .server.app import GpuGroupsApp
+
+    return [{"module": "gpugroups.server", "app": GpuGroupsApp}]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'gpugroups' has no attribute {name!r}")

@@ -1,0 +1,367 @@
+"""Groups and models: where they come from (TOML, Python dicts, the HF cache, folders, the demo).
+
+Every model belongs to exactly one group. A loadable id that no group names (a local folder
+under an allowed root, or a hub id present in the local Hugging Face cache) becomes the
+single-model group ``single:<id>`` on first use. Local paths outside the allowed roots are
+``unknown_model``: an id from a REST client never makes the kernel read an arbitrary file.
+Light on purpose (no torch): the Jupyter server may import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import GpuGroupsError
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+GROUP_KINDS = ("adapters", "models", "single")
+DTYPES = ("float32", "float16", "bfloat16")
+ROOTS_ENV = "GPUGROUPS_MODEL_ROOTS"
+
+_GROUP_KEYS = {"kind", "name", "base", "base_id", "adapters", "models", "dtype", "trust_remote_code"}
+_TOP_KEYS = {"roots", "groups"}
+
+
+@dataclass
+class ModelSpec:
+    """A model: its id, its group, where its files are (absolute local path or hub id), its role."""
+
+    id: str
+    group_id: str
+    source: str
+    role: str  # "base" | "adapter" | "model"
+
+
+@dataclass
+class GroupSpec:
+    """A group: the unit of placement. ``members`` lists model ids, the base first for adapters."""
+
+    id: str
+    kind: str
+    name: str
+    members: list[str]
+    base: str | None = None  # model id of the bare base (adapters groups)
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The catalog part of this group's JSON (the manager adds live fields)."""
+        return {"id": self.id, "name": self.name, "kind": self.kind, "models": list(self.members)}
+
+
+@dataclass
+class Catalog:
+    """A registry of groups and models, with the roots local paths must lie under.
+
+    Thread-safe: the manager, a panel and the bridge may register and resolve at once.
+    """
+
+    roots: list[Path] = field(default_factory=lambda: default_roots())
+    groups: dict[str, GroupSpec] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.RLock()
+        self.roots = [Path(r).expanduser().resolve() for r in self.roots]
+
+    # ---- building -----------------------------------------------------------------------
+    def add_group(self, group: GroupSpec, models: Iterable[ModelSpec]) -> GroupSpec:
+        """Register a group and its member models; ids must be new (``invalid_catalog`` else)."""
+        models = list(models)
+        with self._lock:
+            if group.id in self.groups:
+                raise GpuGroupsError("invalid_catalog", f"duplicate group id {group.id!r}")
+            seen: set[str] = set()
+            for m in models:
+                if m.id in self.models or m.id in seen:
+                    other = self.models[m.id].group_id if m.id in self.models else group.id
+                    raise GpuGroupsError(
+                        "invalid_catalog",
+                        f"duplicate model id {m.id!r} (in groups {other!r} and {group.id!r})",
+                    )
+                seen.add(m.id)
+            self.groups[group.id] = group
+            for m in models:
+                self.models[m.id] = m
+            return group
+
+    def register_group(
+        self,
+        group_id: str,
+        base: str | None = None,
+        adapters: Mapping[str, str] | None = None,
+        models: Mapping[str, str] | Iterable[str] | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+        base_id: str | None = None,
+        trust_remote_code: bool = False,
+        relative_to: Path | None = None,
+    ) -> GroupSpec:
+        """Register an ``adapters`` group (``base`` + ``adapters``) or a ``models`` group.
+
+        ``base``/paths are hub ids or local folders; relative paths resolve against
+        ``relative_to`` (a TOML file's folder). The bare base is a member with id ``base_id``
+        (default: ``base`` as given).
+        """
+        if not isinstance(group_id, str) or not group_id:
+            raise GpuGroupsError("invalid_catalog", "group id must be a non-empty string")
+        if dtype is not None and dtype not in DTYPES:
+            raise GpuGroupsError(
+                "invalid_catalog", f"group {group_id!r}: dtype must be one of {DTYPES}, got {dtype!r}"
+            )
+        if (base is None) == (models is None):
+            raise GpuGroupsError(
+                "invalid_catalog",
+                f"group {group_id!r}: give either base (+ adapters) or models, not both or neither",
+            )
+        src = lambda s: self._source(s, relative_to, group_id)  # noqa: E731
+        if base is not None:
+            bid = base_id or base
+            specs = [ModelSpec(bid, group_id, src(base), "base")]
+            specs += [ModelSpec(mid, group_id, src(p), "adapter") for mid, p in (adapters or {}).items()]
+            kind, gbase = "adapters", bid
+        else:
+            items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models]  # type: ignore[union-attr]
+            specs = [ModelSpec(mid, group_id, src(p), "model") for mid, p in items]
+            if not specs:
+                raise GpuGroupsError("invalid_catalog", f"group {group_id!r} has no models")
+            kind, gbase = "models", None
+        group = GroupSpec(group_id, kind, name or group_id, [s.id for s in specs], gbase, dtype, trust_remote_code)
+        return self.add_group(group, specs)
+
+    def load_toml(self, path: str | os.PathLike[str]) -> list[GroupSpec]:
+        """Add the groups of a TOML catalog file (see docs/catalog.md for the format).
+
+        Relative paths resolve against the file's folder, which becomes an allowed root.
+        Unknown keys and duplicate ids are ``invalid_catalog`` errors naming the line.
+        """
+        path = Path(path).expanduser().resolve()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise GpuGroupsError("invalid_catalog", f"cannot read catalog {path}: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise GpuGroupsError("invalid_catalog", f"{path}: {exc}") from None
+        where = lambda key, section=None: f"{path}:{_line_of(text, key, section)}"  # noqa: E731
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise GpuGroupsError("invalid_catalog", f"{where(key)}: unknown key {key!r} (expected {sorted(_TOP_KEYS)})")
+        roots = data.get("roots", [])
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+            raise GpuGroupsError("invalid_catalog", f"{where('roots')}: roots must be a list of paths")
+        with self._lock:
+            self.add_roots([path.parent, *[(path.parent / Path(r).expanduser()) for r in roots]])
+            added = []
+            for gid, g in data.get("groups", {}).items():
+                if not isinstance(g, dict):
+                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: group {gid!r} must be a table")
+                for key in g:
+                    if key not in _GROUP_KEYS:
+                        raise GpuGroupsError(
+                            "invalid_catalog",
+                            f"{where(key, gid)}: unknown key {key!r} in group {gid!r} (expected {sorted(_GROUP_KEYS)})",
+                        )
+                kind = g.get("kind", "adapters" if "base" in g else "models")
+                if kind not in ("adapters", "models"):
+                    raise GpuGroupsError("invalid_catalog", f"{where('kind', gid)}: kind must be 'adapters' or 'models', got {kind!r}")
+                if (kind == "adapters") != ("base" in g):
+                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: an adapters group needs 'base' and a models group 'models'")
+                try:
+                    added.append(
+                        self.register_group(
+                            gid, base=g.get("base"), adapters=g.get("adapters"), models=g.get("models"),
+                            name=g.get("name"), dtype=g.get("dtype"), base_id=g.get("base_id"),
+                            trust_remote_code=bool(g.get("trust_remote_code", False)), relative_to=path.parent,
+                        )
+                    )
+                except GpuGroupsError as exc:
+                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: {exc.message}") from None
+            return added
+
+    def add_demo(self) -> list[GroupSpec]:
+        """Add the shipped demo groups (``pycode`` adapters group and its neighbour)."""
+        return self.load_toml(DEMO_DIR / "gpugroups.toml")
+
+    def add_roots(self, roots: Iterable[str | os.PathLike[str]]) -> None:
+        """Allow local model folders under these roots too."""
+        with self._lock:
+            for r in roots:
+                p = Path(r).expanduser().resolve()
+                if p not in self.roots:
+                    self.roots.append(p)
+
+    def scan_hf_cache(self) -> list[str]:
+        """Model repos in the local Hugging Face cache that have a ``config.json`` (ids only).
+
+        They are not registered: each becomes ``single:<repo_id>`` on first use.
+        """
+        try:
+            from huggingface_hub import scan_cache_dir
+
+            info = scan_cache_dir()
+        except Exception:  # no cache dir yet, or an unreadable one: nothing to offer
+            return []
+        found = []
+        for repo in info.repos:
+            if repo.repo_type == "model" and any(
+                (Path(rev.snapshot_path) / "config.json").exists() for rev in repo.revisions
+            ):
+                found.append(repo.repo_id)
+        return sorted(found)
+
+    def scan_folders(self, roots: Iterable[str | os.PathLike[str]], depth: int = 2) -> list[str]:
+        """Model folders (with ``config.json``) at most ``depth`` levels below ``roots``."""
+        found = []
+        for root in roots:
+            root = Path(root).expanduser().resolve()
+            for p in [root, *_subdirs(root, depth)]:
+                if (p / "config.json").is_file():
+                    found.append(str(p))
+        return sorted(set(found))
+
+    # ---- resolving ----------------------------------------------------------------------
+    def group(self, group_id: str) -> GroupSpec:
+        """The group called ``group_id`` (``unknown_group`` if none)."""
+        with self._lock:
+            if isinstance(group_id, str) and group_id in self.groups:
+                return self.groups[group_id]
+            if isinstance(group_id, str) and group_id.startswith("single:"):
+                return self.group_of(group_id[len("single:"):])
+        raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}")
+
+    def model(self, model_id: str) -> ModelSpec:
+        """The model called ``model_id``, creating ``single:<id>`` for a loadable unknown id."""
+        with self._lock:
+            self.group_of(model_id)
+            return self.models[model_id]
+
+    def group_of(self, model_id: str) -> GroupSpec:
+        """The group that holds ``model_id``; an unknown but loadable id gets its single group."""
+        with self._lock:
+            if not isinstance(model_id, str) or not model_id:
+                raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
+            if model_id in self.models:
+                return self.groups[self.models[model_id].group_id]
+            source = self._adhoc_source(model_id)
+            gid = f"single:{model_id}"
+            group = GroupSpec(gid, "single", model_id, [model_id])
+            return self.add_group(group, [ModelSpec(model_id, gid, source, "model")])
+
+    def local_path(self, source: str) -> Path:
+        """The local folder of a model source: the path itself, or the hub id's cached snapshot."""
+        p = Path(source)
+        if p.is_absolute():
+            if not p.is_dir():
+                raise GpuGroupsError("unknown_model", f"model folder {source} does not exist")
+            return p
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(source, local_files_only=True))
+        except Exception:
+            raise GpuGroupsError(
+                "unknown_model",
+                f"{source!r} is not in the local Hugging Face cache (no hub is reached at load time)",
+            ) from None
+
+    def under_roots(self, path: Path) -> bool:
+        """Whether ``path`` (resolved, links followed) lies under an allowed root."""
+        real = path.resolve()
+        return any(real == r or r in real.parents for r in self.roots)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"groups": [...], "models": [...]}`` with catalog fields only."""
+        with self._lock:
+            return {
+                "groups": [g.to_json() for g in self.groups.values()],
+                "models": [
+                    {"id": m.id, "group_id": m.group_id, "role": m.role} for m in self.models.values()
+                ],
+            }
+
+    # ---- internals ----------------------------------------------------------------------
+    def _source(self, s: Any, relative_to: Path | None, group_id: str) -> str:
+        if not isinstance(s, str) or not s:
+            raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: model paths must be non-empty strings")
+        p = Path(s).expanduser()
+        if p.is_absolute() or s.startswith((".", "~")) or (relative_to and (relative_to / p).exists()):
+            return str((relative_to / p if relative_to and not p.is_absolute() else p).resolve())
+        return s  # a hub id, resolved from the local cache at load time
+
+    def _adhoc_source(self, model_id: str) -> str:
+        p = Path(model_id).expanduser()
+        looks_local = p.is_absolute() or model_id.startswith((".", "~")) or p.exists()
+        if looks_local:
+            if not (p.is_dir() and self.under_roots(p)):
+                raise GpuGroupsError(
+                    "unknown_model",
+                    f"unknown model {model_id!r}: not in the catalog, and not a model folder under the allowed roots",
+                )
+            if not (p / "config.json").is_file():
+                raise GpuGroupsError("invalid_model", f"model folder {model_id!r} has no config.json")
+            return str(p.resolve())
+        if re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
+            self.local_path(model_id)  # raises unknown_model unless cached
+            return model_id
+        raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
+
+
+def default_roots() -> list[Path]:
+    """The working directory, the Hugging Face cache, the demo folder, and ``$GPUGROUPS_MODEL_ROOTS``."""
+    from huggingface_hub import constants
+
+    roots = [Path.cwd(), Path(constants.HF_HUB_CACHE), DEMO_DIR]
+    roots += [Path(r) for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r]
+    return roots
+
+
+def _subdirs(root: Path, depth: int) -> list[Path]:
+    if depth <= 0 or not root.is_dir():
+        return []
+    out = []
+    try:
+        children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    except OSError:
+        return []
+    for c in children:
+        out.append(c)
+        out += _subdirs(c, depth - 1)
+    return out
+
+
+def _line_of(text: str, key: str, section: str | None = None) -> int:
+    """Best-effort line number of ``key`` (within ``[groups.<section>]`` when given)."""
+    lines = text.splitlines()
+    start = 0
+    if section is not None:
+        for i, line in enumerate(lines):
+            if re.match(rf"\s*\[\s*groups\.\"?{re.escape(section)}\"?\s*\]", line):
+                start = i
+                break
+    pat = re.compile(rf"\s*(\[\s*groups\.)?\"?{re.escape(key)}\"?\s*(=|\])")
+    for i in range(start, len(lines)):
+        if pat.match(lines[i]):
+            return i + 1
+    return start + 1
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict, or ``invalid_model`` saying which file is broken."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GpuGroupsError("invalid_model", f"{path.parent} has no {path.name}") from None
+    except (OSError, ValueError) as exc:
+        raise GpuGroupsError("invalid_model", f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise GpuGroupsError("invalid_model", f"{path} is not a JSON object")
+    return data
