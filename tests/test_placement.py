@@ -1,0 +1,69 @@
+"""The placement policy as a pure function of a state snapshot."""
+
+import pytest
+
+from gpugroups.errors import GpuGroupsError
+from gpugroups.placement import DeviceView, ResidentView, place
+
+MiB = 1024**2
+
+
+def dev(i, free, *residents):
+    return DeviceView(i, free * MiB, tuple(residents))
+
+
+def res(gid, size, last_used, pinned=False, busy=False):
+    return ResidentView(gid, size * MiB, last_used, pinned, busy)
+
+
+def test_resident_group_stays_where_it_is():
+    d = place("a", 100 * MiB, [dev(0, 0, res("a", 100, 1)), dev(1, 500)])
+    assert (d.device_id, d.resident, d.evict) == (0, True, ())
+
+
+def test_prefers_the_device_with_most_free_room():
+    assert place("a", 10 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20)]).device_id == 1
+
+
+def test_evicts_least_recently_used_unpinned_idle_groups_at_least_cost():
+    devices = [
+        dev(0, 10, res("old", 60, 1.0), res("new", 60, 5.0)),
+        dev(1, 10, res("pinned", 200, 0.5, pinned=True), res("busy", 100, 0.1, busy=True)),
+    ]
+    d = place("x", 50 * MiB, devices)
+    assert d.device_id == 0 and d.evict == ("old",)
+
+
+def test_chooses_device_freeing_fewest_bytes():
+    devices = [dev(0, 0, res("big", 300, 1.0)), dev(1, 0, res("small", 60, 9.0))]
+    assert place("x", 50 * MiB, devices).evict == ("small",)
+
+
+def test_explicit_device_is_honoured_even_if_it_must_evict():
+    devices = [dev(0, 0, res("a", 100, 1.0)), dev(1, 1000)]
+    d = place("x", 50 * MiB, devices, device_id=0)
+    assert d.device_id == 0 and d.evict == ("a",)
+
+
+def test_unknown_explicit_device():
+    with pytest.raises(GpuGroupsError) as e:
+        place("x", 1, [dev(0, 10)], device_id=3)
+    assert e.value.code == "unknown_device"
+
+
+def test_max_groups_per_device_one_swaps_the_current_group():
+    devices = [dev(0, 1000, res("a", 10, 1.0))]
+    assert place("b", 10 * MiB, devices, max_groups_per_device=1).evict == ("a",)
+    assert place("b", 10 * MiB, devices).evict == ()
+
+
+def test_insufficient_memory_names_estimate_and_each_device_room():
+    devices = [dev(0, 10, res("p", 100, 1.0, pinned=True)), dev(1, 20, res("q", 30, 1.0))]
+    with pytest.raises(GpuGroupsError) as e:
+        place("x", 500 * MiB, devices)
+    err = e.value
+    assert err.code == "insufficient_memory"
+    assert err.details["estimate_bytes"] == 500 * MiB
+    assert [r["device_id"] for r in err.details["devices"]] == [0, 1]
+    assert err.details["devices"][1]["evictable_bytes"] == 30 * MiB
+    assert "500.0 MiB" in err.message and "device 1" in err.message
