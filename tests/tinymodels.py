@@ -1,0 +1,185 @@
+"""Tiny real Hugging Face models, tokenizers and LoRA adapters, built locally for tests.
+
+No hub is reachable here, so tests build what they load: a byte-level BPE trained on a
+slice of the Python standard library, causal LMs of several architectures made with
+``AutoModelForCausalLM.from_config`` (seeded) and saved as safetensors, and PEFT LoRA
+adapters whose B weights are randomised so that each adapter really changes the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+
+#: Per-architecture config class names and the module names a LoRA adapter targets.
+ARCHS: dict[str, tuple[str, list[str]]] = {
+    "llama": ("LlamaConfig", ["q_proj", "v_proj"]),
+    "gpt2": ("GPT2Config", ["c_attn"]),
+    "gemma": ("GemmaConfig", ["q_proj", "v_proj"]),
+    "qwen2": ("Qwen2Config", ["q_proj", "v_proj"]),
+    "mistral": ("MistralConfig", ["q_proj", "v_proj"]),
+    "phi": ("PhiConfig", ["q_proj", "v_proj"]),
+}
+
+#: Sizes as (hidden, layers, heads, kv_heads, intermediate). "100m" is ~100M parameters.
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (32, 2, 4, 2, 64),
+    "small": (128, 4, 4, 2, 352),
+    "100m": (768, 12, 12, 4, 2560),
+}
+
+
+def _corpus(max_bytes: int = 300_000) -> list[str]:
+    """A deterministic slice of the stdlib's own source (always present, no download)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def build_tokenizer(directory: str | Path, vocab_size: int = 768) -> Path:
+    """Train a byte-level BPE on stdlib source and save it so ``AutoTokenizer`` loads it.
+
+    ``<|endoftext|>`` is the first token (id 0) and serves as bos, eos and pad.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    return len(data["model"]["vocab"]) + sum(1 for t in data["added_tokens"] if t["content"] not in data["model"]["vocab"])
+
+
+def make_config(arch: str, size: str = "tiny", vocab_size: int = 768):
+    """The transformers config of ``arch`` at ``size`` (see ``ARCHS`` and ``SIZES``)."""
+    import transformers
+
+    hidden, layers, heads, kv_heads, inter = SIZES[size]
+    cls = getattr(transformers, ARCHS[arch][0])
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    if arch == "gpt2":
+        return cls(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=512, **ids,
+    )
+    if arch == "phi":
+        return cls(**common)
+    if arch == "gemma":
+        common["head_dim"] = hidden // heads
+    # Untied heads on the non-GPT-2 archs exercise the "every tensor counts" path; GPT-2 and
+    # Gemma tie embeddings by default and exercise "shared tensors count once".
+    tie = arch == "gemma"
+    return cls(num_key_value_heads=kv_heads, tie_word_embeddings=tie, **common)
+
+
+def build_causal_lm(
+    directory: str | Path,
+    arch: str = "llama",
+    size: str = "tiny",
+    tokenizer_dir: str | Path | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    safetensors: bool = True,
+) -> Path:
+    """Build a seeded random causal LM and save it (safetensors by default) with the tokenizer.
+
+    ``safetensors=False`` saves ``pytorch_model.bin`` instead, for the estimate's fallback path.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    vocab = _vocab_size(Path(tokenizer_dir)) if tokenizer_dir else 768
+    config = make_config(arch, size, vocab)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(directory, safe_serialization=safetensors)
+    if tokenizer_dir:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, directory / f.name)
+    return directory
+
+
+def build_lora_adapter(
+    directory: str | Path,
+    base_dir: str | Path,
+    seed: int,
+    r: int = 4,
+    target_modules: list[str] | None = None,
+    scale: float = 0.5,
+) -> Path:
+    """A PEFT LoRA adapter for the model in ``base_dir`` whose weights really change its outputs.
+
+    PEFT initialises LoRA B to zero (an adapter that does nothing); here B is drawn from a
+    seeded normal of std ``scale`` so two adapters with different seeds disagree.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = Path(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if target_modules is None:
+        target_modules = ARCHS.get(base.config.model_type, ("", ["q_proj", "v_proj"]))[1]
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=target_modules, lora_dropout=0.0,
+        fan_in_fan_out=base.config.model_type == "gpt2", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+def catalog_toml(path: str | Path, base: Path, adapters: dict[str, Path], models: dict[str, Path]) -> Path:
+    """Write a catalog TOML: adapters group ``tiny`` (base id ``tiny-base``) and models group ``gpt``."""
+    lines = [
+        "[groups.tiny]",
+        'kind = "adapters"',
+        'name = "Tiny Llama + LoRA"',
+        f"base = {json.dumps(str(base))}",
+        'base_id = "tiny-base"',
+        "[groups.tiny.adapters]",
+        *[f"{json.dumps(mid)} = {json.dumps(str(p))}" for mid, p in adapters.items()],
+        "",
+        "[groups.gpt]",
+        'kind = "models"',
+        'name = "Tiny GPT-2"',
+        "[groups.gpt.models]",
+        *[f"{json.dumps(mid)} = {json.dumps(str(p))}" for mid, p in models.items()],
+        "",
+    ]
+    path = Path(path)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
