@@ -43,16 +43,15 @@ class Panel(anywidget.AnyWidget):
     progress = traitlets.Dict().tag(sync=True)
 
     def __init__(self, manager: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(state=manager.state(), **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
         self._relay = _Relay(self._publish)
         self.on_msg(self._on_custom_msg)
-        # Subscribe before the first snapshot: an event in between then only carries a
-        # newer version, which the relay keeps; nothing falls into the gap.
+        # Take a second snapshot after subscribing: an event between the first snapshot and
+        # the subscription is then covered, and duplicates are dropped by version.
         self._unsubscribe: Callable[[], None] | None = manager.subscribe(self._relay.offer)
-        first = manager.state()
-        self._relay.offer({"type": "state_update", "version": first.get("version", 0), "state": first})
+        self._relay.offer_snapshot(manager.state())
         self._relay.flush()
 
     @property
@@ -88,7 +87,9 @@ class Panel(anywidget.AnyWidget):
             result: Any = protocol.dispatch(self._manager, action, args)
         except Exception as exc:  # every failure becomes an inline error in the panel
             result = exc
-        # Publish the state the action produced first, so the reply never overtakes it.
+        # Events reach the relay from the manager's dispatcher thread, possibly after this
+        # return; publish a snapshot first so the reply never overtakes the state it produced.
+        self._relay.offer_snapshot(self._manager.state())
         self._relay.flush()
         self.send(_reply(action, request_id, result))
 
@@ -148,6 +149,15 @@ class _Relay:
                 return
             self._dirty = True
             self._cond.notify()
+
+    def offer_snapshot(self, state: dict[str, Any]) -> None:
+        """Take a ``Manager.state()`` read now; it wins over an event of the same version."""
+        with self._cond:
+            if state.get("version", 0) >= self._version:
+                self._version = state.get("version", 0)
+                self._pending_state = state
+                self._dirty = True
+                self._cond.notify()
 
     def flush(self) -> None:
         """Publish whatever is pending now, on the calling thread."""
