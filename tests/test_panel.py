@@ -200,8 +200,10 @@ def test_changes_from_python_reach_the_state_trait(wired, m):
 )
 def test_loading_a_member_from_python_shows_it_current(wired, m):
     panel, fe = wired
-    m.load("tiny-b")
-    assert wait_for(lambda: next(g for g in panel.state["groups"] if g["id"] == "tiny")["current_model"] == "tiny-b", 3)
+    before = next(g for g in m.state()["groups"] if g["id"] == "tiny")["current_model"]
+    member = "tiny-b" if before == "tiny-a" else "tiny-a"
+    m.load(member)
+    assert wait_for(lambda: next(g for g in panel.state["groups"] if g["id"] == "tiny")["current_model"] == member, 3)
 
 
 def test_two_panels_see_each_others_actions(wired, m):
