@@ -1,0 +1,287 @@
+"""The host kernel's side of the bridge: ``serve()`` makes this kernel's manager reachable from
+the Jupyter server extension (``/api/v2``) through a comm (``gpugroups.v2``) on a kernel subshell.
+
+The server opens the comm and sends ``{id, op, args}``; each request runs on a small thread pool
+(a long load never blocks a state request) and is answered ``{id, ok, result | error}``. Manager
+events are pushed on the same comm. Everything goes out through one sender thread per comm with a
+fixed parent (the ``comm_open``) and straight onto IOPub, never through ``Comm.send``: in ipykernel
+7 an outgoing ``Comm.send`` re-routes the comm's *incoming* traffic to the sender's subshell (a
+busy notebook cell's, from a background thread) and parents pushes to that cell.
+
+``serve()`` also writes a host record (``gpugroups-host.json`` in the Jupyter runtime dir) that the
+extension watches, so a notebook becomes the host without anybody typing a kernel id. Light at
+import (no torch): the server reads the record format from here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .errors import GpuGroupsError
+from .protocol import COMM_TARGET, error_json, get_op
+
+#: Version of the bridge messages; the server refuses a host that speaks another one.
+BRIDGE_PROTOCOL = 1
+HOST_RECORD = "gpugroups-host.json"
+#: Ops that may load a group, hence run its code: refused for remote-code groups unless allowed.
+_LOADING_OPS = frozenset({"load", "load_group", "pin", "process"})
+_POOL_WORKERS = 8
+
+
+def host_record_path() -> Path:
+    """Where ``serve()`` records the host kernel: the Jupyter runtime dir (shared with the server)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(jupyter_runtime_dir()) / HOST_RECORD
+
+
+def read_host_record(path: Path | None = None) -> dict[str, Any] | None:
+    """The host record (``{"pid", "connection_file", "served_at"}``), or None if absent or unreadable."""
+    try:
+        record = json.loads((path or host_record_path()).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class Host:
+    """This kernel as the host: the comm target, the manager it serves, the open bridges."""
+
+    def __init__(self, kernel: Any, manager: Any) -> None:
+        self.kernel = kernel
+        self.manager = manager
+        self.record_path = host_record_path()
+        self.connection_file = _connection_file()
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="gpugroups-bridge")
+
+    def open(self, comm: Any, open_msg: dict[str, Any]) -> None:
+        """Comm target: a server connected. Runs on the subshell the server opened the comm on."""
+        options = open_msg["content"].get("data") or {}
+        endpoint = _Endpoint(self, comm, open_msg, trust_remote_code=options.get("trust_remote_code") is True)
+        with self._lock:
+            self._endpoints[comm.comm_id] = endpoint
+        # ipykernel's Comm.handle_msg fires IPython's pre/post-execute events on every message,
+        # on the subshell thread, in the middle of the user's cell: take the message directly.
+        comm.handle_msg = endpoint.handle_msg
+        comm.on_close(lambda _msg: self._closed(comm.comm_id))
+        endpoint.start()
+
+    def write_record(self) -> None:
+        """Tell the server(s) sharing this runtime dir that this kernel is the host (last one wins)."""
+        record = {"pid": os.getpid(), "connection_file": self.connection_file, "served_at": time.time()}
+        tmp = self.record_path.with_name(f".{HOST_RECORD}.{os.getpid()}")
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.record_path)
+
+    def remove_record(self) -> None:
+        """Withdraw the record if it is still this kernel's (at exit)."""
+        record = read_host_record(self.record_path)
+        if record and record.get("pid") == os.getpid():
+            self.record_path.unlink(missing_ok=True)
+
+    def set_manager(self, manager: Any) -> None:
+        """Serve ``manager`` from now on; connected servers follow it (a fresh ``state_update``)."""
+        with self._lock:
+            if manager is self.manager:
+                return
+            self.manager = manager
+            endpoints = list(self._endpoints.values())
+        for endpoint in endpoints:
+            endpoint.follow(manager)
+
+    @property
+    def connected(self) -> int:
+        """How many server bridges are connected."""
+        with self._lock:
+            return len(self._endpoints)
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._pool.submit(fn, *args)
+
+    def _closed(self, comm_id: str) -> None:
+        with self._lock:
+            endpoint = self._endpoints.pop(comm_id, None)
+        if endpoint:
+            endpoint.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<gpugroups host: kernel pid {os.getpid()}, {self.connected} server bridge(s) connected; "
+            f"REST at /api/v2 of the Jupyter server>"
+        )
+
+
+class _Endpoint:
+    """One server's comm: runs its requests, pushes the manager's events, sends with a fixed parent."""
+
+    def __init__(self, host: Host, comm: Any, open_msg: dict[str, Any], trust_remote_code: bool) -> None:
+        self.host = host
+        self.comm = comm
+        self.open_msg = open_msg
+        self.trust_remote_code = trust_remote_code
+        self._out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._unsubscribe: Any = None
+        self._sender = threading.Thread(target=self._send_loop, name="gpugroups-bridge-send", daemon=True)
+
+    def start(self) -> None:
+        self._sender.start()
+        self._unsubscribe = self.host.manager.subscribe(self._out.put)
+        header = self.open_msg["header"]
+        self._out.put({
+            "type": "hello",
+            "protocol": BRIDGE_PROTOCOL,
+            "pid": os.getpid(),
+            "subshell_id": header.get("subshell_id"),
+        })
+
+    def follow(self, manager: Any) -> None:
+        """Push ``manager``'s events instead of the previous one's, starting with its whole state."""
+        self._unsubscribe()
+        self._unsubscribe = manager.subscribe(self._out.put)
+        state = manager.state()
+        self._out.put({"type": "state_update", "version": state["version"], "state": state})
+
+    def stop(self) -> None:
+        if self._unsubscribe:
+            self._unsubscribe()
+        self._out.put(None)
+
+    def handle_msg(self, msg: dict[str, Any]) -> None:
+        """A request from the server (on the subshell thread): hand it to the pool, return at once."""
+        data = msg["content"].get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            return  # not a bridge request: nobody to answer
+        self.host.submit(self._run, data)
+
+    def _run(self, request: dict[str, Any]) -> None:
+        try:
+            result = self._call(request.get("op"), request.get("args"))
+            reply: dict[str, Any] = {"id": request["id"], "ok": True, "result": result}
+        except BaseException as exc:  # every request gets an answer, whatever went wrong
+            reply = {"id": request["id"], "ok": False, "error": error_json(exc)}
+        self._out.put(reply)
+
+    def _call(self, op_name: Any, args: Any) -> Any:
+        op = get_op(op_name)
+        kwargs = op.validate(args)
+        if op.name in _LOADING_OPS and not self.trust_remote_code:
+            self._refuse_remote_code(kwargs)
+        return getattr(self.host.manager, op.manager_method)(**kwargs)
+
+    def _refuse_remote_code(self, kwargs: dict[str, Any]) -> None:
+        catalog = self.host.manager.catalog
+        group = catalog.group(kwargs["group_id"]) if "group_id" in kwargs else catalog.group_of(kwargs["model_id"])
+        if group.trust_remote_code:
+            raise GpuGroupsError(
+                "invalid_request",
+                f"group {group.id!r} needs trust_remote_code, which this Jupyter server does not allow "
+                "(set GpuGroupsApp.trust_remote_code = True, or load it from a notebook)",
+            )
+
+    def _send_loop(self) -> None:
+        """Send what is queued, oldest first; superseded pushes in one batch are dropped (trap 4)."""
+        while True:
+            batch = [self._out.get()]
+            while True:
+                try:
+                    batch.append(self._out.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            items = _coalesce([m for m in batch if m is not None])
+            if items:
+                self._publish(items[0] if len(items) == 1 else {"batch": items})
+            if stop:
+                return
+
+    def _publish(self, data: dict[str, Any]) -> None:
+        kernel = self.host.kernel
+        kernel.session.send(
+            kernel.iopub_socket,
+            "comm_msg",
+            {"comm_id": self.comm.comm_id, "data": data},
+            parent=self.open_msg,
+            ident=self.comm.topic,
+        )
+
+
+def _coalesce(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop a ``state_update`` (or one operation's ``load_progress``) that a later one in the same
+    batch supersedes: each carries the full picture, so receivers lose nothing but chatter."""
+    last: dict[Any, int] = {}
+    for i, item in enumerate(items):
+        key = _supersede_key(item)
+        if key is not None:
+            last[key] = i
+    return [item for i, item in enumerate(items) if last.get(_supersede_key(item), i) == i]
+
+
+def _supersede_key(item: dict[str, Any]) -> Any:
+    kind = item.get("type")
+    if kind == "state_update":
+        return "state_update"
+    if kind == "load_progress":
+        return ("load_progress", item.get("operation_id"))
+    return None
+
+
+_host: Host | None = None
+_host_lock = threading.Lock()
+
+
+def serve(manager: Any) -> Host:
+    """Make this kernel the host behind ``/api/v2``, serving ``manager``; calling again is harmless.
+
+    Registers the comm target and writes the host record; the extension attaches within a second
+    (or on the next request). Must run inside an ipykernel kernel.
+    """
+    global _host
+    kernel = _current_kernel()
+    with _host_lock:
+        if _host is None:
+            _host = Host(kernel, manager)
+            kernel.comm_manager.register_target(COMM_TARGET, _host.open)
+            atexit.register(_host.remove_record)
+        _host.set_manager(manager)
+        _host.write_record()
+        return _host
+
+
+def ensure_served() -> Host:
+    """What the server runs in a kernel it attaches: keep the manager already served (a notebook's
+    ``gg.serve(m)``), else serve this kernel's ``gg.manager()``."""
+    with _host_lock:
+        if _host is not None:
+            return _host
+    from . import manager
+
+    return serve(manager())
+
+
+def _current_kernel() -> Any:
+    try:
+        from ipykernel.kernelbase import Kernel
+    except ImportError:
+        Kernel = None
+    if Kernel is None or not Kernel.initialized():
+        raise GpuGroupsError(
+            "invalid_request", "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell"
+        )
+    return Kernel.instance()
+
+
+def _connection_file() -> str:
+    from ipykernel.connect import get_connection_file
+
+    return str(Path(get_connection_file()).resolve())

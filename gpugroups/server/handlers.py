@@ -1,0 +1,179 @@
+"""REST handlers: parse, authorize, ask the bridge, write JSON. Routes come from the ops table.
+
+Every verb is ``@web.authenticated`` + ``@authorized`` on resource ``gpugroups``; cookie POSTs need
+XSRF (jupyter_server's ``APIHandler`` checks it). Every failure is a JSON body
+``{"error": {"code", "message"}}`` with the code's status, never an HTML page. ``/api/v1/...``
+answers like ``/api/v2/...`` with ``Deprecation`` and ``Link: rel="successor-version"`` headers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from ..errors import GpuGroupsError
+from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op
+from .bridge import Bridge
+from .openapi import build_spec
+
+AUTH_RESOURCE = "gpugroups"
+#: When /api/v1 was deprecated (RFC 9745 ``Deprecation: @<epoch seconds>``): the release of /api/v2.
+V1_DEPRECATED_AT = 1764547200  # 2025-12-01T00:00:00Z
+
+#: Codes for refusals that tornado or jupyter_server raise before our code runs.
+_CODE_BY_STATUS = {400: "invalid_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
+class GpuGroupsHandler(APIHandler):
+    """Base of the REST handlers: JSON errors, the bridge, deprecation headers on ``/api/v1``."""
+
+    auth_resource = AUTH_RESOURCE
+    deprecated = False
+
+    def initialize(self, deprecated: bool = False) -> None:
+        self.deprecated = deprecated
+        self._deprecation_headers()
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.settings["gpugroups_bridge"]
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self._deprecation_headers()  # error pages call this again after clearing the headers
+
+    def _deprecation_headers(self) -> None:
+        if not self.deprecated:
+            return
+        base = self.base_url.rstrip("/")
+        successor = base + API_PREFIX + self.request.path[len(base) + len(LEGACY_PREFIX):]
+        self.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
+        self.set_header("Link", f'<{successor}>; rel="successor-version"')
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Refusals raised before a handler runs (auth, XSRF, origin, method) in our error shape."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError):
+            code = _CODE_BY_STATUS.get(status_code, "internal_error")
+            message = exc.log_message or exc.reason or self._reason
+        else:
+            code, message = "internal_error", "unexpected server error (see the server log)"
+        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+
+    def answer(self, result: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(result))
+
+    def fail(self, exc: GpuGroupsError) -> None:
+        self.set_status(exc.http_status)
+        self.finish(json.dumps({"error": exc.to_json()}))
+
+    def json_body(self) -> Any:
+        """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON."""
+        if not self.request.body:
+            return {}
+        try:
+            return json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GpuGroupsError("invalid_request", f"the body is not valid JSON: {exc}") from None
+
+
+class OpHandler(GpuGroupsHandler):
+    """One route of the ops table: ``{method: op}`` at one path; path parameters join the body."""
+
+    def initialize(self, ops: dict[str, Op], deprecated: bool = False) -> None:  # type: ignore[override]
+        self.ops = ops
+        self.SUPPORTED_METHODS = (*ops, "OPTIONS")  # type: ignore[misc]  # others: 405
+        super().initialize(deprecated)
+
+    @web.authenticated
+    @authorized
+    async def get(self, **path_args: str) -> None:
+        await self._run(path_args)
+
+    @web.authenticated
+    @authorized
+    async def post(self, **path_args: str) -> None:
+        await self._run(path_args)
+
+    async def _run(self, path_args: dict[str, str]) -> None:
+        op = self.ops[self.request.method or "GET"]
+        try:
+            args = self.json_body() if op.http_method == "POST" else {}
+            if isinstance(args, dict):
+                clash = sorted(set(args) & set(path_args))
+                if clash:
+                    raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
+                args.update({k: int(v) if v.isdigit() else v for k, v in path_args.items()})
+            self.answer(await self.bridge.request(op.name, args), op.ok_status)
+        except GpuGroupsError as exc:
+            self.fail(exc)
+
+
+class HostHandler(GpuGroupsHandler):
+    """``GET`` the host kernel's ``{kernel_id, subshells, started_by}``; ``POST {kernel_id}`` switches it."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.answer(self.bridge.host_info())
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        try:
+            body = self.json_body()
+            if not isinstance(body, dict) or set(body) != {"kernel_id"} or not isinstance(body["kernel_id"], str):
+                raise GpuGroupsError("invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}')
+            self.answer(await self.bridge.set_host(body["kernel_id"]))
+        except GpuGroupsError as exc:
+            self.fail(exc)
+
+
+class OpenAPIHandler(GpuGroupsHandler):
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route here."""
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.answer(build_spec(self.base_url))
+
+
+class NotFoundHandler(GpuGroupsHandler):
+    """Anything else under the API prefixes: a JSON 404 rather than the server's HTML page."""
+
+    @web.authenticated
+    @authorized
+    def get(self, *_: str) -> None:
+        self.fail(GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}"))
+
+    post = get
+
+
+def path_pattern(path: str) -> str:
+    """A route template's tornado pattern: ``/devices/{device_id}/clear`` -> named groups."""
+    return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
+
+
+def _rest_routes() -> list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]]:
+    by_path: dict[str, dict[str, Op]] = {}
+    for op in OPS.values():
+        by_path.setdefault(op.path, {})[op.http_method] = op
+    routes = []
+    for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
+        for path, ops in by_path.items():
+            routes.append((prefix + path_pattern(path), OpHandler, {"ops": ops, "deprecated": deprecated}))
+        routes.append((prefix + "/system/host", HostHandler, {"deprecated": deprecated}))
+        routes.append((prefix + "/openapi.json", OpenAPIHandler, {"deprecated": deprecated}))
+    for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
+        routes.append((prefix + "/(.*)", NotFoundHandler, {"deprecated": deprecated}))
+    return routes
+
+
+#: REST routes, v2 then the deprecated v1 aliases, the JSON 404s last (first match wins).
+default_handlers = _rest_routes()

@@ -1,0 +1,97 @@
+"""``WS /api/v2/ws``: the host's state on connect, then every event as it happens.
+
+Messages to the client: ``{"type": "system_state", "version", "state"}`` on connect, on
+``{"type": "get_state"}`` and when a new host kernel takes over (with its ``host``);
+``state_update`` and ``load_progress`` events from the manager; ``{"type": "error", "error":
+{"code", "message"}}`` (``host_unavailable`` when the host is lost, ``invalid_request`` for a
+message it does not understand). Events that race a state fetch are held back and the ones it
+already covers dropped, so versions only go up between two ``system_state`` messages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
+from tornado import websocket
+from tornado.ioloop import IOLoop
+
+from ..errors import GpuGroupsError
+from ..protocol import API_PREFIX, LEGACY_PREFIX
+from .bridge import Bridge
+from .handlers import AUTH_RESOURCE
+
+
+class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+    """One client's event stream (origin-checked by ``WebSocketMixin``)."""
+
+    auth_resource = AUTH_RESOURCE
+
+    def set_default_headers(self) -> None:
+        """No page headers (CSP etc.) on a WebSocket upgrade, as jupyter_server's kernel socket."""
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.settings["gpugroups_bridge"]
+
+    @ws_authenticated
+    @authorized
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        super().open(*args, **kwargs)
+        self._fetching = 0
+        self._held: list[dict[str, Any]] = []
+        self.bridge.add_listener(self._on_event)
+        IOLoop.current().spawn_callback(self._send_state)
+
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            msg = json.loads(message)
+        except ValueError:
+            msg = None
+        if isinstance(msg, dict) and msg.get("type") == "get_state":
+            IOLoop.current().spawn_callback(self._send_state)
+        else:
+            error = GpuGroupsError("invalid_request", 'expected {"type": "get_state"}')
+            self._write({"type": "error", "error": error.to_json()})
+
+    def on_close(self) -> None:
+        self.bridge.remove_listener(self._on_event)
+
+    async def _send_state(self) -> None:
+        self._fetching += 1
+        version = None
+        try:
+            state = await self.bridge.request("state")
+            version = state["version"]
+            self._write({"type": "system_state", "version": version, "state": state})
+        except GpuGroupsError as exc:
+            self._write({"type": "error", "error": exc.to_json()})
+        finally:
+            self._fetching -= 1
+        if self._fetching == 0:
+            held, self._held = self._held, []
+            for event in held:
+                if version is None or event.get("type") not in ("state_update", "load_progress") or event["version"] > version:
+                    self._write(event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if self._fetching and event.get("type") != "system_state":
+            self._held.append(event)
+        else:
+            self._write(event)
+
+    def _write(self, message: dict[str, Any]) -> None:
+        try:
+            self.write_message(json.dumps(message))
+        except websocket.WebSocketClosedError:
+            self.bridge.remove_listener(self._on_event)
+
+
+#: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).
+default_handlers = [(API_PREFIX + "/ws", EventsSocket), (LEGACY_PREFIX + "/ws", EventsSocket)]
