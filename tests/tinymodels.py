@@ -119,7 +119,12 @@ def build_causal_lm(
     config = make_config(arch, size, vocab)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.save_pretrained(directory, safe_serialization=safetensors)
+    if safetensors:
+        model.save_pretrained(directory)
+    else:  # transformers 5 always writes safetensors; the legacy layout is written by hand
+        directory.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
     if tokenizer_dir:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
