@@ -94,6 +94,7 @@ class PanelView {
     this.pending = new Map(); // request_id -> {action, args, source}
     this.nextRequest = 0;
     this.lastSwitch = null;
+    this.userPicked = false;
     this.root = h("div", { class: "gg-panel" });
     el.append(this.root);
     this.buildHeader();
@@ -273,6 +274,9 @@ class PanelView {
       node._other = h("span", { class: "gg-mem-other" });
       node._free = h("span", { class: "gg-mem-free" });
       node._memText = h("div", { class: "gg-mem-text" });
+      node._memParts = ["ours", "other", "free"].map((kind) => h("span", { class: `gg-legend gg-legend-${kind}` }));
+      node._memTotal = h("span", { class: "gg-legend-total" });
+      node._memText.append(...node._memParts, node._memTotal);
       node._groups = h("ul", { class: "gg-resident" });
       node.append(
         h("div", { class: "gg-device-head" }, node._name, node._desc, node._status, node._queue, node._clear),
@@ -294,9 +298,10 @@ class PanelView {
       node._ours.style.width = `${percent(ours, whole)}%`;
       node._other.style.width = `${percent(other, whole)}%`;
       node._free.style.width = `${percent(mem.free_bytes || 0, whole)}%`;
-      const text = `ours ${formatBytes(ours)} · others ${formatBytes(other)} · free ${formatBytes(mem.free_bytes)} of ${formatBytes(whole)}`;
-      setText(node._memText, text);
-      node.querySelector(".gg-membar").setAttribute("aria-label", text);
+      const labels = [`ours ${formatBytes(ours)}`, `others ${formatBytes(other)}`, `free ${formatBytes(mem.free_bytes)}`];
+      labels.forEach((label, i) => setText(node._memParts[i], label));
+      setText(node._memTotal, `of ${formatBytes(whole)}`);
+      node.querySelector(".gg-membar").setAttribute("aria-label", `${labels.join(", ")} of ${formatBytes(whole)}`);
       const resident = [...(d.resident_groups || [])];
       for (const op of ops) {
         if (op.device_id === d.device_id && op.group_id && !resident.includes(op.group_id)) resident.push(op.group_id);
@@ -317,6 +322,7 @@ class PanelView {
         li.dataset.group = gid;
         li.classList.toggle("gg-current", gid === current);
         setText(li._name, `${gid === current ? "★ " : ""}${g.name || gid}`);
+        li._name.title = `${g.name || gid} (${gid})`;
         const member = this.currentMember(g);
         setText(li._member, member && member !== g.name ? member : "");
         setHidden(li._pin, !g.pinned);
@@ -413,6 +419,14 @@ class PanelView {
       const current = loaded && this.currentMember(m.group) === m.id;
       setText(opt, `${m.id}${current ? "  ★" : loaded ? "  ●" : ""}`);
     });
+    // Until the user picks a model, follow the current member on the first busy-or-loaded device.
+    if (!this.userPicked) {
+      const state = this.model.get("state") || {};
+      const recent = (state.devices || []).map((d) => d.current_group).find((g) => g && g.id);
+      const group = recent && groupsById.get(recent.id);
+      const member = group && this.currentMember(group);
+      if (member && this.modelSelect.value !== member) this.modelSelect.value = member;
+    }
     const selected = models.find((m) => m.id === this.modelSelect.value);
     let note = "";
     if (selected) {
@@ -435,6 +449,7 @@ class PanelView {
   // A member of a resident group becomes current at once (no memory operation), so picking
   // it switches; picking a model whose group is not resident leaves loading to Predict.
   pickModel() {
+    this.userPicked = true;
     this.lastSwitch = null;
     const state = this.model.get("state") || {};
     const id = this.modelSelect.value;
@@ -459,10 +474,13 @@ class PanelView {
   showPredictions(result) {
     const preds = (result && result.predictions) || [];
     const timing = (result && result.timing) || {};
-    const ms = Object.entries(timing)
-      .filter(([, v]) => typeof v === "number")
-      .map(([k, v]) => `${k.replace(/_(s|seconds)$/, "")} ${(k.endsWith("_ms") ? v : 1000 * v).toFixed(1)} ms`.replace(/_ms /, " "));
-    setText(this.resultMeta, result ? `${result.model_id} (${result.group_id}) on dev ${result.device_id}${ms.length ? " · " + ms.join(" · ") : ""}` : "");
+    const parts = result ? [`${result.model_id} (${result.group_id}) on dev ${result.device_id}`] : [];
+    if (timing.load_ms >= 1) parts.push(`load ${timing.load_ms.toFixed(0)} ms`);
+    if (Number.isFinite(timing.forward_ms)) parts.push(`forward ${timing.forward_ms.toFixed(1)} ms`);
+    if (Number.isFinite(timing.request_ms)) parts.push(`request ${timing.request_ms.toFixed(1)} ms`);
+    if (timing.batch_size > 1) parts.push(`batched ×${timing.batch_size}`);
+    for (const note of (result && result.notes) || []) parts.push(String(note));
+    setText(this.resultMeta, parts.join(" · "));
     const withText = preds.some((p) => p.text !== undefined);
     this.predTable.classList.toggle("gg-with-text", withText);
     syncKeyed(this.predBody, preds.map((p, i) => ({ ...p, rank: i })), (p) => p.rank, () => {
