@@ -16,7 +16,7 @@ import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import GpuGroupsError
 
@@ -128,7 +128,9 @@ class Catalog:
             specs += [ModelSpec(mid, group_id, src(p), "adapter") for mid, p in (adapters or {}).items()]
             kind, gbase = "adapters", bid
         else:
-            items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models]  # type: ignore[union-attr]
+            if isinstance(models, str):  # one id, not an iterable of its characters
+                models = [models]
+            items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models]
             specs = [ModelSpec(mid, group_id, src(p), "model") for mid, p in items]
             if not specs:
                 raise GpuGroupsError("invalid_catalog", f"group {group_id!r} has no models")
@@ -158,34 +160,46 @@ class Catalog:
         roots = data.get("roots", [])
         if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
             raise GpuGroupsError("invalid_catalog", f"{where('roots')}: roots must be a list of paths")
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict):
+            raise GpuGroupsError("invalid_catalog", f"{where('groups')}: groups must be a table of groups")
         with self._lock:
+            added: list[GroupSpec] = []
+            try:
+                for gid, g in groups.items():
+                    added.append(self._toml_group(gid, g, where, path.parent))
+            except GpuGroupsError:
+                for group in added:  # a broken file adds nothing, so fixing it and loading again works
+                    for mid in group.members:
+                        del self.models[mid]
+                    del self.groups[group.id]
+                raise
             self.add_roots([path.parent, *[(path.parent / Path(r).expanduser()) for r in roots]])
-            added = []
-            for gid, g in data.get("groups", {}).items():
-                if not isinstance(g, dict):
-                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: group {gid!r} must be a table")
-                for key in g:
-                    if key not in _GROUP_KEYS:
-                        raise GpuGroupsError(
-                            "invalid_catalog",
-                            f"{where(key, gid)}: unknown key {key!r} in group {gid!r} (expected {sorted(_GROUP_KEYS)})",
-                        )
-                kind = g.get("kind", "adapters" if "base" in g else "models")
-                if kind not in ("adapters", "models"):
-                    raise GpuGroupsError("invalid_catalog", f"{where('kind', gid)}: kind must be 'adapters' or 'models', got {kind!r}")
-                if (kind == "adapters") != ("base" in g):
-                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: an adapters group needs 'base' and a models group 'models'")
-                try:
-                    added.append(
-                        self.register_group(
-                            gid, base=g.get("base"), adapters=g.get("adapters"), models=g.get("models"),
-                            name=g.get("name"), dtype=g.get("dtype"), base_id=g.get("base_id"),
-                            trust_remote_code=bool(g.get("trust_remote_code", False)), relative_to=path.parent,
-                        )
-                    )
-                except GpuGroupsError as exc:
-                    raise GpuGroupsError("invalid_catalog", f"{where(gid)}: {exc.message}") from None
             return added
+
+    def _toml_group(self, gid: str, g: Any, where: Callable[..., str], folder: Path) -> GroupSpec:
+        """Register one ``[groups.<gid>]`` table, errors naming its line."""
+        if not isinstance(g, dict):
+            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: group {gid!r} must be a table")
+        for key in g:
+            if key not in _GROUP_KEYS:
+                raise GpuGroupsError(
+                    "invalid_catalog",
+                    f"{where(key, gid)}: unknown key {key!r} in group {gid!r} (expected {sorted(_GROUP_KEYS)})",
+                )
+        kind = g.get("kind", "adapters" if "base" in g else "models")
+        if kind not in ("adapters", "models"):
+            raise GpuGroupsError("invalid_catalog", f"{where('kind', gid)}: kind must be 'adapters' or 'models', got {kind!r}")
+        if (kind == "adapters") != ("base" in g):
+            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: an adapters group needs 'base' and a models group 'models'")
+        try:
+            return self.register_group(
+                gid, base=g.get("base"), adapters=g.get("adapters"), models=g.get("models"),
+                name=g.get("name"), dtype=g.get("dtype"), base_id=g.get("base_id"),
+                trust_remote_code=bool(g.get("trust_remote_code", False)), relative_to=folder,
+            )
+        except GpuGroupsError as exc:
+            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: {exc.message}") from None
 
     def add_demo(self) -> list[GroupSpec]:
         """Add the shipped demo groups (``pycode`` adapters group and its neighbour)."""
@@ -207,7 +221,7 @@ class Catalog:
         try:
             from huggingface_hub import scan_cache_dir
 
-            info = scan_cache_dir()
+            info = scan_cache_dir(hf_hub_cache())
         except Exception:  # no cache dir yet, or an unreadable one: nothing to offer
             return []
         found = []
@@ -266,7 +280,7 @@ class Catalog:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(source, local_files_only=True))
+            return Path(snapshot_download(source, local_files_only=True, cache_dir=hf_hub_cache()))
         except Exception:
             raise GpuGroupsError(
                 "unknown_model",
@@ -301,7 +315,9 @@ class Catalog:
         p = Path(model_id).expanduser()
         looks_local = p.is_absolute() or model_id.startswith((".", "~")) or p.exists()
         if looks_local:
-            if not (p.is_dir() and self.under_roots(p)):
+            # The roots are checked before anything else so an id from a client never makes
+            # the kernel look into a folder outside them.
+            if not (self.under_roots(p) and p.is_dir()):
                 raise GpuGroupsError(
                     "unknown_model",
                     f"unknown model {model_id!r}: not in the catalog, and not a model folder under the allowed roots",
@@ -317,11 +333,25 @@ class Catalog:
 
 def default_roots() -> list[Path]:
     """The working directory, the Hugging Face cache, the demo folder, and ``$GPUGROUPS_MODEL_ROOTS``."""
-    from huggingface_hub import constants
-
-    roots = [Path.cwd(), Path(constants.HF_HUB_CACHE), DEMO_DIR]
+    roots = [Path.cwd(), hf_hub_cache(), DEMO_DIR]
     roots += [Path(r) for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r]
     return roots
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, from the environment as it is now.
+
+    huggingface_hub reads ``HF_HUB_CACHE``/``HF_HOME`` once, when first imported; a kernel
+    that sets them later (or a test) would otherwise still be pointed at the old cache.
+    """
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def _subdirs(root: Path, depth: int) -> list[Path]:

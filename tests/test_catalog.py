@@ -1,0 +1,250 @@
+"""The catalog: TOML files, Python registration, folders under roots, and the local HF cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpugroups.catalog import Catalog, hf_hub_cache
+from gpugroups.errors import GpuGroupsError
+
+
+def error(call) -> GpuGroupsError:
+    with pytest.raises(GpuGroupsError) as err:
+        call()
+    return err.value
+
+
+def model_folder(path: Path, config: dict | None = None) -> Path:
+    """A folder that looks like a model to the catalog (it only needs a config.json)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    return path
+
+
+# ---- TOML -----------------------------------------------------------------------------
+def test_tiny_catalog_toml_registers_both_groups(tiny_catalog_toml, tiny_llama, tiny_adapters, tiny_gpt2):
+    cat = Catalog(roots=[])
+    added = cat.load_toml(tiny_catalog_toml)
+    assert [g.id for g in added] == ["tiny", "gpt"]
+    tiny, gpt = cat.group("tiny"), cat.group("gpt")
+    assert (tiny.kind, tiny.base, tiny.members) == ("adapters", "tiny-base", ["tiny-base", "tiny-a", "tiny-b"])
+    assert (gpt.kind, gpt.members) == ("models", ["tiny-gpt2"])
+    assert [cat.model(m).role for m in tiny.members] == ["base", "adapter", "adapter"]
+    assert cat.model("tiny-base").source == str(tiny_llama)
+    assert cat.model("tiny-b").source == str(tiny_adapters["tiny-b"])
+    assert cat.group_of("tiny-gpt2") is gpt and cat.local_path(cat.model("tiny-gpt2").source) == tiny_gpt2
+    assert tiny_catalog_toml.parent in cat.roots
+    assert cat.to_json()["models"][0] == {"id": "tiny-base", "group_id": "tiny", "role": "base"}
+
+
+def test_relative_paths_resolve_against_the_file_and_roots_are_added(tmp_path):
+    model_folder(tmp_path / "models" / "base")
+    model_folder(tmp_path / "models" / "plain")
+    (tmp_path / "models" / "lora").mkdir()
+    toml = tmp_path / "conf" / "gpugroups.toml"
+    toml.parent.mkdir()
+    toml.write_text(
+        'roots = ["../data", "/abs/root"]\n'
+        "[groups.g]\n"
+        'base = "../models/base"\n'
+        'adapters = { lora = "./../models/lora" }\n'
+        "[groups.m]\n"
+        'models = { plain = "../models/plain", hub = "org/name" }\n'
+        'dtype = "bfloat16"\n'
+    )
+    cat = Catalog(roots=[])
+    cat.load_toml(toml)
+    assert cat.model("../models/base").source == str(tmp_path / "models" / "base")
+    assert cat.model("lora").source == str(tmp_path / "models" / "lora")
+    assert cat.model("plain").source == str(tmp_path / "models" / "plain")
+    assert cat.model("hub").source == "org/name"  # a hub id stays one, resolved from the cache at load
+    assert cat.group("m").dtype == "bfloat16" and cat.group("g").kind == "adapters"
+    assert cat.roots == [toml.parent, (tmp_path / "data").resolve(), Path("/abs/root")]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "named"),
+    [
+        ('roots = []\nextra = 1\n', 2, "'extra'"),
+        ('[groups.a]\nmodels = ["x"]\n\n[groups.b]\nmodels = ["y"]\nbasee = "z"\n', 6, "'basee'"),
+        ('[groups.a]\nkind = "models"\nmodels = ["x"]\nkind_of = 3\n', 4, "'kind_of'"),
+    ],
+    ids=["top-level", "in-second-group", "after-kind"],
+)
+def test_unknown_keys_name_their_line(tmp_path, text, line, named):
+    toml = tmp_path / "gpugroups.toml"
+    toml.write_text(text)
+    err = error(lambda: Catalog(roots=[]).load_toml(toml))
+    assert err.code == "invalid_catalog"
+    assert f"{toml}:{line}:" in err.message and named in err.message
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[groups.a\n", "gpugroups.toml"),
+        ("groups = 3\n", "groups must be a table"),
+        ('[groups.a]\nkind = "single"\nmodels = ["x"]\n', "kind must be"),
+        ('[groups.a]\nkind = "adapters"\nmodels = ["x"]\n', "adapters group needs 'base'"),
+        ('[groups.a]\nmodels = ["x"]\ndtype = "int4"\n', "dtype must be one of"),
+        ('[groups.a]\nmodels = []\n', "has no models"),
+        ("roots = 'one'\n", "roots must be a list"),
+    ],
+    ids=["syntax", "groups-not-table", "bad-kind", "adapters-without-base", "bad-dtype", "empty", "roots-str"],
+)
+def test_malformed_catalogs_are_invalid_catalog(tmp_path, text, fragment):
+    toml = tmp_path / "gpugroups.toml"
+    toml.write_text(text)
+    err = error(lambda: Catalog(roots=[]).load_toml(toml))
+    assert err.code == "invalid_catalog" and fragment in err.message
+
+
+def test_missing_catalog_file_is_invalid_catalog(tmp_path):
+    err = error(lambda: Catalog(roots=[]).load_toml(tmp_path / "nope.toml"))
+    assert err.code == "invalid_catalog" and "nope.toml" in err.message
+
+
+# ---- duplicates -----------------------------------------------------------------------
+def test_duplicate_group_ids_name_the_id(tmp_path):
+    cat = Catalog(roots=[])
+    cat.register_group("same", models=["m1"])
+    err = error(lambda: cat.register_group("same", models=["m2"]))
+    assert err.code == "invalid_catalog" and "'same'" in err.message
+    assert "m2" not in cat.models  # a refused group leaves nothing behind
+    toml = tmp_path / "gpugroups.toml"
+    toml.write_text('[groups.twice]\nmodels = ["a"]\n[groups.twice]\nmodels = ["b"]\n')
+    err = error(lambda: Catalog(roots=[]).load_toml(toml))
+    assert err.code == "invalid_catalog" and "twice" in err.message and "line 3" in err.message
+
+
+def test_duplicate_model_ids_name_the_id_and_both_groups(tmp_path):
+    cat = Catalog(roots=[])
+    cat.register_group("first", models={"shared": "org/a"})
+    err = error(lambda: cat.register_group("second", models={"shared": "org/b"}))
+    assert err.code == "invalid_catalog" and "'shared'" in err.message and "'first'" in err.message
+    err = error(lambda: cat.register_group("third", base="org/base", adapters={"org/base": "org/lora"}))
+    assert "'org/base'" in err.message and "third" not in cat.groups
+    toml = tmp_path / "gpugroups.toml"
+    toml.write_text('[groups.x]\nmodels = ["dup"]\n[groups.y]\nmodels = ["dup"]\n')
+    cat = Catalog(roots=[])
+    err = error(lambda: cat.load_toml(toml))
+    assert err.code == "invalid_catalog" and f"{toml}:3:" in err.message and "'dup'" in err.message
+    # A broken file adds nothing, so the fixed file loads into the same catalog.
+    assert cat.groups == {} and cat.models == {} and cat.roots == []
+    toml.write_text('[groups.x]\nmodels = ["dup"]\n[groups.y]\nmodels = ["other"]\n')
+    assert [g.id for g in cat.load_toml(toml)] == ["x", "y"]
+
+
+# ---- Python registration --------------------------------------------------------------
+def test_register_group_from_python(tmp_path):
+    base = model_folder(tmp_path / "base")
+    cat = Catalog(roots=[])
+    g = cat.register_group("ad", base=str(base), adapters={"l1": str(tmp_path / "l1")}, name="Adapters")
+    assert (g.kind, g.name, g.base, g.members) == ("adapters", "Adapters", str(base), [str(base), "l1"])
+    m = cat.register_group("pair", models={"one": "org/one", "two": "org/two"}, dtype="float16")
+    assert (m.kind, m.members, m.base, m.dtype) == ("models", ["one", "two"], None, "float16")
+    listed = cat.register_group("listed", models=["org/three", "org/four"])
+    assert [cat.model(i).source for i in listed.members] == ["org/three", "org/four"]
+    single = cat.register_group("lone", models="org/five")
+    assert single.members == ["org/five"]
+    assert cat.register_group("named-base", base="org/b", base_id="b").members == ["b"]
+    assert error(lambda: cat.register_group("both", base="x", models=["y"])).code == "invalid_catalog"
+    assert error(lambda: cat.register_group("", models=["y"])).code == "invalid_catalog"
+    assert error(lambda: cat.register_group("bad", models={"z": ""})).code == "invalid_catalog"
+
+
+# ---- folders and roots ----------------------------------------------------------------
+def test_folder_under_a_root_becomes_a_single_group_on_first_use(tmp_path):
+    folder = model_folder(tmp_path / "root" / "ckpt-7")
+    cat = Catalog(roots=[tmp_path / "root"])
+    assert str(folder) not in cat.models
+    g = cat.group_of(str(folder))
+    assert (g.id, g.kind, g.members) == (f"single:{folder}", "single", [str(folder)])
+    assert cat.group(f"single:{folder}") is g and cat.group_of(str(folder)) is g
+    assert cat.model(str(folder)).source == str(folder)
+    other = model_folder(tmp_path / "root" / "ckpt-8")
+    assert cat.group(f"single:{other}").members == [str(other)]
+
+
+def test_paths_outside_the_roots_are_unknown_and_never_read(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = model_folder(tmp_path / "secret")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    cat = Catalog(roots=[root])
+    for model_id in (str(outside), f"{root}/../secret", str(root / "link"), "/etc", "/no/such/folder"):
+        err = error(lambda: cat.group_of(model_id))
+        assert err.code == "unknown_model", model_id
+        assert "config" not in err.message  # the answer does not reveal what the folder holds
+    assert cat.groups == {} and cat.models == {}
+    assert error(lambda: cat.group(f"single:{outside}")).code == "unknown_model"
+
+
+def test_folder_without_config_is_invalid_model(tmp_path):
+    (tmp_path / "root" / "empty").mkdir(parents=True)
+    cat = Catalog(roots=[tmp_path / "root"])
+    err = error(lambda: cat.group_of(str(tmp_path / "root" / "empty")))
+    assert err.code == "invalid_model" and "config.json" in err.message
+    assert cat.groups == {}
+
+
+def test_unknown_ids_and_groups(tmp_path):
+    cat = Catalog(roots=[tmp_path])
+    assert error(lambda: cat.group_of("not a model id!")).code == "unknown_model"
+    assert error(lambda: cat.group_of("")).code == "unknown_model"
+    assert error(lambda: cat.group("nope")).code == "unknown_group"
+    assert error(lambda: cat.local_path(str(tmp_path / "gone"))).code == "unknown_model"
+
+
+def test_scan_folders_finds_model_folders_to_a_depth(tmp_path):
+    a = model_folder(tmp_path / "a")
+    b = model_folder(tmp_path / "x" / "b")
+    model_folder(tmp_path / "x" / "y" / "z" / "too-deep")
+    (tmp_path / "x" / "not-a-model").mkdir()
+    model_folder(tmp_path / ".hidden")
+    assert Catalog(roots=[]).scan_folders([tmp_path], depth=2) == sorted([str(a), str(b)])
+
+
+# ---- Hugging Face cache ---------------------------------------------------------------
+def cached_repo(cache: Path, repo_id: str, files: dict[str, str], revision: str = "a" * 40) -> Path:
+    """Lay out one repo exactly as huggingface_hub does: blobs, refs/main, snapshot symlinks."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for i, (name, text) in enumerate(files.items()):
+        blob = repo / "blobs" / f"{i:040x}"
+        blob.write_text(text)
+        (snapshot / name).symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_hf_cache_models_are_found_and_resolved_without_network(tmp_path, monkeypatch, variable):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    monkeypatch.setenv(variable, str(cache if variable == "HF_HUB_CACHE" else tmp_path))
+    assert hf_hub_cache() == cache
+    snapshot = cached_repo(cache, "org/name", {"config.json": '{"model_type": "llama"}', "README.md": "hi"})
+    cached_repo(cache, "org/readme-only", {"README.md": "no config"})
+    cat = Catalog()
+    assert cache in cat.roots
+    assert cat.scan_hf_cache() == ["org/name"]
+    g = cat.group_of("org/name")
+    assert (g.id, g.kind, g.members) == ("single:org/name", "single", ["org/name"])
+    assert cat.local_path(cat.model("org/name").source) == snapshot
+    err = error(lambda: cat.group_of("org/not-cached"))
+    assert err.code == "unknown_model" and "cache" in err.message
+
+
+def test_an_empty_or_missing_cache_offers_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "never-made"))
+    assert Catalog(roots=[]).scan_hf_cache() == []
