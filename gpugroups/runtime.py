@@ -1,0 +1,173 @@
+"""A resident group on a device: load it, switch member, run forward passes, unload and free.
+
+``adapters`` groups load the base once and every adapter onto it with PEFT; switching member
+activates that adapter (or disables adapters for the bare base) — no allocation, no copy.
+``models`` and single groups keep each member resident. Loading reports progress per stage
+(config, weights, each adapter) and unloading drops every reference, collects garbage and
+empties the CUDA cache so the memory really returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .catalog import GroupSpec, read_json
+from .devices import Device
+from .errors import GpuGroupsError
+from .estimate import measured_bytes
+
+Progress = Callable[[float, str], None]
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Member:
+    """What a member needs for a forward pass: its model object, tokenizer and context length."""
+
+    model: Any
+    tokenizer: Any
+    context_length: int
+    adapter: str | None = None  # adapters groups: the PEFT adapter name (None for the base)
+
+
+class Runtime:
+    """A group loaded on one device. Only that device's worker calls ``forward``/``unload``."""
+
+    def __init__(self, group: GroupSpec, device: Device, dtype: str) -> None:
+        self.group = group
+        self.device = device
+        self.dtype = dtype
+        self.members: dict[str, Member] = {}
+        self.current: str = group.members[0]
+        self.bytes = 0
+        self._peft: Any = None
+        self._switch_lock = threading.Lock()
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        group: GroupSpec,
+        folders: dict[str, Path],
+        device: Device,
+        dtype: str,
+        progress: Progress | None = None,
+    ) -> Runtime:
+        """Load every member of ``group`` from ``folders`` (member id -> local folder) onto ``device``.
+
+        On any failure everything loaded so far is freed before the error propagates.
+        """
+        rt = cls(group, device, dtype)
+        report = progress or (lambda p, s: None)
+        try:
+            rt._load(folders, report)
+        except BaseException:
+            rt.unload()
+            raise
+        rt.bytes = sum(measured_bytes(m) for m in {id(x.model): x.model for x in rt.members.values()}.values())
+        report(1.0, "ready")
+        return rt
+
+    def _load(self, folders: dict[str, Path], report: Progress) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        g = self.group
+        steps = len(g.members) + 1
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": g.trust_remote_code}
+        if self.device.backing != "cpu":
+            kwargs["device_map"] = {"": self.device.backing}
+        if g.kind == "adapters":
+            base_dir = folders[g.base]  # type: ignore[index]
+            report(0.0, f"loading base {g.base}")
+            base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).eval()
+            tok = AutoTokenizer.from_pretrained(base_dir)
+            ctx = _context_length(base_dir)
+            self.members[g.base] = Member(base, tok, ctx)  # type: ignore[index]
+            report(1 / steps, f"loaded base {g.base}")
+            adapters = [m for m in g.members if m != g.base]
+            if adapters:
+                from peft import PeftModel
+
+                for i, aid in enumerate(adapters):
+                    report((i + 1) / steps, f"loading adapter {aid}")
+                    if self._peft is None:
+                        self._peft = PeftModel.from_pretrained(base, folders[aid], adapter_name=aid, is_trainable=False)
+                    else:
+                        self._peft.load_adapter(folders[aid], adapter_name=aid, is_trainable=False)
+                self._peft.eval()
+                for aid in adapters:
+                    self.members[aid] = Member(self._peft, tok, ctx, adapter=aid)
+                self.members[g.base] = Member(self._peft, tok, ctx)  # type: ignore[index]
+                self._peft.set_adapter(adapters[0], inference_mode=True)
+        else:
+            for i, mid in enumerate(g.members):
+                report(i / steps, f"loading {mid}")
+                model = AutoModelForCausalLM.from_pretrained(folders[mid], **kwargs).eval()
+                tok = AutoTokenizer.from_pretrained(folders[mid])
+                self.members[mid] = Member(model, tok, _context_length(folders[mid]))
+        for m in self.members.values():
+            if m.tokenizer.pad_token_id is None:
+                m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
+
+    # ---- using --------------------------------------------------------------------------
+    def switch(self, member_id: str) -> None:
+        """Make ``member_id`` current. For adapters groups this is PEFT's pointer change."""
+        if member_id not in self.members:
+            raise GpuGroupsError("unknown_model", f"{member_id!r} is not a member of group {self.group.id!r}")
+        self.current = member_id
+
+    @contextlib.contextmanager
+    def rows(self, member_ids: list[str]) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The model to call for a batch whose rows belong to ``member_ids``, and extra kwargs.
+
+        All rows of one member: activate that adapter (or disable adapters for the base). Mixed
+        adapters-group rows: PEFT's per-row ``adapter_names``. ``models`` groups batch per member.
+        """
+        first = self.members[member_ids[0]]
+        if self._peft is None:
+            if any(self.members[m].model is not first.model for m in member_ids):
+                raise ValueError("rows of different models cannot share a batch")
+            yield first.model, {}
+            return
+        names = [self.members[m].adapter or BASE_ROW for m in member_ids]
+        with self._switch_lock:
+            if len(set(names)) > 1:
+                yield self._peft, {"adapter_names": names}
+            elif names[0] == BASE_ROW:
+                with self._peft.disable_adapter():
+                    yield self._peft, {}
+            else:
+                if self._peft.active_adapter != names[0]:
+                    self._peft.set_adapter(names[0], inference_mode=True)
+                yield self._peft, {}
+
+    def can_share_batch(self, a: str, b: str) -> bool:
+        """Whether rows of members ``a`` and ``b`` may go into one forward pass."""
+        return self._peft is not None or self.members[a].model is self.members[b].model
+
+    # ---- unloading ----------------------------------------------------------------------
+    def unload(self) -> None:
+        """Drop every reference to the models and give the memory back."""
+        self.members.clear()
+        self._peft = None
+        gc.collect()
+        if self.device.backing.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _context_length(folder: Path) -> int:
+    cfg = read_json(Path(folder) / "config.json")
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return 2048

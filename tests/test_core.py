@@ -1,0 +1,256 @@
+"""The Manager with real tiny models: load, switch, process, events, failures, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpugroups as gg
+from gpugroups.errors import GpuGroupsError
+from gpugroups.protocol import MAX_NUM_PREDICTIONS
+
+PROMPT = "def __init__(self"
+
+
+@pytest.fixture
+def m(tiny_catalog_toml: Path):
+    mgr = gg.Manager(devices="cpu", catalog=tiny_catalog_toml)
+    yield mgr
+    mgr.close()
+
+
+def raw_top(model, tokenizer, prompt: str, k: int):
+    """Top-k (ids, logprobs) straight from the transformers/PEFT model: the reference."""
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**enc).logits[0, -1].float()
+    lp = torch.log_softmax(logits, -1)
+    vals, ids = torch.topk(lp, k)
+    return ids.tolist(), vals.tolist()
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_load_process_matches_raw_models(m, tiny_llama, tiny_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = m.load("tiny-a")
+    assert out["status"] == "loaded" and out["group_id"] == "tiny" and out["device_id"] == 0
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ref_base = raw_top(base, tok, PROMPT, 5)
+    peft = PeftModel.from_pretrained(base, tiny_adapters["tiny-a"], adapter_name="tiny-a").eval()
+    peft.load_adapter(tiny_adapters["tiny-b"], adapter_name="tiny-b")
+    refs = {}
+    for member in ("tiny-a", "tiny-b"):
+        peft.set_adapter(member)
+        refs[member] = raw_top(peft, tok, PROMPT, 5)
+    refs["tiny-base"] = ref_base
+    assert refs["tiny-a"][0] != refs["tiny-b"][0], "the two adapters must disagree for this test to mean anything"
+    for member, (ids, lps) in refs.items():
+        res = m.process(member, PROMPT, num_predictions=5)
+        assert [p["token_id"] for p in res["predictions"]] == ids
+        assert [p["logprob"] for p in res["predictions"]] == pytest.approx(lps, abs=1e-5)
+        assert res["predictions"][0]["token"] == tok.decode([ids[0]])
+        probs = [p["probability"] for p in res["predictions"]]
+        assert probs == sorted(probs, reverse=True)
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(m):
+    m.load_group("tiny")
+    prompts = ["import os\nimport", "class Foo(", "    return self.", PROMPT, "for i in range("]
+    members = ["tiny-base", "tiny-a", "tiny-b", "tiny-a", "tiny-base"]
+    alone = [m.process(mid, p, num_predictions=4) for mid, p in zip(members, prompts)]
+    results: list = [None] * len(prompts)
+
+    def run(i):
+        results[i] = m.process(members[i], prompts[i], num_predictions=4)
+
+    # Block the device worker so the requests queue up and must share a forward pass.
+    gate = threading.Event()
+    m._workers[0].call(gate.wait)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: m._workers[0].queue_depth >= len(prompts) + 1)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert max(r["timing"]["batch_size"] for r in results) == len(prompts)
+    for a, b in zip(alone, results):
+        assert [p["token_id"] for p in a["predictions"]] == [p["token_id"] for p in b["predictions"]]
+        assert [p["logprob"] for p in b["predictions"]] == pytest.approx([p["logprob"] for p in a["predictions"]], abs=1e-5)
+
+
+def test_switch_member_is_instant_and_needs_no_memory(m):
+    m.load("tiny-a")
+    before = m.state()
+    used = before["devices"][0]["memory"]["manager_bytes"]
+    out = m.load("tiny-b")
+    after = m.state()
+    assert out["status"] == "already_loaded"
+    assert after["devices"][0]["memory"]["manager_bytes"] == used
+    assert after["devices"][0]["current_group"]["model"] == "tiny-b"
+    assert after["version"] > before["version"]
+    assert m.process("tiny-b", PROMPT)["predictions"] != m.process("tiny-a", PROMPT)["predictions"]
+
+
+def test_state_json_shape_and_consistency(m):
+    m.load("tiny-gpt2")
+    s = m.state()
+    assert set(s) == {"version", "num_devices", "devices", "groups", "models", "operations"}
+    d = s["devices"][0]
+    for key in ("device_id", "device", "kind", "name", "memory", "current_group", "resident_groups",
+                "loaded_models", "status", "is_switching", "queue_depth"):
+        assert key in d
+    assert set(d["memory"]) >= {"total_bytes", "used_bytes", "free_bytes", "budget_bytes"}
+    assert d["resident_groups"] == ["gpt"] and d["loaded_models"] == ["tiny-gpt2"]
+    groups = {g["id"]: g for g in s["groups"]}
+    assert groups["gpt"]["resident_on"] == [0] and groups["tiny"]["resident_on"] == []
+    assert groups["tiny"]["models"] == ["tiny-base", "tiny-a", "tiny-b"]
+    assert all(g["memory_estimate_bytes"] > 0 for g in groups.values())
+    models = {x["id"]: x for x in s["models"]}
+    assert models["tiny-gpt2"]["is_loaded"] and not models["tiny-a"]["is_loaded"]
+    assert s["operations"] == []
+    m.unload("tiny-gpt2")
+    s = m.state()
+    assert s["devices"][0]["resident_groups"] == [] and s["devices"][0]["memory"]["manager_bytes"] == 0
+
+
+def test_events_follow_every_change_in_order(m):
+    events: list[dict] = []
+    unsubscribe = m.subscribe(events.append)
+    m.load("tiny-a")
+    m.load("tiny-b")
+    m.unload_group("tiny")
+    assert wait_for(lambda: any(e["type"] == "state_update" and not e["state"]["devices"][0]["resident_groups"]
+                                for e in events))
+    versions = [e["version"] for e in events]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    progress = [e for e in events if e["type"] == "load_progress"]
+    assert progress and progress[-1]["progress"] == 1.0 and progress[0]["group_id"] == "tiny"
+    states = [e["state"] for e in events if e["type"] == "state_update"]
+    assert any(s["operations"] for s in states), "a load shows as an operation while it runs"
+    assert events[-1]["version"] == m.version
+    unsubscribe()
+    n = len(events)
+    m.load("tiny-gpt2")
+    time.sleep(0.2)
+    assert len(events) == n
+
+
+def test_same_group_requested_concurrently_is_loaded_once(m):
+    outs: list = []
+    threads = [threading.Thread(target=lambda mid=mid: outs.append(m.load(mid))) for mid in ("tiny-a", "tiny-b", "tiny-base")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(o["status"] for o in outs).count("loaded") >= 1
+    assert m.state()["devices"][0]["resident_groups"] == ["tiny"]
+
+
+def test_process_waits_for_a_load_in_progress(m):
+    gate = threading.Event()
+    m._workers[0].call(gate.wait)  # hold the worker so the load stays in progress
+    loader = threading.Thread(target=m.load, args=("tiny-a",))
+    loader.start()
+    assert wait_for(lambda: m.state()["operations"])
+    result: dict = {}
+    proc = threading.Thread(target=lambda: result.update(m.process("tiny-a", PROMPT)))
+    proc.start()
+    gate.set()
+    proc.join(60)
+    loader.join(60)
+    assert len(result["predictions"]) == 3
+
+
+def test_continuations(m):
+    res = m.process("tiny-base", PROMPT, num_predictions=2, max_new_tokens=4)
+    for p in res["predictions"]:
+        assert p["text"].startswith(p["token"]) and len(p["text"]) >= len(p["token"])
+
+
+def test_failed_load_rolls_back(tmp_path, tiny_llama, models_root):
+    broken = models_root / "broken-llama"
+    shutil.copytree(tiny_llama, broken, dirs_exist_ok=True)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    mgr = gg.Manager(devices="virtual:2x64MiB", catalog=[{"group_id": "broken", "models": {"broken": str(broken)}}])
+    try:
+        before = mgr.state()["devices"]
+        with pytest.raises(GpuGroupsError) as e:
+            mgr.load("broken")
+        assert e.value.code in ("load_failed", "invalid_model")
+        s = mgr.state()
+        assert s["operations"] == [] and all(d["resident_groups"] == [] for d in s["devices"])
+        assert [d["memory"] for d in s["devices"]] == [d["memory"] for d in before]
+        assert mgr.state()["groups"][0]["status"] == "unloaded"
+    finally:
+        mgr.close()
+
+
+@pytest.mark.parametrize(
+    "call, code",
+    [
+        (lambda m: m.load("no-such-model"), "unknown_model"),
+        (lambda m: m.load("/etc"), "unknown_model"),
+        (lambda m: m.load_group("no-such-group"), "unknown_group"),
+        (lambda m: m.load("tiny-a", device_id=7), "unknown_device"),
+        (lambda m: m.clear_device(-1), "unknown_device"),
+        (lambda m: m.process("tiny-a", ""), "invalid_request"),
+        (lambda m: m.process("tiny-a", PROMPT, num_predictions=-2), "invalid_request"),
+        (lambda m: m.process("tiny-a", PROMPT, num_predictions="3"), "invalid_request"),
+        (lambda m: m.process("tiny-a", PROMPT, max_new_tokens=10_000), "invalid_request"),
+        (lambda m: m.process("tiny-a", PROMPT, max_new_tokens=-1), "invalid_request"),
+        (lambda m: m.process("nope", PROMPT), "unknown_model"),
+    ],
+)
+def test_bad_input_is_a_clear_error(m, call, code):
+    with pytest.raises(GpuGroupsError) as e:
+        call(m)
+    assert e.value.code == code and e.value.message
+    assert m.state()["operations"] == []
+
+
+def test_huge_num_predictions_is_capped_and_said(m):
+    res = m.process("tiny-a", PROMPT, num_predictions=10_000)
+    assert len(res["predictions"]) == MAX_NUM_PREDICTIONS
+    assert any("capped" in n for n in res["notes"])
+
+
+def test_long_prompt_is_truncated_from_the_left_and_said(m):
+    res = m.process("tiny-base", "x = 1\n" * 2000)
+    assert res["truncated"] and res["prompt_tokens"] < 512 and res["notes"]
+    short = m.process("tiny-base", PROMPT)
+    assert not short["truncated"] and short["notes"] == []
+
+
+def test_async_twins(m):
+    async def go():
+        out = await m.aload("tiny-a")
+        res = await m.aprocess("tiny-a", PROMPT, num_predictions=2)
+        return out, res
+
+    out, res = asyncio.run(go())
+    assert out["status"] == "loaded" and len(res["predictions"]) == 2
+
+
+def test_default_manager_is_one_per_process():
+    assert gg.manager() is gg.manager()
+    with pytest.raises(GpuGroupsError):
+        gg.manager(devices="cpu")
