@@ -1,0 +1,19 @@
+"""Run ``jupyter server`` for the tests, dumping ``sys.modules`` to ``$GPUGROUPS_TEST_MODULES_FILE``
+on SIGUSR2, so a test can ask the real server process what it has imported."""
+
+import json
+import os
+import signal
+import sys
+
+
+def _dump(*_: object) -> None:
+    with open(os.environ["GPUGROUPS_TEST_MODULES_FILE"], "w") as f:
+        json.dump(sorted(sys.modules), f)
+
+
+signal.signal(signal.SIGUSR2, _dump)
+
+from jupyter_server.serverapp import main  # noqa: E402
+
+sys.exit(main(argv=[*sys.argv[1:], "--ServerApp.jpserver_extensions={'gpugroups': True}"]))
