@@ -350,6 +350,7 @@ class Manager:
 
         def queue(slot: Slot) -> Future:
             slot.inflight += 1
+            self._touch(slot)
             return self._workers[slot.device_id].process(slot, request)
 
         slot, _, fut = self._ensure(group, device_id, queue)

@@ -1,0 +1,116 @@
+"""Placement, eviction and pinning through the Manager, on three virtual devices with real tiny models."""
+
+from __future__ import annotations
+
+import pytest
+
+import gpugroups as gg
+from gpugroups.catalog import Catalog
+from gpugroups.errors import GpuGroupsError
+
+GROUPS = ["g1", "g2", "g3", "g4", "g5"]
+
+
+@pytest.fixture(scope="module")
+def catalog_factory(tiny_llama, tiny_gpt2, models_root):
+    """Five single-model groups (alternating architectures) and the largest one's estimate."""
+    def make():
+        cat = Catalog(roots=[models_root])
+        for i, gid in enumerate(GROUPS):
+            cat.register_group(gid, models={f"m{i + 1}": str(tiny_llama if i % 2 == 0 else tiny_gpt2)})
+        return cat
+
+    probe = gg.Manager(devices="virtual:1GiB", catalog=make())
+    biggest = max(g["memory_estimate_bytes"] for g in probe.groups())
+    probe.close()
+    return make, biggest
+
+
+def manager(catalog_factory, per_device_groups: float, **kw):
+    make, biggest = catalog_factory
+    return gg.Manager(devices=f"virtual:3x{int(biggest * per_device_groups)}B", catalog=make(), **kw)
+
+
+def resident(m):
+    return {d["device_id"]: d["resident_groups"] for d in m.state()["devices"]}
+
+
+def test_groups_spread_over_free_devices_then_evict_lru(catalog_factory):
+    with manager(catalog_factory, 1.5) as m:  # one group fits per device
+        placed = [m.load_group(g)["device_id"] for g in ("g1", "g2", "g3")]
+        assert sorted(placed) == [0, 1, 2]
+        m.process("m2", "x = ")  # g2 used most recently, g1 least
+        m.load_group("g3")
+        out = m.load_group("g4")
+        assert out["status"] == "loaded"
+        where = resident(m)
+        assert ["g4"] in where.values() and ["g1"] not in where.values(), where
+        assert all(len(v) == 1 for v in where.values())
+
+
+def test_pinned_groups_are_never_evicted(catalog_factory):
+    with manager(catalog_factory, 1.5) as m:
+        for g in ("g1", "g2", "g3"):
+            m.pin(g)
+        with pytest.raises(GpuGroupsError) as e:
+            m.load_group("g4")
+        assert e.value.code == "insufficient_memory"
+        assert e.value.details["estimate_bytes"] > 0 and len(e.value.details["devices"]) == 3
+        m.unpin("g2")
+        dev = m.load_group("g4")["device_id"]
+        assert resident(m)[dev] == ["g4"]
+        assert {g["id"] for g in m.state()["groups"] if g["pinned"]} == {"g1", "g3"}
+
+
+def test_pin_with_device_sets_affinity(catalog_factory):
+    with manager(catalog_factory, 2.5) as m:
+        assert m.pin("g5", device_id=2)["device_id"] == 2
+        assert resident(m)[2] == ["g5"]
+        with pytest.raises(GpuGroupsError) as e:
+            m.load_group("g5", device_id=0)
+        assert e.value.code == "conflict"
+
+
+def test_explicit_device_is_honoured_and_evicts_there(catalog_factory):
+    with manager(catalog_factory, 1.5) as m:
+        m.load_group("g1", device_id=1)
+        m.load_group("g2", device_id=1)
+        assert resident(m) == {0: [], 1: ["g2"], 2: []}
+        m.load_group("g2", device_id=0)  # moving a resident group
+        assert resident(m) == {0: ["g2"], 1: [], 2: []}
+
+
+def test_max_groups_per_device_one_keeps_one_current_group(catalog_factory):
+    with manager(catalog_factory, 10, max_groups_per_device=1) as m:
+        m.load_group("g1", device_id=0)
+        m.load_group("g2", device_id=0)
+        s = m.state()["devices"][0]
+        assert s["resident_groups"] == ["g2"] and s["current_group"]["id"] == "g2"
+
+
+def test_current_group_is_most_recently_used(catalog_factory):
+    with manager(catalog_factory, 3) as m:
+        m.load_group("g1", device_id=0)
+        m.load_group("g2", device_id=0)
+        assert m.state()["devices"][0]["current_group"]["id"] == "g2"
+        m.process("m1", "import")
+        d = m.state()["devices"][0]
+        assert d["current_group"]["id"] == "g1" and d["resident_groups"] == ["g1", "g2"]
+
+
+def test_group_larger_than_any_device_is_refused_up_front(catalog_factory):
+    with manager(catalog_factory, 0.5) as m:
+        with pytest.raises(GpuGroupsError) as e:
+            m.load("m1")
+        assert e.value.code == "insufficient_memory"
+        assert "needs an estimated" in e.value.message
+        assert m.state()["operations"] == [] and all(not d["resident_groups"] for d in m.state()["devices"])
+
+
+def test_clear_device_keeps_pinned_groups(catalog_factory):
+    with manager(catalog_factory, 3) as m:
+        m.load_group("g1", device_id=0)
+        m.pin("g2", device_id=0)
+        assert m.clear_device(0)["unloaded"] == ["g1"]
+        assert resident(m)[0] == ["g2"]
+        assert m.state()["devices"][0]["memory"]["manager_bytes"] == m.state()["groups"][1]["memory_estimate_bytes"]
