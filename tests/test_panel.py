@@ -193,11 +193,6 @@ def test_changes_from_python_reach_the_state_trait(wired, m):
     assert wait_for(lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "gpt")["pinned"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Manager.load emits no event after making a member of a group it just loaded current "
-    "(the last event still shows the base as current_model)",
-)
 def test_loading_a_member_from_python_shows_it_current(wired, m):
     panel, fe = wired
     before = next(g for g in m.state()["groups"] if g["id"] == "tiny")["current_model"]
