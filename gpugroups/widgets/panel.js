@@ -130,7 +130,7 @@ class PanelView {
     const request = this.pending.get(msg.request_id);
     this.pending.delete(msg.request_id);
     const source = request ? request.source : "catalog";
-    const errors = { catalog: this.catalogError, devices: this.devicesError, prompt: this.promptError };
+    const errors = { catalog: this.catalogError, devices: this.devicesError, prompt: this.promptError, picker: this.promptError };
     const line = errors[source] || this.catalogError;
     if (!msg.ok) {
       line.show(msg.error || { code: "internal_error", message: "no error details" });

@@ -1,0 +1,254 @@
+"""The panel in a real browser: Chromium driven by Playwright against a real JupyterLab.
+
+Opens the quickstart, runs it, then works the panel like a person would (load a demo model,
+switch member, type a prompt) and checks the predictions in the DOM against ``m.process`` run
+in the same kernel. Also measures kernel-change -> DOM latency while another cell runs, and
+takes screenshots (light and dark theme) into ``test-artifacts/``. The server is started with
+``binder/jupyter_server_config.json`` as its config, so the Binder setup is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+PROMPT = "def __init__(self"
+KERNEL_IDLE = re.compile(r"\| Idle$")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"{CHROMIUM} is missing: install it with `apt-get install -y --no-install-recommends chromium`",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A JupyterLab on a free port, its root a temp folder holding the notebooks, in its own process group."""
+    tmp = tmp_path_factory.mktemp("lab")
+    root = tmp / "root"
+    shutil.copytree(REPO / "notebooks", root)
+    config, data, runtime = tmp / "config", tmp / "data", tmp / "runtime"
+    settings = tmp / "app-settings"
+    for d in (config, data, runtime, settings):
+        d.mkdir()
+    shutil.copy(REPO / "binder" / "jupyter_server_config.json", config / "jupyter_server_config.json")
+    (settings / "overrides.json").write_text(json.dumps({
+        "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+        # Keep every cell in the DOM so waits and reads never miss a scrolled-away cell.
+        "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
+    }))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(config),
+        "JUPYTER_DATA_DIR": str(data),
+        "JUPYTER_RUNTIME_DIR": str(runtime),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--allow-root",
+            "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None", f"--LabApp.app_settings_dir={settings}",
+            f"--LabApp.user_settings_dir={tmp / 'user-settings'}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+        ],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"JupyterLab did not start; log:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield {"url": url, "token": token, "root": root, "log": tmp / "server.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(60_000)
+    page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+    # The execution indicator reads "idle" before any kernel exists; the status bar does not.
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('#jp-main-statusbar span.jp-StatusBar-TextItem')]
+                 .some(e => (e.getAttribute('title') || '').startsWith('Change kernel') && /\\| Idle$/.test(e.textContent.trim()))"""
+    )
+    return page
+
+
+def run_all(page: Any) -> None:
+    page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+
+
+def run_cell(page: Any, code: str, timeout_s: float = 60) -> Any:
+    """Append a cell with ``code`` (which prints one line ``@@<json>``), run it, return the JSON."""
+    cells = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell"
+    before = page.locator(cells).count()
+    page.locator(f"{cells} .jp-InputPrompt").last.click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    page.keyboard.insert_text(code)
+    page.keyboard.press("Control+Enter")
+    out = page.locator(cells).nth(before).locator(".jp-OutputArea-output")
+    out.filter(has_text="@@").first.wait_for(timeout=timeout_s * 1000)
+    text = out.filter(has_text="@@").first.inner_text()
+    return json.loads(text.split("@@", 1)[1].strip().splitlines()[0])
+
+
+def shot(page: Any, locator: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    locator.scroll_into_view_if_needed()
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_quickstart_panel_in_jupyterlab(lab: dict[str, Any], browser: Any) -> None:
+    page = open_notebook(browser, lab, "quickstart.ipynb")
+    try:
+        _drive_quickstart(page)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "quickstart-failure.png"))
+        raise
+    finally:
+        page.close()
+
+
+def _drive_quickstart(page: Any) -> None:
+    run_all(page)
+    panel = page.locator(".jp-OutputArea-output .gg-panel").first
+    panel.wait_for()
+    # The tour is done when its last cell has printed its closing line.
+    page.get_by_text("End of the tour.").wait_for(timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('.jp-InputPrompt') || ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => e.textContent.includes('*'))")
+    shot(page, panel, "quickstart-panel.png")
+
+    # Unload the adapters group, then load its base by clicking, like a person would.
+    group = panel.locator("tr.gg-group-row[data-group='pycode']")
+    if group.locator("button[data-action='unload_group']").is_enabled():
+        group.locator("button[data-action='unload_group']").click()
+    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-group-row[data-group='pycode'] .gg-resident-on\").textContent === '—'")
+    base = panel.locator("tr.gg-model-row[data-model='pycode-base'] button")
+    base.click()
+    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-base'] button\").textContent === 'Current'")
+
+    # Pick another member: it becomes current at once, and the panel says so.
+    panel.locator("select.gg-model-select").select_option("pycode-tests")
+    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-tests'] button\").textContent === 'Current'")
+    assert "switched in" in panel.locator(".gg-model-note").inner_text()
+
+    panel.locator("textarea.gg-prompt-input").fill(PROMPT)
+    panel.locator("input.gg-num-predictions").fill("5")
+    panel.locator("button.gg-run").click()
+    page.wait_for_function("() => document.querySelectorAll('.gg-panel .gg-prediction').length === 5 && document.querySelector('.gg-panel .gg-result-meta').textContent.startsWith('pycode-tests')")
+    in_dom = panel.locator(".gg-prediction").evaluate_all(
+        "rows => rows.map(r => [r.dataset.token, Number(r.dataset.probability)])"
+    )
+    shot(page, panel.locator(".gg-predictions"), "quickstart-predictions.png")
+
+    in_python = run_cell(
+        page,
+        "import json\n"
+        f"_r = m.process('pycode-tests', {PROMPT!r}, num_predictions=5)\n"
+        "print('@@' + json.dumps([[p['token'], p['probability']] for p in _r['predictions']]))",
+    )
+    assert [t for t, _ in in_dom] == [t for t, _ in in_python]
+    assert [round(p, 5) for _, p in in_dom] == [round(p, 5) for _, p in in_python]
+
+    _measure_live_updates(page)
+
+    # Dark theme: the same panel through JupyterLab's own theme switch.
+    page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Settings$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Theme$")).hover()
+    page.locator(".lm-Menu-item[data-command='apputils:change-theme']", has_text="JupyterLab Dark").click()
+    page.wait_for_selector("body[data-jp-theme-light='false']")
+    page.wait_for_timeout(300)  # the theme's stylesheet swaps in after the attribute flips
+    shot(page, panel, "quickstart-panel-dark.png")
+
+
+def _measure_live_updates(page: Any) -> None:
+    """Flip a pin from a background thread while the cell sleeps; time each change to the DOM."""
+    page.evaluate(
+        """() => {
+            window.__ggSeen = [];
+            const button = document.querySelector(".gg-panel tr.gg-group-row[data-group='pycode'] button[data-action='pin']");
+            new MutationObserver(() => window.__ggSeen.push([Date.now(), button.textContent]))
+                .observe(button, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    marks = run_cell(
+        page,
+        "import json, threading, time\n"
+        "_marks = []\n"
+        "def _flip():\n"
+        "    for i in range(6):\n"
+        "        time.sleep(0.25)\n"
+        "        _marks.append(time.time() * 1000)\n"
+        "        m.pin('pycode') if i % 2 == 0 else m.unpin('pycode')\n"
+        "_t = threading.Thread(target=_flip)\n"
+        "_t.start(); time.sleep(2.0); _t.join()\n"
+        "print('@@' + json.dumps([_marks, time.time() * 1000]))",
+    )
+    flips, cell_end = marks
+    seen = page.evaluate("() => window.__ggSeen")
+    assert [text for _, text in seen] == ["Unpin", "Pin"] * 3
+    latencies = [t - mark for (t, _), mark in zip(seen, flips)]
+    print(f"kernel change -> DOM latency (ms): {[round(x, 1) for x in latencies]}")
+    (ARTIFACTS / "latency.json").write_text(json.dumps({"latencies_ms": latencies}))
+    # Every update reached the page while the cell was still running.
+    assert all(t < cell_end for t, _ in seen)
