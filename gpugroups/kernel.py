@@ -3,10 +3,10 @@ the Jupyter server extension (``/api/v2``) through a comm (``gpugroups.v2``) on 
 
 The server opens the comm and sends ``{id, op, args}``; each request runs on a small thread pool
 (a long load never blocks a state request) and is answered ``{id, ok, result | error}``. Manager
-events are pushed on the same comm. Everything goes out through one sender thread per comm with a
-fixed parent (the ``comm_open``) and straight onto IOPub, never through ``Comm.send``: in ipykernel
-7 an outgoing ``Comm.send`` re-routes the comm's *incoming* traffic to the sender's subshell (a
-busy notebook cell's, from a background thread) and parents pushes to that cell.
+events are pushed on the same comm by one sender thread per comm, which coalesces bursts. All of
+it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``:
+in ipykernel 7 an outgoing ``Comm.send`` re-routes the comm's *incoming* traffic to the sender's
+subshell (a busy notebook cell's, from a background thread) and parents pushes to that cell.
 
 ``serve()`` also writes a host record (``gpugroups-host.json`` in the Jupyter runtime dir) that the
 extension watches, so a notebook becomes the host without anybody typing a kernel id. Light at
@@ -170,7 +170,9 @@ class _Endpoint:
             reply: dict[str, Any] = {"id": request["id"], "ok": True, "result": result}
         except BaseException as exc:  # every request gets an answer, whatever went wrong
             reply = {"id": request["id"], "ok": False, "error": error_json(exc)}
-        self._out.put(reply)
+        # Straight out from this pool thread (IOPub's socket is thread-safe): a reply never
+        # waits behind a large state push, and it needs no order with the events.
+        self._publish(reply)
 
     def _call(self, op_name: Any, args: Any) -> Any:
         op = get_op(op_name)
@@ -190,7 +192,7 @@ class _Endpoint:
             )
 
     def _send_loop(self) -> None:
-        """Send what is queued, oldest first; superseded pushes in one batch are dropped (trap 4)."""
+        """Send the queued events, oldest first; superseded ones in one batch are dropped (trap 4)."""
         while True:
             batch = [self._out.get()]
             while True:

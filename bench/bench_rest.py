@@ -1,0 +1,180 @@
+"""What the REST bridge costs: ``process`` over ``/api/v2`` against the same call inside the kernel.
+
+Starts a real ``jupyter server`` with the extension, makes a kernel the host (``gg.serve(m)``),
+then alternates rounds of ``gg.Client.process`` over loopback HTTP with rounds of ``m.process``
+timed inside the host kernel, and prints p50/p99 of both and of their difference. Also prints
+what the extension adds to the server's start (median of alternating starts with it on and off).
+
+    .venv/bin/python bench/bench_rest.py                 # the shipped demo model
+    .venv/bin/python bench/bench_rest.py --tiny          # tiny test models built on the fly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import gpugroups as gg  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``jupyter server`` subprocess in its own temp dirs."""
+
+    def __init__(self, tmp: Path, extension: bool, env: dict[str, str]) -> None:
+        self.token, self.port = "bench", free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.runtime = tmp / "runtime"
+        (tmp / "root").mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **env, "JUPYTER_RUNTIME_DIR": str(self.runtime), "JUPYTER_CONFIG_DIR": str(tmp / "config")}
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
+             f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={tmp / 'root'}", f"--ServerApp.jpserver_extensions={{'gpugroups': {extension}}}",
+             "--GpuGroupsApp.host_kernel=none"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        while True:
+            try:
+                if requests.get(f"{self.url}/api/status", headers=self.headers, timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.01)
+        self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def start_overhead(runs: int) -> tuple[float, float]:
+    """Median seconds to a ready server without and with the extension (alternating starts)."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * runs):
+        extension = bool(i % 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            server = Server(Path(tmp), extension, {})
+            times[extension].append(server.start_seconds)
+            server.stop()
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def tiny_catalog(folder: Path) -> Path:
+    from tests import tinymodels as t
+
+    tok = t.build_tokenizer(folder / "tokenizer")
+    base = t.build_causal_lm(folder / "tiny-llama", "llama", tokenizer_dir=tok)
+    adapters = {m: t.build_lora_adapter(folder / m, base, seed=s) for m, s in (("tiny-a", 1), ("tiny-b", 2))}
+    gpt2 = t.build_causal_lm(folder / "tiny-gpt2", "gpt2", tokenizer_dir=tok, seed=3)
+    return t.catalog_toml(folder / "gpugroups.toml", base, adapters, {"tiny-gpt2": gpt2})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="build tiny test models instead of the shipped demo")
+    parser.add_argument("--model", default=None, help="model id (default: pycode-tests, or tiny-a with --tiny)")
+    parser.add_argument("--prompt", default="def test_")
+    parser.add_argument("--calls", type=int, default=200, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--start-runs", type=int, default=3, help="server starts with and without the extension")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        catalog = tiny_catalog(tmp / "models") if args.tiny else None
+        model = args.model or ("tiny-a" if args.tiny else "pycode-tests")
+        server = Server(tmp / "server", True, {})
+        try:
+            run(server, catalog, model, args)
+        finally:
+            server.stop()
+    if args.start_runs:
+        off, on = start_overhead(args.start_runs)
+        print(f"server start to ready (median of {args.start_runs}): without the extension {off * 1000:.0f} ms, "
+              f"with it {on * 1000:.0f} ms, added {(on - off) * 1000:+.0f} ms")
+
+
+def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespace) -> None:
+    from jupyter_client import BlockingKernelClient
+
+    kernel_id = requests.post(f"{server.url}/api/kernels", headers=server.headers, json={}, timeout=60).json()["id"]
+    kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
+    kc.load_connection_file()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+
+    def in_kernel(code: str, expr: str = "None") -> object:
+        reply = kc.execute_interactive(code, user_expressions={"out": f"__import__('json').dumps({expr})"},
+                                       timeout=600, output_hook=lambda msg: None)
+        content = reply["content"]
+        if content["status"] != "ok":
+            raise RuntimeError(f"{content['ename']}: {content['evalue']}")
+        return json.loads(content["user_expressions"]["out"]["data"]["text/plain"].strip("'"))
+
+    make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
+    in_kernel(f"import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
+    client = gg.Client(server.url, server.token)
+    prompt, n = args.prompt, args.calls
+    timed = (
+        f"lat = []\nfor _ in range({n}):\n    t = time.perf_counter(); m.process({model!r}, {prompt!r}); "
+        "lat.append(time.perf_counter() - t)"
+    )
+    for _ in range(20):  # warm both paths: first calls pay for lazy setup
+        client.process(model, prompt)
+    in_kernel(timed)
+
+    rest: list[float] = []
+    kernel: list[float] = []
+    for _ in range(args.rounds):
+        for _ in range(n):
+            t = time.perf_counter()
+            client.process(model, prompt)
+            rest.append(time.perf_counter() - t)
+        kernel += in_kernel(timed, "lat")  # type: ignore[operator]
+    state_rest = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.state()
+        state_rest.append(time.perf_counter() - t)
+    kc.stop_channels()
+
+    ms = 1000
+    print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
+    print(f"  in the kernel (m.process):   p50 {pct(kernel, 50) * ms:7.2f} ms   p99 {pct(kernel, 99) * ms:7.2f} ms")
+    print(f"  over REST (gg.Client):       p50 {pct(rest, 50) * ms:7.2f} ms   p99 {pct(rest, 99) * ms:7.2f} ms")
+    print(f"  REST overhead:               p50 {(pct(rest, 50) - pct(kernel, 50)) * ms:+7.2f} ms   "
+          f"p99 {(pct(rest, 99) - pct(kernel, 99)) * ms:+7.2f} ms   (ratio p50 {pct(rest, 50) / pct(kernel, 50):.2f}x)")
+    print(f"GET /system/state over REST:  p50 {pct(state_rest, 50) * ms:7.2f} ms   p99 {pct(state_rest, 99) * ms:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
