@@ -211,6 +211,7 @@ class Manager:
         self._current: dict[str, str] = {}  # group id -> current member
         self._estimates: dict[tuple[str, str, str], dict[str, int] | None] = {}
         self._measured: dict[str, int] = {}
+        self._warm: set[int] = set()  # devices whose context (overhead) already exists
         self._ops: dict[str, Operation] = {}
         self._op_ids = itertools.count(1)
         self._subscribers: list[Subscriber] = []
@@ -530,7 +531,9 @@ class Manager:
         """Account the loaded runtime; a group over the device's budget is an OOM (virtual devices too)."""
         dev = self.devices[slot.device_id]
         parts = self._estimate_parts(slot.group, dev, strict=True) or {}
-        reserve = parts.get("reserve_bytes", 0) + parts.get("overhead_bytes", 0)
+        # The device overhead (CUDA context) is the device's, not the group's: NVML shows it
+        # as used from the first load on, so the slot accounts weights + reserve only.
+        reserve = parts.get("reserve_bytes", 0)
         with self._lock:
             others = sum(s.bytes for s in self._slots.values() if s.device_id == slot.device_id and s is not slot)
             total = rt.bytes + reserve
@@ -542,6 +545,7 @@ class Manager:
                 )
             slot.runtime, slot.bytes = rt, total
             self._measured[slot.group.id] = rt.bytes
+            self._warm.add(slot.device_id)
 
     def _evict_for(self, slot: Slot) -> bool:
         """After an OOM: unload every evictable group on the slot's device; False if none."""
@@ -605,12 +609,13 @@ class Manager:
 
         Without ``strict`` an unestimable group (e.g. a hub id not in the cache) counts 0 for display.
         """
-        parts = self._estimate_parts(group, self.devices[device_id], strict)
+        dev = self.devices[device_id]
+        parts = self._estimate_parts(group, dev, strict)
         if parts is None:
             return 0
-        if group.id in self._measured:
-            return self._measured[group.id] + parts["reserve_bytes"] + parts["overhead_bytes"]
-        return int(parts["total_bytes"])
+        weights = self._measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
+        overhead = 0 if device_id in self._warm else parts["overhead_bytes"]
+        return int(weights + parts["reserve_bytes"] + overhead)
 
     def _estimate_parts(self, group: GroupSpec, dev: Device, strict: bool) -> dict[str, int] | None:
         """``estimate.estimate_group`` for a device kind and dtype, cached (headers are read once)."""

@@ -1,0 +1,127 @@
+"""Speed of the manager against plain transformers/PEFT, measured in the same run.
+
+Prints, for the shipped demo ``pycode`` group (base + two LoRA adapters) on one device:
+- load: ``Manager.load_group`` vs ``from_pretrained`` + ``PeftModel`` of the same weights;
+- switch: making another member current vs reloading the group (goal: >= 20x faster),
+  and the device's used bytes before/after a switch (goal: unchanged);
+- process: ``Manager.process`` vs the raw model's forward + top-k (goal: <= 1 ms overhead, median).
+
+Usage: ``python bench/bench_core.py [--devices cpu|cuda:0|virtual:...] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import gpugroups as gg
+from gpugroups.catalog import Catalog
+
+GROUP, BASE, ADAPTERS = "pycode", "pycode-base", ("pycode-tests", "pycode-docs")
+PROMPT = "def __init__(self"
+
+
+def median_ms(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``fn`` in milliseconds over ``repeat`` runs (after one warm-up)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def raw_load(folders: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
+    """The same weights loaded the plain way: ``from_pretrained`` + ``PeftModel`` + ``load_adapter``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": dtype}
+    if device != "cpu":
+        kw["device_map"] = {"": device}
+    base = AutoModelForCausalLM.from_pretrained(folders[BASE], **kw).eval()
+    model = PeftModel.from_pretrained(base, folders[ADAPTERS[0]], adapter_name=ADAPTERS[0])
+    model.load_adapter(folders[ADAPTERS[1]], adapter_name=ADAPTERS[1])
+    return model.eval()
+
+
+def run(devices: str, repeat: int) -> dict[str, float]:
+    """Measure and print every figure; returns them for callers such as the GPU check."""
+    from transformers import AutoTokenizer
+
+    m = gg.Manager(devices=devices, catalog=_demo())
+    dev = m.devices[0]
+    on_cuda = dev.backing.startswith("cuda")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        m._dtype(m.catalog.group(GROUP), dev)
+    ]
+    folders = m._folders(m.catalog.group(GROUP))
+    out: dict[str, float] = {}
+
+    def reload() -> None:
+        m.unload_group(GROUP)
+        m.load_group(GROUP, device_id=0)
+
+    out["load_manager_ms"] = median_ms(reload, max(3, repeat // 20), sync)
+    out["load_raw_ms"] = median_ms(lambda: raw_load(folders, dev.backing, dtype), max(3, repeat // 20), sync)
+    print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "
+          f"(ratio {out['load_manager_ms'] / out['load_raw_ms']:.2f}, goal <= 1.0 plus bookkeeping)")
+
+    members = [BASE, *ADAPTERS]
+    i = iter(range(10**9))
+    used_before = m.state()["devices"][0]["memory"]["used_bytes"]
+    out["switch_ms"] = median_ms(lambda: m.load(members[next(i) % 3]), repeat, sync)
+    used_after = m.state()["devices"][0]["memory"]["used_bytes"]
+    out["reload_ms"] = out["load_manager_ms"]
+    print(f"switch : {out['switch_ms']:.3f} ms vs reload {out['reload_ms']:.1f} ms "
+          f"(reload/switch {out['reload_ms'] / out['switch_ms']:.0f}x, goal >= 20x); "
+          f"device used bytes before/after switching: {used_before} / {used_after}")
+
+    raw = raw_load(folders, dev.backing, dtype)
+    tok = AutoTokenizer.from_pretrained(folders[BASE])
+    raw.set_adapter(ADAPTERS[0])
+    target = raw.device
+
+    def raw_process() -> list[int]:
+        enc = tok(PROMPT, return_tensors="pt").to(target)
+        with torch.inference_mode():
+            logits = raw(**enc).logits[0, -1]
+            lp = torch.log_softmax(logits.float(), -1)
+            return torch.topk(lp, 3).indices.tolist()
+
+    m.load(ADAPTERS[0])
+    out["process_raw_ms"] = median_ms(raw_process, repeat, sync)
+    out["process_manager_ms"] = median_ms(lambda: m.process(ADAPTERS[0], PROMPT, 3), repeat, sync)
+    out["process_overhead_ms"] = out["process_manager_ms"] - out["process_raw_ms"]
+    print(f"process: manager {out['process_manager_ms']:.3f} ms vs raw forward+top-k {out['process_raw_ms']:.3f} ms "
+          f"(overhead {out['process_overhead_ms']:.3f} ms median, goal <= 1 ms)")
+    m.close()
+    return out
+
+
+def _demo() -> Catalog:
+    cat = Catalog()
+    cat.add_demo()
+    return cat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="cpu")
+    p.add_argument("--repeat", type=int, default=200)
+    args = p.parse_args()
+    print(f"gpugroups {gg.__version__}, torch {torch.__version__}, devices {args.devices}")
+    run(args.devices, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
