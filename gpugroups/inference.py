@@ -8,6 +8,7 @@ would alone), and only the last position's logits are computed where the model a
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,7 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
         top_lp, top_ids = torch.topk(logprobs[i], k)
         top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         preds = [
-            {"token": tok.decode([t]), "token_id": t, "probability": float(torch.tensor(lp).exp()), "logprob": lp}
+            {"token": tok.decode([t]), "token_id": t, "probability": math.exp(lp), "logprob": lp}
             for t, lp in zip(top_ids, top_lp)
         ]
         if r.max_new_tokens > 0:
@@ -112,7 +113,13 @@ def _continue(rt: Runtime, member: str, prompt_ids: list[int], first: list[int],
             )
         else:
             out = ids
-    return [tok.decode(row[len(prompt_ids):].tolist()) for row in out]
+    texts = []
+    for row in out.tolist():
+        first_tok, rest = row[len(prompt_ids)], row[len(prompt_ids) + 1:]
+        if tok.eos_token_id in rest:  # generation stopped: what follows is padding
+            rest = rest[: rest.index(tok.eos_token_id)]
+        texts.append(tok.decode([first_tok, *rest]))
+    return texts
 
 
 _PARAMS: dict[type, frozenset[str]] = {}
