@@ -254,3 +254,18 @@ def test_default_manager_is_one_per_process():
     assert gg.manager() is gg.manager()
     with pytest.raises(GpuGroupsError):
         gg.manager(devices="cpu")
+
+
+def test_unload_really_frees_the_models(m):
+    import gc
+    import weakref
+
+    m.load("tiny-a")
+    m.process("tiny-a", PROMPT)
+    runtime = m._slots["tiny"].runtime
+    refs = [weakref.ref(member.model) for member in runtime.members.values()]
+    del runtime
+    m.unload("tiny-a")
+    gc.collect()
+    assert all(r() is None for r in refs), "a model outlived its unload"
+    assert m.state()["devices"][0]["memory"]["manager_bytes"] == 0
