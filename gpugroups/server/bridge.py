@@ -181,11 +181,11 @@ class HostConnection:
             return
         self.closed = True
         error = host_unavailable(f"host kernel {self.kernel_id}: {reason}")
-        for fut in [*self._pending.values(), *self._shell_waiters.values(), *self._iopub_waiters.values()]:
+        waiting = [*self._pending.values(), *self._shell_waiters.values(), *self._iopub_waiters.values()]
+        for fut in [*waiting, *([self._hello] if self._hello else [])]:
             if not fut.done():
                 fut.set_exception(error)
-        if self._hello and not self._hello.done():
-            self._hello.set_exception(error)
+                fut.exception()  # whoever awaits it still gets the error; nobody else is told
         if self._client is not None:
             if self.pid is not None:
                 try:
@@ -317,6 +317,7 @@ class Bridge:
         self._attach_lock = asyncio.Lock()
         self._listeners: list[Listener] = []
         self._record_stamp: tuple[int, int] | None = self._stamp()
+        self._lost_pids: set[int] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -373,7 +374,7 @@ class Bridge:
         async with self._attach_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
-            kernel_id = self._recorded_host()
+            kernel_id = await self._recorded_host()
             if kernel_id is not None:
                 return await self._attach(kernel_id, "serve")
             if self.host_kernel != "auto":
@@ -405,10 +406,11 @@ class Bridge:
         self._spawn(self._announce(conn))
         return conn
 
-    def _recorded_host(self) -> str | None:
-        """The running kernel of this server that wrote the host record, if its process still does."""
+    async def _recorded_host(self) -> str | None:
+        """The live kernel of this server that wrote the host record, if that process still runs it
+        and was not lost as a host already (a record outlives its kernel)."""
         record = read_host_record(self.record_path)
-        if not record:
+        if not record or record.get("pid") in self._lost_pids:
             return None
         target = os.path.realpath(str(record.get("connection_file", "")))
         for kernel_id in self.km.list_kernel_ids():
@@ -416,7 +418,7 @@ class Bridge:
             if os.path.realpath(kernel.connection_file) != target:
                 continue
             pid = getattr(getattr(kernel, "provisioner", None), "pid", None)
-            if pid is None or pid == record.get("pid"):
+            if (pid is None or pid == record.get("pid")) and await kernel.is_alive():
                 return kernel_id
         return None
 
@@ -457,7 +459,7 @@ class Bridge:
         if stamp == self._record_stamp:
             return
         self._record_stamp = stamp
-        kernel_id = self._recorded_host()
+        kernel_id = await self._recorded_host()
         if kernel_id is None or (self._conn is not None and self._conn.kernel_id == kernel_id):
             return
         async with self._attach_lock:
@@ -482,6 +484,8 @@ class Bridge:
             return
         if self._conn is conn:
             self._conn = None
+        if conn.pid is not None:
+            self._lost_pids.add(conn.pid)
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
         await self._drop(conn, reason)
         self._emit({"type": "error", "error": host_unavailable(f"host kernel {conn.kernel_id}: {reason}").to_json()})
