@@ -128,6 +128,18 @@ def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
     return page
 
 
+def wait_kernel_idle(lab: dict[str, Any], name: str) -> None:
+    """Until the server reports the notebook's kernel started and idle (for UIs without the status bar)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=5) as r:
+            sessions = json.load(r)
+        if any(s["path"].endswith(name) and s["kernel"]["execution_state"] == "idle" for s in sessions):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no idle kernel for {name}")
+
+
 def run_all(page: Any) -> None:
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
@@ -252,3 +264,45 @@ def _measure_live_updates(page: Any) -> None:
     (ARTIFACTS / "latency.json").write_text(json.dumps({"latencies_ms": latencies}))
     # Every update reached the page while the cell was still running.
     assert all(t < cell_end for t, _ in seen)
+
+
+def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
+    """The same widget in Notebook 7: it renders, a click loads, a prompt predicts as ``process`` does."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import gpugroups as gg\nm = gg.Manager(devices='virtual:2x256MiB')\ngg.panel(m)"
+    )])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, lab["root"] / "nb7.ipynb")
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{lab['url']}/notebooks/nb7.ipynb?token={lab['token']}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        wait_kernel_idle(lab, "nb7.ipynb")
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+        run_all(page)
+        panel = page.locator(".jp-OutputArea-output .gg-panel").first
+        panel.wait_for()
+        panel.locator("tr.gg-model-row[data-model='tinygpt2'] button").click()
+        page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='tinygpt2'] button\").textContent === 'Current'")
+        panel.locator("select.gg-model-select").select_option("tinygpt2")
+        panel.locator("textarea.gg-prompt-input").fill(PROMPT)
+        panel.locator("input.gg-num-predictions").fill("3")
+        panel.locator("button.gg-run").click()
+        page.wait_for_function("() => document.querySelectorAll('.gg-panel .gg-prediction').length === 3")
+        in_dom = panel.locator(".gg-prediction").evaluate_all("rows => rows.map(r => r.dataset.token)")
+        shot(page, panel, "notebook7-panel.png")
+        in_python = run_cell(
+            page,
+            "import json\n"
+            f"print('@@' + json.dumps([p['token'] for p in m.process('tinygpt2', {PROMPT!r}, num_predictions=3)['predictions']]))",
+        )
+        assert in_dom == in_python
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "notebook7-failure.png"))
+        raise
+    finally:
+        page.close()
