@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GpuGroupsError
-from .protocol import COMM_TARGET, error_json, get_op
+from .protocol import COMM_TARGET, OPS, error_json, get_op
 
 #: Version of the bridge messages; the server refuses a host that speaks another one.
 BRIDGE_PROTOCOL = 1
@@ -158,11 +158,17 @@ class _Endpoint:
         self._out.put(None)
 
     def handle_msg(self, msg: dict[str, Any]) -> None:
-        """A request from the server (on the subshell thread): hand it to the pool, return at once."""
+        """A request from the server, on the subshell thread: reads (quick snapshots) are answered
+        here, so they never queue behind loads; everything else goes to the pool."""
         data = msg["content"].get("data")
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             return  # not a bridge request: nobody to answer
-        self.host.submit(self._run, data)
+        name = data.get("op")
+        op = OPS.get(name) if isinstance(name, str) else None
+        if op is not None and not op.mutating:
+            self._run(data)
+        else:
+            self.host.submit(self._run, data)
 
     def _run(self, request: dict[str, Any]) -> None:
         try:

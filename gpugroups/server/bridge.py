@@ -102,7 +102,13 @@ class HostConnection:
             raise
 
     async def _attach(self) -> None:
-        self._client = self.kernel.client()
+        # Our own session id, hence our own identity on the kernel's shell and control sockets:
+        # they hand a shared identity over to whoever connected last (ipykernel sets
+        # ROUTER_HANDOVER), so a client made with the kernel manager's session would lose its
+        # replies to, or steal them from, any other such client.
+        session = self.kernel.session.clone()
+        session.session = uuid.uuid4().hex
+        self._client = self.kernel.client(session=session)
         self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self._tasks = [
             asyncio.create_task(self._read_iopub()),

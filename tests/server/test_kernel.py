@@ -1,0 +1,131 @@
+"""The host kernel's side of the bridge, spoken to directly: this test plays the server.
+
+A real kernel runs ``gg.serve(m)``; the test opens the ``gpugroups.v2`` comm on a subshell with a
+plain ``jupyter_client`` client and checks the wire contract: every request gets exactly one
+reply, malformed ones included; everything the kernel sends on the comm is parented to the
+``comm_open`` (not to a running cell); requests are answered while the main shell is busy.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from jupyter_client import KernelManager
+
+from gpugroups.kernel import BRIDGE_PROTOCOL
+from gpugroups.protocol import COMM_TARGET
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+class Bridge:
+    """A minimal server side: one comm on one subshell, replies read off IOPub. Like the real
+    bridge it has a session id of its own (the kernel hands a shared socket identity over)."""
+
+    def __init__(self, km: KernelManager) -> None:
+        session = km.session.clone()
+        session.session = uuid.uuid4().hex
+        self.kc = kc = km.client(session=session)
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
+        self.subshell_id = kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"]
+        self.comm_id = uuid.uuid4().hex
+        self.open_msg = self.send("comm_open", {"comm_id": self.comm_id, "target_name": COMM_TARGET, "data": {"protocol": BRIDGE_PROTOCOL}})
+        self.seen: list[dict[str, Any]] = []  # every message on our comm, whole
+
+    def send(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+        msg = self.kc.session.msg(msg_type, content)
+        msg["header"]["subshell_id"] = self.subshell_id
+        self.kc.shell_channel.send(msg)
+        return msg
+
+    def request(self, data: Any) -> None:
+        self.send("comm_msg", {"comm_id": self.comm_id, "data": data})
+
+    def items(self, timeout: float = 10) -> Iterator[dict[str, Any]]:
+        """What the kernel sends on our comm, batches unpacked, until ``timeout`` passes quietly."""
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=timeout)
+            except Exception:
+                return
+            if msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == self.comm_id:
+                self.seen.append(msg)
+                data = msg["content"]["data"]
+                yield from data["batch"] if "batch" in data else [data]
+
+    def reply(self, rid: str, timeout: float = 10) -> dict[str, Any]:
+        for item in self.items(timeout):
+            if item.get("id") == rid:
+                return item
+        raise AssertionError(f"no reply to {rid}")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[tuple[KernelManager, Any]]:
+    km = KernelManager()
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    reply = kc.execute_interactive(
+        "import gpugroups as gg\nm = gg.Manager(devices='virtual:2x512MiB', catalog=[])\nhost = gg.serve(m)",
+        timeout=60, output_hook=lambda msg: None,
+    )
+    assert reply["content"]["status"] == "ok", reply["content"]
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def test_hello_then_one_reply_per_request_whatever_it_holds(kernel: tuple[KernelManager, Any]) -> None:
+    bridge = Bridge(kernel[0])
+    hello = next(bridge.items())
+    assert hello["type"] == "hello" and hello["protocol"] == BRIDGE_PROTOCOL
+    assert hello["subshell_id"] == bridge.subshell_id
+
+    bridge.request({"id": "ok", "op": "state", "args": {}})
+    state = bridge.reply("ok")
+    assert state["ok"] is True and state["result"]["num_devices"] == 2
+    for rid, data in (
+        ("unknown-op", {"op": "format_disk", "args": {}}),
+        ("op-not-a-string", {"op": ["state"]}),
+        ("args-not-a-dict", {"op": "state", "args": [1]}),
+        ("unknown-field", {"op": "load", "args": {"model_id": "x", "force": True}}),
+        ("unknown-model", {"op": "load", "args": {"model_id": "no-such-model"}}),
+        ("unknown-device", {"op": "clear_device", "args": {"device_id": 5}}),
+    ):
+        bridge.request({"id": rid, **data})
+        reply = bridge.reply(rid)
+        assert reply["ok"] is False and reply["error"]["code"] in ("invalid_request", "unknown_model", "unknown_device"), reply
+    bridge.request("not a request")  # nobody to answer: silently dropped, the comm stays usable
+    bridge.request({"id": "still-there", "op": "groups"})
+    assert bridge.reply("still-there") == {"id": "still-there", "ok": True, "result": []}
+    bridge.kc.stop_channels()
+
+
+def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[KernelManager, Any]) -> None:
+    km, _ = kernel
+    bridge = Bridge(km)
+    next(bridge.items())
+    notebook = km.client()  # a second frontend, like a notebook's, runs a long cell that changes the manager
+    notebook.start_channels()
+    cell = notebook.execute("import time\nm.register_group('during-cell', models={'dc-model': '/nowhere/dc-model'})\ntime.sleep(3)")
+    started = time.monotonic()
+    # the change is pushed from the manager's event thread while the cell still runs
+    next(i for i in bridge.items() if i.get("type") == "state_update" and any(g["id"] == "during-cell" for g in i["state"]["groups"]))
+    bridge.request({"id": "while-busy", "op": "state"})
+    assert bridge.reply("while-busy")["ok"] is True
+    assert time.monotonic() - started < 2.0
+    assert not notebook.shell_channel.msg_ready()  # the cell is still running
+    assert notebook.get_shell_msg(timeout=10)["parent_header"]["msg_id"] == cell
+    # nothing on the bridge's comm was parented to the cell (other frontends would file it there)
+    parents = {msg["parent_header"]["msg_id"] for msg in bridge.seen}
+    assert parents == {bridge.open_msg["header"]["msg_id"]}
+    notebook.stop_channels()
+    bridge.kc.stop_channels()
