@@ -13,13 +13,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import anywidget
 import traitlets
 
 from .. import protocol
 from ..errors import GpuGroupsError
+
+if TYPE_CHECKING:
+    from ..core import Manager
 
 _HERE = Path(__file__).resolve().parent
 
@@ -42,7 +45,7 @@ class Panel(anywidget.AnyWidget):
     state = traitlets.Dict().tag(sync=True)
     progress = traitlets.Dict().tag(sync=True)
 
-    def __init__(self, manager: Any, **kwargs: Any) -> None:
+    def __init__(self, manager: Manager, **kwargs: Any) -> None:
         super().__init__(state=manager.state(), **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
@@ -55,7 +58,7 @@ class Panel(anywidget.AnyWidget):
         self._relay.flush()
 
     @property
-    def manager(self) -> Any:
+    def manager(self) -> Manager:
         """The manager this panel shows and drives."""
         return self._manager
 
@@ -115,8 +118,8 @@ def _reply(action: Any, request_id: Any, result: Any) -> dict[str, Any]:
 class _Relay:
     """Coalesce manager events (from any thread) into few, ordered trait updates.
 
-    Keeps the newest state by version (events from different device workers may arrive out of
-    order) and the newest progress per operation; a daemon thread publishes them ``COALESCE_S``
+    Keeps the newest state by version (a snapshot an action took may be newer than an event
+    still on its way) and the newest progress per operation; a daemon thread publishes them ``COALESCE_S``
     after the first event of a burst. Progress of operations that the newest state no longer
     lists is dropped, so finished loads leave no bars behind.
     """
