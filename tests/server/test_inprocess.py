@@ -1,9 +1,11 @@
 """pytest-jupyter's in-process server with real kernels: ``jp_fetch`` and ``jp_ws_fetch`` through
-an auto-started host, on a subshell and on the main-shell fallback."""
+an auto-started host, on a subshell and on the main-shell fallback, and the extension's settings
+that reach that host (model roots) or bound its answers (request timeout)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,16 @@ from gpugroups.protocol import API_PREFIX
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-@pytest.fixture(params=[True, False], ids=["subshell", "main-shell"])
-def jp_server_config(request: pytest.FixtureRequest, tiny_env: Path) -> dict[str, Any]:
-    return {
-        "ServerApp": {"jpserver_extensions": {"gpugroups": True}},
-        "GpuGroupsApp": {"host_kernel": "auto", "use_subshells": request.param},
-    }
+@pytest.fixture
+def extra_root(tmp_path: Path, tiny_llama: Path) -> Path:
+    """A model folder under a root only the extension's ``model_roots`` setting allows."""
+    return Path(shutil.copytree(tiny_llama, tmp_path / "extra-models" / "llama-copy"))
+
+
+@pytest.fixture
+def jp_server_config(request: pytest.FixtureRequest, tiny_env: Path, extra_root: Path) -> dict[str, Any]:
+    settings = {"host_kernel": "auto", "model_roots": [str(extra_root.parent)], **getattr(request, "param", {})}
+    return {"ServerApp": {"jpserver_extensions": {"gpugroups": True}}, "GpuGroupsApp": settings}
 
 
 async def read(ws: Any, pred: Any) -> dict[str, Any]:
@@ -29,8 +35,15 @@ async def read(ws: Any, pred: Any) -> dict[str, Any]:
             return message
 
 
+async def post(jp_fetch: Any, path: str, body: dict[str, Any], **kwargs: Any) -> Any:
+    return await jp_fetch(API_PREFIX, path, method="POST", body=json.dumps(body), raise_error=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "jp_server_config", [{"use_subshells": True}, {"use_subshells": False}], indirect=True, ids=["subshell", "main-shell"]
+)
 async def test_rest_and_websocket_through_an_auto_started_host(
-    jp_serverapp: Any, jp_fetch: Any, jp_ws_fetch: Any, jp_server_config: dict[str, Any]
+    jp_serverapp: Any, jp_fetch: Any, jp_ws_fetch: Any, jp_server_config: dict[str, Any], extra_root: Path, tmp_path: Path
 ) -> None:
     ws = await jp_ws_fetch(API_PREFIX, "ws")
     try:
@@ -41,22 +54,32 @@ async def test_rest_and_websocket_through_an_auto_started_host(
         assert host["subshells"] is jp_server_config["GpuGroupsApp"]["use_subshells"]
         assert host["started_by"] == "server"
 
-        r = await jp_fetch(
-            API_PREFIX, "models", "load", method="POST", body=json.dumps({"model_id": "tiny-b"}), request_timeout=120
-        )
+        r = await post(jp_fetch, "models/load", {"model_id": "tiny-b"}, request_timeout=120)
         assert json.loads(r.body)["status"] == "loaded"
         update = await read(ws, lambda m: m["type"] == "state_update" and any(g["id"] == "tiny" and g["resident_on"] for g in m["state"]["groups"]))
         assert update["version"] > first["version"]
+
         # another client on the host made the usual way (the kernel manager's session, hence its
         # socket identity) connects: the bridge keeps its own identity and keeps answering
         other = jp_serverapp.kernel_manager.get_kernel(host["kernel_id"]).client()
         other.start_channels()
         await other.wait_for_ready(timeout=30)
-        r = await jp_fetch(
-            API_PREFIX, "models", "process", method="POST", body=json.dumps({"model_id": "tiny-b", "prompt": "import"}),
-            request_timeout=20,
-        )
+        r = await post(jp_fetch, "models/process", {"model_id": "tiny-b", "prompt": "import"}, request_timeout=20)
         assert len(json.loads(r.body)["predictions"]) == 3
         other.stop_channels()
+
+        # a folder under the configured model roots loads by its path; the same model elsewhere does not
+        r = await post(jp_fetch, "models/load", {"model_id": str(extra_root)}, request_timeout=60)
+        assert json.loads(r.body)["group_id"] == f"single:{extra_root}"
+        elsewhere = shutil.copytree(extra_root, tmp_path / "elsewhere" / "llama-copy")
+        r = await post(jp_fetch, "models/load", {"model_id": str(elsewhere)})
+        assert r.code == 404 and json.loads(r.body)["error"]["code"] == "unknown_model"
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("jp_server_config", [{"request_timeout": 0.0001}], indirect=True)
+async def test_an_answer_later_than_the_request_timeout_is_504(jp_fetch: Any) -> None:
+    r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
+    assert r.code == 504
+    assert json.loads(r.body)["error"]["code"] == "timeout"
