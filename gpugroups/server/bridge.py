@@ -391,7 +391,10 @@ class Bridge:
             kwargs = {"kernel_name": self.kernel_name} if self.kernel_name else {}
             kernel_id = await self.km.start_kernel(path="", env={**os.environ, **self.kernel_env}, **kwargs)
             self.log.info("gpugroups: started host kernel %s", kernel_id)
-            return await self._attach(kernel_id, "server")
+            try:
+                return await self._attach(kernel_id, "server")
+            except GpuGroupsError as exc:  # e.g. a broken ./gpugroups.toml: no host, whatever the cause
+                raise host_unavailable(f"the host kernel the server started could not serve: {exc.message}") from None
 
     async def _attach(self, kernel_id: str, started_by: str) -> HostConnection:
         """Under the attach lock: connect ``kernel_id``; on success it replaces the current host."""

@@ -4,6 +4,7 @@ that reach that host (model roots) or bound its answers (request timeout)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -83,3 +84,20 @@ async def test_an_answer_later_than_the_request_timeout_is_504(jp_fetch: Any) ->
     r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
     assert r.code == 504
     assert json.loads(r.body)["error"]["code"] == "timeout"
+
+
+async def test_an_auto_host_that_cannot_serve_is_503_and_is_shut_down(
+    jp_serverapp: Any, jp_fetch: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[groups.x]\nkind = "no-such-kind"\n')
+    monkeypatch.setenv("GPUGROUPS_CATALOG", str(broken))  # the host kernel will inherit it
+    r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=120)
+    assert r.code == 503
+    error = json.loads(r.body)["error"]
+    assert error["code"] == "host_unavailable" and "broken.toml" in error["message"], error
+    for _ in range(100):
+        if not jp_serverapp.kernel_manager.list_kernel_ids():
+            break
+        await asyncio.sleep(0.1)
+    assert jp_serverapp.kernel_manager.list_kernel_ids() == []
