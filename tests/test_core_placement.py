@@ -114,3 +114,22 @@ def test_clear_device_keeps_pinned_groups(catalog_factory):
         assert m.clear_device(0)["unloaded"] == ["g1"]
         assert resident(m)[0] == ["g2"]
         assert m.state()["devices"][0]["memory"]["manager_bytes"] == m.state()["groups"][1]["memory_estimate_bytes"]
+
+
+def test_a_busy_device_never_delays_a_prompt_on_another(catalog_factory):
+    import threading
+
+    with manager(catalog_factory, 3) as m:
+        m.load_group("g1", device_id=0)
+        m.load_group("g2", device_id=1)
+        gate = threading.Event()
+        m._workers[0].call(gate.wait)  # device 0 stuck in a long operation
+        slow = threading.Thread(target=m.process, args=("m1", "import"))
+        slow.start()
+        try:
+            assert m.process("m2", "import", device_id=1)["device_id"] == 1
+            assert slow.is_alive(), "the prompt on device 0 should still be waiting"
+            assert m.state()["devices"][0]["queue_depth"] == 2
+        finally:
+            gate.set()
+            slow.join(30)
