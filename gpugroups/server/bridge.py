@@ -49,7 +49,6 @@ class HostConnection:
         on_broken: Callable[[HostConnection, str], None],
         trust_remote_code: bool = False,
         use_subshells: bool = True,
-        log: logging.Logger | None = None,
     ) -> None:
         self.kernel_id = kernel_id
         self.started_by = started_by
@@ -62,7 +61,6 @@ class HostConnection:
         self._on_broken = on_broken
         self._trust_remote_code = trust_remote_code
         self._use_subshells = use_subshells
-        self._log = log or logging.getLogger(__name__)
         self._client: Any = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -204,6 +202,7 @@ class HostConnection:
 
     # ---- wire -----------------------------------------------------------------------------
     def _send_shell(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+        """Send on shell, addressed to our subshell (if any); returns the message sent."""
         msg = self._client.session.msg(msg_type, content)
         if self.subshell_id is not None:
             msg["header"]["subshell_id"] = self.subshell_id
@@ -211,16 +210,15 @@ class HostConnection:
         return msg
 
     async def _shell_request(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
-        fut = asyncio.get_running_loop().create_future()
-        msg = self._client.session.msg(msg_type, content)
-        if self.subshell_id is not None:
-            msg["header"]["subshell_id"] = self.subshell_id
-        self._shell_waiters[msg["header"]["msg_id"]] = fut
+        """Send on shell and wait for the reply (the shell reader hands it over)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        msg = self._send_shell(msg_type, content)
+        msg_id = msg["header"]["msg_id"]
+        self._shell_waiters[msg_id] = fut
         try:
-            self._client.shell_channel.send(msg)
             return await fut
         finally:
-            self._shell_waiters.pop(msg["header"]["msg_id"], None)
+            self._shell_waiters.pop(msg_id, None)
 
     async def _control(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
         return await self._control_send(self._client.session.msg(msg_type, content))
@@ -241,8 +239,11 @@ class HostConnection:
         try:
             while True:
                 frames = await socket.recv_multipart()
-                _, parts = session.feed_identities(frames)
-                msg = session.deserialize(parts, content=False)
+                try:
+                    _, parts = session.feed_identities(frames)
+                    msg = session.deserialize(parts, content=False)
+                except ValueError:  # malformed or unsigned: not ours to act on, and no harm done
+                    continue
                 msg_type = msg["header"]["msg_type"]
                 if msg_type == "status":
                     waiter = self._iopub_waiters.get(msg["parent_header"].get("msg_id"))
@@ -277,7 +278,10 @@ class HostConnection:
         """Read shell replies: answers someone awaits, and the error a vanished subshell causes."""
         try:
             while True:
-                msg = await self._client.shell_channel.get_msg()
+                try:
+                    msg = await self._client.shell_channel.get_msg()
+                except ValueError:  # malformed or unsigned, as on IOPub
+                    continue
                 waiter = self._shell_waiters.get(msg["parent_header"].get("msg_id"))
                 if waiter and not waiter.done():
                     waiter.set_result(msg)
@@ -400,13 +404,13 @@ class Bridge:
         """Under the attach lock: connect ``kernel_id``; on success it replaces the current host."""
         conn = HostConnection(
             self.km, kernel_id, started_by, self._on_data, self._on_broken,
-            trust_remote_code=self.trust_remote_code, use_subshells=self.use_subshells, log=self.log,
+            trust_remote_code=self.trust_remote_code, use_subshells=self.use_subshells,
         )
         try:
             await conn.attach(self.host_start_timeout)
         except BaseException:
-            if started_by == "server" and kernel_id in self.km:
-                self._spawn(self.km.shutdown_kernel(kernel_id, now=True))
+            if started_by == "server":
+                self._shut_down(kernel_id)
             raise
         old, self._conn = self._conn, conn
         if old is not None:
@@ -472,6 +476,8 @@ class Bridge:
         if kernel_id is None or (self._conn is not None and self._conn.kernel_id == kernel_id):
             return
         async with self._attach_lock:
+            if self._conn is not None and self._conn.kernel_id == kernel_id:
+                return  # attached meanwhile, for a request
             try:
                 await self._attach(kernel_id, "serve")
             except GpuGroupsError as exc:
@@ -491,19 +497,33 @@ class Bridge:
     async def _lose(self, conn: HostConnection, reason: str) -> None:
         if conn.closed:
             return
-        if self._conn is conn:
+        was_host = self._conn is conn
+        if was_host:
             self._conn = None
         if conn.pid is not None:
             self._lost_pids.add(conn.pid)
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
         await self._drop(conn, reason)
-        self._emit({"type": "error", "error": host_unavailable(f"host kernel {conn.kernel_id}: {reason}").to_json()})
+        if was_host:  # a kernel that fails while attaching tells its own caller instead
+            self._emit({"type": "error", "error": host_unavailable(f"host kernel {conn.kernel_id}: {reason}").to_json()})
 
     async def _drop(self, conn: HostConnection, reason: str) -> None:
         """Detach ``conn``; a kernel this server started for the purpose is shut down with it."""
         await conn.close(reason)
-        if conn.started_by == "server" and conn.kernel_id in self.km:
-            self._spawn(self.km.shutdown_kernel(conn.kernel_id, now=True))
+        if conn.started_by == "server":
+            self._shut_down(conn.kernel_id)
+
+    def _shut_down(self, kernel_id: str) -> None:
+        """Shut down a kernel this server started as the host, in the background (it may be gone)."""
+
+        async def shut_down() -> None:
+            if kernel_id in self.km:
+                try:
+                    await self.km.shutdown_kernel(kernel_id, now=True)
+                except Exception as exc:  # raced with another shutdown or a restart: nothing left to do
+                    self.log.debug("gpugroups: shutting down kernel %s: %r", kernel_id, exc)
+
+        self._spawn(shut_down())
 
     # ---- fan-out --------------------------------------------------------------------------
     def _on_data(self, conn: HostConnection, event: dict[str, Any]) -> None:
