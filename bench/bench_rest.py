@@ -33,7 +33,7 @@ import gpugroups as gg  # noqa: E402
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def free_port() -> int:
@@ -50,14 +50,32 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.runtime = tmp / "runtime"
         (tmp / "root").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **env, "JUPYTER_RUNTIME_DIR": str(self.runtime), "JUPYTER_CONFIG_DIR": str(tmp / "config")}
+        env = {
+            **os.environ,
+            **env,
+            "JUPYTER_RUNTIME_DIR": str(self.runtime),
+            "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+        }
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
-             f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={tmp / 'root'}", f"--ServerApp.jpserver_extensions={{'gpugroups': {extension}}}",
-             "--GpuGroupsApp.host_kernel=none"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--allow-root",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                f"--port={self.port}",
+                "--port-retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={tmp / 'root'}",
+                f"--ServerApp.jpserver_extensions={{'gpugroups': {extension}}}",
+                "--GpuGroupsApp.host_kernel=none",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         while True:
             try:
@@ -99,13 +117,21 @@ def tiny_catalog(folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="build tiny test models instead of the shipped demo")
-    parser.add_argument("--model", default=None, help="model id (default: pycode-tests, or tiny-a with --tiny)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="build tiny test models instead of the shipped demo"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model id (default: pycode-tests, or tiny-a with --tiny)"
+    )
     parser.add_argument("--prompt", default="def test_")
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--start-runs", type=int, default=3, help="server starts with and without the extension")
+    parser.add_argument(
+        "--start-runs", type=int, default=3, help="server starts with and without the extension"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -119,22 +145,29 @@ def main() -> None:
             server.stop()
     if args.start_runs:
         off, on = start_overhead(args.start_runs)
-        print(f"server start to ready (median of {args.start_runs}): without the extension {off * 1000:.0f} ms, "
-              f"with it {on * 1000:.0f} ms, added {(on - off) * 1000:+.0f} ms")
+        print(f"server start to ready, median of {args.start_runs}:")
+        added = (on - off) * 1000
+        print(f"  without the extension {off * 1000:.0f} ms, with it {on * 1000:.0f} ms: {added:+.0f} ms")
 
 
 def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespace) -> None:
     from jupyter_client import BlockingKernelClient
 
-    kernel_id = requests.post(f"{server.url}/api/kernels", headers=server.headers, json={}, timeout=60).json()["id"]
+    kernel_id = requests.post(
+        f"{server.url}/api/kernels", headers=server.headers, json={}, timeout=60
+    ).json()["id"]
     kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
     kc.load_connection_file()
     kc.start_channels()
     kc.wait_for_ready(timeout=60)
 
     def in_kernel(code: str, expr: str = "None") -> object:
-        reply = kc.execute_interactive(code, user_expressions={"out": f"__import__('json').dumps({expr})"},
-                                       timeout=600, output_hook=lambda msg: None)
+        reply = kc.execute_interactive(
+            code,
+            user_expressions={"out": f"__import__('json').dumps({expr})"},
+            timeout=600,
+            output_hook=lambda msg: None,
+        )
         content = reply["content"]
         if content["status"] != "ok":
             raise RuntimeError(f"{content['ename']}: {content['evalue']}")
@@ -144,10 +177,7 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
     in_kernel(f"import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
     client = gg.Client(server.url, server.token)
     prompt, n = args.prompt, args.calls
-    timed = (
-        f"lat = []\nfor _ in range({n}):\n    t = time.perf_counter(); m.process({model!r}, {prompt!r}); "
-        "lat.append(time.perf_counter() - t)"
-    )
+    timed = timed_loop(f"m.process({model!r}, {prompt!r})", n)
     for _ in range(20):  # warm both paths: first calls pay for lazy setup
         client.process(model, prompt)
     in_kernel(timed)
@@ -160,6 +190,7 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
             client.process(model, prompt)
             rest.append(time.perf_counter() - t)
         kernel += in_kernel(timed, "lat")  # type: ignore[operator]
+    state_kernel: list[float] = in_kernel(timed_loop("m.state()", n), "lat")  # type: ignore[assignment]
     state_rest = []
     for _ in range(n):
         t = time.perf_counter()
@@ -167,13 +198,28 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
         state_rest.append(time.perf_counter() - t)
     kc.stop_channels()
 
-    ms = 1000
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
-    print(f"  in the kernel (m.process):   p50 {pct(kernel, 50) * ms:7.2f} ms   p99 {pct(kernel, 99) * ms:7.2f} ms")
-    print(f"  over REST (gg.Client):       p50 {pct(rest, 50) * ms:7.2f} ms   p99 {pct(rest, 99) * ms:7.2f} ms")
-    print(f"  REST overhead:               p50 {(pct(rest, 50) - pct(kernel, 50)) * ms:+7.2f} ms   "
-          f"p99 {(pct(rest, 99) - pct(kernel, 99)) * ms:+7.2f} ms   (ratio p50 {pct(rest, 50) / pct(kernel, 50):.2f}x)")
-    print(f"GET /system/state over REST:  p50 {pct(state_rest, 50) * ms:7.2f} ms   p99 {pct(state_rest, 99) * ms:7.2f} ms")
+    compare("m.process in the kernel", kernel, "gg.Client.process (REST)", rest)
+    print(f"state() on {n} calls per path")
+    compare("m.state in the kernel", state_kernel, "gg.Client.state (REST)", state_rest)
+
+
+def timed_loop(call: str, n: int) -> str:
+    """Kernel code that times ``call`` ``n`` times into the list ``lat`` (seconds)."""
+    body = f"    t = time.perf_counter()\n    {call}\n    lat.append(time.perf_counter() - t)"
+    return f"lat = []\nfor _ in range({n}):\n{body}"
+
+
+def compare(base_label: str, base: list[float], label: str, values: list[float]) -> None:
+    """Print p50/p99 of both and of their difference, in ms."""
+
+    def row(name: str, p50: float, p99: float, fmt: str = "7.2f") -> str:
+        return f"  {name:<28} p50 {p50 * 1000:{fmt}} ms   p99 {p99 * 1000:{fmt}} ms"
+
+    print(row(base_label, pct(base, 50), pct(base, 99)))
+    print(row(label, pct(values, 50), pct(values, 99)))
+    extra = row("REST overhead", pct(values, 50) - pct(base, 50), pct(values, 99) - pct(base, 99), "+7.2f")
+    print(f"{extra}   (p50 ratio {pct(values, 50) / pct(base, 50):.2f}x)")
 
 
 if __name__ == "__main__":

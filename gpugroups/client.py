@@ -28,7 +28,9 @@ class Client:
     request in seconds (None: wait as long as the server does).
     """
 
-    def __init__(self, url: str = "http://localhost:8888", token: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, url: str = "http://localhost:8888", token: str | None = None, timeout: float | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -84,7 +86,10 @@ class Client:
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = self._http.request(
-            method, self.url + API_PREFIX + path, data=None if body is None else json.dumps(body), timeout=self.timeout
+            method,
+            self.url + API_PREFIX + path,
+            data=None if body is None else json.dumps(body),
+            timeout=self.timeout,
         )
         try:
             payload = response.json()
@@ -94,7 +99,10 @@ class Client:
             return payload
         error = payload.get("error") if isinstance(payload, dict) else None
         if not isinstance(error, dict):
-            error = {"code": "internal_error", "message": f"HTTP {response.status_code}: {response.text[:200]}"}
+            error = {
+                "code": "internal_error",
+                "message": f"HTTP {response.status_code}: {response.text[:200]}",
+            }
         raise GpuGroupsError.from_json(error)
 
     def _ws_url(self) -> str:

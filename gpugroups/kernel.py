@@ -138,12 +138,14 @@ class _Endpoint:
         self._sender.start()
         self._unsubscribe = self.host.manager.subscribe(self._out.put)
         header = self.open_msg["header"]
-        self._out.put({
-            "type": "hello",
-            "protocol": BRIDGE_PROTOCOL,
-            "pid": os.getpid(),
-            "subshell_id": header.get("subshell_id"),
-        })
+        self._out.put(
+            {
+                "type": "hello",
+                "protocol": BRIDGE_PROTOCOL,
+                "pid": os.getpid(),
+                "subshell_id": header.get("subshell_id"),
+            }
+        )
 
     def follow(self, manager: Any) -> None:
         """Push ``manager``'s events instead of the previous one's, starting with its whole state."""
@@ -174,7 +176,7 @@ class _Endpoint:
         try:
             result = self._call(request.get("op"), request.get("args"))
             reply: dict[str, Any] = {"id": request["id"], "ok": True, "result": result}
-        except BaseException as exc:  # every request gets an answer, whatever went wrong
+        except Exception as exc:  # every request gets an answer, whatever went wrong
             reply = {"id": request["id"], "ok": False, "error": error_json(exc)}
         # Straight out from this pool thread (IOPub's socket is thread-safe): a reply never
         # waits behind a large state push, and it needs no order with the events.
@@ -189,7 +191,11 @@ class _Endpoint:
 
     def _refuse_remote_code(self, kwargs: dict[str, Any]) -> None:
         catalog = self.host.manager.catalog
-        group = catalog.group(kwargs["group_id"]) if "group_id" in kwargs else catalog.group_of(kwargs["model_id"])
+        group = (
+            catalog.group(kwargs["group_id"])
+            if "group_id" in kwargs
+            else catalog.group_of(kwargs["model_id"])
+        )
         if group.trust_remote_code:
             raise GpuGroupsError(
                 "invalid_request",
@@ -284,7 +290,8 @@ def _current_kernel() -> Any:
         Kernel = None
     if Kernel is None or not Kernel.initialized():
         raise GpuGroupsError(
-            "invalid_request", "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell"
+            "invalid_request",
+            "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell",
         )
     return Kernel.instance()
 

@@ -13,6 +13,7 @@ with ``host_unavailable`` right after the host dies instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -93,7 +94,9 @@ class HostConnection:
                 if not await self.kernel.is_alive():
                     raise host_unavailable(f"kernel {self.kernel_id} died before it became the host")
                 if loop.time() > deadline:
-                    raise host_unavailable(f"kernel {self.kernel_id} did not become the host within {timeout:g} s")
+                    raise host_unavailable(
+                        f"kernel {self.kernel_id} did not become the host within {timeout:g} s"
+                    )
         except BaseException:
             steps.cancel()
             await self.close("attach failed")
@@ -118,14 +121,18 @@ class HostConnection:
             self.subshell_id = reply["content"]["subshell_id"]
         served = await self._shell_request(
             "execute_request",
-            {"code": SERVE_CODE, "silent": True, "store_history": False, "allow_stdin": False, "stop_on_error": False},
+            {
+                "code": SERVE_CODE,
+                "silent": True,
+                "store_history": False,
+                "allow_stdin": False,
+                "stop_on_error": False,
+            },
         )
         if served["content"].get("status") != "ok":
             c = served["content"]
-            raise GpuGroupsError(
-                "conflict",
-                f"kernel {self.kernel_id} cannot be the host: {c.get('ename', 'error')}: {c.get('evalue', '')}",
-            )
+            why = f"{c.get('ename', 'error')}: {c.get('evalue', '')}"
+            raise GpuGroupsError("conflict", f"kernel {self.kernel_id} cannot be the host: {why}")
         self._hello = asyncio.get_running_loop().create_future()
         self._send_shell(
             "comm_open",
@@ -154,7 +161,7 @@ class HostConnection:
             try:
                 await asyncio.wait_for(seen, _IOPUB_PROBE_INTERVAL)
                 return reply["content"]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             finally:
                 self._iopub_waiters.pop(msg["header"]["msg_id"], None)
@@ -167,9 +174,11 @@ class HostConnection:
         rid = uuid.uuid4().hex
         fut = self._pending[rid] = asyncio.get_running_loop().create_future()
         try:
-            self._send_shell("comm_msg", {"comm_id": self.comm_id, "data": {"id": rid, "op": op, "args": args}})
+            self._send_shell(
+                "comm_msg", {"comm_id": self.comm_id, "data": {"id": rid, "op": op, "args": args}}
+            )
             reply = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GpuGroupsError(
                 "timeout", f"{op}: no answer from the host kernel within {timeout:g} s (it goes on there)"
             ) from None
@@ -192,10 +201,9 @@ class HostConnection:
                 fut.exception()  # whoever awaits it still gets the error; nobody else is told
         if self._client is not None:
             if self.pid is not None:
-                try:
+                # a courtesy: the kernel may already be gone
+                with contextlib.suppress(Exception):
                     self._send_shell("comm_close", {"comm_id": self.comm_id, "data": {}})
-                except Exception:  # the kernel may already be gone; closing is a courtesy
-                    pass
             for task in self._tasks:
                 task.cancel()
             self._client.stop_channels()
@@ -263,7 +271,7 @@ class HostConnection:
             self._broken(f"IOPub reader failed: {exc!r}")
 
     def _receive(self, data: dict[str, Any]) -> None:
-        for item in data["batch"] if "batch" in data else [data]:
+        for item in data.get("batch", [data]):
             if "id" in item and "ok" in item:
                 fut = self._pending.get(item["id"])
                 if fut and not fut.done():
@@ -398,13 +406,20 @@ class Bridge:
             try:
                 return await self._attach(kernel_id, "server")
             except GpuGroupsError as exc:  # e.g. a broken ./gpugroups.toml: no host, whatever the cause
-                raise host_unavailable(f"the host kernel the server started could not serve: {exc.message}") from None
+                raise host_unavailable(
+                    f"the host kernel the server started could not serve: {exc.message}"
+                ) from None
 
     async def _attach(self, kernel_id: str, started_by: str) -> HostConnection:
         """Under the attach lock: connect ``kernel_id``; on success it replaces the current host."""
         conn = HostConnection(
-            self.km, kernel_id, started_by, self._on_data, self._on_broken,
-            trust_remote_code=self.trust_remote_code, use_subshells=self.use_subshells,
+            self.km,
+            kernel_id,
+            started_by,
+            self._on_data,
+            self._on_broken,
+            trust_remote_code=self.trust_remote_code,
+            use_subshells=self.use_subshells,
         )
         try:
             await conn.attach(self.host_start_timeout)
@@ -415,7 +430,9 @@ class Bridge:
         old, self._conn = self._conn, conn
         if old is not None:
             await self._drop(old, f"kernel {kernel_id} is the host now")
-        self.log.info("gpugroups: host kernel is %s (%s, subshells: %s)", kernel_id, started_by, conn.subshells)
+        self.log.info(
+            "gpugroups: host kernel is %s (%s, subshells: %s)", kernel_id, started_by, conn.subshells
+        )
         self._spawn(self._announce(conn))
         return conn
 
@@ -481,7 +498,9 @@ class Bridge:
             try:
                 await self._attach(kernel_id, "serve")
             except GpuGroupsError as exc:
-                self.log.warning("gpugroups: kernel %s ran gg.serve() but could not be attached: %s", kernel_id, exc)
+                self.log.warning(
+                    "gpugroups: kernel %s ran gg.serve() but could not be attached: %s", kernel_id, exc
+                )
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -505,7 +524,12 @@ class Bridge:
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
         await self._drop(conn, reason)
         if was_host:  # a kernel that fails while attaching tells its own caller instead
-            self._emit({"type": "error", "error": host_unavailable(f"host kernel {conn.kernel_id}: {reason}").to_json()})
+            self._emit(
+                {
+                    "type": "error",
+                    "error": host_unavailable(f"host kernel {conn.kernel_id}: {reason}").to_json(),
+                }
+            )
 
     async def _drop(self, conn: HostConnection, reason: str) -> None:
         """Detach ``conn``; a kernel this server started for the purpose is shut down with it."""

@@ -51,7 +51,7 @@ class GpuGroupsHandler(APIHandler):
         if not self.deprecated:
             return
         base = self.base_url.rstrip("/")
-        successor = base + API_PREFIX + self.request.path[len(base) + len(LEGACY_PREFIX):]
+        successor = base + API_PREFIX + self.request.path[len(base) + len(LEGACY_PREFIX) :]
         self.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
         self.set_header("Link", f'<{successor}>; rel="successor-version"')
 
@@ -108,7 +108,9 @@ class OpHandler(GpuGroupsHandler):
             if isinstance(args, dict):
                 clash = sorted(set(args) & set(path_args))
                 if clash:
-                    raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
+                    raise GpuGroupsError(
+                        "invalid_request", f"{op.name}: {', '.join(clash)} is given by the path"
+                    )
                 args.update({k: int(v) if v.isdigit() else v for k, v in path_args.items()})
             self.answer(await self.bridge.request(op.name, args), op.ok_status)
         except GpuGroupsError as exc:
@@ -128,8 +130,14 @@ class HostHandler(GpuGroupsHandler):
     async def post(self) -> None:
         try:
             body = self.json_body()
-            if not isinstance(body, dict) or set(body) != {"kernel_id"} or not isinstance(body["kernel_id"], str):
-                raise GpuGroupsError("invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}')
+            if (
+                not isinstance(body, dict)
+                or set(body) != {"kernel_id"}
+                or not isinstance(body["kernel_id"], str)
+            ):
+                raise GpuGroupsError(
+                    "invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}'
+                )
             self.answer(await self.bridge.set_host(body["kernel_id"]))
         except GpuGroupsError as exc:
             self.fail(exc)

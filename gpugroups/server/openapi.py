@@ -43,14 +43,19 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "code": {"type": "string", "enum": _ERROR_CODES},
                     "message": {"type": "string"},
-                    "details": {"type": "object", "description": "Machine-readable context, e.g. each device's room."},
+                    "details": {
+                        "type": "object",
+                        "description": "Machine-readable context, e.g. each device's room.",
+                    },
                 },
             }
         },
     },
     "Memory": {
         "type": "object",
-        "properties": {k: {"type": "integer"} for k in ("total_bytes", "used_bytes", "free_bytes", "budget_bytes")},
+        "properties": {
+            k: {"type": "integer"} for k in ("total_bytes", "used_bytes", "free_bytes", "budget_bytes")
+        },
     },
     "Device": {
         "type": "object",
@@ -62,7 +67,11 @@ _SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "memory": {"$ref": "#/components/schemas/Memory"},
             "current_group": {"type": ["object", "null"]},
-            "resident_groups": {"type": "array", "items": {"type": "string"}, "description": "Most recent first."},
+            "resident_groups": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Most recent first.",
+            },
             "loaded_models": {"type": "array", "items": {"type": "string"}},
             "status": {"type": "string"},
             "is_switching": {"type": "boolean"},
@@ -137,7 +146,11 @@ _SCHEMAS: dict[str, Any] = {
             "group_id": {"type": "string"},
             "device_id": {"type": "integer"},
             "prompt": {"type": "string"},
-            "predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}, "description": "Most likely first."},
+            "predictions": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Prediction"},
+                "description": "Most likely first.",
+            },
             "timing": {"type": "object"},
             "notes": {"type": "array", "items": {"type": "string"}},
         },
@@ -148,7 +161,10 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["kernel_id", "subshells", "started_by"],
         "properties": {
             "kernel_id": {"type": ["string", "null"], "description": "null: no host attached (yet)."},
-            "subshells": {"type": ["boolean", "null"], "description": "false: the bridge shares the main shell, so it waits for running cells."},
+            "subshells": {
+                "type": ["boolean", "null"],
+                "description": "false: the bridge shares the main shell, so it waits for running cells.",
+            },
             "started_by": {"type": ["string", "null"], "enum": ["serve", "api", "server", None]},
         },
     },
@@ -190,9 +206,14 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
         "summary": op.summary,
         "description": f"Calls `Manager.{op.manager_method}` in the host kernel.",
         "responses": {
-            str(op.ok_status): {"description": "OK", "content": _json(RESULT_SCHEMAS.get(op.name, "OpResult"))},
+            str(op.ok_status): {
+                "description": "OK",
+                "content": _json(RESULT_SCHEMAS.get(op.name, "OpResult")),
+            },
             # a POST body may be malformed JSON whatever the op
-            **_errors([*op.errors, *BRIDGE_ERRORS, *(["invalid_request"] if op.http_method == "POST" else [])]),
+            **_errors(
+                [*op.errors, *BRIDGE_ERRORS, *(["invalid_request"] if op.http_method == "POST" else [])]
+            ),
         },
     }
     path_params = [p for p in op.params if p.in_path]
@@ -253,13 +274,21 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
             "get": {
                 "operationId": "openapi",
                 "summary": "This document.",
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}, **_errors([])},
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors([]),
+                },
             }
         },
         "/ws": {
             "get": {
                 "operationId": "events",
-                "summary": "WebSocket of events (upgrade). Server messages: system_state, state_update, load_progress, error; client: {\"type\": \"get_state\"}.",
+                "summary": "WebSocket of events (upgrade).",
+                "description": "Server messages: system_state, state_update, load_progress, error. "
+                'A client may send {"type": "get_state"}.',
                 "responses": {"101": {"description": "Switching protocols"}, **_errors([])},
             }
         },
@@ -287,7 +316,8 @@ def build_spec(base_url: str = "/") -> dict[str, Any]:
         "info": {
             "title": "gpugroups",
             "version": __version__,
-            "description": "Devices, groups and models of the manager in the host kernel, over Jupyter's auth. "
+            "description": "Devices, groups and models of the manager in the host kernel, "
+            "behind Jupyter's authentication. "
             "/api/v1 routes are deprecated aliases of /api/v2.",
         },
         "servers": [{"url": base_url.rstrip("/") or "/"}],
@@ -297,8 +327,11 @@ def build_spec(base_url: str = "/") -> dict[str, Any]:
             "schemas": _SCHEMAS,
             "securitySchemes": {
                 "token": {
-                    "type": "apiKey", "in": "header", "name": "Authorization",
-                    "description": "`token <TOKEN>`. A browser's Jupyter login cookie works too; its POSTs need the X-XSRFToken header.",
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "`token <TOKEN>`. A browser's Jupyter login cookie works too; "
+                    "its POSTs need the X-XSRFToken header.",
                 },
             },
         },

@@ -77,7 +77,11 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
         if self._fetching == 0:
             held, self._held = self._held, []
             for event in held:
-                if version is None or event.get("type") not in ("state_update", "load_progress") or event["version"] > version:
+                if (
+                    version is None
+                    or event.get("type") not in ("state_update", "load_progress")
+                    or event["version"] > version
+                ):
                     self._write(event)
 
     def _on_event(self, event: dict[str, Any]) -> None:

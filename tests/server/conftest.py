@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import requests
-
 from pytest_jupyter.jupyter_server import *  # noqa: F403  (fixtures scoped to this folder)
 
 import gpugroups as gg
@@ -34,7 +33,10 @@ HEAVY = ("torch", "transformers", "peft", "accelerate", "safetensors")
 @pytest.fixture
 def jp_server_config() -> dict[str, Any]:
     """The extension on, no host kernel unless a test asks (so no kernel starts by accident)."""
-    return {"ServerApp": {"jpserver_extensions": {"gpugroups": True}}, "GpuGroupsApp": {"host_kernel": "none"}}
+    return {
+        "ServerApp": {"jpserver_extensions": {"gpugroups": True}},
+        "GpuGroupsApp": {"host_kernel": "none"},
+    }
 
 
 @pytest.fixture
@@ -67,12 +69,21 @@ class LiveServer:
         notebooks.mkdir()
         self.proc = subprocess.Popen(
             [
-                sys.executable, str(HERE / "serve_for_tests.py"),
-                f"--port={self.port}", "--port-retries=0", "--ip=127.0.0.1", "--allow-root", "--no-browser",
-                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={notebooks}",
+                sys.executable,
+                str(HERE / "serve_for_tests.py"),
+                f"--port={self.port}",
+                "--port-retries=0",
+                "--ip=127.0.0.1",
+                "--allow-root",
+                "--no-browser",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={notebooks}",
                 *extra_args,
             ],
-            env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.headers = {"Authorization": f"token {self.token}"}
         deadline = time.monotonic() + 60
@@ -136,8 +147,10 @@ class Kernel:
     def run(self, code: str, timeout: float = 120) -> Any:
         """Run ``code`` as a cell; return the JSON value of the variable ``out`` if it sets one."""
         reply = self.kc.execute_interactive(
-            code, user_expressions={"out": "__import__('json').dumps(globals().get('out'))"},
-            timeout=timeout, output_hook=lambda msg: None,
+            code,
+            user_expressions={"out": "__import__('json').dumps(globals().get('out'))"},
+            timeout=timeout,
+            output_hook=lambda msg: None,
         )
         content = reply["content"]
         assert content["status"] == "ok", f"{content.get('ename')}: {content.get('evalue')}"
@@ -154,7 +167,9 @@ class Kernel:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> Iterator[LiveServer]:
     """One real server (host_kernel auto) for a whole test module: its host kernel is shared."""
-    server = LiveServer(tmp_path_factory.mktemp("live"), tiny_catalog_toml, ["--GpuGroupsApp.host_kernel=auto"])
+    server = LiveServer(
+        tmp_path_factory.mktemp("live"), tiny_catalog_toml, ["--GpuGroupsApp.host_kernel=auto"]
+    )
     yield server
     server.stop()
 

@@ -32,7 +32,7 @@ def our_routes(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
                 continue
             pattern = rule.matcher.regex.pattern.rstrip("$")
             assert pattern.startswith(base)
-            path = re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern[len(base):])
+            path = re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern[len(base) :])
             routes.append((path, handler, rule.target_kwargs))
     return routes
 
@@ -40,7 +40,9 @@ def our_routes(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
 def methods_of(handler: type, kwargs: dict[str, Any]) -> list[str]:
     if handler is OpHandler:
         return list(kwargs["ops"])
-    return [m for m in ("GET", "POST") if m.lower() in vars(handler) or (m == "GET" and handler is EventsSocket)]
+    return [
+        m for m in ("GET", "POST") if m.lower() in vars(handler) or (m == "GET" and handler is EventsSocket)
+    ]
 
 
 def concrete(path: str) -> str:
@@ -79,7 +81,9 @@ async def test_openapi_lists_every_route_and_method(jp_serverapp: Any, jp_fetch:
     assert served["openapi"].startswith("3.1")
     assert served["servers"] == [{"url": jp_serverapp.base_url.rstrip("/")}]
     routes = our_routes(jp_serverapp)
-    assert {p for p, h, _ in routes if h is not NotFoundHandler} >= {API_PREFIX + op.path for op in OPS.values()}
+    assert {p for p, h, _ in routes if h is not NotFoundHandler} >= {
+        API_PREFIX + op.path for op in OPS.values()
+    }
     for path, handler, kwargs in routes:
         if handler is NotFoundHandler:
             continue
@@ -105,7 +109,9 @@ def test_openapi_lists_each_ops_errors(spec: dict[str, Any]) -> None:
             assert schema["additionalProperties"] is False
 
 
-async def test_every_route_refuses_a_missing_or_wrong_token(jp_serverapp: Any, jp_fetch: Any, spec: dict[str, Any]) -> None:
+async def test_every_route_refuses_a_missing_or_wrong_token(
+    jp_serverapp: Any, jp_fetch: Any, spec: dict[str, Any]
+) -> None:
     checked = 0
     for path, handler, kwargs in our_routes(jp_serverapp):
         if handler is EventsSocket:
@@ -127,7 +133,11 @@ async def browser_login(jp_serverapp: Any, jp_fetch: Any) -> tuple[dict[str, str
     xsrf = re.search(r"_xsrf=([^;]+)", login.headers.get("Set-Cookie", "")).group(1)
     form = f"_xsrf={xsrf}&password={jp_serverapp.identity_provider.token}"
     r = await jp_fetch(
-        "login", method="POST", body=form, raise_error=False, follow_redirects=False,
+        "login",
+        method="POST",
+        body=form,
+        raise_error=False,
+        follow_redirects=False,
         headers={"Authorization": "", "Cookie": f"_xsrf={xsrf}"},
     )
     cookies = "; ".join(c.split(";")[0] for c in r.headers.get_list("Set-Cookie")) + f"; _xsrf={xsrf}"
@@ -145,7 +155,9 @@ async def test_cookie_posts_need_xsrf(jp_serverapp: Any, jp_fetch: Any) -> None:
             assert r.code == 403, (path, r.code)
             assert error_of(r)["code"] == "forbidden"
     # with it, the request gets through authentication and reaches the handler's own checks
-    r = await fetch(jp_fetch, API_PREFIX + "/models/load", "POST", {}, headers={**cookie_only, "X-XSRFToken": xsrf})
+    r = await fetch(
+        jp_fetch, API_PREFIX + "/models/load", "POST", {}, headers={**cookie_only, "X-XSRFToken": xsrf}
+    )
     assert r.code == 400 and error_of(r)["code"] == "invalid_request"
 
 
@@ -176,8 +188,16 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
         ("/models/load", {"model_id": 3}, "'model_id' must be a string"),
         ("/models/load", {"model_id": "m", "device": 0}, "unknown field(s) 'device'"),
         ("/models/load", {}, "'model_id' is required"),
-        ("/models/process", {"model_id": "m", "prompt": "x", "num_predictions": "3"}, "'num_predictions' must be an integer"),
-        ("/models/process", {"model_id": "m", "prompt": "x", "max_new_tokens": 10**6}, "'max_new_tokens' must be <="),
+        (
+            "/models/process",
+            {"model_id": "m", "prompt": "x", "num_predictions": "3"},
+            "'num_predictions' must be an integer",
+        ),
+        (
+            "/models/process",
+            {"model_id": "m", "prompt": "x", "max_new_tokens": 10**6},
+            "'max_new_tokens' must be <=",
+        ),
         ("/groups/pin", {"group_id": "g", "pinned": "yes"}, "'pinned' must be a boolean"),
         ("/groups/load", {"group_id": "g", "device_id": True}, "'device_id' must be an integer"),
         ("/devices/abc/clear", {}, "'device_id' must be an integer"),
@@ -186,7 +206,9 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
         ("/system/host", "\xff", "not valid JSON"),
     ],
 )
-async def test_bad_requests_are_400_json(jp_fetch: Any, spec: dict[str, Any], path: str, body: Any, needle: str) -> None:
+async def test_bad_requests_are_400_json(
+    jp_fetch: Any, spec: dict[str, Any], path: str, body: Any, needle: str
+) -> None:
     r = await fetch(jp_fetch, API_PREFIX + path, "POST", body)
     assert r.code == 400
     error = error_of(r)
@@ -274,4 +296,3 @@ def test_client_error_from_a_non_json_answer() -> None:
         Client(f"http://127.0.0.1:{server.server_address[1]}").state()
     server.server_close()
     assert exc.value.code == "internal_error" and "502" in exc.value.message
-

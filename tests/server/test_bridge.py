@@ -47,7 +47,9 @@ class Events:
                 self.messages.append((time.monotonic(), message))
                 self._cond.notify_all()
 
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60, after: float = 0) -> tuple[float, dict[str, Any]]:
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60, after: float = 0
+    ) -> tuple[float, dict[str, Any]]:
         """The first message (arrived after ``after``) that satisfies ``pred``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -57,7 +59,9 @@ class Events:
                         return t, m
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no such event in {timeout} s; got {[m['type'] for _, m in self.messages]}")
+                    raise AssertionError(
+                        f"no such event in {timeout} s; got {[m['type'] for _, m in self.messages]}"
+                    )
                 self._cond.wait(left)
 
     def close(self) -> None:
@@ -139,7 +143,8 @@ def test_remote_code_groups_are_refused_over_rest(live: LiveServer, tiny_llama: 
     try:
         kernel.run(
             "import gpugroups as gg\n"
-            f"gg.manager().catalog.register_group('rc', models={{'rc-model': {str(tiny_llama)!r}}}, trust_remote_code=True)"
+            "gg.manager().catalog.register_group("
+            f"'rc', models={{'rc-model': {str(tiny_llama)!r}}}, trust_remote_code=True)"
         )
     finally:
         kernel.close()
@@ -162,7 +167,9 @@ def test_answers_while_a_cell_runs_in_the_host(live: LiveServer, events: Events)
         client.state()
         assert time.monotonic() - t0 < 1.0
         client.unload_group("gpt")
-        arrived, _ = events.wait_for(lambda m: m["type"] == "state_update" and not resident(m["state"], "gpt"), after=t0)
+        arrived, _ = events.wait_for(
+            lambda m: m["type"] == "state_update" and not resident(m["state"], "gpt"), after=t0
+        )
         assert arrived - started < 5, "the update waited for the cell"
         assert kernel.kc.get_shell_msg(timeout=20)["content"]["status"] == "ok"  # the cell itself went on
     finally:
@@ -176,7 +183,8 @@ def test_a_client_that_hangs_up_mid_request_costs_nobody_else(live: LiveServer) 
     with socket.create_connection(("127.0.0.1", live.port)) as s:
         s.sendall(
             b"POST /api/v2/models/load HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + f"Authorization: token {live.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Authorization: token {live.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
     # the load goes on without its caller, and everybody else is served meanwhile
     deadline = time.monotonic() + 60
@@ -186,15 +194,25 @@ def test_a_client_that_hangs_up_mid_request_costs_nobody_else(live: LiveServer) 
     assert client.process("tiny-gpt2", "import")["predictions"]
 
 
-def test_a_notebook_becomes_the_host_with_gg_serve(live: LiveServer, events: Events, tiny_catalog_toml: Any) -> None:
+def test_a_notebook_becomes_the_host_with_gg_serve(
+    live: LiveServer, events: Events, tiny_catalog_toml: Any
+) -> None:
     client = live.client()
     before = client.host()
     kernel_id = live.start_kernel()
     kernel = live.kernel(kernel_id)
     try:
         asked = time.monotonic()
-        kernel.run(f"import gpugroups as gg\nm = gg.Manager(devices='virtual:2x512MiB', catalog={str(tiny_catalog_toml)!r})\ngg.serve(m)")
-        _, announced = events.wait_for(lambda m: m["type"] == "system_state" and m.get("host", {}).get("kernel_id") == kernel_id, timeout=10, after=asked)
+        kernel.run(
+            "import gpugroups as gg\n"
+            f"m = gg.Manager(devices='virtual:2x512MiB', catalog={str(tiny_catalog_toml)!r})\n"
+            "gg.serve(m)"
+        )
+        _, announced = events.wait_for(
+            lambda m: m["type"] == "system_state" and m.get("host", {}).get("kernel_id") == kernel_id,
+            timeout=10,
+            after=asked,
+        )
         assert announced["state"]["num_devices"] == 2
         assert client.host() == {"kernel_id": kernel_id, "subshells": True, "started_by": "serve"}
         assert client.state()["num_devices"] == 2
@@ -229,7 +247,11 @@ def test_host_killed_mid_load_answers_503_then_a_new_host_serves(live: LiveServe
     caller = threading.Thread(target=load)
     caller.start()
     # the host's first load imports torch and transformers: seconds during which the load is in flight
-    events.wait_for(lambda m: m["type"] == "state_update" and any(op["group_id"] == "tiny" for op in m["state"]["operations"]))
+    events.wait_for(
+        lambda m: (
+            m["type"] == "state_update" and any(op["group_id"] == "tiny" for op in m["state"]["operations"])
+        )
+    )
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     caller.join(10)

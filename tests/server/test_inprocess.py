@@ -25,7 +25,11 @@ def extra_root(tmp_path: Path, tiny_llama: Path) -> Path:
 
 @pytest.fixture
 def jp_server_config(request: pytest.FixtureRequest, tiny_env: Path, extra_root: Path) -> dict[str, Any]:
-    settings = {"host_kernel": "auto", "model_roots": [str(extra_root.parent)], **getattr(request, "param", {})}
+    settings = {
+        "host_kernel": "auto",
+        "model_roots": [str(extra_root.parent)],
+        **getattr(request, "param", {}),
+    }
     return {"ServerApp": {"jpserver_extensions": {"gpugroups": True}}, "GpuGroupsApp": settings}
 
 
@@ -41,10 +45,18 @@ async def post(jp_fetch: Any, path: str, body: dict[str, Any], **kwargs: Any) ->
 
 
 @pytest.mark.parametrize(
-    "jp_server_config", [{"use_subshells": True}, {"use_subshells": False}], indirect=True, ids=["subshell", "main-shell"]
+    "jp_server_config",
+    [{"use_subshells": True}, {"use_subshells": False}],
+    indirect=True,
+    ids=["subshell", "main-shell"],
 )
 async def test_rest_and_websocket_through_an_auto_started_host(
-    jp_serverapp: Any, jp_fetch: Any, jp_ws_fetch: Any, jp_server_config: dict[str, Any], extra_root: Path, tmp_path: Path
+    jp_serverapp: Any,
+    jp_fetch: Any,
+    jp_ws_fetch: Any,
+    jp_server_config: dict[str, Any],
+    extra_root: Path,
+    tmp_path: Path,
 ) -> None:
     ws = await jp_ws_fetch(API_PREFIX, "ws")
     try:
@@ -57,7 +69,13 @@ async def test_rest_and_websocket_through_an_auto_started_host(
 
         r = await post(jp_fetch, "models/load", {"model_id": "tiny-b"}, request_timeout=120)
         assert json.loads(r.body)["status"] == "loaded"
-        update = await read(ws, lambda m: m["type"] == "state_update" and any(g["id"] == "tiny" and g["resident_on"] for g in m["state"]["groups"]))
+        update = await read(
+            ws,
+            lambda m: (
+                m["type"] == "state_update"
+                and any(g["id"] == "tiny" and g["resident_on"] for g in m["state"]["groups"])
+            ),
+        )
         assert update["version"] > first["version"]
 
         # another client on the host made the usual way (the kernel manager's session, hence its
@@ -65,7 +83,9 @@ async def test_rest_and_websocket_through_an_auto_started_host(
         other = jp_serverapp.kernel_manager.get_kernel(host["kernel_id"]).client()
         other.start_channels()
         await other.wait_for_ready(timeout=30)
-        r = await post(jp_fetch, "models/process", {"model_id": "tiny-b", "prompt": "import"}, request_timeout=20)
+        r = await post(
+            jp_fetch, "models/process", {"model_id": "tiny-b", "prompt": "import"}, request_timeout=20
+        )
         assert len(json.loads(r.body)["predictions"]) == 3
         other.stop_channels()
 

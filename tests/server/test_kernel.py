@@ -35,7 +35,10 @@ class Bridge:
         kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
         self.subshell_id = kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"]
         self.comm_id = uuid.uuid4().hex
-        self.open_msg = self.send("comm_open", {"comm_id": self.comm_id, "target_name": COMM_TARGET, "data": {"protocol": BRIDGE_PROTOCOL}})
+        self.open_msg = self.send(
+            "comm_open",
+            {"comm_id": self.comm_id, "target_name": COMM_TARGET, "data": {"protocol": BRIDGE_PROTOCOL}},
+        )
         self.seen: list[dict[str, Any]] = []  # every message on our comm, whole
 
     def send(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +60,7 @@ class Bridge:
             if msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == self.comm_id:
                 self.seen.append(msg)
                 data = msg["content"]["data"]
-                yield from data["batch"] if "batch" in data else [data]
+                yield from data.get("batch", [data])
 
     def reply(self, rid: str, timeout: float = 10) -> dict[str, Any]:
         for item in self.items(timeout):
@@ -75,7 +78,8 @@ def kernel() -> Iterator[tuple[KernelManager, Any]]:
     kc.wait_for_ready(timeout=60)
     reply = kc.execute_interactive(
         "import gpugroups as gg\nm = gg.Manager(devices='virtual:2x512MiB', catalog=[])\nhost = gg.serve(m)",
-        timeout=60, output_hook=lambda msg: None,
+        timeout=60,
+        output_hook=lambda msg: None,
     )
     assert reply["content"]["status"] == "ok", reply["content"]
     yield km, kc
@@ -102,7 +106,11 @@ def test_hello_then_one_reply_per_request_whatever_it_holds(kernel: tuple[Kernel
     ):
         bridge.request({"id": rid, **data})
         reply = bridge.reply(rid)
-        assert reply["ok"] is False and reply["error"]["code"] in ("invalid_request", "unknown_model", "unknown_device"), reply
+        assert reply["ok"] is False and reply["error"]["code"] in (
+            "invalid_request",
+            "unknown_model",
+            "unknown_device",
+        ), reply
     bridge.request("not a request")  # nobody to answer: silently dropped, the comm stays usable
     bridge.request({"id": "still-there", "op": "groups"})
     assert bridge.reply("still-there") == {"id": "still-there", "ok": True, "result": []}
@@ -115,10 +123,18 @@ def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[
     next(bridge.items())
     notebook = km.client()  # a second frontend, like a notebook's, runs a long cell that changes the manager
     notebook.start_channels()
-    cell = notebook.execute("import time\nm.register_group('during-cell', models={'dc-model': '/nowhere/dc-model'})\ntime.sleep(3)")
+    cell = notebook.execute(
+        "import time\n"
+        "m.register_group('during-cell', models={'dc-model': '/nowhere/dc-model'})\n"
+        "time.sleep(3)"
+    )
     started = time.monotonic()
     # the change is pushed from the manager's event thread while the cell still runs
-    next(i for i in bridge.items() if i.get("type") == "state_update" and any(g["id"] == "during-cell" for g in i["state"]["groups"]))
+    next(
+        i
+        for i in bridge.items()
+        if i.get("type") == "state_update" and any(g["id"] == "during-cell" for g in i["state"]["groups"])
+    )
     bridge.request({"id": "while-busy", "op": "state"})
     assert bridge.reply("while-busy")["ok"] is True
     assert time.monotonic() - started < 2.0
