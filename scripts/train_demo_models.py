@@ -55,10 +55,10 @@ SEED = 1234
 PROMPTS = [
     "def __init__(self",
     "import os\nimport",
+    "    for key, value in items",
     "        self.assert",
-    "    def test_",
-    "# Return the",
-    '    """Return the',
+    "If the file",
+    "The default is",
 ]
 
 
@@ -141,8 +141,21 @@ def train_tokenizer(texts: list[str], out: Path) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS,
         model_max_length=512,
     )
-    fast.save_pretrained(out)
+    save_tokenizer(fast, out)
     return fast
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """Save the tokenizer under a class name that transformers 4 and 5 both load.
+
+    transformers 5 writes its own ``TokenizersBackend``, unknown to transformers 4; there,
+    ``PreTrainedTokenizerFast`` is the same tokenizer under its older name.
+    """
+    tokenizer.save_pretrained(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
@@ -215,7 +228,22 @@ def top_predictions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, 
 def save_bf16(model: PreTrainedModel, folder: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     """Save a model as bfloat16 safetensors, with the shared tokenizer next to it."""
     model.to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+
+
+def make_portable(adapter_folder: Path) -> None:
+    """Name the base neutrally in a saved adapter and drop peft's generated model card.
+
+    peft records the absolute path of the base it was trained on (in the config and in a
+    boilerplate README.md); the package must not carry this machine's paths. The target
+    modules are sorted so that reruns write the same file.
+    """
+    cfg_path = adapter_folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "pycode-base"
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (adapter_folder / "README.md").unlink(missing_ok=True)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -287,11 +315,7 @@ def main() -> None:
         report[name] = train(name, lora, streams[name], STAGES[name], budget * STAGES[name].time_share)
         report[name]["parameters"] = trainable
         lora.save_pretrained(folder)
-        # peft records the absolute path of the base it was trained on; ship a neutral name.
-        cfg_path = folder / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = "pycode-base"
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        make_portable(folder)
 
     torch.manual_seed(SEED)
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(
