@@ -356,7 +356,7 @@ def main() -> None:
         print(f"{name}: {r['parameters']:,} params, {r['bytes'] / 1e6:.2f} MB, {r['steps']} steps in "
               f"{r['seconds']:.0f}s, loss {r['loss_first']:.2f} -> {r['loss_last20']:.2f}")
         for prompt, preds in r["predictions"].items():
-            print(f"    {prompt!r:24} " + "  ".join(f"{tok!r} {p:.2f}" for tok, p in preds))
+            print(f"    {prompt!r:30} " + "  ".join(f"{tok!r} {p:.2f}" for tok, p in preds))
     if total > 20e6:
         raise SystemExit("demo models exceed 20 MB")
 
