@@ -1,0 +1,72 @@
+"""Device specs: sizes, virtual devices, the cpu fallback, and NVML without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpugroups.devices import detect, parse_size
+from gpugroups.errors import GpuGroupsError
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("300000000B", 300_000_000), ("1.5GB", 1_500_000_000), ("4 KiB", 4096)],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "12", "2 parsecs", "-1GiB", "GiB"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(GpuGroupsError) as e:
+        parse_size(text)
+    assert e.value.code == "invalid_request"
+
+
+def test_virtual_devices_get_ids_names_and_budgets():
+    devs = detect("virtual:3x512MiB")
+    assert [(d.device_id, d.device, d.kind, d.backing) for d in devs] == [
+        (0, "virtual:0", "virtual", "cpu"), (1, "virtual:1", "virtual", "cpu"), (2, "virtual:2", "virtual", "cpu")
+    ]
+    mem = devs[1].memory(100 * 2**20)
+    assert mem["budget_bytes"] == mem["total_bytes"] == 512 * 2**20
+    assert mem["used_bytes"] == mem["manager_bytes"] == 100 * 2**20
+    assert mem["free_bytes"] == 412 * 2**20 and mem["other_bytes"] == 0
+
+
+def test_a_list_of_specs_numbers_devices_in_order():
+    devs = detect(["cpu", "virtual:2x1GiB", "virtual:300000000B"])
+    assert [d.device for d in devs] == ["cpu", "virtual:1", "virtual:2", "virtual:3"]
+    assert devs[3].total_bytes == 300_000_000
+
+
+def test_auto_without_a_gpu_is_one_cpu_device():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto finds it instead")
+    devs = detect("auto")
+    assert [(d.device_id, d.device, d.kind) for d in devs] == [(0, "cpu", "cpu")]
+    mem = devs[0].memory(0)
+    assert 0 < mem["free_bytes"] <= mem["budget_bytes"] < mem["total_bytes"]
+
+
+def test_nvml_without_a_gpu_means_no_cuda_devices():
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        with pytest.raises(GpuGroupsError) as e:
+            detect("cuda:0")
+        assert e.value.code == "unknown_device"
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("NVML is present here")
+
+
+@pytest.mark.parametrize("spec", ["virt", "virtual:0x1GiB", "virtual:2x", "virtual:1GiB@tpu", "gpu", [], [3]])
+def test_bad_specs_are_clear_errors(spec):
+    with pytest.raises(GpuGroupsError) as e:
+        detect(spec)
+    assert e.value.code in ("invalid_request", "unknown_device") and e.value.message
