@@ -176,9 +176,8 @@ def main() -> None:
         finally:
             server.stop()
     if args.start_runs:
-        print(
-            f"importing the extension after jupyter_server: {import_seconds(args.start_runs) * 1000:.0f} ms (median)"
-        )
+        imported = import_seconds(args.start_runs) * 1000
+        print(f"importing the extension after jupyter_server: {imported:.0f} ms (median)")
         medians = start_overhead(args.start_runs)
         print(f"server initialization, median of {args.start_runs} alternating runs:")
         for name, k in (("wall", 0), ("CPU", 1)):
