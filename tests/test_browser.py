@@ -189,6 +189,9 @@ def _drive_quickstart(page: Any) -> None:
     page.get_by_text("End of the tour.").wait_for(timeout=120_000)
     page.wait_for_function("() => !document.querySelector('.jp-InputPrompt') || ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => e.textContent.includes('*'))")
     shot(page, panel, "quickstart-panel.png")
+    # The REST part ran against this server (its extension enabled by binder's config).
+    rest = page.locator(".jp-OutputArea-output", has_text="over REST").first.inner_text()
+    assert "state version over REST:" in rest and "REST call failed" not in rest, rest
 
     # Unload the adapters group, then load its base by clicking, like a person would.
     group = panel.locator("tr.gg-group-row[data-group='pycode']")
@@ -227,8 +230,8 @@ def _drive_quickstart(page: Any) -> None:
     # Dark theme: the same panel through JupyterLab's own theme switch.
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Settings$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Theme$")).hover()
-    page.locator(".lm-Menu-item[data-command='apputils:change-theme']", has_text="JupyterLab Dark").click()
-    page.wait_for_selector("body[data-jp-theme-light='false']")
+    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
+    page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
     page.wait_for_timeout(300)  # the theme's stylesheet swaps in after the attribute flips
     shot(page, panel, "quickstart-panel-dark.png")
 

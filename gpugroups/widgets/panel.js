@@ -196,7 +196,7 @@ class PanelView {
       }
     });
     this.runButton = h("button", { class: "gg-button gg-accent gg-run", onclick: () => this.runPrompt() }, "Predict");
-    this.modelNote = h("span", { class: "gg-model-note" });
+    this.modelNote = h("div", { class: "gg-model-note" });
     this.resultMeta = h("div", { class: "gg-result-meta" });
     this.predBody = h("tbody");
     this.predTable = h("table", { class: "gg-predictions" },
@@ -211,8 +211,8 @@ class PanelView {
           h("label", { class: "gg-inline" }, "model ", this.modelSelect),
           h("label", { class: "gg-inline" }, "top ", this.numPredictions),
           h("label", { class: "gg-inline" }, "new tokens ", this.maxNewTokens),
-          this.runButton, this.modelNote),
-        this.promptInput, this.promptError.el, this.resultMeta, this.predTable),
+          this.runButton),
+        this.modelNote, this.promptInput, this.promptError.el, this.resultMeta, this.predTable),
     );
   }
 
@@ -290,6 +290,7 @@ class PanelView {
       const other = mem.other_bytes ?? Math.max(0, (mem.used_bytes || 0) - ours);
       setText(node._name, `${d.device_id} · ${d.device}`);
       setText(node._desc, d.name && d.name !== d.device ? d.name : "");
+      node._desc.title = node._desc.textContent;
       const status = d.is_switching ? "switching" : d.status || "idle";
       setText(node._status, status);
       node._status.dataset.status = status;
