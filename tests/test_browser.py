@@ -225,6 +225,16 @@ def _drive_quickstart(page: Any) -> None:
     assert [t for t, _ in in_dom] == [t for t, _ in in_python]
     assert [round(p, 5) for _, p in in_dom] == [round(p, 5) for _, p in in_python]
 
+    # A refused request shows inline as code + message, and nothing lands in any cell.
+    outputs = page.locator(".jp-OutputArea-output").count()
+    panel.locator("input.gg-num-predictions").fill("0")
+    panel.locator("button.gg-run").click()
+    error = panel.locator(".gg-prompt-section .gg-error")
+    error.locator(".gg-error-code", has_text="invalid_request").wait_for()
+    assert "num_predictions" in error.locator(".gg-error-message").inner_text()
+    shot(page, error, "quickstart-error.png")
+    assert page.locator(".jp-OutputArea-output").count() == outputs
+
     _measure_live_updates(page)
 
     # Dark theme: the same panel through JupyterLab's own theme switch.
