@@ -198,9 +198,12 @@ def _drive_quickstart(page: Any) -> None:
     if group.locator("button[data-action='unload_group']").is_enabled():
         group.locator("button[data-action='unload_group']").click()
     page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-group-row[data-group='pycode'] .gg-resident-on\").textContent === '—'")
+    outputs = page.locator(".jp-OutputArea-output").count()
     base = panel.locator("tr.gg-model-row[data-model='pycode-base'] button")
     base.click()
     page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-base'] button\").textContent === 'Current'")
+    # A load from the panel prints nothing into any cell (no progress bars, no warnings).
+    assert page.locator(".jp-OutputArea-output").count() == outputs
 
     # Pick another member: it becomes current at once, and the panel says so.
     panel.locator("select.gg-model-select").select_option("pycode-tests")
