@@ -29,7 +29,6 @@ CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 PROMPT = "def __init__(self"
-KERNEL_IDLE = re.compile(r"\| Idle$")
 
 pytestmark = [
     pytest.mark.browser,
