@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -159,6 +160,13 @@ def main() -> None:
         "--model", default=None, help="model id (default: pycode-tests, or tiny-a with --tiny)"
     )
     parser.add_argument("--prompt", default="def test_")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in the host kernel (default: torch's own); on a small CPU box its "
+        "spinning intra-op threads compete with the kernel's messaging threads",
+    )
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -211,7 +219,8 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
         return json.loads(content["user_expressions"]["out"]["data"]["text/plain"].strip("'"))
 
     make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
-    in_kernel(f"import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
+    threads = f"import torch; torch.set_num_threads({args.torch_threads})\n" if args.torch_threads else ""
+    in_kernel(f"{threads}import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
     client = gg.Client(server.url, server.token)
     prompt, n = args.prompt, args.calls
     timed = timed_loop(f"m.process({model!r}, {prompt!r})", n)
@@ -222,23 +231,29 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
     rest: list[float] = []
     kernel: list[float] = []
     for _ in range(args.rounds):
-        for _ in range(n):
-            t = time.perf_counter()
-            client.process(model, prompt)
-            rest.append(time.perf_counter() - t)
+        rest += timed_calls(lambda: client.process(model, prompt), n)
         kernel += in_kernel(timed, "lat")  # type: ignore[operator]
     state_kernel: list[float] = in_kernel(timed_loop("m.state()", n), "lat")  # type: ignore[assignment]
-    state_rest = []
-    for _ in range(n):
-        t = time.perf_counter()
-        client.state()
-        state_rest.append(time.perf_counter() - t)
+    state_rest = timed_calls(client.state, n)
+    # Jupyter's own status route through the same HTTP session: HTTP, auth and tornado, no kernel
+    status = timed_calls(lambda: client._http.get(f"{server.url}/api/status").raise_for_status(), n)
     kc.stop_channels()
 
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
     compare("m.process in the kernel", kernel, "gg.Client.process (REST)", rest)
     print(f"state() on {n} calls per path")
     compare("m.state in the kernel", state_kernel, "gg.Client.state (REST)", state_rest)
+    print(row("of which HTTP + auth", pct(status, 50), pct(status, 99)) + "   (GET /api/status, no kernel)")
+
+
+def timed_calls(call: Any, n: int) -> list[float]:
+    """Seconds each of ``n`` calls of ``call()`` took."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def timed_loop(call: str, n: int) -> str:
@@ -247,12 +262,12 @@ def timed_loop(call: str, n: int) -> str:
     return f"lat = []\nfor _ in range({n}):\n{body}"
 
 
+def row(name: str, p50: float, p99: float, fmt: str = "7.2f") -> str:
+    return f"  {name:<28} p50 {p50 * 1000:{fmt}} ms   p99 {p99 * 1000:{fmt}} ms"
+
+
 def compare(base_label: str, base: list[float], label: str, values: list[float]) -> None:
     """Print p50/p99 of both and of their difference, in ms."""
-
-    def row(name: str, p50: float, p99: float, fmt: str = "7.2f") -> str:
-        return f"  {name:<28} p50 {p50 * 1000:{fmt}} ms   p99 {p99 * 1000:{fmt}} ms"
-
     print(row(base_label, pct(base, 50), pct(base, 99)))
     print(row(label, pct(values, 50), pct(values, 99)))
     extra = row("REST overhead", pct(values, 50) - pct(base, 50), pct(values, 99) - pct(base, 99), "+7.2f")
