@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -56,11 +57,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     for d in (config, data, runtime, settings):
         d.mkdir()
     shutil.copy(REPO / "binder" / "jupyter_server_config.json", config / "jupyter_server_config.json")
-    (settings / "overrides.json").write_text(json.dumps({
-        "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
-        # Keep every cell in the DOM so waits and reads never miss a scrolled-away cell.
-        "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
-    }))
+    (settings / "overrides.json").write_text(
+        json.dumps(
+            {
+                "@jupyterlab/apputils-extension:notification": {
+                    "fetchNews": "false",
+                    "checkForUpdates": False,
+                },
+                # Keep every cell in the DOM so waits and reads never miss a scrolled-away cell.
+                "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
+            }
+        )
+    )
     port, token = _free_port(), secrets.token_hex(16)
     env = {
         **os.environ,
@@ -69,17 +77,29 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "JUPYTER_RUNTIME_DIR": str(runtime),
         "PYTHONUNBUFFERED": "1",
     }
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--allow-root",
-            "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
-            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-            "--LabApp.news_url=None", f"--LabApp.app_settings_dir={settings}",
-            f"--LabApp.user_settings_dir={tmp / 'user-settings'}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
-        ],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    # The server keeps its own handle on the log; ours can close at once.
+    with open(tmp / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("jupyter-lab")),
+                "--no-browser",
+                "--allow-root",
+                "--ip=127.0.0.1",
+                f"--port={port}",
+                "--port-retries=0",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={root}",
+                "--LabApp.news_url=None",
+                f"--LabApp.app_settings_dir={settings}",
+                f"--LabApp.user_settings_dir={tmp / 'user-settings'}",
+                f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+            ],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -91,7 +111,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"JupyterLab did not start; log:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"JupyterLab did not start; log:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.2)
         yield {"url": url, "token": token, "root": root, "log": tmp / "server.log"}
     finally:
@@ -101,7 +123,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +207,9 @@ def _drive_quickstart(page: Any) -> None:
     panel.wait_for()
     # The tour is done when its last cell has printed its closing line.
     page.get_by_text("End of the tour.").wait_for(timeout=120_000)
-    page.wait_for_function("() => !document.querySelector('.jp-InputPrompt') || ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => e.textContent.includes('*'))")
+    page.wait_for_function(
+        "() => !document.querySelector('.jp-InputPrompt') || ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => e.textContent.includes('*'))"
+    )
     shot(page, panel, "quickstart-panel.png")
     # The REST part ran against this server (its extension enabled by binder's config).
     rest = page.locator(".jp-OutputArea-output", has_text="over REST").first.inner_text()
@@ -196,23 +219,31 @@ def _drive_quickstart(page: Any) -> None:
     group = panel.locator("tr.gg-group-row[data-group='pycode']")
     if group.locator("button[data-action='unload_group']").is_enabled():
         group.locator("button[data-action='unload_group']").click()
-    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-group-row[data-group='pycode'] .gg-resident-on\").textContent === '—'")
+    page.wait_for_function(
+        "() => document.querySelector(\".gg-panel tr.gg-group-row[data-group='pycode'] .gg-resident-on\").textContent === '—'"
+    )
     outputs = page.locator(".jp-OutputArea-output").count()
     base = panel.locator("tr.gg-model-row[data-model='pycode-base'] button")
     base.click()
-    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-base'] button\").textContent === 'Current'")
+    page.wait_for_function(
+        "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-base'] button\").textContent === 'Current'"
+    )
     # A load from the panel prints nothing into any cell (no progress bars, no warnings).
     assert page.locator(".jp-OutputArea-output").count() == outputs
 
     # Pick another member: it becomes current at once, and the panel says so.
     panel.locator("select.gg-model-select").select_option("pycode-tests")
-    page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-tests'] button\").textContent === 'Current'")
+    page.wait_for_function(
+        "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-tests'] button\").textContent === 'Current'"
+    )
     assert "switched in" in panel.locator(".gg-model-note").inner_text()
 
     panel.locator("textarea.gg-prompt-input").fill(PROMPT)
     panel.locator("input.gg-num-predictions").fill("5")
     panel.locator("button.gg-run").click()
-    page.wait_for_function("() => document.querySelectorAll('.gg-panel .gg-prediction').length === 5 && document.querySelector('.gg-panel .gg-result-meta').textContent.startsWith('pycode-tests')")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.gg-panel .gg-prediction').length === 5 && document.querySelector('.gg-panel .gg-result-meta').textContent.startsWith('pycode-tests')"
+    )
     in_dom = panel.locator(".gg-prediction").evaluate_all(
         "rows => rows.map(r => [r.dataset.token, Number(r.dataset.probability)])"
     )
@@ -285,10 +316,18 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
     """The same widget in Notebook 7: it renders, a click loads, a prompt predicts as ``process`` does."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import gpugroups as gg\nm = gg.Manager(devices='virtual:2x256MiB')\ngg.panel(m)"
-    )])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import gpugroups as gg\nm = gg.Manager(devices='virtual:2x256MiB')\ngg.panel(m)"
+            )
+        ]
+    )
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
     nbformat.write(nb, lab["root"] / "nb7.ipynb")
     page = browser.new_page(viewport={"width": 1280, "height": 720})
     page.set_default_timeout(60_000)
@@ -301,7 +340,9 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
         panel = page.locator(".jp-OutputArea-output .gg-panel").first
         panel.wait_for()
         panel.locator("tr.gg-model-row[data-model='tinygpt2'] button").click()
-        page.wait_for_function("() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='tinygpt2'] button\").textContent === 'Current'")
+        page.wait_for_function(
+            "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='tinygpt2'] button\").textContent === 'Current'"
+        )
         panel.locator("select.gg-model-select").select_option("tinygpt2")
         panel.locator("textarea.gg-prompt-input").fill(PROMPT)
         panel.locator("input.gg-num-predictions").fill("3")

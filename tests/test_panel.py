@@ -33,20 +33,31 @@ class FrontEnd(BaseComm):
         self.lock = threading.Lock()
         super().__init__(**kwargs)
 
-    def publish_msg(self, msg_type: str, data: Any = None, metadata: Any = None, buffers: Any = None, **keys: Any) -> None:
+    def publish_msg(
+        self, msg_type: str, data: Any = None, metadata: Any = None, buffers: Any = None, **keys: Any
+    ) -> None:
         with self.lock:
-            self.published.append((msg_type, json.loads(json.dumps(data or {})), threading.current_thread().name))
+            self.published.append(
+                (msg_type, json.loads(json.dumps(data or {})), threading.current_thread().name)
+            )
 
     def act(self, **content: Any) -> None:
         """Send a custom message from the browser side, as ipykernel would deliver it."""
-        self.handle_msg({"content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}}, "buffers": []})
+        self.handle_msg(
+            {
+                "content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}},
+                "buffers": [],
+            }
+        )
 
     def messages(self) -> list[tuple[str, dict[str, Any], str]]:
         with self.lock:
             return list(self.published)
 
     def replies(self) -> list[dict[str, Any]]:
-        return [d["content"] for t, d, _ in self.messages() if t == "comm_msg" and d.get("method") == "custom"]
+        return [
+            d["content"] for t, d, _ in self.messages() if t == "comm_msg" and d.get("method") == "custom"
+        ]
 
     def reply(self, request_id: Any, timeout: float = 30.0) -> dict[str, Any]:
         assert wait_for(lambda: any(r.get("request_id") == request_id for r in self.replies()), timeout), (
@@ -114,7 +125,7 @@ def test_panel_opens_with_the_manager_state(wired, m):
 
 
 def test_load_action_reaches_the_manager_and_state_precedes_the_reply(wired, m):
-    panel, fe = wired
+    _, fe = wired
     fe.act(action="load", request_id="r1", model_id="tiny-a")
     reply = fe.reply("r1")
     assert reply["reply_to"] == "load" and reply["ok"] is True
@@ -126,7 +137,7 @@ def test_load_action_reaches_the_manager_and_state_precedes_the_reply(wired, m):
 
 
 def test_actions_run_off_the_comm_thread(wired):
-    panel, fe = wired
+    _, fe = wired
     caller = threading.current_thread().name
     fe.act(action="load_group", request_id="g", group_id="gpt")
     fe.reply("g")
@@ -135,19 +146,23 @@ def test_actions_run_off_the_comm_thread(wired):
 
 
 def test_switching_member_is_shown_and_process_matches_python(wired, m):
-    panel, fe = wired
+    _, fe = wired
     fe.act(action="load", request_id=1, model_id="tiny-a")
     fe.reply(1)
     fe.act(action="load", request_id=2, model_id="tiny-b")
     switched = fe.reply(2)
     assert switched["ok"] and switched["result"]["status"] == "already_loaded"
-    assert wait_for(lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["current_model"] == "tiny-b")
+    assert wait_for(
+        lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["current_model"] == "tiny-b"
+    )
 
     fe.act(action="process", request_id=3, model_id="tiny-b", prompt=PROMPT, num_predictions=4)
     got = fe.reply(3)
     assert got["ok"], got
     direct = m.process("tiny-b", PROMPT, num_predictions=4)
-    assert [p["token_id"] for p in got["result"]["predictions"]] == [p["token_id"] for p in direct["predictions"]]
+    assert [p["token_id"] for p in got["result"]["predictions"]] == [
+        p["token_id"] for p in direct["predictions"]
+    ]
     assert [p["token"] for p in got["result"]["predictions"]] == [p["token"] for p in direct["predictions"]]
     assert len(got["result"]["predictions"]) == 4
 
@@ -158,14 +173,17 @@ def test_switching_member_is_shown_and_process_matches_python(wired, m):
         ({"action": "load", "model_id": "no-such-model"}, "unknown_model"),
         ({"action": "load_group", "group_id": "no-such-group"}, "unknown_group"),
         ({"action": "clear_device", "device_id": 7}, "unknown_device"),
-        ({"action": "process", "model_id": "tiny-a", "prompt": "x", "num_predictions": "3"}, "invalid_request"),
+        (
+            {"action": "process", "model_id": "tiny-a", "prompt": "x", "num_predictions": "3"},
+            "invalid_request",
+        ),
         ({"action": "load", "model_id": "tiny-a", "colour": "red"}, "invalid_request"),
         ({"action": "format_disk"}, "invalid_request"),
         ({}, "invalid_request"),
     ],
 )
 def test_errors_come_back_as_replies_with_their_code(wired, content, code, capsys):
-    panel, fe = wired
+    _, fe = wired
     fe.act(request_id="bad", **content)
     reply = fe.reply("bad")
     assert reply["ok"] is False and reply["error"]["code"] == code
@@ -176,7 +194,7 @@ def test_errors_come_back_as_replies_with_their_code(wired, content, code, capsy
 
 
 def test_a_message_that_is_not_an_object_is_answered_too(wired):
-    panel, fe = wired
+    _, fe = wired
     fe.handle_msg({"content": {"data": {"method": "custom", "content": ["load", "tiny-a"]}}, "buffers": []})
     assert wait_for(lambda: fe.replies())
     assert fe.replies()[0]["ok"] is False and fe.replies()[0]["error"]["code"] == "invalid_request"
@@ -194,20 +212,24 @@ def test_changes_from_python_reach_the_state_trait(wired, m):
 
 
 def test_loading_a_member_from_python_shows_it_current(wired, m):
-    panel, fe = wired
+    panel, _ = wired
     before = next(g for g in m.state()["groups"] if g["id"] == "tiny")["current_model"]
     member = "tiny-b" if before == "tiny-a" else "tiny-a"
     m.load(member)
-    assert wait_for(lambda: next(g for g in panel.state["groups"] if g["id"] == "tiny")["current_model"] == member, 3)
+    assert wait_for(
+        lambda: next(g for g in panel.state["groups"] if g["id"] == "tiny")["current_model"] == member, 3
+    )
 
 
 def test_two_panels_see_each_others_actions(wired, m):
-    panel, fe = wired
+    _, fe = wired
     other = Panel(m)
     try:
         other.comm.act(action="load", request_id="o", model_id="tiny-base")
         assert other.comm.reply("o")["ok"]
-        assert wait_for(lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["resident_on"])
+        assert wait_for(
+            lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["resident_on"]
+        )
     finally:
         other.close()
 
@@ -237,7 +259,17 @@ def test_relay_keeps_the_newest_state_and_drops_finished_progress():
         op = {"id": "7", "op": "load", "group_id": "g", "device_id": 0, "progress": 0.0}
         relay.offer({"type": "state_update", "version": 3, "state": {"version": 3, "operations": [op]}})
         relay.offer({"type": "state_update", "version": 2, "state": {"version": 2, "operations": []}})
-        relay.offer({"type": "load_progress", "version": 4, "operation_id": "7", "group_id": "g", "device_id": 0, "progress": 0.5, "stage": "weights"})
+        relay.offer(
+            {
+                "type": "load_progress",
+                "version": 4,
+                "operation_id": "7",
+                "group_id": "g",
+                "device_id": 0,
+                "progress": 0.5,
+                "stage": "weights",
+            }
+        )
         relay.offer({"type": "something_else", "version": 9})
         relay.flush()
         state, progress = published[-1]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import anywidget
 import traitlets
@@ -75,7 +76,9 @@ class Panel(anywidget.AnyWidget):
     def _on_custom_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
         """Queue one action; never raises, so no traceback ever lands in the cell."""
         if not isinstance(content, dict):
-            self.send(_reply(None, None, GpuGroupsError("invalid_request", "a panel message must be a JSON object")))
+            self.send(
+                _reply(None, None, GpuGroupsError("invalid_request", "a panel message must be a JSON object"))
+            )
             return
         args = dict(content)
         action = args.pop("action", None)
@@ -88,7 +91,7 @@ class Panel(anywidget.AnyWidget):
     def _run(self, action: Any, request_id: Any, args: dict[str, Any]) -> None:
         try:
             result: Any = protocol.dispatch(self._manager, action, args)
-        except Exception as exc:  # every failure becomes an inline error in the panel
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an inline error in the panel
             result = exc
         # Events reach the relay from the manager's dispatcher thread, possibly after this
         # return; publish a snapshot first so the reply never overtakes the state it produced.
