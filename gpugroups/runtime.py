@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ class Runtime:
         rt = cls(group, device, dtype)
         report = progress or (lambda p, s: None)
         try:
-            rt._load(folders, report)
+            with _quiet():
+                rt._load(folders, report)
         except BaseException:
             rt.unload()
             raise
@@ -170,6 +172,27 @@ class Runtime:
             gc.collect()
         if self.device.backing.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep transformers' progress bars, load reports and deprecation chatter out of the user's cell.
+
+    Progress is reported through ``load_progress`` events instead; real failures still raise.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity(hf_logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _context_length(folder: Path) -> int:
