@@ -85,6 +85,11 @@ class GpuGroupsApp(ExtensionApp):
         # The socket before the REST routes: those end with the JSON 404 catch-all.
         self.handlers.extend([*websocket.default_handlers, *handlers.default_handlers])
 
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        """Once the loop runs: watch for a notebook's ``gg.serve()`` from the start (so sockets
+        hear of it at once); an auto host still waits for first use."""
+        self.bridge.start()
+
     async def stop_extension(self) -> None:
         """Detach from the host; the server shuts its kernels (an auto-started host too) down itself."""
         await self.bridge.stop()

@@ -32,6 +32,8 @@ SERVE_CODE = "__import__('gpugroups.kernel').kernel.ensure_served()"
 WATCH_INTERVAL = 0.25
 #: IOPub subscriptions have no welcome message: re-ask ``kernel_info`` this often until it shows.
 _IOPUB_PROBE_INTERVAL = 0.5
+#: Seconds a kernel that stops being the host gets to close the bridge's comm and subshell.
+_TIDY_TIMEOUT = 2.0
 
 
 def host_unavailable(message: str) -> GpuGroupsError:
@@ -152,7 +154,7 @@ class HostConnection:
         self.pid = hello.get("pid")
 
     async def _iopub_ready(self) -> dict[str, Any]:
-        """``kernel_info`` over control, repeated until its IOPub status shows we are subscribed."""
+        """``kernel_info`` over control, repeated until its IOPub idle status shows we are subscribed."""
         loop = asyncio.get_running_loop()
         while True:
             msg = self._client.session.msg("kernel_info_request", {})
@@ -188,8 +190,9 @@ class HostConnection:
             return reply.get("result")
         raise GpuGroupsError.from_json(reply.get("error") or {})
 
-    async def close(self, reason: str) -> None:
-        """Fail pending requests with ``host_unavailable``, close the comm (best effort), stop channels."""
+    async def close(self, reason: str, tidy: bool = False) -> None:
+        """Fail pending requests with ``host_unavailable`` and stop the channels. ``tidy`` (for a
+        kernel that lives on as a non-host) first closes the comm and deletes the subshell."""
         if self.closed:
             return
         self.closed = True
@@ -199,14 +202,24 @@ class HostConnection:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # whoever awaits it still gets the error; nobody else is told
-        if self._client is not None:
-            if self.pid is not None:
-                # a courtesy: the kernel may already be gone
-                with contextlib.suppress(Exception):
-                    self._send_shell("comm_close", {"comm_id": self.comm_id, "data": {}})
-            for task in self._tasks:
-                task.cancel()
-            self._client.stop_channels()
+        if self._client is None:
+            return
+        if tidy and self.pid is not None:
+            with contextlib.suppress(Exception):  # a courtesy: the kernel may go away meanwhile
+                await asyncio.wait_for(self._tidy(), _TIDY_TIMEOUT)
+        for task in self._tasks:
+            task.cancel()
+        self._client.stop_channels()
+
+    async def _tidy(self) -> None:
+        """Close the comm (its endpoint unsubscribes from the manager), then drop the subshell: after
+        the comm_close was handled there, or it would meet a subshell that is gone."""
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        msg = self._send_shell("comm_close", {"comm_id": self.comm_id, "data": {}})
+        self._iopub_waiters[msg["header"]["msg_id"]] = closed
+        await closed
+        if self.subshell_id is not None:
+            await self._control("delete_subshell_request", {"subshell_id": self.subshell_id})
 
     # ---- wire -----------------------------------------------------------------------------
     def _send_shell(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +253,8 @@ class HostConnection:
                     return reply
 
     async def _read_iopub(self) -> None:
-        """Read IOPub: our comm's messages, and the status messages someone waits for; skip the rest
-        without unpacking it (a busy notebook's output goes by here too)."""
+        """Read IOPub: our comm's messages, and the idle status of messages someone waits for; skip
+        the rest without unpacking it (a busy notebook's output goes by here too)."""
         session = self._client.session
         socket = self._client.iopub_channel.socket
         try:
@@ -253,9 +266,13 @@ class HostConnection:
                 except ValueError:  # malformed or unsigned: not ours to act on, and no harm done
                     continue
                 msg_type = msg["header"]["msg_type"]
-                if msg_type == "status":
+                if msg_type == "status":  # someone may wait for the kernel to finish a message
                     waiter = self._iopub_waiters.get(msg["parent_header"].get("msg_id"))
-                    if waiter and not waiter.done():
+                    if (
+                        waiter
+                        and not waiter.done()
+                        and session.unpack(msg["content"]).get("execution_state") == "idle"
+                    ):
                         waiter.set_result(None)
                 elif msg_type in ("comm_msg", "comm_close"):
                     content = session.unpack(msg["content"])
@@ -341,7 +358,7 @@ class Bridge:
 
     # ---- public ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Start watching the host (idempotent; called on first use from the server's loop)."""
+        """Start watching the host (idempotent; from the server's loop, at start and on every use)."""
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.create_task(self._watch())
 
@@ -361,6 +378,7 @@ class Bridge:
 
     def host_info(self) -> dict[str, Any]:
         """``{kernel_id, subshells, started_by}``; all None when no host is attached."""
+        self.start()
         if self._conn is None:
             return {"kernel_id": None, "subshells": None, "started_by": None}
         return self._conn.info()
@@ -429,7 +447,7 @@ class Bridge:
             raise
         old, self._conn = self._conn, conn
         if old is not None:
-            await self._drop(old, f"kernel {kernel_id} is the host now")
+            await self._drop(old, f"kernel {kernel_id} is the host now", tidy=True)
         self.log.info(
             "gpugroups: host kernel is %s (%s, subshells: %s)", kernel_id, started_by, conn.subshells
         )
@@ -531,11 +549,13 @@ class Bridge:
                 }
             )
 
-    async def _drop(self, conn: HostConnection, reason: str) -> None:
+    async def _drop(self, conn: HostConnection, reason: str, tidy: bool = False) -> None:
         """Detach ``conn``; a kernel this server started for the purpose is shut down with it."""
-        await conn.close(reason)
         if conn.started_by == "server":
+            await conn.close(reason)
             self._shut_down(conn.kernel_id)
+        else:
+            await conn.close(reason, tidy=tidy)
 
     def _shut_down(self, kernel_id: str) -> None:
         """Shut down a kernel this server started as the host, in the background (it may be gone)."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+
 # pytest-jupyter's fixtures and hooks, imported into this conftest so that they (its autouse
 # loop and server cleanup included) apply to this folder only. Its hooks also run the unmarked
 # ``async def`` tests here on the server's loop, which pytest-asyncio's strict mode leaves alone.

@@ -227,6 +227,26 @@ def test_a_notebook_becomes_the_host_with_gg_serve(
         kernel.close()
 
 
+def test_a_kernel_that_stops_being_the_host_is_left_tidy(live: LiveServer) -> None:
+    client = live.client()
+    old_id = live.start_kernel()
+    old = live.kernel(old_id)
+    try:
+        old.run("import gpugroups as gg\nm = gg.Manager(devices='cpu', catalog=[])\nh = gg.serve(m)")
+        deadline = time.monotonic() + 10
+        while client.host()["kernel_id"] != old_id:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert old.run("out = h.connected") == 1
+        client.set_host(live.start_kernel())
+        # the old host keeps its manager but no bridge: comm closed, subshell gone
+        assert old.run("out = h.connected") == 0
+        old.kc.control_channel.send(old.kc.session.msg("list_subshell_request", {}))
+        assert old.kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"] == []
+    finally:
+        old.close()
+
+
 def test_host_killed_mid_load_answers_503_then_a_new_host_serves(live: LiveServer, events: Events) -> None:
     client = live.client()
     kernel_id = live.start_kernel()
