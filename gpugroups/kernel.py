@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,16 @@ class Host:
         """Tell the server(s) sharing this runtime dir that this kernel is the host (last one wins)."""
         record = {"pid": os.getpid(), "connection_file": self.connection_file, "served_at": time.time()}
         tmp = self.record_path.with_name(f".{HOST_RECORD}.{os.getpid()}")
-        self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.record_path)
+        try:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.record_path)  # atomic: a server never reads half a record
+        except OSError as exc:  # still a host, only not found by itself
+            warnings.warn(
+                f"gg.serve(): could not write the host record {self.record_path} ({exc}); "
+                "name this kernel with POST /api/v2/system/host instead",
+                stacklevel=3,
+            )
 
     def remove_record(self) -> None:
         """Withdraw the record if it is still this kernel's (at exit)."""
@@ -117,8 +125,8 @@ class Host:
 
     def __repr__(self) -> str:
         return (
-            f"<gpugroups host: kernel pid {os.getpid()}, {self.connected} server bridge(s) connected; "
-            f"REST at /api/v2 of the Jupyter server>"
+            f"<gpugroups host: this kernel (pid {os.getpid()}) serves /api/v2 of its Jupyter server; "
+            f"{self.connected} server bridge(s) attached>"
         )
 
 
