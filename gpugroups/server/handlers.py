@@ -22,8 +22,9 @@ from .bridge import Bridge
 from .openapi import build_spec
 
 AUTH_RESOURCE = "gpugroups"
-#: When /api/v1 was deprecated (RFC 9745 ``Deprecation: @<epoch seconds>``): the release of /api/v2.
-V1_DEPRECATED_AT = 1764547200  # 2025-12-01T00:00:00Z
+#: When /api/v1 was deprecated (RFC 9745 ``Deprecation: @<epoch seconds>``): the day /api/v2
+#: replaced it, in gpugroups 0.1.0.
+V1_DEPRECATED_AT = 1795651200  # 2026-11-26T00:00:00Z
 
 #: Codes for refusals that tornado or jupyter_server raise before our code runs.
 _CODE_BY_STATUS = {400: "invalid_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
@@ -122,7 +123,7 @@ class HostHandler(GpuGroupsHandler):
 
     @web.authenticated
     @authorized
-    async def get(self) -> None:
+    def get(self) -> None:
         self.answer(self.bridge.host_info())
 
     @web.authenticated
