@@ -181,13 +181,15 @@ def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) ->
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from .runtime import CONSTRUCTION_LOCK
+
     folder = Path(folder)
     _config(folder)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         # torch's meta-device context rather than accelerate's init_empty_weights: under the
         # latter transformers 5 leaves tied output heads untied, counting them twice.
-        with torch.device("meta"):
+        with CONSTRUCTION_LOCK, torch.device("meta"):
             try:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             except ValueError:  # not a causal LM architecture: its bare model still has the weights

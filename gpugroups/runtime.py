@@ -29,6 +29,12 @@ from .estimate import measured_bytes
 Progress = Callable[[float, str], None]
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
+#: transformers builds a model by temporarily patching module globals (``torch.nn.init``
+#: functions, weight tying). Two threads doing that at once leave them patched for good: later
+#: loads come out untied or with uninitialised buffers. Every model construction in this
+#: process (loads here, meta-device estimates) holds this lock.
+CONSTRUCTION_LOCK = threading.RLock()
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -72,7 +78,7 @@ class Runtime:
         rt = cls(group, device, dtype)
         report = progress or (lambda p, s: None)
         try:
-            with _quiet():
+            with CONSTRUCTION_LOCK, _quiet():
                 rt._load(folders, report)
         except BaseException:
             rt.unload()

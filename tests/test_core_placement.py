@@ -133,3 +133,26 @@ def test_a_busy_device_never_delays_a_prompt_on_another(catalog_factory):
         finally:
             gate.set()
             slow.join(30)
+
+
+def test_concurrent_loads_on_two_devices_leave_transformers_intact(catalog_factory, tiny_gpt2):
+    """transformers patches torch.nn.init and weight tying while it builds a model: loads on two
+    device workers at once must not leave those patches behind (tied heads untied, NaN buffers)."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    originals = (torch.nn.init.normal_, torch.nn.init.zeros_)
+    with manager(catalog_factory, 3) as m:
+        for _ in range(3):
+            threads = [threading.Thread(target=m.load_group, args=(g, d)) for g, d in (("g2", 0), ("g4", 1), ("g1", 2))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for g in ("g2", "g4", "g1"):
+                m.unload_group(g)
+    assert (torch.nn.init.normal_, torch.nn.init.zeros_) == originals
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
