@@ -17,6 +17,8 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_group": 404,
     "unknown_device": 404,
     "unknown_kernel": 404,
+    "forbidden": 403,
+    "method_not_allowed": 405,
     "not_found": 404,
     "conflict": 409,
     "load_failed": 500,
