@@ -125,13 +125,17 @@ def prose_of(source: str) -> list[str]:
 
 
 # ---- tokenizer --------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], out: Path) -> PreTrainedTokenizerFast:
-    """A byte-level BPE saved so that ``AutoTokenizer.from_pretrained(out)`` loads it."""
+def train_tokenizer(texts: list[str], out: Path, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE saved so that ``AutoTokenizer.from_pretrained(out)`` loads it.
+
+    ``<|endoftext|>`` is the first token (id 0) and serves as bos, eos, pad and unk. The test
+    suite's tiny models use it too (``tests/tinymodels.py``).
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

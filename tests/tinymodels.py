@@ -13,7 +13,6 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-EOS = "<|endoftext|>"
 
 #: Per-architecture config class names and the module names a LoRA adapter targets.
 ARCHS: dict[str, tuple[str, list[str]]] = {
@@ -47,26 +46,14 @@ def _corpus(max_bytes: int = 300_000) -> list[str]:
 
 
 def build_tokenizer(directory: str | Path, vocab_size: int = 768) -> Path:
-    """Train a byte-level BPE on stdlib source and save it so ``AutoTokenizer`` loads it.
+    """Train the demo models' byte-level BPE on stdlib source, smaller, and save it for ``AutoTokenizer``.
 
     ``<|endoftext|>`` is the first token (id 0) and serves as bos, eos and pad.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from scripts.train_demo_models import train_tokenizer
 
     directory = Path(directory)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
-    fast.save_pretrained(directory)
+    train_tokenizer(_corpus(), directory, vocab_size)
     return directory
 
 
