@@ -9,6 +9,7 @@ takes screenshots (light and dark theme) into ``test-artifacts/``. The server is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -135,9 +136,7 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
-    page = browser.new_page(viewport={"width": 1280, "height": 720})
-    page.set_default_timeout(60_000)
+def open_notebook(page: Any, lab: dict[str, Any], name: str) -> None:
     page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     # The execution indicator reads "idle" before any kernel exists; the status bar does not.
@@ -145,7 +144,6 @@ def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
         """() => [...document.querySelectorAll('#jp-main-statusbar span.jp-StatusBar-TextItem')]
                  .some(e => (e.getAttribute('title') || '').startsWith('Change kernel') && /\\| Idle$/.test(e.textContent.trim()))"""
     )
-    return page
 
 
 def wait_kernel_idle(lab: dict[str, Any], name: str) -> None:
@@ -189,16 +187,25 @@ def shot(page: Any, locator: Any, name: str) -> Path:
     return path
 
 
-def test_quickstart_panel_in_jupyterlab(lab: dict[str, Any], browser: Any) -> None:
-    page = open_notebook(browser, lab, "quickstart.ipynb")
+@contextlib.contextmanager
+def page_for(browser: Any, name: str) -> Iterator[Any]:
+    """A 1280x720 page that leaves ``<name>-failure.png`` behind if the test fails, and closes."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(60_000)
     try:
-        _drive_quickstart(page)
+        yield page
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "quickstart-failure.png"))
+        page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"))
         raise
     finally:
         page.close()
+
+
+def test_quickstart_panel_in_jupyterlab(lab: dict[str, Any], browser: Any) -> None:
+    with page_for(browser, "quickstart") as page:
+        open_notebook(page, lab, "quickstart.ipynb")
+        _drive_quickstart(page)
 
 
 def _drive_quickstart(page: Any) -> None:
@@ -329,9 +336,7 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
         "language": "python",
     }
     nbformat.write(nb, lab["root"] / "nb7.ipynb")
-    page = browser.new_page(viewport={"width": 1280, "height": 720})
-    page.set_default_timeout(60_000)
-    try:
+    with page_for(browser, "notebook7") as page:
         page.goto(f"{lab['url']}/notebooks/nb7.ipynb?token={lab['token']}")
         page.wait_for_selector(".jp-Notebook .jp-Cell")
         wait_kernel_idle(lab, "nb7.ipynb")
@@ -356,9 +361,3 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
             f"print('@@' + json.dumps([p['token'] for p in m.process('tinygpt2', {PROMPT!r}, num_predictions=3)['predictions']]))",
         )
         assert in_dom == in_python
-    except Exception:
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "notebook7-failure.png"))
-        raise
-    finally:
-        page.close()
