@@ -415,6 +415,14 @@ class Manager:
             self._bump()
         return spec.to_json()
 
+    def discover(self) -> list[str]:
+        """Loadable ids that no group names yet: hub ids in the local Hugging Face cache and model
+        folders (with ``config.json``, two levels deep) under the allowed roots. Each becomes the
+        single-model group ``single:<id>`` when it is first loaded."""
+        known = {m.source for m in self.catalog.models.values()} | set(self.catalog.models)
+        found = self.catalog.scan_hf_cache() + self.catalog.scan_folders(self.catalog.roots)
+        return [i for i in dict.fromkeys(found) if i not in known]
+
     def close(self) -> None:
         """Unload everything and stop the workers and the event thread."""
         if self._closed:

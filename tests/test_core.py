@@ -268,3 +268,18 @@ def test_unload_really_frees_the_models(m):
     gc.collect()
     assert all(r() is None for r in refs), "a model outlived its unload"
     assert m.state()["devices"][0]["memory"]["manager_bytes"] == 0
+
+
+def test_discover_lists_loadable_ungrouped_models(models_root, tiny_llama, tiny_gpt2, tmp_path):
+    from gpugroups.catalog import Catalog
+
+    extra = tmp_path / "my-model"
+    shutil.copytree(tiny_gpt2, extra)
+    cat = Catalog(roots=[tmp_path, models_root])
+    cat.register_group("gpt", models={"tiny-gpt2": str(tiny_gpt2)})
+    with gg.Manager(devices="cpu", catalog=cat) as mgr:
+        found = mgr.discover()
+        assert str(extra) in found and str(tiny_llama) in found
+        assert str(tiny_gpt2) not in found, "a grouped model is not offered again"
+        assert mgr.load(str(extra))["group_id"] == f"single:{extra}"
+        assert str(extra) not in mgr.discover()
