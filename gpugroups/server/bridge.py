@@ -18,6 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 from ..errors import GpuGroupsError
@@ -32,6 +33,8 @@ SERVE_CODE = "__import__('gpugroups.kernel').kernel.ensure_served()"
 WATCH_INTERVAL = 0.25
 #: IOPub subscriptions have no welcome message: re-ask ``kernel_info`` this often until it shows.
 _IOPUB_PROBE_INTERVAL = 0.5
+#: Seconds to wait for a control reply before asking again (doubling for subshells, up to 8x).
+_CONTROL_RETRY = 0.5
 #: Seconds a kernel that stops being the host gets to close the bridge's comm and subshell.
 _TIDY_TIMEOUT = 2.0
 
@@ -52,6 +55,7 @@ class HostConnection:
         on_broken: Callable[[HostConnection, str], None],
         trust_remote_code: bool = False,
         use_subshells: bool = True,
+        log: logging.Logger | None = None,
     ) -> None:
         self.kernel_id = kernel_id
         self.started_by = started_by
@@ -64,6 +68,7 @@ class HostConnection:
         self._on_broken = on_broken
         self._trust_remote_code = trust_remote_code
         self._use_subshells = use_subshells
+        self._log = log or logging.getLogger(__name__)
         self._client: Any = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -71,6 +76,8 @@ class HostConnection:
         self._hello: asyncio.Future[dict[str, Any]] | None = None
         self._control_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        #: What ``attach`` is waiting for now: named in its errors and in the server's debug log.
+        self.step = "connecting"
 
     @property
     def subshells(self) -> bool:
@@ -94,10 +101,13 @@ class HostConnection:
                 if done:
                     return steps.result()
                 if not await self.kernel.is_alive():
-                    raise host_unavailable(f"kernel {self.kernel_id} died before it became the host")
+                    raise host_unavailable(
+                        f"kernel {self.kernel_id} died before it became the host ({self.step})"
+                    )
                 if loop.time() > deadline:
                     raise host_unavailable(
-                        f"kernel {self.kernel_id} did not become the host within {timeout:g} s"
+                        f"kernel {self.kernel_id} did not become the host within {timeout:g} s "
+                        f"(stuck {self.step})"
                     )
         except BaseException:
             steps.cancel()
@@ -117,10 +127,12 @@ class HostConnection:
             asyncio.create_task(self._read_iopub()),
             asyncio.create_task(self._read_shell()),
         ]
+        self._at("waiting for the kernel's IOPub (kernel_info on control)")
         info = await self._iopub_ready()
         if self._use_subshells and "kernel subshells" in info.get("supported_features", []):
-            reply = await self._control("create_subshell_request", {})
-            self.subshell_id = reply["content"]["subshell_id"]
+            self._at("creating a subshell")
+            self.subshell_id = await self._create_subshell()
+        self._at("running gg.serve() in the kernel")
         served = await self._shell_request(
             "execute_request",
             {
@@ -135,6 +147,7 @@ class HostConnection:
             c = served["content"]
             why = f"{c.get('ename', 'error')}: {c.get('evalue', '')}"
             raise GpuGroupsError("conflict", f"kernel {self.kernel_id} cannot be the host: {why}")
+        self._at("waiting for the bridge comm's hello")
         self._hello = asyncio.get_running_loop().create_future()
         self._send_shell(
             "comm_open",
@@ -152,6 +165,11 @@ class HostConnection:
                 f"this server {BRIDGE_PROTOCOL} (different gpugroups versions?)",
             )
         self.pid = hello.get("pid")
+        self._at("attached")
+
+    def _at(self, step: str) -> None:
+        self.step = step
+        self._log.debug("gpugroups: kernel %s: %s", self.kernel_id, step)
 
     async def _iopub_ready(self) -> dict[str, Any]:
         """``kernel_info`` over control, repeated until its IOPub idle status shows we are subscribed."""
@@ -159,14 +177,40 @@ class HostConnection:
         while True:
             msg = self._client.session.msg("kernel_info_request", {})
             seen = self._iopub_waiters[msg["header"]["msg_id"]] = loop.create_future()
-            reply = await self._control_send(msg)
             try:
+                reply = await self._control_send(msg, _CONTROL_RETRY)
                 await asyncio.wait_for(seen, _IOPUB_PROBE_INTERVAL)
                 return reply["content"]
             except TimeoutError:
                 continue
             finally:
                 self._iopub_waiters.pop(msg["header"]["msg_id"], None)
+
+    async def _create_subshell(self) -> str:
+        """``create_subshell_request``, asked again while the kernel is still starting.
+
+        ipykernel answers control messages from early in its start, but until its main thread has
+        started (after the user's IPython startup files and extensions ran) a create request fails
+        inside the kernel and gets no reply at all, or an error reply. A reply to an earlier try that
+        comes late anyway is not lost: its subshell is deleted (see ``_control_send``).
+        """
+        wait, errors = _CONTROL_RETRY, 0
+        while True:
+            try:
+                reply = await self._control("create_subshell_request", {}, wait)
+            except TimeoutError:
+                wait = min(2 * wait, 8 * _CONTROL_RETRY)
+                continue
+            content = reply["content"]
+            if content.get("status") == "ok":
+                return content["subshell_id"]
+            errors += 1
+            if errors >= 5:
+                raise GpuGroupsError(
+                    "conflict",
+                    f"kernel {self.kernel_id} could not create a subshell: {content.get('evalue', content)}",
+                )
+            await asyncio.sleep(wait)
 
     # ---- requests -------------------------------------------------------------------------
     async def request(self, op: str, args: dict[str, Any], timeout: float) -> Any:
@@ -241,16 +285,37 @@ class HostConnection:
         finally:
             self._shell_waiters.pop(msg_id, None)
 
-    async def _control(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
-        return await self._control_send(self._client.session.msg(msg_type, content))
+    async def _control(
+        self, msg_type: str, content: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        return await self._control_send(self._client.session.msg(msg_type, content), timeout)
 
-    async def _control_send(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _control_send(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send on control and wait for the reply (``TimeoutError`` after ``timeout`` seconds).
+
+        Replies to earlier requests that gave up waiting are skipped, except that the subshell a
+        late ``create_subshell_reply`` made is deleted again, so no stray subshell thread is left.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         async with self._control_lock:
-            self._client.control_channel.send(msg)
+            channel = self._client.control_channel
+            channel.send(msg)
             while True:
-                reply = await self._client.control_channel.get_msg()
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    reply = await channel.get_msg(left)
+                except Empty:
+                    raise TimeoutError(f"no {msg['header']['msg_type']} reply") from None
                 if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
                     return reply
+                late = reply["content"]
+                if reply["header"]["msg_type"] == "create_subshell_reply" and late.get("status") == "ok":
+                    channel.send(
+                        self._client.session.msg(
+                            "delete_subshell_request", {"subshell_id": late["subshell_id"]}
+                        )
+                    )
 
     async def _read_iopub(self) -> None:
         """Read IOPub: our comm's messages, and the idle status of messages someone waits for; skip
@@ -438,6 +503,7 @@ class Bridge:
             self._on_broken,
             trust_remote_code=self.trust_remote_code,
             use_subshells=self.use_subshells,
+            log=self.log,
         )
         try:
             await conn.attach(self.host_start_timeout)

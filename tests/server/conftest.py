@@ -168,11 +168,24 @@ class Kernel:
         self.kc.stop_channels()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that used the live server shows the tail of that server's log (at debug
+    level), so a failure on a CI machine says what the server and bridge were doing."""
+    report = yield
+    server = getattr(item, "funcargs", {}).get("live")
+    if report.failed and isinstance(server, LiveServer):
+        report.sections.append(("live jupyter server log", server.log_path.read_text()[-20000:]))
+    return report
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> Iterator[LiveServer]:
     """One real server (host_kernel auto) for a whole test module: its host kernel is shared."""
     server = LiveServer(
-        tmp_path_factory.mktemp("live"), tiny_catalog_toml, ["--GpuGroupsApp.host_kernel=auto"]
+        tmp_path_factory.mktemp("live"),
+        tiny_catalog_toml,
+        ["--GpuGroupsApp.host_kernel=auto", "--ServerApp.log_level=DEBUG"],
     )
     yield server
     server.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,31 @@ async def test_an_auto_host_that_cannot_serve_is_503_and_is_shut_down(
             break
         await asyncio.sleep(0.1)
     assert jp_serverapp.kernel_manager.list_kernel_ids() == []
+
+
+
+@pytest.fixture
+def slow_start_kernel(jp_data_dir: Path) -> str:
+    """The ``gpugroups-slow-start`` kernel spec (``slowkernel.SlowStartKernel``) for this server."""
+    spec = jp_data_dir / "kernels" / "gpugroups-slow-start"
+    spec.mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[2]
+    argv = [
+        sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+        "--IPKernelApp.kernel_class=tests.server.slowkernel.SlowStartKernel",
+    ]  # fmt: skip
+    kernel = {"argv": argv, "display_name": "slow start", "language": "python", "env": {"PYTHONPATH": str(repo)}}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    return spec.name
+
+
+@pytest.mark.parametrize(
+    "jp_server_config", [{"host_start_timeout": 30.0, "kernel_name": "gpugroups-slow-start"}], indirect=True
+)
+async def test_a_host_kernel_slow_to_start_still_becomes_the_host(slow_start_kernel: str, jp_fetch: Any) -> None:
+    # The auto-started host answers kernel_info on control seconds before it can create a
+    # subshell: the bridge asks again instead of waiting out the host start timeout.
+    r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
+    assert r.code == 200, r.body
+    r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
+    assert json.loads(r.body)["subshells"] is True
