@@ -46,7 +46,8 @@ def free_port() -> int:
 class Server:
     """A ``jupyter server`` subprocess with the extension (no host yet), in its own temp dirs."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        """``launcher`` replaces ``python -m jupyter_server`` (same arguments); ``env`` adds variables."""
         self.token, self.port = "bench", free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.runtime = tmp / "runtime"
@@ -55,10 +56,11 @@ class Server:
             **os.environ,
             "JUPYTER_RUNTIME_DIR": str(self.runtime),
             "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
+                *(launcher or [sys.executable, "-m", "jupyter_server"]), "--allow-root", "--no-browser", "--ip=127.0.0.1",
                 f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.jpserver_extensions={'gpugroups': True}",
                 "--GpuGroupsApp.host_kernel=none",
@@ -195,19 +197,29 @@ def main() -> None:
             )
 
 
-def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespace) -> None:
-    from jupyter_client import BlockingKernelClient
+class HostKernel:
+    """A kernel of ``server`` that runs cells like a notebook, made the host of a manager ``m``
+    with ``model`` loaded (after ``setup``, e.g. imports that patch for timing)."""
 
-    kernel_id = requests.post(
-        f"{server.url}/api/kernels", headers=server.headers, json={}, timeout=60
-    ).json()["id"]
-    kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
-    kc.load_connection_file()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
+    def __init__(
+        self, server: Server, catalog: Path | None, model: str, torch_threads: int, setup: str = ""
+    ) -> None:
+        from jupyter_client import BlockingKernelClient
 
-    def in_kernel(code: str, expr: str = "None") -> object:
-        reply = kc.execute_interactive(
+        kernel_id = requests.post(
+            f"{server.url}/api/kernels", headers=server.headers, json={}, timeout=60
+        ).json()["id"]
+        self.kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
+        self.kc.load_connection_file()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+        make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
+        threads = f"import torch; torch.set_num_threads({torch_threads})\n" if torch_threads else ""
+        self.run(f"{setup}\n{threads}import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
+
+    def run(self, code: str, expr: str = "None") -> Any:
+        """Run ``code`` as a cell and return the JSON value of ``expr`` after it."""
+        reply = self.kc.execute_interactive(
             code,
             user_expressions={"out": f"__import__('json').dumps({expr})"},
             timeout=600,
@@ -218,9 +230,13 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
             raise RuntimeError(f"{content['ename']}: {content['evalue']}")
         return json.loads(content["user_expressions"]["out"]["data"]["text/plain"].strip("'"))
 
-    make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
-    threads = f"import torch; torch.set_num_threads({args.torch_threads})\n" if args.torch_threads else ""
-    in_kernel(f"{threads}import time, gpugroups as gg\nm = {make}\ngg.serve(m)\nm.load({model!r})")
+    def close(self) -> None:
+        self.kc.stop_channels()
+
+
+def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespace) -> None:
+    host = HostKernel(server, catalog, model, args.torch_threads)
+    in_kernel = host.run
     client = gg.Client(server.url, server.token)
     prompt, n = args.prompt, args.calls
     timed = timed_loop(f"m.process({model!r}, {prompt!r})", n)
@@ -237,7 +253,7 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
     state_rest = timed_calls(client.state, n)
     # Jupyter's own status route through the same HTTP session: HTTP, auth and tornado, no kernel
     status = timed_calls(lambda: client._http.get(f"{server.url}/api/status").raise_for_status(), n)
-    kc.stop_channels()
+    host.close()
 
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
     compare("m.process in the kernel", kernel, "gg.Client.process (REST)", rest)
