@@ -43,6 +43,11 @@ def host_unavailable(message: str) -> GpuGroupsError:
     return GpuGroupsError("host_unavailable", message)
 
 
+def _kernel_pid(kernel: Any) -> int | None:
+    """A kernel's process id as the server's kernel manager knows it (None if it cannot tell)."""
+    return getattr(getattr(kernel, "provisioner", None), "pid", None)
+
+
 class HostConnection:
     """One attached host kernel: its channels, subshell and comm, pending requests and readers."""
 
@@ -91,9 +96,11 @@ class HostConnection:
     # ---- attaching ------------------------------------------------------------------------
     async def attach(self, timeout: float) -> None:
         """Connect, open a subshell, make the kernel serve, open the comm; ``host_unavailable`` on
-        failure, at once if the kernel dies meanwhile (its first ``serve()`` may import torch)."""
+        failure, at once if the kernel dies or restarts meanwhile (its first ``serve()`` may
+        import torch, so only ``timeout`` bounds a live kernel)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        process = _kernel_pid(self.kernel)
         steps = asyncio.ensure_future(self._attach())
         try:
             while True:
@@ -103,6 +110,10 @@ class HostConnection:
                 if not await self.kernel.is_alive():
                     raise host_unavailable(
                         f"kernel {self.kernel_id} died before it became the host ({self.step})"
+                    )
+                if _kernel_pid(self.kernel) != process:  # what we sent went to the process before
+                    raise host_unavailable(
+                        f"kernel {self.kernel_id} restarted before it became the host ({self.step})"
                     )
                 if loop.time() > deadline:
                     raise host_unavailable(
@@ -531,7 +542,7 @@ class Bridge:
             kernel = self.km.get_kernel(kernel_id)
             if os.path.realpath(kernel.connection_file) != target:
                 continue
-            pid = getattr(getattr(kernel, "provisioner", None), "pid", None)
+            pid = _kernel_pid(kernel)
             if (pid is None or pid == record.get("pid")) and await kernel.is_alive():
                 return kernel_id
         return None
@@ -562,7 +573,7 @@ class Bridge:
             reason = "the kernel was shut down"
         elif not await self.km.get_kernel(conn.kernel_id).is_alive():
             reason = "the kernel died"
-        elif conn.pid is not None and getattr(conn.kernel.provisioner, "pid", conn.pid) != conn.pid:
+        elif conn.pid is not None and _kernel_pid(conn.kernel) not in (None, conn.pid):
             reason = "the kernel restarted"
         else:
             return

@@ -169,3 +169,25 @@ async def test_a_host_kernel_slow_to_start_still_becomes_the_host(slow_start_ker
     assert r.code == 200, r.body
     r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
     assert json.loads(r.body)["subshells"] is True
+
+
+@pytest.mark.parametrize(
+    "jp_server_config", [{"host_start_timeout": 60.0, "host_kernel": "none"}], indirect=True
+)
+async def test_a_kernel_restarted_while_it_is_attached_fails_the_attach_at_once(
+    jp_serverapp: Any, slow_start_kernel: str, jp_fetch: Any
+) -> None:
+    km = jp_serverapp.kernel_manager
+    kernel_id = await km.start_kernel(kernel_name=slow_start_kernel)
+    attach = asyncio.ensure_future(post(jp_fetch, "system/host", {"kernel_id": kernel_id}, request_timeout=90))
+    await asyncio.sleep(1.0)  # the kernel stalls in its start: the attach is waiting on it
+    assert not attach.done()
+    await km.restart_kernel(kernel_id)
+    restarted = asyncio.get_running_loop().time()
+    r = await attach
+    assert r.code == 503, r.body
+    error = json.loads(r.body)["error"]
+    assert error["code"] == "host_unavailable" and kernel_id in error["message"], error
+    assert asyncio.get_running_loop().time() - restarted < 5.0, error  # not the 60 s start timeout
+    r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
+    assert json.loads(r.body)["kernel_id"] is None
