@@ -561,7 +561,7 @@ class Bridge:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
                 await self._check_host()
-                await self._check_record()
+                self._check_record()
             except Exception:  # the watchdog must outlive any one bad look
                 self.log.exception("gpugroups: host watchdog")
 
@@ -579,23 +579,29 @@ class Bridge:
             return
         await self._lose(conn, reason)
 
-    async def _check_record(self) -> None:
+    def _check_record(self) -> None:
+        """A new host record: attach its kernel in the background. An attach can take long (the
+        kernel's first ``serve()`` imports torch; on the main shell it waits for running cells),
+        and the watchdog must keep watching the current host meanwhile."""
         stamp = self._stamp()
         if stamp == self._record_stamp:
             return
         self._record_stamp = stamp
-        kernel_id = await self._recorded_host()
-        if kernel_id is None or (self._conn is not None and self._conn.kernel_id == kernel_id):
-            return
-        async with self._attach_lock:
-            if self._conn is not None and self._conn.kernel_id == kernel_id:
-                return  # attached meanwhile, for a request
-            try:
+        self._spawn(self._follow_record())
+
+    async def _follow_record(self) -> None:
+        try:
+            kernel_id = await self._recorded_host()
+            if kernel_id is None or (self._conn is not None and self._conn.kernel_id == kernel_id):
+                return
+            async with self._attach_lock:
+                if self._conn is not None and self._conn.kernel_id == kernel_id:
+                    return  # attached meanwhile, for a request
                 await self._attach(kernel_id, "serve")
-            except GpuGroupsError as exc:
-                self.log.warning(
-                    "gpugroups: kernel %s ran gg.serve() but could not be attached: %s", kernel_id, exc
-                )
+        except GpuGroupsError as exc:
+            self.log.warning("gpugroups: a kernel ran gg.serve() but could not be attached: %s", exc)
+        except Exception:  # nobody awaits this task: say what went wrong
+            self.log.exception("gpugroups: following the host record")
 
     def _stamp(self) -> tuple[int, int] | None:
         try:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpugroups.kernel import host_record_path
 from gpugroups.protocol import API_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -191,3 +194,36 @@ async def test_a_kernel_restarted_while_it_is_attached_fails_the_attach_at_once(
     assert asyncio.get_running_loop().time() - restarted < 5.0, error  # not the 60 s start timeout
     r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
     assert json.loads(r.body)["kernel_id"] is None
+
+
+@pytest.mark.parametrize("jp_server_config", [{"host_kernel": "none", "use_subshells": False}], indirect=True)
+async def test_the_host_is_watched_while_another_kernel_is_being_attached(
+    jp_serverapp: Any, jp_fetch: Any, jp_ws_fetch: Any
+) -> None:
+    # A notebook runs gg.serve() and then a long cell: on the main shell its attach waits for the
+    # cell. Meanwhile the current host dies, and that must still be noticed (and announced) at once.
+    km = jp_serverapp.kernel_manager
+    first = await km.start_kernel()
+    r = await post(jp_fetch, "system/host", {"kernel_id": first}, request_timeout=120)
+    assert r.code == 200, r.body
+    ws = await jp_ws_fetch(API_PREFIX, "ws")
+    await read(ws, lambda m: m["type"] == "system_state")
+    second = await km.start_kernel()
+    cell = km.get_kernel(second).client()
+    cell.start_channels()
+    try:
+        await cell.wait_for_ready(timeout=60)
+        record = host_record_path()
+        before = record.stat().st_mtime_ns if record.exists() else None
+        cell.execute("import time, gpugroups as gg\ngg.serve(gg.Manager(devices='cpu', catalog=[]))\ntime.sleep(30)")
+        for _ in range(600):  # the record names the second kernel: its attach starts, and waits
+            if record.exists() and record.stat().st_mtime_ns != before:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        os.kill(km.get_kernel(first).provisioner.pid, signal.SIGKILL)
+        message = await asyncio.wait_for(read(ws, lambda m: m["type"] == "error"), 2.0)
+        assert message["error"]["code"] == "host_unavailable" and first in message["error"]["message"]
+    finally:
+        await km.interrupt_kernel(second)
+        cell.stop_channels()
