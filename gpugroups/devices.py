@@ -57,15 +57,21 @@ class Device:
 
         ``accounted_bytes`` is what this manager holds or has reserved here. ``free_bytes`` is
         what placement may still use: the budget left, and never more than the hardware has.
+        ``other_bytes`` is what the rest of the machine uses. On a GPU that counts against the
+        budget, since every process shares the one card. On ``cpu`` it does not: the budget is
+        the RAM share models may fill, and what is really available caps it anyway.
         """
         other = 0
         hw_free = self.total_bytes
         if self.kind == "cuda":
             used, hw_free = self._nvml()
             other = max(0, used - accounted_bytes)
-        elif self.kind == "cpu":
-            hw_free = _mem_available()
-        free = max(0, min(self.budget_bytes - accounted_bytes - other, hw_free))
+            free = max(0, min(self.budget_bytes - accounted_bytes - other, hw_free))
+        else:
+            if self.kind == "cpu":
+                hw_free = _mem_available()
+                other = max(0, self.total_bytes - hw_free - accounted_bytes)
+            free = max(0, min(self.budget_bytes - accounted_bytes, hw_free))
         return {
             "total_bytes": self.total_bytes,
             "used_bytes": accounted_bytes + other,

@@ -51,6 +51,18 @@ def test_auto_without_a_gpu_is_one_cpu_device():
     assert 0 < mem["free_bytes"] <= mem["budget_bytes"] < mem["total_bytes"]
 
 
+def test_cpu_memory_shows_what_the_rest_of_the_machine_uses():
+    cpu = detect("cpu")[0]
+    mem = cpu.memory(0)
+    assert mem["other_bytes"] > 0  # this test process alone holds some RAM
+    assert mem["used_bytes"] == mem["other_bytes"]
+    assert mem["used_bytes"] + mem["free_bytes"] <= mem["total_bytes"]
+    held = mem["other_bytes"] // 2  # say the manager held half of it: that half is no longer others'
+    ours = cpu.memory(held)
+    assert ours["manager_bytes"] == held
+    assert abs(ours["other_bytes"] - (mem["other_bytes"] - held)) < held // 2  # RAM moves meanwhile
+
+
 def test_nvml_without_a_gpu_means_no_cuda_devices():
     import pynvml
 
