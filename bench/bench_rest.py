@@ -246,9 +246,14 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
 
     rest: list[float] = []
     kernel: list[float] = []
+    paced: list[float] = []
     for _ in range(args.rounds):
         rest += timed_calls(lambda: client.process(model, prompt), n)
         kernel += in_kernel(timed, "lat")  # type: ignore[operator]
+        # The same calls spaced like REST calls are: an idle gap before each slows the forward
+        # pass by itself (torch's worker threads go to sleep), REST or not.
+        gap = max(0.0, pct(rest, 50) - pct(kernel, 50))
+        paced += in_kernel(timed_loop(f"m.process({model!r}, {prompt!r})", n, gap), "lat")  # type: ignore[operator]
     state_kernel: list[float] = in_kernel(timed_loop("m.state()", n), "lat")  # type: ignore[assignment]
     state_rest = timed_calls(client.state, n)
     # Jupyter's own status route through the same HTTP session: HTTP, auth and tornado, no kernel
@@ -257,6 +262,8 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
 
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
     compare("m.process in the kernel", kernel, "gg.Client.process (REST)", rest)
+    print(f"the same, against in-kernel calls each after an idle gap as long as REST's ({gap * 1000:.1f} ms)")
+    compare("m.process, paced like REST", paced, "gg.Client.process (REST)", rest)
     print(f"state() on {n} calls per path")
     compare("m.state in the kernel", state_kernel, "gg.Client.state (REST)", state_rest)
     print(row("of which HTTP + auth", pct(status, 50), pct(status, 99)) + "   (GET /api/status, no kernel)")
@@ -272,9 +279,11 @@ def timed_calls(call: Any, n: int) -> list[float]:
     return out
 
 
-def timed_loop(call: str, n: int) -> str:
-    """Kernel code that times ``call`` ``n`` times into the list ``lat`` (seconds)."""
-    body = f"    t = time.perf_counter()\n    {call}\n    lat.append(time.perf_counter() - t)"
+def timed_loop(call: str, n: int, gap: float = 0.0) -> str:
+    """Kernel code that times ``call`` ``n`` times into the list ``lat`` (seconds), sleeping
+    ``gap`` seconds (untimed) before each."""
+    pause = f"    time.sleep({gap!r})\n" if gap else ""
+    body = f"{pause}    t = time.perf_counter()\n    {call}\n    lat.append(time.perf_counter() - t)"
     return f"lat = []\nfor _ in range({n}):\n{body}"
 
 
