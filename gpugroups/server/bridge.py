@@ -203,7 +203,7 @@ class HostConnection:
         ipykernel answers control messages from early in its start, but until its main thread has
         started (after the user's IPython startup files and extensions ran) a create request fails
         inside the kernel and gets no reply at all, or an error reply. A reply to an earlier try that
-        comes late anyway is not lost: its subshell is deleted (see ``_control_send``).
+        comes in late anyway is cleaned up: its subshell is deleted (see ``_control_send``).
         """
         wait, errors = _CONTROL_RETRY, 0
         while True:
