@@ -185,7 +185,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> I
     server = LiveServer(
         tmp_path_factory.mktemp("live"),
         tiny_catalog_toml,
-        ["--GpuGroupsApp.host_kernel=auto", "--ServerApp.log_level=DEBUG"],
+        [
+            "--GpuGroupsApp.host_kernel=auto",
+            "--ServerApp.log_level=DEBUG",
+            "--GpuGroupsApp.log_level=DEBUG",
+        ],
     )
     yield server
     server.stop()
