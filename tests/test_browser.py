@@ -163,8 +163,8 @@ def run_all(page: Any) -> None:
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
 
 
-def run_cell(page: Any, code: str, timeout_s: float = 60) -> Any:
-    """Append a cell with ``code`` (which prints one line ``@@<json>``), run it, return the JSON."""
+def start_cell(page: Any, code: str) -> Any:
+    """Append a cell with ``code`` and start it, the way a person would; returns the cell."""
     cells = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell"
     before = page.locator(cells).count()
     page.locator(f"{cells} .jp-InputPrompt").last.click()
@@ -173,10 +173,19 @@ def run_cell(page: Any, code: str, timeout_s: float = 60) -> Any:
     page.keyboard.press("Enter")
     page.keyboard.insert_text(code)
     page.keyboard.press("Control+Enter")
-    out = page.locator(cells).nth(before).locator(".jp-OutputArea-output")
-    out.filter(has_text="@@").first.wait_for(timeout=timeout_s * 1000)
-    text = out.filter(has_text="@@").first.inner_text()
-    return json.loads(text.split("@@", 1)[1].strip().splitlines()[0])
+    return page.locator(cells).nth(before)
+
+
+def cell_json(cell: Any, timeout_s: float = 60) -> Any:
+    """The JSON a cell printed as one line ``@@<json>``, once it has."""
+    out = cell.locator(".jp-OutputArea-output").filter(has_text="@@").first
+    out.wait_for(timeout=timeout_s * 1000)
+    return json.loads(out.inner_text().split("@@", 1)[1].strip().splitlines()[0])
+
+
+def run_cell(page: Any, code: str, timeout_s: float = 60) -> Any:
+    """Append a cell with ``code`` (which prints one line ``@@<json>``), run it, return the JSON."""
+    return cell_json(start_cell(page, code), timeout_s)
 
 
 def shot(page: Any, locator: Any, name: str) -> Path:
@@ -276,6 +285,7 @@ def _drive_quickstart(page: Any) -> None:
     assert page.locator(".jp-OutputArea-output").count() == outputs
 
     _measure_live_updates(page)
+    _click_while_a_cell_runs(page, panel)
 
     # Dark theme: the same panel through JupyterLab's own theme switch.
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Settings$")).click()
@@ -317,6 +327,18 @@ def _measure_live_updates(page: Any) -> None:
     (ARTIFACTS / "latency.json").write_text(json.dumps({"latencies_ms": latencies}))
     # Every update reached the page while the cell was still running.
     assert all(t < cell_end for t, _ in seen)
+
+
+def _click_while_a_cell_runs(page: Any, panel: Any) -> None:
+    """A click on the panel is answered while another cell of the same kernel runs."""
+    cell = start_cell(page, "import json, time\ntime.sleep(8)\nprint('@@' + json.dumps(time.time() * 1000))")
+    cell.locator(".jp-InputPrompt", has_text="*").wait_for()
+    panel.locator("tr.gg-model-row[data-model='pycode-docs'] button").click()
+    page.wait_for_function(
+        "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-docs'] button\").textContent === 'Current'"
+    )
+    switched = page.evaluate("() => Date.now()")
+    assert switched < cell_json(cell), "the switch waited for the running cell"
 
 
 def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:

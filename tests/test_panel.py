@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextvars import ContextVar, copy_context
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,18 @@ from gpugroups.widgets.panel import _Relay
 PROMPT = "def __init__(self"
 
 
+#: Stands in for ipykernel's parent-message context variable: ipykernel sets its own in the
+#: context it handles a message in, and ``Comm.send`` reads it to parent (and route) what it sends.
+HANDLING: ContextVar[str] = ContextVar("handling", default="no front-end message")
+
+
 class FrontEnd(BaseComm):
-    """The front end's end of the widget comm: records what the kernel publishes, in order."""
+    """The front end's end of the widget comm: records what the kernel publishes, in order, and
+    which front-end message's context (``HANDLING``) each was sent in."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.published: list[tuple[str, dict[str, Any], str]] = []
+        self.sent_in: list[str] = []
         self.lock = threading.Lock()
         super().__init__(**kwargs)
 
@@ -40,15 +48,21 @@ class FrontEnd(BaseComm):
             self.published.append(
                 (msg_type, json.loads(json.dumps(data or {})), threading.current_thread().name)
             )
+            self.sent_in.append(HANDLING.get())
 
     def act(self, **content: Any) -> None:
-        """Send a custom message from the browser side, as ipykernel would deliver it."""
-        self.handle_msg(
-            {
-                "content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}},
-                "buffers": [],
-            }
-        )
+        """Send a custom message from the browser side, as ipykernel would deliver it: handled in
+        a context of its own that names it."""
+        message = {
+            "content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}},
+            "buffers": [],
+        }
+
+        def handle() -> None:
+            HANDLING.set(f"message {content.get('request_id')}")
+            self.handle_msg(message)
+
+        copy_context().run(handle)
 
     def messages(self) -> list[tuple[str, dict[str, Any], str]]:
         with self.lock:
@@ -143,6 +157,21 @@ def test_actions_run_off_the_comm_thread(wired):
     fe.reply("g")
     reply_threads = {name for t, d, name in fe.messages() if d.get("method") == "custom"}
     assert reply_threads and caller not in reply_threads
+
+
+def test_after_a_front_end_message_everything_is_sent_in_its_context(wired, m):
+    # ipykernel routes a comm's incoming messages to where the comm last sent from: sent from a
+    # pool or relay thread in the default context, clicks would queue behind a running cell.
+    _, fe = wired
+    fe.act(action="load_group", request_id="a", group_id="gpt")
+    fe.reply("a")
+    reply_at = next(i for i, (_, d, _) in enumerate(fe.messages()) if d.get("method") == "custom")
+    assert fe.sent_in[reply_at] == "message a"
+    m.load("tiny-a")  # a change from Python: its state update goes out in the same context
+    assert wait_for(lambda: len(fe.messages()) > reply_at + 1 and fe.sent_in[-1] == "message a")
+    fe.act(action="state", request_id="b")
+    fe.reply("b")
+    assert fe.sent_in[-1] == "message b"
 
 
 def test_switching_member_is_shown_and_process_matches_python(wired, m):

@@ -5,10 +5,18 @@ and ``progress`` (the latest ``load_progress`` per running operation), and acts 
 messages ``{"action": OP, "request_id": ..., **args}`` where OP is an op of the ops table.
 Actions run on a small thread pool, so a load never blocks the kernel's comm handling; manager
 events arrive on the manager's threads and are coalesced before they reach the comm.
+
+Everything the panel sends after the front end's first message goes out in the context of the
+newest message from the front end, with that message as ipykernel's parent. This matters on a
+kernel with subshells. JupyterLab sends widget messages on a subshell, but ipykernel routes a
+comm's incoming messages to wherever that comm last sent from. Sent from a pool or relay thread
+in the default context, a reply would look as if it came from the main shell, and every click
+would then wait for the running cell.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +58,7 @@ class Panel(anywidget.AnyWidget):
         super().__init__(state=manager.state(), **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
+        self._context: contextvars.Context | None = None  # of the front end's newest message
         self._relay = _Relay(self._publish)
         self.on_msg(self._on_custom_msg)
         # Take a second snapshot after subscribing: an event between the first snapshot and
@@ -83,8 +92,9 @@ class Panel(anywidget.AnyWidget):
         args = dict(content)
         action = args.pop("action", None)
         request_id = args.pop("request_id", None)
+        context = self._context = contextvars.copy_context()  # this message as the parent
         try:
-            self._pool.submit(self._run, action, request_id, args)
+            self._pool.submit(context.copy().run, self._run, action, request_id, args)
         except RuntimeError:  # closed meanwhile: nobody is listening for the reply
             pass
 
@@ -101,6 +111,13 @@ class Panel(anywidget.AnyWidget):
 
     # ---- manager -> front end ------------------------------------------------------------
     def _publish(self, state: dict[str, Any] | None, progress: dict[str, Any]) -> None:
+        context = self._context
+        if context is None:
+            self._set_traits(state, progress)
+        else:
+            context.copy().run(self._set_traits, state, progress)
+
+    def _set_traits(self, state: dict[str, Any] | None, progress: dict[str, Any]) -> None:
         with self.hold_sync():
             if state is not None:
                 self.state = state
