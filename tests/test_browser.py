@@ -2,8 +2,8 @@
 
 Opens the quickstart, runs it, then works the panel like a person would (load a demo model,
 switch member, type a prompt) and checks the predictions in the DOM against ``m.process`` run
-in the same kernel. Also measures kernel-change -> DOM latency while another cell runs, and
-takes screenshots (light and dark theme) into ``test-artifacts/``. The server is started with
+in the same kernel. Also measures kernel-change -> DOM latency while another cell runs, checks
+that a click is answered while another cell runs, and takes screenshots (light and dark theme) into ``test-artifacts/``. The server is started with
 ``binder/jupyter_server_config.json`` as its config, so the Binder setup is exercised too.
 """
 
