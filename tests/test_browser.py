@@ -285,7 +285,7 @@ def _drive_quickstart(page: Any) -> None:
     assert page.locator(".jp-OutputArea-output").count() == outputs
 
     _measure_live_updates(page)
-    _click_while_a_cell_runs(page, panel)
+    _click_while_a_cell_runs(page, panel, "pycode-docs")
 
     # Dark theme: the same panel through JupyterLab's own theme switch.
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Settings$")).click()
@@ -329,13 +329,13 @@ def _measure_live_updates(page: Any) -> None:
     assert all(t < cell_end for t, _ in seen)
 
 
-def _click_while_a_cell_runs(page: Any, panel: Any) -> None:
-    """A click on the panel is answered while another cell of the same kernel runs."""
+def _click_while_a_cell_runs(page: Any, panel: Any, model: str) -> None:
+    """A click that makes ``model`` current is answered while another cell of the kernel runs."""
     cell = start_cell(page, "import json, time\ntime.sleep(8)\nprint('@@' + json.dumps(time.time() * 1000))")
     cell.locator(".jp-InputPrompt", has_text="*").wait_for()
-    panel.locator("tr.gg-model-row[data-model='pycode-docs'] button").click()
+    panel.locator(f"tr.gg-model-row[data-model='{model}'] button").click()
     page.wait_for_function(
-        "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-docs'] button\").textContent === 'Current'"
+        f"() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='{model}'] button\").textContent === 'Current'"
     )
     switched = page.evaluate("() => Date.now()")
     assert switched < cell_json(cell), "the switch waited for the running cell"
@@ -383,3 +383,4 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
             f"print('@@' + json.dumps([p['token'] for p in m.process('tinygpt2', {PROMPT!r}, num_predictions=3)['predictions']]))",
         )
         assert in_dom == in_python
+        _click_while_a_cell_runs(page, panel, "pycode-base")
