@@ -96,8 +96,8 @@ class HostConnection:
     # ---- attaching ------------------------------------------------------------------------
     async def attach(self, timeout: float) -> None:
         """Connect, open a subshell, make the kernel serve, open the comm; ``host_unavailable`` on
-        failure, at once if the kernel dies or restarts meanwhile (its first ``serve()`` may
-        import torch, so only ``timeout`` bounds a live kernel)."""
+        failure, at once if the kernel dies or restarts meanwhile. Only ``timeout`` bounds a live
+        kernel: its first ``serve()`` loads torch, which can take a while."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         process = _kernel_pid(self.kernel)
