@@ -63,15 +63,15 @@ class Device:
         """
         other = 0
         hw_free = self.total_bytes
+        room = self.budget_bytes - accounted_bytes
         if self.kind == "cuda":
             used, hw_free = self._nvml()
             other = max(0, used - accounted_bytes)
-            free = max(0, min(self.budget_bytes - accounted_bytes - other, hw_free))
-        else:
-            if self.kind == "cpu":
-                hw_free = _mem_available()
-                other = max(0, self.total_bytes - hw_free - accounted_bytes)
-            free = max(0, min(self.budget_bytes - accounted_bytes, hw_free))
+            room -= other
+        elif self.kind == "cpu":
+            hw_free = _mem_available()
+            other = max(0, self.total_bytes - hw_free - accounted_bytes)
+        free = max(0, min(room, hw_free))
         return {
             "total_bytes": self.total_bytes,
             "used_bytes": accounted_bytes + other,

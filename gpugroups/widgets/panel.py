@@ -94,7 +94,7 @@ class Panel(anywidget.AnyWidget):
         request_id = args.pop("request_id", None)
         context = self._context = contextvars.copy_context()  # this message as the parent
         try:
-            self._pool.submit(context.copy().run, self._run, action, request_id, args)
+            self._pool.submit(context.run, self._run, action, request_id, args)
         except RuntimeError:  # closed meanwhile: nobody is listening for the reply
             pass
 
