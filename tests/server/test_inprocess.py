@@ -1,6 +1,7 @@
 """pytest-jupyter's in-process server with real kernels: ``jp_fetch`` and ``jp_ws_fetch`` through
-an auto-started host, on a subshell and on the main-shell fallback, and the extension's settings
-that reach that host (model roots) or bound its answers (request timeout)."""
+an auto-started host, on a subshell and on the main-shell fallback, the extension's settings
+that reach that host (model roots) or bound its answers (request timeout), and attaching a host
+that is slow to start, restarts meanwhile, or attaches while the current host dies."""
 
 from __future__ import annotations
 
@@ -144,7 +145,6 @@ async def test_an_auto_host_that_cannot_serve_is_503_and_is_shut_down(
             break
         await asyncio.sleep(0.1)
     assert jp_serverapp.kernel_manager.list_kernel_ids() == []
-
 
 
 @pytest.fixture
