@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextvars import ContextVar, copy_context
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,11 @@ from gpugroups.widgets.panel import _Relay
 PROMPT = "def __init__(self"
 
 
-#: Stands in for ipykernel's parent-message context variable: ipykernel sets its own in the
-#: context it handles a message in, and ``Comm.send`` reads it to parent (and route) what it sends.
-HANDLING: ContextVar[str] = ContextVar("handling", default="no front-end message")
-
-
 class FrontEnd(BaseComm):
-    """The front end's end of the widget comm: records what the kernel publishes, in order, and
-    which front-end message's context (``HANDLING``) each was sent in."""
+    """The front end's end of the widget comm: records what the kernel publishes, in order."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.published: list[tuple[str, dict[str, Any], str]] = []
-        self.sent_in: list[str] = []
         self.lock = threading.Lock()
         super().__init__(**kwargs)
 
@@ -48,21 +40,15 @@ class FrontEnd(BaseComm):
             self.published.append(
                 (msg_type, json.loads(json.dumps(data or {})), threading.current_thread().name)
             )
-            self.sent_in.append(HANDLING.get())
 
     def act(self, **content: Any) -> None:
-        """Send a custom message from the browser side, as ipykernel would deliver it: handled in
-        a context of its own that names it."""
-        message = {
-            "content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}},
-            "buffers": [],
-        }
-
-        def handle() -> None:
-            HANDLING.set(f"message {content.get('request_id')}")
-            self.handle_msg(message)
-
-        copy_context().run(handle)
+        """Send a custom message from the browser side, as ipykernel would deliver it."""
+        self.handle_msg(
+            {
+                "content": {"comm_id": self.comm_id, "data": {"method": "custom", "content": content}},
+                "buffers": [],
+            }
+        )
 
     def messages(self) -> list[tuple[str, dict[str, Any], str]]:
         with self.lock:
@@ -159,19 +145,15 @@ def test_actions_run_off_the_comm_thread(wired):
     assert reply_threads and caller not in reply_threads
 
 
-def test_after_a_front_end_message_everything_is_sent_in_its_context(wired, m):
-    # ipykernel routes a comm's incoming messages to where the comm last sent from: sent from a
-    # pool or relay thread in the default context, clicks would queue behind a running cell.
-    _, fe = wired
-    fe.act(action="load_group", request_id="a", group_id="gpt")
-    fe.reply("a")
-    reply_at = next(i for i, (_, d, _) in enumerate(fe.messages()) if d.get("method") == "custom")
-    assert fe.sent_in[reply_at] == "message a"
-    m.load("tiny-a")  # a change from Python: its state update goes out in the same context
-    assert wait_for(lambda: len(fe.messages()) > reply_at + 1 and fe.sent_in[-1] == "message a")
-    fe.act(action="state", request_id="b")
-    fe.reply("b")
-    assert fe.sent_in[-1] == "message b"
+def test_front_end_messages_are_routed_where_they_were_sent(wired):
+    # ipykernel asks the comm where an incoming message goes (default: where the comm last sent
+    # from, here the panel's background threads, i.e. the main shell). The panel answers with the
+    # subshell the front end addressed, so clicks do not wait for a running cell.
+    panel, fe = wired
+    fe.act(action="state", request_id="s")
+    fe.reply("s")  # the panel has sent from its threads
+    assert fe._reply_subshell_for({"method": "custom"}, "subshell-of-the-front-end") == "subshell-of-the-front-end"
+    assert fe._reply_subshell_for({"method": "custom"}, None) is None
 
 
 def test_switching_member_is_shown_and_process_matches_python(wired, m):

@@ -6,17 +6,15 @@ messages ``{"action": OP, "request_id": ..., **args}`` where OP is an op of the 
 Actions run on a small thread pool, so a load never blocks the kernel's comm handling; manager
 events arrive on the manager's threads and are coalesced before they reach the comm.
 
-Everything the panel sends after the front end's first message goes out in the context of the
-newest message from the front end, with that message as ipykernel's parent. This matters on a
-kernel with subshells. JupyterLab sends widget messages on a subshell, but ipykernel routes a
-comm's incoming messages to wherever that comm last sent from. Sent from a pool or relay thread
-in the default context, a reply would look as if it came from the main shell, and every click
-would then wait for the running cell.
+The front end's messages are handled where they were sent to. JupyterLab 4.4 and newer (and
+Notebook 7) send widget messages on a kernel subshell. ipykernel 7, though, routes a comm's
+incoming messages to wherever that comm last sent from, and the panel sends from pool and relay
+threads, which count as the main shell. So every click would wait for a running cell. The
+panel's comm therefore routes each incoming message by its own header.
 """
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +56,8 @@ class Panel(anywidget.AnyWidget):
         super().__init__(state=manager.state(), **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
-        self._context: contextvars.Context | None = None  # of the front end's newest message
+        if self.comm is not None:  # route the front end's messages by their own subshell id
+            self.comm._reply_subshell_for = _route_by_header
         self._relay = _Relay(self._publish)
         self.on_msg(self._on_custom_msg)
         # Take a second snapshot after subscribing: an event between the first snapshot and
@@ -92,9 +91,8 @@ class Panel(anywidget.AnyWidget):
         args = dict(content)
         action = args.pop("action", None)
         request_id = args.pop("request_id", None)
-        context = self._context = contextvars.copy_context()  # this message as the parent
         try:
-            self._pool.submit(context.run, self._run, action, request_id, args)
+            self._pool.submit(self._run, action, request_id, args)
         except RuntimeError:  # closed meanwhile: nobody is listening for the reply
             pass
 
@@ -111,18 +109,16 @@ class Panel(anywidget.AnyWidget):
 
     # ---- manager -> front end ------------------------------------------------------------
     def _publish(self, state: dict[str, Any] | None, progress: dict[str, Any]) -> None:
-        context = self._context
-        if context is None:
-            self._set_traits(state, progress)
-        else:
-            context.copy().run(self._set_traits, state, progress)
-
-    def _set_traits(self, state: dict[str, Any] | None, progress: dict[str, Any]) -> None:
         with self.hold_sync():
             if state is not None:
                 self.state = state
             if progress != self.progress:
                 self.progress = progress
+
+
+def _route_by_header(_data: Any, header_subshell_id: str | None) -> str | None:
+    """ipykernel's routing hook for a comm's incoming message: where it was sent to."""
+    return header_subshell_id
 
 
 def _reply(action: Any, request_id: Any, result: Any) -> dict[str, Any]:
