@@ -3,7 +3,8 @@
 Opens the quickstart, runs it, then works the panel like a person would (load a demo model,
 switch member, type a prompt) and checks the predictions in the DOM against ``m.process`` run
 in the same kernel. Also measures kernel-change -> DOM latency while another cell runs, checks
-that a click is answered while another cell runs, and takes screenshots (light and dark theme) into ``test-artifacts/``. The server is started with
+that a click is answered while another cell runs, and takes screenshots (light and dark theme)
+into ``test-artifacts/``. The server is started with
 ``binder/jupyter_server_config.json`` as its config, so the Binder setup is exercised too.
 """
 
@@ -367,8 +368,8 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
         panel = page.locator(".jp-OutputArea-output .gg-panel").first
         panel.wait_for()
         wait_kernel_idle(lab, "nb7.ipynb")
-        # The very first click (a switch to another member), while another cell runs: the
-        # view's hello has set the comm's route.
+        # The very first click (a switch to another member), while another cell runs: it goes
+        # to the subshell Notebook 7 sends widget messages on, not behind the cell.
         _click_while_a_cell_runs(page, panel, "pycode-base")
         panel.locator("tr.gg-model-row[data-model='tinygpt2'] button").click()
         page.wait_for_function(
