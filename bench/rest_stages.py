@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_rest import HostKernel, Server, tiny_catalog
+from bench_rest import HostKernel, Server, pct, tiny_catalog
 
 import gpugroups as gg
 
@@ -144,9 +143,8 @@ def measure(server: Server, host: HostKernel, out: Path, call: Any, calls: int) 
 def report(title: str, rows: list[dict[str, float]]) -> None:
     print(title)
     for label, start, end in STAGES:
-        spans = sorted(1000 * (r[end] - r[start]) for r in rows)
-        p90 = spans[min(len(spans) - 1, round(0.9 * (len(spans) - 1)))]
-        print(f"  {label:<38} p50 {statistics.median(spans):6.2f} ms   p90 {p90:6.2f} ms")
+        spans = [1000 * (r[end] - r[start]) for r in rows]
+        print(f"  {label:<38} p50 {pct(spans, 50):6.2f} ms   p90 {pct(spans, 90):6.2f} ms")
 
 
 def main() -> None:
