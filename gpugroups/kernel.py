@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import queue
 import threading
 import time
 import warnings
@@ -27,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GpuGroupsError
-from .protocol import COMM_TARGET, OPS, error_json, get_op
+from .events import Coalescer
+from .protocol import COMM_TARGET, HOST_RECORD, OPS, batch_message, get_op, hello_message, reply_message
 
-#: Version of the bridge messages; the server refuses a host that speaks another one.
-BRIDGE_PROTOCOL = 1
-HOST_RECORD = "gpugroups-host.json"
 #: Ops that may load a group, hence run its code: refused for remote-code groups unless allowed.
 _LOADING_OPS = frozenset({"load", "load_group", "pin", "process"})
 _POOL_WORKERS = 8
@@ -138,34 +135,26 @@ class _Endpoint:
         self.comm = comm
         self.open_msg = open_msg
         self.trust_remote_code = trust_remote_code
-        self._out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        # One sender per comm sends the events, bursts coalesced (trap 4: keep chatter low).
+        self._out = Coalescer(self._send_events, name="gpugroups-bridge-send")
         self._unsubscribe: Any = None
-        self._sender = threading.Thread(target=self._send_loop, name="gpugroups-bridge-send", daemon=True)
 
     def start(self) -> None:
-        self._sender.start()
-        self._unsubscribe = self.host.manager.subscribe(self._out.put)
+        self._unsubscribe = self.host.manager.subscribe(self._out.offer)
         header = self.open_msg["header"]
-        self._out.put(
-            {
-                "type": "hello",
-                "protocol": BRIDGE_PROTOCOL,
-                "pid": os.getpid(),
-                "subshell_id": header.get("subshell_id"),
-            }
-        )
+        self._out.offer(hello_message(os.getpid(), header.get("subshell_id")))
 
     def follow(self, manager: Any) -> None:
         """Push ``manager``'s events instead of the previous one's, starting with its whole state."""
         self._unsubscribe()
-        self._unsubscribe = manager.subscribe(self._out.put)
+        self._unsubscribe = manager.subscribe(self._out.offer)
         state = manager.state()
-        self._out.put({"type": "state_update", "version": state["version"], "state": state})
+        self._out.offer({"type": "state_update", "version": state["version"], "state": state})
 
     def stop(self) -> None:
         if self._unsubscribe:
             self._unsubscribe()
-        self._out.put(None)
+        self._out.stop(flush=True)
 
     def handle_msg(self, msg: dict[str, Any]) -> None:
         """A request from the server, on the subshell thread: reads (quick snapshots) are answered
@@ -182,10 +171,10 @@ class _Endpoint:
 
     def _run(self, request: dict[str, Any]) -> None:
         try:
-            result = self._call(request.get("op"), request.get("args"))
-            reply: dict[str, Any] = {"id": request["id"], "ok": True, "result": result}
+            outcome: Any = self._call(request.get("op"), request.get("args"))
         except Exception as exc:  # every request gets an answer, whatever went wrong
-            reply = {"id": request["id"], "ok": False, "error": error_json(exc)}
+            outcome = exc
+        reply = reply_message(request["id"], outcome)
         # Straight out from this pool thread (IOPub's socket is thread-safe): a reply never
         # waits behind a large state push, and it needs no order with the events.
         self._publish(reply)
@@ -211,21 +200,8 @@ class _Endpoint:
                 "(set GpuGroupsApp.trust_remote_code = True, or load it from a notebook)",
             )
 
-    def _send_loop(self) -> None:
-        """Send the queued events, oldest first; superseded ones in one batch are dropped (trap 4)."""
-        while True:
-            batch = [self._out.get()]
-            while True:
-                try:
-                    batch.append(self._out.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            items = _coalesce([m for m in batch if m is not None])
-            if items:
-                self._publish(items[0] if len(items) == 1 else {"batch": items})
-            if stop:
-                return
+    def _send_events(self, items: list[dict[str, Any]]) -> None:
+        self._publish(batch_message(items))
 
     def _publish(self, data: dict[str, Any]) -> None:
         kernel = self.host.kernel
@@ -236,26 +212,6 @@ class _Endpoint:
             parent=self.open_msg,
             ident=self.comm.topic,
         )
-
-
-def _coalesce(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop a ``state_update`` (or one operation's ``load_progress``) that a later one in the same
-    batch supersedes: each carries the full picture, so receivers lose nothing but chatter."""
-    last: dict[Any, int] = {}
-    for i, item in enumerate(items):
-        key = _supersede_key(item)
-        if key is not None:
-            last[key] = i
-    return [item for i, item in enumerate(items) if last.get(_supersede_key(item), i) == i]
-
-
-def _supersede_key(item: dict[str, Any]) -> Any:
-    kind = item.get("type")
-    if kind == "state_update":
-        return "state_update"
-    if kind == "load_progress":
-        return ("load_progress", item.get("operation_id"))
-    return None
 
 
 _host: Host | None = None

@@ -16,6 +16,10 @@ from .errors import GpuGroupsError
 API_PREFIX = "/api/v2"
 LEGACY_PREFIX = "/api/v1"
 COMM_TARGET = "gpugroups.v2"
+#: Version of the bridge messages; the server refuses a host that speaks another one.
+BRIDGE_PROTOCOL = 1
+#: The host record's file name in the Jupyter runtime dir (written by ``gg.serve()``, watched by the server).
+HOST_RECORD = "gpugroups-host.json"
 
 #: Limits shared by validation here and by the manager's own checks.
 MAX_NUM_PREDICTIONS = 100
@@ -187,3 +191,42 @@ def error_json(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, GpuGroupsError):
         return exc.to_json()
     return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+# ---- bridge envelopes: what the server and the host kernel say on the comm ---------------------
+def open_data(trust_remote_code: bool) -> dict[str, Any]:
+    """The server's ``comm_open`` data: the protocol it speaks and what it allows."""
+    return {"protocol": BRIDGE_PROTOCOL, "trust_remote_code": trust_remote_code}
+
+
+def request_message(request_id: str, op: str, args: Any) -> dict[str, Any]:
+    """A request from the server: run ``op`` with ``args``."""
+    return {"id": request_id, "op": op, "args": args}
+
+
+def reply_message(request_id: str, outcome: Any) -> dict[str, Any]:
+    """The host's answer to one request: ``outcome`` is the result, or the exception raised."""
+    if isinstance(outcome, BaseException):
+        return {"id": request_id, "ok": False, "error": error_json(outcome)}
+    return {"id": request_id, "ok": True, "result": outcome}
+
+
+def hello_message(pid: int, subshell_id: str | None) -> dict[str, Any]:
+    """The host's first message on a new comm: its protocol, process and subshell."""
+    return {"type": "hello", "protocol": BRIDGE_PROTOCOL, "pid": pid, "subshell_id": subshell_id}
+
+
+def batch_message(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several messages in one comm message (a coalesced burst of events)."""
+    return items[0] if len(items) == 1 else {"batch": items}
+
+
+def unbatch(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages in one comm message from the host (undoes ``batch_message``)."""
+    items = data.get("batch", [data])
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+def is_reply(item: dict[str, Any]) -> bool:
+    """Whether a message from the host answers a request (else it is a hello or an event)."""
+    return "id" in item and "ok" in item

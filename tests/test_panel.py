@@ -249,10 +249,9 @@ def test_close_detaches_from_the_manager(m, front_ends):
     before = {t.name for t in threading.enumerate()}
     panel = Panel(m)
     fe = panel.comm
-    relay = panel._relay._thread
-    assert relay.is_alive()
+    assert "gpugroups-panel-relay" in {t.name for t in threading.enumerate()}
     panel.close()
-    assert not relay.is_alive()
+    assert "gpugroups-panel-relay" not in {t.name for t in threading.enumerate()}
     version = panel.state["version"]
     count = len(fe.messages())
     m.load_group("gpt")
@@ -308,6 +307,6 @@ def test_relay_thread_publishes_bursts_without_a_flush():
         for v in range(1, 21):
             relay.offer({"type": "state_update", "version": v, "state": {"version": v, "operations": []}})
         assert wait_for(lambda: published and published[-1] == 20)
-        assert published == sorted(published) and len(published) <= 20
+        assert published == sorted(published) and len(published) < 20
     finally:
         relay.stop()

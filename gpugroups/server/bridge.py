@@ -22,8 +22,8 @@ from queue import Empty
 from typing import Any
 
 from ..errors import GpuGroupsError
-from ..kernel import BRIDGE_PROTOCOL, host_record_path, read_host_record
-from ..protocol import COMM_TARGET, get_op
+from ..kernel import host_record_path, read_host_record
+from ..protocol import BRIDGE_PROTOCOL, COMM_TARGET, get_op, is_reply, open_data, request_message, unbatch
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -165,7 +165,7 @@ class HostConnection:
             {
                 "comm_id": self.comm_id,
                 "target_name": COMM_TARGET,
-                "data": {"protocol": BRIDGE_PROTOCOL, "trust_remote_code": self._trust_remote_code},
+                "data": open_data(self._trust_remote_code),
             },
         )
         hello = await self._hello
@@ -232,7 +232,7 @@ class HostConnection:
         fut = self._pending[rid] = asyncio.get_running_loop().create_future()
         try:
             self._send_shell(
-                "comm_msg", {"comm_id": self.comm_id, "data": {"id": rid, "op": op, "args": args}}
+                "comm_msg", {"comm_id": self.comm_id, "data": request_message(rid, op, args)}
             )
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -364,8 +364,8 @@ class HostConnection:
             self._broken(f"IOPub reader failed: {exc!r}")
 
     def _receive(self, data: dict[str, Any]) -> None:
-        for item in data.get("batch", [data]):
-            if "id" in item and "ok" in item:
+        for item in unbatch(data):
+            if is_reply(item):
                 fut = self._pending.get(item["id"])
                 if fut and not fut.done():
                     fut.set_result(item)

@@ -15,8 +15,6 @@ panel's comm therefore routes each incoming message by its own header.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +25,7 @@ import traitlets
 
 from .. import protocol
 from ..errors import GpuGroupsError
+from ..events import Coalescer
 
 if TYPE_CHECKING:
     from ..core import Manager
@@ -132,85 +131,45 @@ def _reply(action: Any, request_id: Any, result: Any) -> dict[str, Any]:
 
 
 class _Relay:
-    """Coalesce manager events (from any thread) into few, ordered trait updates.
+    """Fold coalesced manager events (from any thread) into few, ordered trait updates.
 
     Keeps the newest state by version (a snapshot an action took may be newer than an event
-    still on its way) and the newest progress per operation; a daemon thread publishes them ``COALESCE_S``
-    after the first event of a burst. Progress of operations that the newest state no longer
-    lists is dropped, so finished loads leave no bars behind.
+    still on its way) and the newest progress per operation; the ``Coalescer`` publishes them
+    ``COALESCE_S`` after the first event of a burst. Progress of operations that the newest
+    state no longer lists is dropped, so finished loads leave no bars behind.
     """
 
     def __init__(self, publish: Callable[[dict[str, Any] | None, dict[str, Any]], None]) -> None:
         self._publish = publish
-        self._cond = threading.Condition()
-        self._publishing = threading.Lock()  # keeps flushes from two threads in order
-        self._pending_state: dict[str, Any] | None = None
         self._state: dict[str, Any] = {}
         self._version = -1
         self._progress: dict[str, dict[str, Any]] = {}
-        self._dirty = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="gpugroups-panel-relay", daemon=True)
-        self._thread.start()
+        self._events = Coalescer(self._fold, COALESCE_S, name="gpugroups-panel-relay")
+        self.offer = self._events.offer
+        self.flush = self._events.flush
 
-    def offer(self, event: dict[str, Any]) -> None:
-        """Take one manager event (``state_update`` or ``load_progress``); others are ignored."""
-        kind = event.get("type")
-        with self._cond:
-            if kind == "state_update" and event.get("version", -1) > self._version:
-                self._version = event["version"]
-                self._pending_state = event["state"]
+    def offer_snapshot(self, state: dict[str, Any]) -> None:
+        """Take a ``Manager.state()`` read now; it wins over an event of the same version."""
+        self.offer({"type": "state_update", "version": state.get("version", 0), "state": state})
+
+    def stop(self) -> None:
+        """End the relay; pending events are dropped."""
+        self._events.stop()
+
+    def _fold(self, events: list[dict[str, Any]]) -> None:
+        state = None
+        for event in events:
+            kind = event.get("type")
+            if kind == "state_update" and event.get("version", -1) >= self._version:
+                self._version, state = event["version"], event["state"]
             elif kind == "load_progress" and event.get("operation_id") is not None:
                 self._progress[str(event["operation_id"])] = {
                     k: event.get(k) for k in ("group_id", "device_id", "progress", "stage", "version")
                 }
-            else:
-                return
-            self._dirty = True
-            self._cond.notify()
-
-    def offer_snapshot(self, state: dict[str, Any]) -> None:
-        """Take a ``Manager.state()`` read now; it wins over an event of the same version."""
-        with self._cond:
-            if state.get("version", 0) >= self._version:
-                self._version = state.get("version", 0)
-                self._pending_state = state
-                self._dirty = True
-                self._cond.notify()
-
-    def flush(self) -> None:
-        """Publish whatever is pending now, on the calling thread."""
-        with self._publishing:
-            with self._cond:
-                if not self._dirty:
-                    return
-                state, self._pending_state = self._pending_state, None
-                if state is not None:
-                    self._state = state
-                live = {str(op.get("id")) for op in self._state.get("operations", [])}
-                self._progress = {
-                    k: p
-                    for k, p in self._progress.items()
-                    if k in live or (p.get("version") or 0) > self._version
-                }
-                progress = dict(self._progress)
-                self._dirty = False
-            self._publish(state, progress)
-
-    def stop(self) -> None:
-        """End the relay thread; pending events are dropped."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=1)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._dirty and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-            time.sleep(COALESCE_S)  # let the rest of the burst arrive
-            self.flush()
+        if state is not None:
+            self._state = state
+        live = {str(op.get("id")) for op in self._state.get("operations", [])}
+        self._progress = {
+            k: p for k, p in self._progress.items() if k in live or (p.get("version") or 0) > self._version
+        }
+        self._publish(state, dict(self._progress))

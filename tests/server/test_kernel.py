@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client import KernelManager
 
-from gpugroups.kernel import BRIDGE_PROTOCOL
-from gpugroups.protocol import COMM_TARGET
+from gpugroups.protocol import BRIDGE_PROTOCOL, COMM_TARGET
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
