@@ -106,8 +106,10 @@ class Catalog:
     ) -> GroupSpec:
         """Register an ``adapters`` group (``base`` + ``adapters``) or a ``models`` group.
 
-        ``base``/paths are hub ids or local folders; relative paths resolve against
-        ``relative_to`` (a TOML file's folder). The bare base is a member with id ``base_id``
+        ``base``/paths are hub ids or local folders. A relative path that names an existing
+        folder resolves against ``relative_to`` (a TOML file's folder), else against the working
+        directory, as ``m.load("models/my-ckpt")`` does; one starting with ``.`` or ``~`` is
+        always local. Anything else is a hub id. The bare base is a member with id ``base_id``
         (default: ``base`` as given).
         """
         if not isinstance(group_id, str) or not group_id:
@@ -306,9 +308,9 @@ class Catalog:
     def _source(self, s: Any, relative_to: Path | None, group_id: str) -> str:
         if not isinstance(s, str) or not s:
             raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: model paths must be non-empty strings")
-        p = Path(s).expanduser()
-        if p.is_absolute() or s.startswith((".", "~")) or (relative_to and (relative_to / p).exists()):
-            return str((relative_to / p if relative_to and not p.is_absolute() else p).resolve())
+        p = (relative_to or Path.cwd()) / Path(s).expanduser()  # an absolute path stays itself
+        if Path(s).is_absolute() or s.startswith((".", "~")) or p.exists():
+            return str(p.resolve())
         return s  # a hub id, resolved from the local cache at load time
 
     def _adhoc_source(self, model_id: str) -> str:

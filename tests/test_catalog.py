@@ -156,6 +156,31 @@ def test_register_group_from_python(tmp_path):
     assert error(lambda: cat.register_group("bad", models={"z": ""})).code == "invalid_catalog"
 
 
+def test_python_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = model_folder(tmp_path / "models" / "my-ckpt")
+    base = model_folder(tmp_path / "models" / "base")
+    cat = Catalog(roots=[])
+    cat.register_group("mine", models={"m": "models/my-ckpt", "hub": "org/name"})
+    assert cat.model("m").source == str(ckpt)
+    assert cat.model("hub").source == "org/name"  # no such folder here: a hub id
+    g = cat.register_group("ad", base="models/base", base_id="my-base", adapters={"l": "models/lora"})
+    assert (g.base, g.members) == ("my-base", ["my-base", "l"])
+    assert cat.model("my-base").source == str(base)
+    assert cat.model("l").source == "models/lora"  # not there (yet): a hub id, as for m.load
+
+
+def test_toml_relative_paths_ignore_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_folder(tmp_path / "models" / "cwd-only")
+    toml = tmp_path / "conf" / "gpugroups.toml"
+    toml.parent.mkdir()
+    toml.write_text('[groups.g]\nmodels = { x = "models/cwd-only" }\n')
+    cat = Catalog(roots=[])
+    cat.load_toml(toml)
+    assert cat.model("x").source == "models/cwd-only"
+
+
 # ---- folders and roots ----------------------------------------------------------------
 def test_folder_under_a_root_becomes_a_single_group_on_first_use(tmp_path):
     folder = model_folder(tmp_path / "root" / "ckpt-7")
@@ -247,3 +272,22 @@ def test_hf_cache_models_are_found_and_resolved_without_network(tmp_path, monkey
 def test_an_empty_or_missing_cache_offers_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "never-made"))
     assert Catalog(roots=[]).scan_hf_cache() == []
+
+
+# ---- through the manager, with real tiny models ---------------------------------------
+def test_manager_loads_a_group_registered_by_relative_paths(tmp_path, monkeypatch, tiny_llama, tiny_adapters, tiny_gpt2):
+    import gpugroups as gg
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, src in (("my-ckpt", tiny_gpt2), ("base", tiny_llama), ("lora", tiny_adapters["tiny-a"])):
+        (models / name).symlink_to(src, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    ad = {"group_id": "ad", "base": "models/base", "base_id": "my-base", "adapters": {"lora": "models/lora"}}
+    with gg.Manager(devices="cpu", catalog=[ad]) as m:
+        m.register_group("mine", models={"m": "models/my-ckpt"})
+        assert m.load("m")["group_id"] == "mine"
+        assert m.process("m", "def f(", num_predictions=2)["predictions"]
+        assert m.load("my-base")["group_id"] == "ad"
+        assert [x["id"] for x in m.state()["models"] if x["group_id"] == "ad"] == ["my-base", "lora"]
+        assert m.process("lora", "def f(", num_predictions=2)["model_id"] == "lora"
