@@ -9,6 +9,7 @@ Light on purpose (no torch): the Jupyter server may import it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -252,7 +253,7 @@ class Catalog:
                 return self.groups[group_id]
             if isinstance(group_id, str) and group_id.startswith("single:"):
                 return self.group_of(group_id[len("single:"):])
-        raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}")
+        raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}{self._hint(group_id, 'groups')}")
 
     def model(self, model_id: str) -> ModelSpec:
         """The model called ``model_id``, creating ``single:<id>`` for a loadable unknown id."""
@@ -264,10 +265,15 @@ class Catalog:
         """The group that holds ``model_id``; an unknown but loadable id gets its single group."""
         with self._lock:
             if not isinstance(model_id, str) or not model_id:
-                raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
+                raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}{self._hint('', 'models')}")
             if model_id in self.models:
                 return self.groups[self.models[model_id].group_id]
-            source = self._adhoc_source(model_id)
+            try:
+                source = self._adhoc_source(model_id)
+            except GpuGroupsError as exc:
+                if exc.code != "unknown_model":
+                    raise
+                raise GpuGroupsError("unknown_model", exc.message + self._hint(model_id, "models")) from None
             gid = f"single:{model_id}"
             group = GroupSpec(gid, "single", model_id, [model_id])
             return self.add_group(group, [ModelSpec(model_id, gid, source, "model")])
@@ -305,6 +311,17 @@ class Catalog:
             }
 
     # ---- internals ----------------------------------------------------------------------
+    def _hint(self, name: Any, kind: str) -> str:
+        """What to add to an unknown id's message: close ids of ``kind`` and how to list them all."""
+        known = list(self.groups if kind == "groups" else self.models)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) if isinstance(name, str) else []
+        guess = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        if kind == "groups":
+            where = "m.state()['groups'] or GET /api/v2/groups"
+        else:
+            where = "m.state()['models'] or GET /api/v2/models; m.discover() lists the ids no group names yet"
+        return f".{guess} The {kind} that exist: {where}."
+
     def _source(self, s: Any, relative_to: Path | None, group_id: str) -> str:
         if not isinstance(s, str) or not s:
             raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: model paths must be non-empty strings")
@@ -328,7 +345,14 @@ class Catalog:
                 raise GpuGroupsError("invalid_model", f"model folder {model_id!r} has no config.json")
             return str(p.resolve())
         if re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model_id):
-            self.local_path(model_id)  # raises unknown_model unless cached
+            try:
+                self.local_path(model_id)
+            except GpuGroupsError:
+                raise GpuGroupsError(
+                    "unknown_model",
+                    f"unknown model {model_id!r}: not in the catalog, and not in the local Hugging Face cache"
+                    " (no hub is reached at load time)",
+                ) from None
             return model_id
         raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
 

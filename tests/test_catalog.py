@@ -224,6 +224,20 @@ def test_unknown_ids_and_groups(tmp_path):
     assert error(lambda: cat.local_path(str(tmp_path / "gone"))).code == "unknown_model"
 
 
+def test_unknown_ids_suggest_close_matches_and_how_to_list(tmp_path):
+    cat = Catalog(roots=[tmp_path])
+    cat.register_group("pycode", base="org/base", base_id="pycode-base", adapters={"pycode-tests": "org/t"})
+    err = error(lambda: cat.group_of("pycode-test"))
+    assert err.code == "unknown_model" and "Did you mean 'pycode-tests', 'pycode-base'?" in err.message
+    assert "m.state()['models']" in err.message and "m.discover()" in err.message
+    assert "GET /api/v2/models" in err.message
+    err = error(lambda: cat.group("pycod"))
+    assert err.code == "unknown_group" and "Did you mean 'pycode'?" in err.message
+    assert "m.state()['groups']" in err.message and "GET /api/v2/groups" in err.message
+    far = error(lambda: cat.group_of("zzz-unrelated"))
+    assert "Did you mean" not in far.message and "m.state()['models']" in far.message
+
+
 def test_scan_folders_finds_model_folders_to_a_depth(tmp_path):
     a = model_folder(tmp_path / "a")
     b = model_folder(tmp_path / "x" / "b")
@@ -291,3 +305,14 @@ def test_manager_loads_a_group_registered_by_relative_paths(tmp_path, monkeypatc
         assert m.load("my-base")["group_id"] == "ad"
         assert [x["id"] for x in m.state()["models"] if x["group_id"] == "ad"] == ["my-base", "lora"]
         assert m.process("lora", "def f(", num_predictions=2)["model_id"] == "lora"
+
+
+def test_manager_errors_name_close_matches(tmp_path, monkeypatch):
+    import gpugroups as gg
+
+    monkeypatch.chdir(tmp_path)
+    with gg.Manager(devices="cpu") as m:  # the demo catalog
+        err = error(lambda: m.load("pycode-doc"))
+        assert err.code == "unknown_model" and "Did you mean 'pycode-docs'" in err.message
+        err = error(lambda: m.load_group("pycde"))
+        assert err.code == "unknown_group" and "Did you mean 'pycode'?" in err.message
