@@ -155,7 +155,10 @@ class Catalog:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise GpuGroupsError("invalid_catalog", f"{path}: {exc}") from None
+            # "msg (at line L, column C)" becomes "file:L: msg (column C)", like every other catalog error.
+            found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(exc), re.S)
+            where = f"{path}:{found[2]}: {found[1]} (column {found[3]})" if found else f"{path}: {exc}"
+            raise GpuGroupsError("invalid_catalog", where) from None
         where = lambda key, section=None: f"{path}:{_line_of(text, key, section)}"  # noqa: E731
         for key in data:
             if key not in _TOP_KEYS:

@@ -102,6 +102,23 @@ def test_malformed_catalogs_are_invalid_catalog(tmp_path, text, fragment):
     assert err.code == "invalid_catalog" and fragment in err.message
 
 
+def test_a_syntax_error_names_the_file_and_line(tmp_path):
+    toml = tmp_path / "gpugroups.toml"
+    toml.write_text('[groups.a]\nmodels = ["x"]\n[groups.b\n')
+    err = error(lambda: Catalog(roots=[]).load_toml(toml))
+    assert err.code == "invalid_catalog" and err.message.startswith(f"{toml}:3: ")
+
+
+def test_a_malformed_working_directory_catalog_is_an_error_not_skipped(tmp_path, monkeypatch):
+    import gpugroups as gg
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPUGROUPS_CATALOG", raising=False)
+    (tmp_path / "gpugroups.toml").write_text('[groups.mine]\nmodels = ["x"]\nbsae = "y"\n')
+    err = error(lambda: gg.Manager(devices="cpu"))
+    assert err.code == "invalid_catalog" and f"{tmp_path / 'gpugroups.toml'}:3:" in err.message
+
+
 def test_missing_catalog_file_is_invalid_catalog(tmp_path):
     err = error(lambda: Catalog(roots=[]).load_toml(tmp_path / "nope.toml"))
     assert err.code == "invalid_catalog" and "nope.toml" in err.message
@@ -117,7 +134,7 @@ def test_duplicate_group_ids_name_the_id(tmp_path):
     toml = tmp_path / "gpugroups.toml"
     toml.write_text('[groups.twice]\nmodels = ["a"]\n[groups.twice]\nmodels = ["b"]\n')
     err = error(lambda: Catalog(roots=[]).load_toml(toml))
-    assert err.code == "invalid_catalog" and "twice" in err.message and "line 3" in err.message
+    assert err.code == "invalid_catalog" and "twice" in err.message and f"{toml}:3:" in err.message
 
 
 def test_duplicate_model_ids_name_the_id_and_both_groups(tmp_path):
