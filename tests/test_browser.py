@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from scripts.lab import lab_command
+
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -55,22 +57,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp / "root"
     shutil.copytree(REPO / "notebooks", root)
     config, data, runtime = tmp / "config", tmp / "data", tmp / "runtime"
-    settings = tmp / "app-settings"
-    for d in (config, data, runtime, settings):
+    for d in (config, data, runtime):
         d.mkdir()
     shutil.copy(REPO / "binder" / "jupyter_server_config.json", config / "jupyter_server_config.json")
-    (settings / "overrides.json").write_text(
-        json.dumps(
-            {
-                "@jupyterlab/apputils-extension:notification": {
-                    "fetchNews": "false",
-                    "checkForUpdates": False,
-                },
-                # Keep every cell in the DOM so waits and reads never miss a scrolled-away cell.
-                "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
-            }
-        )
-    )
+    # Keep every cell in the DOM so waits and reads never miss a scrolled-away cell.
+    windowing = {"@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"}}
     port, token = _free_port(), secrets.token_hex(16)
     env = {
         **os.environ,
@@ -79,23 +70,19 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "JUPYTER_RUNTIME_DIR": str(runtime),
         "PYTHONUNBUFFERED": "1",
     }
+    # Command one's command line (scripts/start.sh runs the same lab_command), on a test port.
+    command = lab_command(root, tmp / "lab-state", windowing) + [
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+    ]
     # The server keeps its own handle on the log; ours can close at once.
     with open(tmp / "server.log", "wb") as log:
         proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("jupyter-lab")),
-                "--no-browser",
-                "--allow-root",
-                "--ip=127.0.0.1",
-                f"--port={port}",
-                "--port-retries=0",
-                f"--IdentityProvider.token={token}",
-                f"--ServerApp.root_dir={root}",
-                "--LabApp.news_url=None",
-                f"--LabApp.app_settings_dir={settings}",
-                f"--LabApp.user_settings_dir={tmp / 'user-settings'}",
-                f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
-            ],
+            command,
             cwd=root,
             env=env,
             stdout=log,
@@ -139,6 +126,11 @@ def browser() -> Iterator[Any]:
 
 def open_notebook(page: Any, lab: dict[str, Any], name: str) -> None:
     page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
+    wait_notebook(page)
+
+
+def wait_notebook(page: Any) -> None:
+    """Until a notebook shows its cells and its kernel is idle."""
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     # The execution indicator reads "idle" before any kernel exists; the status bar does not.
     page.wait_for_function(
@@ -210,6 +202,23 @@ def page_for(browser: Any, name: str) -> Iterator[Any]:
         raise
     finally:
         page.close()
+
+
+def test_command_one_opens_the_quickstart_with_nothing_to_dismiss(lab: dict[str, Any], browser: Any) -> None:
+    """The URL the server prints opens the quickstart as the only, active tab; no dialog, no toast."""
+    printed = re.search(r"http://127\.0\.0\.1:\d+(/\S*)\?token=", lab["log"].read_text())
+    assert printed and printed[1] == "/lab/tree/quickstart.ipynb", printed
+    with page_for(browser, "command-one") as page:
+        page.goto(f"{lab['url']}{printed[1]}?token={lab['token']}")
+        wait_notebook(page)
+        page.wait_for_timeout(2000)  # time for a news question or an update toast to pop up, if any
+        shot(page, page.locator("#jp-main-dock-panel"), "command-one.png")
+        tabs = page.locator("#jp-main-dock-panel .lm-TabBar-tab")
+        assert tabs.all_inner_texts() == ["quickstart.ipynb"]
+        assert "lm-mod-current" in (tabs.first.get_attribute("class") or "")
+        assert page.locator(".jp-Dialog").count() == 0
+        toasts = page.locator(".Toastify__toast")
+        assert toasts.count() == 0, toasts.all_inner_texts()
 
 
 def test_quickstart_panel_in_jupyterlab(lab: dict[str, Any], browser: Any) -> None:
