@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from scripts.lab import lab_command
+from tests import panel_checks
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
@@ -297,6 +298,9 @@ def _drive_quickstart(page: Any) -> None:
     _measure_live_updates(page)
     _click_while_a_cell_runs(page, panel, "pycode-docs")
 
+    # Readable in both themes, from a 360 px side panel to full width; the error line is shown.
+    assert error.is_visible()
+    _check_readable(page, panel, "light")
     # Dark theme: the same panel through JupyterLab's own theme switch.
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Settings$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Theme$")).hover()
@@ -304,6 +308,17 @@ def _drive_quickstart(page: Any) -> None:
     page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
     page.wait_for_timeout(300)  # the theme's stylesheet swaps in after the attribute flips
     shot(page, panel, "quickstart-panel-dark.png")
+    _check_readable(page, panel, "dark")
+
+
+def _check_readable(page: Any, panel: Any, theme: str) -> None:
+    """Every text meets WCAG AA contrast, and nothing overflows or cuts a name at 360 px."""
+    bad = panel_checks.low_contrast(panel)
+    assert not bad, f"{theme} theme, under {panel_checks.MIN_CONTRAST}:1: {bad}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width in (360, 600):
+        found = panel_checks.at_width(page, panel, width, ARTIFACTS / f"panel-{width}px-{theme}.png")
+        assert found == {"outside": [], "cut": [], "scrolls": False}, f"{width} px, {theme}: {found}"
 
 
 def _measure_live_updates(page: Any) -> None:

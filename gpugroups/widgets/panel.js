@@ -274,13 +274,14 @@ class PanelView {
       node._other = h("span", { class: "gg-mem-other" });
       node._free = h("span", { class: "gg-mem-free" });
       node._memText = h("div", { class: "gg-mem-text" });
-      node._memParts = ["ours", "other", "free"].map((kind) => h("span", { class: `gg-legend gg-legend-${kind}` }));
+      node._memParts = ["ours", "other", "free", "reserved"].map((kind) => h("span", { class: `gg-legend gg-legend-${kind}` }));
+      node._memParts[3].title = "free, but outside the memory budget gpugroups may fill";
       node._memTotal = h("span", { class: "gg-legend-total" });
       node._memText.append(...node._memParts, node._memTotal);
       node._groups = h("ul", { class: "gg-resident" });
       node.append(
         h("div", { class: "gg-device-head" }, node._name, node._desc, node._status, node._queue, node._clear),
-        h("div", { class: "gg-membar", role: "img" }, node._ours, node._other, node._free),
+        h("div", { class: "gg-membar", role: "img" }, node._ours, node._other, node._free, h("span", { class: "gg-mem-reserved" })),
         node._memText, node._groups);
       return node;
     }, (node, d) => {
@@ -298,9 +299,14 @@ class PanelView {
       node._clear.disabled = blocked || !(d.resident_groups || []).length;
       node._ours.style.width = `${percent(ours, whole)}%`;
       node._other.style.width = `${percent(other, whole)}%`;
+      node._ours.style.minWidth = ours > 0 ? "3px" : "0";  // a small share stays visible
       node._free.style.width = `${percent(mem.free_bytes || 0, whole)}%`;
-      const labels = [`ours ${formatBytes(ours)}`, `others ${formatBytes(other)}`, `free ${formatBytes(mem.free_bytes)}`];
+      // The rest of the bar (its background) is what lies outside the budget: label it too.
+      const reserved = Math.max(0, whole - ours - other - (mem.free_bytes || 0));
+      const labels = [`ours ${formatBytes(ours)}`, `others ${formatBytes(other)}`, `free ${formatBytes(mem.free_bytes)}`,
+        `reserved ${formatBytes(reserved)}`];
       labels.forEach((label, i) => setText(node._memParts[i], label));
+      setHidden(node._memParts[3], reserved < whole / 200);
       setText(node._memTotal, `of ${formatBytes(whole)}`);
       node.querySelector(".gg-membar").setAttribute("aria-label", `${labels.join(", ")} of ${formatBytes(whole)}`);
       const resident = [...(d.resident_groups || [])];
