@@ -3,7 +3,8 @@
 import pytest
 
 from gpugroups.errors import GpuGroupsError
-from gpugroups.placement import DeviceView, ResidentView, place
+from bench.placement_trace import reference_traces, simulate
+from gpugroups.placement import DeviceView, Ledger, ResidentView, place
 
 MiB = 1024**2
 
@@ -12,8 +13,8 @@ def dev(i, free, *residents):
     return DeviceView(i, free * MiB, tuple(residents))
 
 
-def res(gid, size, last_used, pinned=False, busy=False):
-    return ResidentView(gid, size * MiB, last_used, pinned, busy)
+def res(gid, size, last_used, pinned=False, busy=False, value=0.0):
+    return ResidentView(gid, size * MiB, last_used, pinned, busy, value)
 
 
 def test_resident_group_stays_where_it_is():
@@ -67,3 +68,38 @@ def test_insufficient_memory_names_estimate_and_each_device_room():
     assert [r["device_id"] for r in err.details["devices"]] == [0, 1]
     assert err.details["devices"][1]["evictable_bytes"] == 30 * MiB
     assert "500.0 MiB" in err.message and "device 1" in err.message
+
+
+def test_a_small_hot_group_outlives_a_big_cold_one_used_more_recently():
+    ledger = Ledger()
+    for _ in range(10):
+        ledger.used("hot", 50 * MiB)
+    ledger.used("cold", 200 * MiB)  # used last, but once and big
+    devices = [dev(0, 0, res("hot", 50, 1.0, value=ledger.value("hot")), res("cold", 200, 2.0, value=ledger.value("cold")))]
+    assert place("x", 40 * MiB, devices).evict == ("cold",)
+
+
+def test_evicting_raises_the_clock_so_old_popularity_ages_out():
+    ledger = Ledger()
+    for _ in range(5):
+        ledger.used("old", MiB)
+    ledger.used("victim", MiB)
+    ledger.evicted("victim")
+    assert ledger.clock == pytest.approx(1 / MiB)  # the victim's value: 0 + 1 use / 1 MiB
+    for _ in range(10):  # every later eviction prices new uses higher
+        ledger.used("v", MiB)
+        ledger.evicted("v")
+    ledger.used("new", MiB)
+    assert ledger.value("new") > ledger.value("old")
+
+
+def test_the_device_losing_least_value_is_chosen():
+    devices = [dev(0, 0, res("precious", 10, 1.0, value=9.0)), dev(1, 0, res("cheap", 100, 9.0, value=1.0))]
+    assert place("x", 10 * MiB, devices).evict == ("cheap",)
+
+
+def test_on_the_reference_traces_the_policy_loads_less_than_lru_and_the_old_rule():
+    for trace in reference_traces():
+        loads = simulate(trace, "gdsf")
+        assert loads < simulate(trace, "lru"), trace.name
+        assert loads < simulate(trace, "size"), trace.name
