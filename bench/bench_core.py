@@ -111,7 +111,7 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     # The baseline runs the very model object the manager holds (same weights, same memory),
     # so the difference is the manager's own work: queueing, batching, padding, bookkeeping.
     m.load(ADAPTERS[0])
-    peft_model = m._slots[GROUP].runtime.members[ADAPTERS[0]].model
+    peft_model = m._workers[0].runtimes()[GROUP].members[ADAPTERS[0]].model
     tok = AutoTokenizer.from_pretrained(folders[BASE])
     target = torch.device(dev.backing)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpugroups.devices import detect, parse_size
+from gpugroups.engine.devices import detect, parse_size
 from gpugroups.errors import GpuGroupsError
 
 

@@ -7,6 +7,7 @@ import pytest
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
+from tests.engine.gated import gated_manager
 
 GROUPS = ["g1", "g2", "g3", "g4", "g5"]
 
@@ -27,8 +28,13 @@ def catalog_factory(tiny_llama, tiny_gpt2, models_root):
 
 
 def manager(catalog_factory, per_device_groups: float, **kw):
+    return gated(catalog_factory, per_device_groups, **kw)[0]
+
+
+def gated(catalog_factory, per_device_groups: float, **kw):
+    """A manager on three virtual devices whose workers can be held, and those workers."""
     make, biggest = catalog_factory
-    return gg.Manager(devices=f"virtual:3x{int(biggest * per_device_groups)}B", catalog=make(), **kw)
+    return gated_manager(devices=f"virtual:3x{int(biggest * per_device_groups)}B", catalog=make(), **kw)
 
 
 def resident(m):
@@ -119,11 +125,11 @@ def test_clear_device_keeps_pinned_groups(catalog_factory):
 def test_a_busy_device_never_delays_a_prompt_on_another(catalog_factory):
     import threading
 
-    with manager(catalog_factory, 3) as m:
+    m, workers = gated(catalog_factory, 3)
+    with m:
         m.load_group("g1", device_id=0)
         m.load_group("g2", device_id=1)
-        gate = threading.Event()
-        m._workers[0].call(gate.wait)  # device 0 stuck in a long operation
+        gate = workers[0].hold()  # device 0 stuck in a long operation
         slow = threading.Thread(target=m.process, args=("m1", "import"))
         slow.start()
         try:

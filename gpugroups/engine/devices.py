@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import GpuGroupsError
+from ..errors import GpuGroupsError
 
 _UNITS = {
     "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
