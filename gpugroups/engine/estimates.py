@@ -46,8 +46,12 @@ class EstimateCache:
 
     def ensure(self, group: GroupSpec, devices: Iterable[Device], retry_failed: bool = False) -> None:
         """Compute what is missing (or stale) for ``group`` on these devices. Does file I/O: call unlocked."""
+        done: set[tuple[str, str, str]] = set()
         for dev in devices:
             key = self._key(group, dev)
+            if key in done:  # devices of one kind and dtype share an estimate
+                continue
+            done.add(key)
             with self._lock:
                 entry = self._entries.get(key)
             if entry is not None and entry.spec == group and (entry.error is None or not retry_failed):
