@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from gpugroups.catalog import GroupSpec
 from gpugroups.engine import estimate as est
 from gpugroups.engine.torchkit import measured_bytes
-from gpugroups.catalog import GroupSpec
 from gpugroups.errors import GpuGroupsError
 from tests import tinymodels
 
