@@ -21,6 +21,10 @@ import torch
 
 import gpugroups as gg
 from gpugroups.catalog import Catalog
+from gpugroups.engine.estimate import default_dtype
+from gpugroups.engine.estimates import folders as estimate_folders
+from gpugroups.engine.torchkit import torch_dtype
+from gpugroups.engine.worker import ThreadWorker
 
 GROUP, BASE, ADAPTERS = "pycode", "pycode-base", ("pycode-tests", "pycode-docs")
 PROMPT = "def __init__(self"
@@ -72,14 +76,14 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     """Measure and print every figure; returns them for callers such as the GPU check."""
     from transformers import AutoTokenizer
 
-    m = gg.Manager(devices=devices, catalog=_demo())
+    workers: list[ThreadWorker] = []  # the worker seam: keep the workers to reach the model they hold
+    m = gg.Manager(devices=devices, catalog=_demo(), worker=lambda d: workers.append(ThreadWorker(d)) or workers[-1])
     dev = m.devices[0]
     on_cuda = dev.backing.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        m._dtype(m.catalog.group(GROUP), dev)
-    ]
-    folders = m._folders(m.catalog.group(GROUP))
+    group = m.catalog.group(GROUP)
+    dtype = torch_dtype(group.dtype or default_dtype(dev.kind, dev.supports_bf16))
+    folders = estimate_folders(m.catalog, group)
     out: dict[str, float] = {}
 
     loads, unloads = [], []
@@ -111,7 +115,7 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     # The baseline runs the very model object the manager holds (same weights, same memory),
     # so the difference is the manager's own work: queueing, batching, padding, bookkeeping.
     m.load(ADAPTERS[0])
-    peft_model = m._slots[GROUP].runtime.members[ADAPTERS[0]].model
+    peft_model = workers[0].runtimes()[GROUP].members[ADAPTERS[0]].model
     tok = AutoTokenizer.from_pretrained(folders[BASE])
     target = torch.device(dev.backing)
 

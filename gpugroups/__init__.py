@@ -15,16 +15,16 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .client import Client
-    from .core import Manager
+    from .engine.manager import Manager
 
 __all__ = ["Client", "GpuGroupsError", "Manager", "manager", "panel", "serve", "__version__"]
 
-_LAZY = {"Manager": ".core", "Client": ".client"}
+_LAZY = {"Manager": ".engine.manager", "Client": ".client"}
 
 
 def manager(**kwargs: Any) -> Manager:
     """This kernel's manager, created on first call (``kwargs`` go to ``Manager`` then)."""
-    from .core import default_manager
+    from .engine.manager import default_manager
 
     return default_manager(**kwargs)
 

@@ -9,7 +9,11 @@ import sys
 
 HEAVY = ("torch", "transformers", "peft")
 
-LIGHT = ["gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.catalog", "gpugroups.placement"]
+LIGHT = [
+    "gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.catalog", "gpugroups.placement",
+    # the engine package itself and the worker seam stay light too (an out-of-process worker imports them)
+    "gpugroups.engine", "gpugroups.engine.worker",
+]
 
 # Runs in a fresh interpreter: this test process has long imported torch itself. Besides
 # importing, it does what the server does with them: find the extension point, build a
@@ -48,7 +52,7 @@ def test_light_modules_import_no_torch_transformers_or_peft():
 def test_the_probe_notices_a_heavy_import():
     """The same probe on a module that does import torch must say so (the check can fail)."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(["gpugroups.estimate", "torch"]), json.dumps(HEAVY)],
+        [sys.executable, "-c", PROBE, json.dumps(["gpugroups.engine.inference"]), json.dumps(HEAVY)],
         capture_output=True, text=True, check=True, timeout=120,
     )
     assert "torch" in json.loads(out.stdout.strip().splitlines()[-1])["heavy"]

@@ -28,7 +28,7 @@ from ..errors import GpuGroupsError
 from ..events import Coalescer
 
 if TYPE_CHECKING:
-    from ..core import Manager
+    from ..engine.manager import Manager
 
 _HERE = Path(__file__).resolve().parent
 

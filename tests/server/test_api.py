@@ -265,7 +265,7 @@ def test_client_methods_mirror_the_manager() -> None:
     import inspect
 
     from gpugroups import Client
-    from gpugroups.core import Manager
+    from gpugroups.engine.manager import Manager
 
     for op in OPS.values():
         client_params = list(inspect.signature(getattr(Client, op.manager_method)).parameters)

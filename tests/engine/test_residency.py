@@ -7,6 +7,7 @@ import pytest
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
+from tests.engine.gated import gated_manager, wait_for
 
 GROUPS = ["g1", "g2", "g3", "g4", "g5"]
 
@@ -27,8 +28,13 @@ def catalog_factory(tiny_llama, tiny_gpt2, models_root):
 
 
 def manager(catalog_factory, per_device_groups: float, **kw):
+    return gated(catalog_factory, per_device_groups, **kw)[0]
+
+
+def gated(catalog_factory, per_device_groups: float, **kw):
+    """A manager on three virtual devices whose workers can be held, and those workers."""
     make, biggest = catalog_factory
-    return gg.Manager(devices=f"virtual:3x{int(biggest * per_device_groups)}B", catalog=make(), **kw)
+    return gated_manager(devices=f"virtual:3x{int(biggest * per_device_groups)}B", catalog=make(), **kw)
 
 
 def resident(m):
@@ -119,11 +125,11 @@ def test_clear_device_keeps_pinned_groups(catalog_factory):
 def test_a_busy_device_never_delays_a_prompt_on_another(catalog_factory):
     import threading
 
-    with manager(catalog_factory, 3) as m:
+    m, workers = gated(catalog_factory, 3)
+    with m:
         m.load_group("g1", device_id=0)
         m.load_group("g2", device_id=1)
-        gate = threading.Event()
-        m._workers[0].call(gate.wait)  # device 0 stuck in a long operation
+        gate = workers[0].hold()  # device 0 stuck in a long operation
         slow = threading.Thread(target=m.process, args=("m1", "import"))
         slow.start()
         try:
@@ -156,3 +162,51 @@ def test_concurrent_loads_on_two_devices_leave_transformers_intact(catalog_facto
     assert (torch.nn.init.normal_, torch.nn.init.zeros_) == originals
     fresh = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+
+
+def test_an_interrupt_reaches_a_caller_waiting_for_another_callers_load(tiny_catalog_toml):
+    """Ctrl-C (SIGINT, a KeyboardInterrupt in the main thread) while this call waits for a load
+    another caller started: the interrupt is raised here, and the load still completes."""
+    import signal
+    import threading
+
+    m, workers = gated_manager(devices="cpu", catalog=tiny_catalog_toml)
+    gate = workers[0].hold()  # the other caller's load stays in progress
+    loader = threading.Thread(target=m.load, args=("tiny-a",))
+    raised_in_wait = threading.Event()
+
+    def interrupt_if_waiting(signum, frame):
+        # Only an interrupt that lands inside the manager's wait tests anything: before the call
+        # gets there, ignore it (the sender tries again).
+        f = frame
+        while f is not None:
+            if f.f_code.co_name == "result" and f.f_code.co_filename.endswith("futures/_base.py"):
+                raised_in_wait.set()
+                raise KeyboardInterrupt
+            f = f.f_back
+
+    def sender(main: int) -> None:
+        for _ in range(200):  # about 10 s, the generous bound for "raised at all"
+            if raised_in_wait.is_set():
+                break
+            signal.pthread_kill(main, signal.SIGINT)
+            raised_in_wait.wait(0.05)
+        gate.set()  # if the interrupt was swallowed, the waiting call returns normally now
+
+    previous = signal.signal(signal.SIGINT, interrupt_if_waiting)
+    try:
+        loader.start()
+        assert wait_for(lambda: m.state()["operations"])
+        threading.Thread(target=sender, args=(threading.main_thread().ident,), daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            m.load("tiny-b")  # waits for the other caller's load of the same group
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        gate.set()
+        loader.join(60)
+    try:
+        s = m.state()
+        assert s["operations"] == [] and s["devices"][0]["resident_groups"] == ["tiny"]
+        assert m.load("tiny-b")["status"] == "already_loaded"
+    finally:
+        m.close()

@@ -14,28 +14,19 @@ import gc
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .catalog import GroupSpec, read_json
+from ..catalog import GroupSpec
 from .devices import Device
-from .errors import GpuGroupsError
-from .estimate import measured_bytes
+from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
+from .worker import Progress
 
-Progress = Callable[[float, str], None]
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-#: transformers builds a model by temporarily patching module globals (``torch.nn.init``
-#: functions, weight tying). Two threads doing that at once leave them patched for good: later
-#: loads come out untied or with uninitialised buffers. Every model construction in this
-#: process (loads here, meta-device estimates) holds this lock.
-CONSTRUCTION_LOCK = threading.RLock()
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -49,14 +40,13 @@ class Member:
 
 
 class Runtime:
-    """A group loaded on one device. Only that device's worker calls ``forward``/``unload``."""
+    """A group loaded on one device. Only that device's worker uses it (``rows``, ``unload``)."""
 
     def __init__(self, group: GroupSpec, device: Device, dtype: str) -> None:
         self.group = group
         self.device = device
         self.dtype = dtype
         self.members: dict[str, Member] = {}
-        self.current: str = group.members[0]
         self.bytes = 0
         self._peft: Any = None
         self._switch_lock = threading.Lock()
@@ -92,7 +82,7 @@ class Runtime:
 
         g = self.group
         steps = len(g.members) + 1
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": g.trust_remote_code}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype(self.dtype), "trust_remote_code": g.trust_remote_code}
         if self.device.backing != "cpu":
             kwargs["device_map"] = {"": self.device.backing}
         if g.kind == "adapters":
@@ -100,7 +90,7 @@ class Runtime:
             report(0.0, f"loading base {g.base}")
             base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).eval()
             tok = AutoTokenizer.from_pretrained(base_dir)
-            ctx = _context_length(base_dir)
+            ctx = context_length(base_dir)
             self.members[g.base] = Member(base, tok, ctx)  # type: ignore[index]
             report(1 / steps, f"loaded base {g.base}")
             adapters = [m for m in g.members if m != g.base]
@@ -123,18 +113,12 @@ class Runtime:
                 report(i / steps, f"loading {mid}")
                 model = AutoModelForCausalLM.from_pretrained(folders[mid], **kwargs).eval()
                 tok = AutoTokenizer.from_pretrained(folders[mid])
-                self.members[mid] = Member(model, tok, _context_length(folders[mid]))
+                self.members[mid] = Member(model, tok, context_length(folders[mid]))
         for m in self.members.values():
             if m.tokenizer.pad_token_id is None:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
 
     # ---- using --------------------------------------------------------------------------
-    def switch(self, member_id: str) -> None:
-        """Make ``member_id`` current. For adapters groups this is PEFT's pointer change."""
-        if member_id not in self.members:
-            raise GpuGroupsError("unknown_model", f"{member_id!r} is not a member of group {self.group.id!r}")
-        self.current = member_id
-
     @contextlib.contextmanager
     def rows(self, member_ids: list[str]) -> Iterator[tuple[Any, dict[str, Any]]]:
         """The model to call for a batch whose rows belong to ``member_ids``, and extra kwargs.
@@ -200,10 +184,3 @@ def _quiet() -> Iterator[None]:
         if bars:
             hf_logging.enable_progress_bar()
 
-
-def _context_length(folder: Path) -> int:
-    cfg = read_json(Path(folder) / "config.json")
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return int(cfg[key])
-    return 2048

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpugroups.devices import detect, parse_size
+from gpugroups.engine.devices import detect, parse_size
 from gpugroups.errors import GpuGroupsError
 
 
@@ -82,3 +82,17 @@ def test_bad_specs_are_clear_errors(spec):
     with pytest.raises(GpuGroupsError) as e:
         detect(spec)
     assert e.value.code in ("invalid_request", "unknown_device") and e.value.message
+
+
+def test_cpu_memory_is_what_psutil_reports(monkeypatch):
+    """Host RAM comes from psutil (every OS), not from parsing /proc/meminfo by hand."""
+    import psutil
+
+    cpu = detect("cpu")[0]
+    assert cpu.total_bytes == psutil.virtual_memory().total
+    available = 123_456_789  # a figure no real /proc/meminfo would show right now
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=available))
+    mem = cpu.memory(0)
+    assert mem["free_bytes"] == available
+    assert mem["other_bytes"] == cpu.total_bytes - available

@@ -10,23 +10,12 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .runtime import Runtime
-
-
-@dataclass
-class Request:
-    """One ``process`` call as the device worker sees it."""
-
-    member: str
-    prompt: str
-    num_predictions: int
-    max_new_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
+from .worker import Request
 
 
 def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
+from tests.engine.gated import gated_manager
 
 MODELS = ["tiny-base", "tiny-a", "tiny-b", "tiny-gpt2", "solo-llama", "solo-gpt2"]
 GROUPS = ["tiny", "gpt", "solo1", "solo2"]
@@ -62,7 +63,7 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
     class Machine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
-            self.m = gg.Manager(devices=f"virtual:{NUM_DEVICES}x{device_bytes}B", catalog=make_catalog())
+            self.m, self.workers = gated_manager(devices=f"virtual:{NUM_DEVICES}x{device_bytes}B", catalog=make_catalog())
 
         def teardown(self) -> None:
             self.m.close()
@@ -103,12 +104,9 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
                 mem = d["memory"]
                 assert mem["manager_bytes"] <= mem["budget_bytes"], d
                 seen += d["resident_groups"]
-                real = sorted(
-                    sl.group.id for sl in self.m._slots.values()
-                    if sl.device_id == d["device_id"] and sl.state == "resident" and sl.runtime is not None
-                )
-                assert sorted(d["resident_groups"]) == real
-                members = sorted(mid for gid in real for mid in self.m._slots[gid].runtime.members)
+                loaded = self.workers[d["device_id"]].runtimes()  # what the device's worker really holds
+                assert sorted(d["resident_groups"]) == sorted(loaded)
+                members = sorted(mid for rt in loaded.values() for mid in rt.members)
                 assert sorted(d["loaded_models"]) == members
             assert len(seen) == len(set(seen)), "a group is resident twice"
             for g in s["groups"]:

@@ -1,12 +1,10 @@
-"""The Manager with real tiny models: load, switch, process, events, failures, bad input."""
+"""The Manager facade with real tiny models: load, switch, process, twins, failures, bad input."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +12,9 @@ import torch
 import gpugroups as gg
 from gpugroups.errors import GpuGroupsError
 from gpugroups.protocol import MAX_NUM_PREDICTIONS
+from tests.engine.gated import wait_for
 
 PROMPT = "def __init__(self"
-
-
-@pytest.fixture
-def m(tiny_catalog_toml: Path):
-    mgr = gg.Manager(devices="cpu", catalog=tiny_catalog_toml)
-    yield mgr
-    mgr.close()
 
 
 def raw_top(model, tokenizer, prompt: str, k: int):
@@ -33,15 +25,6 @@ def raw_top(model, tokenizer, prompt: str, k: int):
     lp = torch.log_softmax(logits, -1)
     vals, ids = torch.topk(lp, k)
     return ids.tolist(), vals.tolist()
-
-
-def wait_for(pred, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def test_load_process_matches_raw_models(m, tiny_llama, tiny_adapters):
@@ -70,32 +53,6 @@ def test_load_process_matches_raw_models(m, tiny_llama, tiny_adapters):
         assert probs == sorted(probs, reverse=True)
 
 
-def test_concurrent_requests_are_batched_and_equal_unbatched(m):
-    m.load_group("tiny")
-    prompts = ["import os\nimport", "class Foo(", "    return self.", PROMPT, "for i in range("]
-    members = ["tiny-base", "tiny-a", "tiny-b", "tiny-a", "tiny-base"]
-    alone = [m.process(mid, p, num_predictions=4) for mid, p in zip(members, prompts)]
-    results: list = [None] * len(prompts)
-
-    def run(i):
-        results[i] = m.process(members[i], prompts[i], num_predictions=4)
-
-    # Block the device worker so the requests queue up and must share a forward pass.
-    gate = threading.Event()
-    m._workers[0].call(gate.wait)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    assert wait_for(lambda: m._workers[0].queue_depth >= len(prompts) + 1)
-    gate.set()
-    for t in threads:
-        t.join(30)
-    assert max(r["timing"]["batch_size"] for r in results) == len(prompts)
-    for a, b in zip(alone, results):
-        assert [p["token_id"] for p in a["predictions"]] == [p["token_id"] for p in b["predictions"]]
-        assert [p["logprob"] for p in b["predictions"]] == pytest.approx([p["logprob"] for p in a["predictions"]], abs=1e-5)
-
-
 def test_switch_member_is_instant_and_needs_no_memory(m):
     m.load("tiny-a")
     before = m.state()
@@ -109,49 +66,6 @@ def test_switch_member_is_instant_and_needs_no_memory(m):
     assert m.process("tiny-b", PROMPT)["predictions"] != m.process("tiny-a", PROMPT)["predictions"]
 
 
-def test_state_json_shape_and_consistency(m):
-    m.load("tiny-gpt2")
-    s = m.state()
-    assert set(s) == {"version", "num_devices", "devices", "groups", "models", "operations"}
-    d = s["devices"][0]
-    for key in ("device_id", "device", "kind", "name", "memory", "current_group", "resident_groups",
-                "loaded_models", "status", "is_switching", "queue_depth"):
-        assert key in d
-    assert set(d["memory"]) >= {"total_bytes", "used_bytes", "free_bytes", "budget_bytes"}
-    assert d["resident_groups"] == ["gpt"] and d["loaded_models"] == ["tiny-gpt2"]
-    groups = {g["id"]: g for g in s["groups"]}
-    assert groups["gpt"]["resident_on"] == [0] and groups["tiny"]["resident_on"] == []
-    assert groups["tiny"]["models"] == ["tiny-base", "tiny-a", "tiny-b"]
-    assert all(g["memory_estimate_bytes"] > 0 for g in groups.values())
-    models = {x["id"]: x for x in s["models"]}
-    assert models["tiny-gpt2"]["is_loaded"] and not models["tiny-a"]["is_loaded"]
-    assert s["operations"] == []
-    m.unload("tiny-gpt2")
-    s = m.state()
-    assert s["devices"][0]["resident_groups"] == [] and s["devices"][0]["memory"]["manager_bytes"] == 0
-
-
-def test_events_follow_every_change_in_order(m):
-    events: list[dict] = []
-    unsubscribe = m.subscribe(events.append)
-    m.load("tiny-a")
-    m.load("tiny-b")
-    m.unload_group("tiny")
-    assert wait_for(lambda: events and events[-1]["version"] == m.version)
-    assert not events[-1]["state"]["devices"][0]["resident_groups"]
-    versions = [e["version"] for e in events]
-    assert versions == sorted(versions) and len(set(versions)) == len(versions)
-    progress = [e for e in events if e["type"] == "load_progress"]
-    assert progress and progress[-1]["progress"] == 1.0 and progress[0]["group_id"] == "tiny"
-    states = [e["state"] for e in events if e["type"] == "state_update"]
-    assert any(s["operations"] for s in states), "a load shows as an operation while it runs"
-    unsubscribe()
-    n = len(events)
-    m.load("tiny-gpt2")
-    time.sleep(0.2)
-    assert len(events) == n
-
-
 def test_same_group_requested_concurrently_is_loaded_once(m):
     outs: list = []
     threads = [threading.Thread(target=lambda mid=mid: outs.append(m.load(mid))) for mid in ("tiny-a", "tiny-b", "tiny-base")]
@@ -159,13 +73,13 @@ def test_same_group_requested_concurrently_is_loaded_once(m):
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(o["status"] for o in outs).count("loaded") >= 1
+    assert sorted(o["status"] for o in outs) == ["already_loaded", "already_loaded", "loaded"]
     assert m.state()["devices"][0]["resident_groups"] == ["tiny"]
 
 
-def test_process_waits_for_a_load_in_progress(m):
-    gate = threading.Event()
-    m._workers[0].call(gate.wait)  # hold the worker so the load stays in progress
+def test_process_waits_for_a_load_in_progress(held):
+    m, worker = held
+    gate = worker.hold()  # the load stays in progress until the gate opens
     loader = threading.Thread(target=m.load, args=("tiny-a",))
     loader.start()
     assert wait_for(lambda: m.state()["operations"])
@@ -255,13 +169,14 @@ def test_default_manager_is_one_per_process():
         gg.manager(devices="cpu")
 
 
-def test_unload_really_frees_the_models(m):
+def test_unload_really_frees_the_models(held):
     import gc
     import weakref
 
+    m, worker = held
     m.load("tiny-a")
     m.process("tiny-a", PROMPT)
-    runtime = m._slots["tiny"].runtime
+    runtime = worker.runtimes()["tiny"]
     refs = [weakref.ref(member.model) for member in runtime.members.values()]
     del runtime
     m.unload("tiny-a")

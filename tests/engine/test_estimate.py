@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gpugroups import estimate as est
 from gpugroups.catalog import GroupSpec
+from gpugroups.engine import estimate as est
+from gpugroups.engine.torchkit import measured_bytes
 from gpugroups.errors import GpuGroupsError
 from tests import tinymodels
 
@@ -57,7 +58,7 @@ def close(estimate: int, measured: int) -> bool:
 @pytest.mark.parametrize(("arch", "size", "stored", "dtype"), CASES, ids=["-".join(c) for c in CASES])
 def test_header_and_meta_estimates_match_the_loaded_model(zoo, arch, size, stored, dtype):
     folder = zoo(arch, size, stored)
-    measured = est.measured_bytes(load(folder, dtype))
+    measured = measured_bytes(load(folder, dtype))
     from_header = est.weight_bytes(folder, dtype)
     from_meta = est.meta_bytes(folder, dtype)
     assert close(from_header, measured), (from_header, measured)
@@ -67,7 +68,7 @@ def test_header_and_meta_estimates_match_the_loaded_model(zoo, arch, size, store
 def test_tied_heads_count_once(zoo):
     model = load(zoo("gpt2"), "float32")
     naive = sum(t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values())
-    unique = est.measured_bytes(model)
+    unique = measured_bytes(model)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert unique == naive - model.lm_head.weight.numel() * 4
 
@@ -81,7 +82,7 @@ def test_tied_head_stored_twice_counts_once(zoo, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    measured = est.measured_bytes(load(folder, "float32"))
+    measured = measured_bytes(load(folder, "float32"))
     assert est.weight_bytes(folder, "float32") == measured
 
 
@@ -90,12 +91,12 @@ def test_without_safetensors_the_config_is_built_on_meta(zoo, models_root, token
         models_root / "llama-bin", "llama", "small", tokenizer_dir=tokenizer_dir, safetensors=False
     )
     assert not list(bin_only.glob("*.safetensors"))
-    measured = est.measured_bytes(load(bin_only, "float32"))
+    measured = measured_bytes(load(bin_only, "float32"))
     assert close(est.weight_bytes(bin_only, "float32"), measured)
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     shutil.copy(zoo("phi", "small") / "config.json", config_only / "config.json")
-    assert close(est.weight_bytes(config_only, "bfloat16"), est.measured_bytes(load(zoo("phi", "small"), "bfloat16")))
+    assert close(est.weight_bytes(config_only, "bfloat16"), measured_bytes(load(zoo("phi", "small"), "bfloat16")))
 
 
 def test_sharded_checkpoint_follows_its_index(zoo, tmp_path):
@@ -106,7 +107,7 @@ def test_sharded_checkpoint_follows_its_index(zoo, tmp_path):
     assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
     # A stray file that the index does not name must not count.
     shutil.copy(shards[0], folder / "consolidated.safetensors")
-    assert close(est.weight_bytes(folder, "float32"), est.measured_bytes(model))
+    assert close(est.weight_bytes(folder, "float32"), measured_bytes(model))
 
 
 def test_adapters_count_at_float32_as_peft_holds_them(tiny_llama, tiny_adapters):
@@ -114,10 +115,10 @@ def test_adapters_count_at_float32_as_peft_holds_them(tiny_llama, tiny_adapters)
 
     for dtype in ("float32", "bfloat16"):
         base = load(tiny_llama, dtype)
-        base_bytes = est.measured_bytes(base)
+        base_bytes = measured_bytes(base)
         peft = PeftModel.from_pretrained(base, tiny_adapters["tiny-a"], adapter_name="a", is_trainable=False)
         peft.load_adapter(tiny_adapters["tiny-b"], adapter_name="b", is_trainable=False)
-        added = est.measured_bytes(peft) - base_bytes
+        added = measured_bytes(peft) - base_bytes
         estimated = sum(est.adapter_bytes(p, dtype) for p in tiny_adapters.values())
         assert added > 0 and close(estimated, added), (dtype, estimated, added)
 

@@ -4,7 +4,7 @@ Weights come from safetensors headers (shapes and dtypes; no tensor data is read
 to the load dtype; folders without safetensors fall back to the config instantiated on the
 meta device. Adapters add their own weights, a runtime reserve covers KV cache, activations
 and logits of a reference batch (derived from the config), and a device-kind overhead covers
-what the device spends beyond tensors. After a load, ``measured_bytes`` gives the real figure.
+what the device spends beyond tensors. After a load, ``torchkit.measured_bytes`` gives the real figure.
 torch and transformers are imported only by the two functions that need a model object, so
 reading headers stays light.
 """
@@ -16,13 +16,11 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from .catalog import GroupSpec, read_json
-from .errors import GpuGroupsError
-
-if TYPE_CHECKING:
-    import torch
+from ..catalog import GroupSpec, read_json
+from ..errors import GpuGroupsError
+from .torchkit import CONSTRUCTION_LOCK, LOAD_ITEMSIZE, model_tensors, unique_bytes
 
 PathLike = str | os.PathLike[str]
 
@@ -38,7 +36,6 @@ SAFETENSORS_ITEMSIZE: dict[str, int] = {
 #: Stored dtypes that ``from_pretrained(dtype=...)`` converts to the load dtype. Quantised
 #: (F8, integer) tensors keep their stored size.
 _CONVERTED = {"F64", "F32", "F16", "BF16"}
-LOAD_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: Bytes a device spends beyond the tensors of a group, by device kind.
 #: cuda: the CUDA context of this process on that device (about 300-500 MiB on recent GPUs
@@ -181,8 +178,6 @@ def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) ->
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .runtime import CONSTRUCTION_LOCK
-
     folder = Path(folder)
     _config(folder)
     try:
@@ -196,31 +191,7 @@ def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) ->
                 model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise GpuGroupsError("invalid_model", f"cannot build {folder / 'config.json'} on the meta device: {exc}") from None
-    return _unique_bytes(_tensors(model), dtype)
-
-
-def measured_bytes(model: Any) -> int:
-    """Bytes held by a loaded torch model's parameters and buffers; shared tensors count once."""
-    return _unique_bytes(_tensors(model), None)
-
-
-def _tensors(model: Any) -> Iterable[torch.Tensor]:
-    yield from model.parameters()  # deduplicated by identity already (tied weights)
-    yield from model.buffers()
-
-
-def _unique_bytes(tensors: Iterable[torch.Tensor], dtype: str | None) -> int:
-    """Sum of tensor sizes, each storage view counted once; floats at ``dtype`` when given."""
-    seen: set[Any] = set()
-    total = 0
-    for t in tensors:
-        key = id(t) if t.device.type == "meta" else (t.device, t.data_ptr(), t.dtype, t.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        itemsize = LOAD_ITEMSIZE[dtype] if dtype is not None and t.is_floating_point() else t.element_size()
-        total += t.numel() * itemsize
-    return total
+    return unique_bytes(model_tensors(model), dtype)
 
 
 # ---- adapters --------------------------------------------------------------------------

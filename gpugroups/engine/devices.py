@@ -2,21 +2,22 @@
 
 A ``Device`` knows its identity, its budget and where its tensors live (``backing``); its
 ``memory`` report combines what this manager accounts for with what NVML (CUDA) or the OS
-(cpu) says is taken by others. Virtual devices (``virtual:[Nx]SIZE[@backing]``) simulate a
+(cpu, via psutil) says is taken by others. Virtual devices (``virtual:[Nx]SIZE[@backing]``) simulate a
 GPU of SIZE bytes by accounting while their tensors live on the CPU or a named real device.
 Light: torch and NVML are imported only when a CUDA device is asked for.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import GpuGroupsError
+import psutil
+
+from ..errors import GpuGroupsError
 
 _UNITS = {
     "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -158,19 +159,13 @@ def _virtual_devices(spec: str) -> list[Device]:
 
 
 def _cpu_device() -> Device:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = int(psutil.virtual_memory().total)
     return Device(0, "cpu", "cpu", "cpu", total, int(total * CPU_BUDGET_FRACTION), "cpu")
 
 
 def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    """RAM the OS can give without swapping (psutil: MemAvailable on Linux, the like elsewhere)."""
+    return int(psutil.virtual_memory().available)
 
 
 def _cuda_devices(index: int | None) -> list[Device]:

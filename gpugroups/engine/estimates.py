@@ -1,0 +1,82 @@
+"""The estimate cache: each group's ``estimate.estimate_group`` per device kind and dtype, read once.
+
+File I/O (folder lookups, safetensors headers) happens in ``ensure``, which the manager calls
+outside its lock; under the lock it only ``peek``s. A failure is cached too (a hub id that is
+not in the local cache stays unresolvable) until the catalog's spec for that group changes;
+a load asks again (``retry_failed``) so that a folder fixed since is seen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..catalog import Catalog, GroupSpec
+from ..errors import GpuGroupsError
+from . import estimate as est
+from .devices import Device
+
+
+def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
+    """Each member's local folder (``unknown_model`` if one cannot be found)."""
+    return {m: catalog.local_path(catalog.models[m].source) for m in group.members}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: GroupSpec  # the catalog's spec when this was computed
+    parts: dict[str, int] | None
+    error: GpuGroupsError | None
+
+
+class EstimateCache:
+    """Estimates of the catalog's groups for the devices of one manager."""
+
+    def __init__(self, catalog: Catalog, dtype: str | None) -> None:
+        self.catalog = catalog
+        self.dtype = dtype
+        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._lock = threading.Lock()
+
+    def dtype_for(self, group: GroupSpec, dev: Device) -> str:
+        """The load dtype: the group's own, else the manager's, else the device's default."""
+        return group.dtype or self.dtype or est.default_dtype(dev.kind, dev.supports_bf16)
+
+    def ensure(self, group: GroupSpec, devices: Iterable[Device], retry_failed: bool = False) -> None:
+        """Compute what is missing (or stale) for ``group`` on these devices. Does file I/O: call unlocked."""
+        done: set[tuple[str, str, str]] = set()
+        for dev in devices:
+            key = self._key(group, dev)
+            if key in done:  # devices of one kind and dtype share an estimate
+                continue
+            done.add(key)
+            with self._lock:
+                entry = self._entries.get(key)
+            if entry is not None and entry.spec == group and (entry.error is None or not retry_failed):
+                continue
+            try:
+                entry = _Entry(group, est.estimate_group(group, folders(self.catalog, group), key[2], dev.kind), None)
+            except GpuGroupsError as exc:
+                entry = _Entry(group, None, exc)
+            with self._lock:
+                self._entries[key] = entry
+
+    def peek(self, group: GroupSpec, dev: Device, strict: bool = False) -> dict[str, int] | None:
+        """The cached parts (no I/O), or None when not computed yet or failed.
+
+        With ``strict`` a cached failure is raised, and a missing entry is an error too.
+        """
+        with self._lock:
+            entry = self._entries.get(self._key(group, dev))
+        if entry is None or entry.spec != group:
+            if strict:
+                raise GpuGroupsError("invalid_request", f"no estimate for group {group.id!r} yet")
+            return None
+        if entry.error is not None and strict:
+            raise entry.error
+        return entry.parts
+
+    def _key(self, group: GroupSpec, dev: Device) -> tuple[str, str, str]:
+        return (group.id, dev.kind, self.dtype_for(group, dev))

@@ -1,0 +1,327 @@
+"""The Manager: the public API over the devices and the groups on them (``gg.Manager``, ``gg.manager()``).
+
+State lives in ``Residency`` under one lock and every change bumps ``version``; the ``EventBus``
+delivers events in version order after the change. Each device has a ``Worker`` (a thread by
+default) that runs its loads, unloads and forward passes in order, so a load on one device never
+delays a prompt on another. The methods are synchronous (submit and wait); the ``a``-prefixed
+twins run them in a thread and return awaitables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from ..catalog import Catalog
+from ..errors import GpuGroupsError
+from ..protocol import MAX_NUM_PREDICTIONS, MAX_PROMPT_CHARS, get_op
+from .bus import EventBus, Subscriber
+from .catalogs import make_catalog
+from .devices import detect
+from .estimates import EstimateCache
+from .residency import Residency, Slot
+from .state import build_state
+from .worker import Request, ThreadWorker, WorkerFactory
+
+
+class Manager:
+    """Owns devices and the groups on them. Thread-safe; one per kernel is usual (``gg.manager()``).
+
+    ``devices``: ``"auto"`` (CUDA devices, else one ``cpu``), ``"cpu"``, ``"cuda:N"``,
+    ``"virtual:[Nx]SIZE[@backing]"`` or a list of such specs. ``catalog``: a ``Catalog``, a TOML
+    path, a list of ``register_group`` dicts, or None for the default (the shipped demo, then
+    ``$GPUGROUPS_CATALOG`` or ``./gpugroups.toml`` when present). ``max_groups_per_device=1``
+    keeps one current group per device. ``dtype`` overrides the load dtype of every group
+    (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
+    ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
+    in this process); any ``engine.worker.Worker`` implementation fits.
+    """
+
+    def __init__(
+        self,
+        devices: str | list[str] = "auto",
+        catalog: Catalog | str | os.PathLike[str] | Iterable[Mapping[str, Any]] | None = None,
+        max_groups_per_device: int | None = None,
+        dtype: str | None = None,
+        worker: WorkerFactory = ThreadWorker,
+    ) -> None:
+        if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
+            raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
+        self.catalog = make_catalog(catalog)
+        self.devices = detect(devices)
+        self.max_groups_per_device = max_groups_per_device
+        self.dtype = dtype
+        self._lock = threading.RLock()
+        self._bus = EventBus()
+        self._estimates = EstimateCache(self.catalog, dtype)
+        self._workers = [worker(d) for d in self.devices]
+        self._res = Residency(
+            self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
+            max_groups_per_device,
+        )
+
+    # ---- loading ------------------------------------------------------------------------
+    def load(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Make ``model_id`` its group's current member, loading the group first if needed.
+
+        Returns ``{"status": "loaded"|"already_loaded", "model_id", "group_id", "device_id",
+        "seconds"}``. Switching member of a resident group is a pointer change: no memory op.
+        """
+        t0 = time.perf_counter()
+        group = self.catalog.group_of(model_id)
+
+        def switch(slot: Slot) -> None:
+            changed = self._res.current.get(group.id) != model_id
+            self._res.current[group.id] = model_id
+            if not self._res.touch(slot) and changed:
+                self._bump()
+
+        slot, loaded, _ = self._res.ensure(group, device_id, switch)
+        return {
+            "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
+            "device_id": slot.device_id, "seconds": time.perf_counter() - t0,
+        }
+
+    def load_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Load a whole group (all its members) onto a device; see ``load``."""
+        t0 = time.perf_counter()
+        group = self.catalog.group(group_id)
+        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch)
+        return {
+            "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
+            "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def unload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Unload the group that holds ``model_id`` (its other members go with it)."""
+        return self.unload_group(self.catalog.group_of(model_id).id, device_id)
+
+    def unload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Unload a group and free its memory once its queued requests are answered.
+
+        An explicit unload also drops the group's pin.
+        """
+        group = self.catalog.group(group_id)
+        done_on = self._res.release(group, device_id)
+        if done_on is None:
+            return {"status": "not_loaded", "group_id": group.id, "device_id": device_id}
+        return {"status": "unloaded", "group_id": group.id, "device_id": done_on}
+
+    def clear_device(self, device_id: int) -> dict[str, Any]:
+        """Unload every unpinned group on a device; pinned groups stay."""
+        self._res.check_device(device_id, required=True)
+        with self._lock:
+            ids = [s.group.id for s in self._res.slots.values() if s.device_id == device_id and s.group.id not in self._res.pins]
+        done = [gid for gid in ids if self.unload_group(gid, device_id)["status"] == "unloaded"]
+        return {"device_id": device_id, "unloaded": done}
+
+    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> dict[str, Any]:
+        """Keep a group resident (loading it if needed) with affinity to its device; ``pinned=False`` unpins."""
+        if not pinned:
+            return self.unpin(group_id)
+        group = self.catalog.group(group_id)
+
+        def set_pin(slot: Slot) -> None:
+            self._res.pins[group.id] = slot.device_id
+            self._bump()
+
+        slot, _, _ = self._res.ensure(group, device_id, set_pin)
+        return {"group_id": group.id, "device_id": slot.device_id, "pinned": True}
+
+    def unpin(self, group_id: str) -> dict[str, Any]:
+        """Let a pinned group be evicted again (it stays resident until then)."""
+        group = self.catalog.group(group_id)
+        with self._lock:
+            if self._res.pins.pop(group.id, "absent") != "absent":
+                self._bump()
+        return {"group_id": group.id, "pinned": False}
+
+    # ---- processing ---------------------------------------------------------------------
+    def process(
+        self,
+        model_id: str,
+        prompt: str,
+        num_predictions: int = 3,
+        device_id: int | None = None,
+        max_new_tokens: int = 0,
+    ) -> dict[str, Any]:
+        """Top-N next-token predictions for ``prompt`` from ``model_id``, most likely first.
+
+        Loads the group if needed (or waits for its load). With ``max_new_tokens > 0`` each
+        prediction is continued greedily and carries its ``text``. Arguments follow the ops
+        table's rules (``protocol.OPS["process"]``); ``num_predictions`` above the cap is lowered
+        and the result's ``notes`` say so; a prompt longer than the model's context is truncated
+        from the left and ``truncated`` is true.
+        """
+        t0 = time.perf_counter()
+        get_op("process").validate({
+            "model_id": model_id, "prompt": prompt, "num_predictions": num_predictions, "device_id": device_id,
+            "max_new_tokens": max_new_tokens,
+        })
+        # The ops table does not state string limits yet; until it does, the prompt's are here.
+        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
+            raise GpuGroupsError("invalid_request", f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters")
+        notes: list[str] = []
+        if num_predictions > MAX_NUM_PREDICTIONS:
+            notes.append(f"num_predictions {num_predictions} capped at {MAX_NUM_PREDICTIONS}")
+            num_predictions = MAX_NUM_PREDICTIONS
+        group = self.catalog.group_of(model_id)
+        request = Request(model_id, prompt, num_predictions, max_new_tokens, notes)
+
+        def queue(slot: Slot) -> Future[dict[str, Any]]:
+            slot.inflight += 1
+            self._res.touch(slot)
+            return self._workers[slot.device_id].process(group.id, request)
+
+        slot, _, fut = self._res.ensure(group, device_id, queue)
+        t1 = time.perf_counter()
+        try:
+            out = fut.result()
+        finally:
+            with self._lock:
+                slot.inflight -= 1
+        out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
+        return {"model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "prompt": prompt, **out}
+
+    # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
+    async def aload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Awaitable ``load``."""
+        return await asyncio.to_thread(self.load, model_id, device_id)
+
+    async def aload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Awaitable ``load_group``."""
+        return await asyncio.to_thread(self.load_group, group_id, device_id)
+
+    async def aunload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Awaitable ``unload``."""
+        return await asyncio.to_thread(self.unload, model_id, device_id)
+
+    async def aunload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+        """Awaitable ``unload_group``."""
+        return await asyncio.to_thread(self.unload_group, group_id, device_id)
+
+    async def aclear_device(self, device_id: int) -> dict[str, Any]:
+        """Awaitable ``clear_device``."""
+        return await asyncio.to_thread(self.clear_device, device_id)
+
+    async def apin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> dict[str, Any]:
+        """Awaitable ``pin``."""
+        return await asyncio.to_thread(self.pin, group_id, device_id, pinned)
+
+    async def aunpin(self, group_id: str) -> dict[str, Any]:
+        """Awaitable ``unpin``."""
+        return await asyncio.to_thread(self.unpin, group_id)
+
+    async def aprocess(
+        self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
+    ) -> dict[str, Any]:
+        """Awaitable ``process``."""
+        return await asyncio.to_thread(self.process, model_id, prompt, num_predictions, device_id, max_new_tokens)
+
+    # ---- state and events ---------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Bumped by every change."""
+        return self._bus.version
+
+    def state(self) -> dict[str, Any]:
+        """The state JSON (same as ``GET /api/v2/system/state``): devices, groups, models, operations."""
+        for g in list(self.catalog.groups.values()):
+            self._estimates.ensure(g, self.devices)  # file I/O stays outside the lock; cached after
+        with self._lock:
+            return build_state(self._res, self._bus.version)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The catalog's models with where each is loaded."""
+        return self.state()["models"]
+
+    def groups(self) -> list[dict[str, Any]]:
+        """The catalog's groups with estimates, pins and residence."""
+        return self.state()["groups"]
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(event)`` after every change; returns a function that unsubscribes.
+
+        Events: ``{"type": "state_update", "version", "state"}`` and ``{"type": "load_progress",
+        "version", "operation_id", "group_id", "device_id", "progress", "stage"}``, delivered in
+        order from one background thread. A failing callback is logged once and kept, never fatal.
+        """
+        return self._bus.subscribe(callback)
+
+    def register_group(
+        self,
+        group_id: str,
+        base: str | None = None,
+        adapters: Mapping[str, str] | None = None,
+        models: Mapping[str, str] | Iterable[str] | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+    ) -> dict[str, Any]:
+        """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``."""
+        spec = self.catalog.register_group(group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype)
+        self._estimates.ensure(spec, self.devices)
+        with self._lock:
+            self._bump()
+        return spec.to_json()
+
+    def discover(self) -> list[str]:
+        """Loadable ids that no group names yet: hub ids in the local Hugging Face cache and model
+        folders (with ``config.json``, two levels deep) under the allowed roots. Each becomes the
+        single-model group ``single:<id>`` when it is first loaded."""
+        known = {m.source for m in self.catalog.models.values()} | set(self.catalog.models)
+        found = self.catalog.scan_hf_cache() + self.catalog.scan_folders(self.catalog.roots)
+        return [i for i in dict.fromkeys(found) if i not in known]
+
+    def close(self) -> None:
+        """Unload everything and stop the workers and the event thread."""
+        if self._res.closed:
+            return
+        for gid in list(self._res.slots):
+            try:
+                self.unload_group(gid)
+            except GpuGroupsError:
+                pass
+        self._res.closed = True
+        for w in self._workers:
+            w.stop()
+        self._bus.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` ran."""
+        return self._res.closed
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.state()
+        return f"<gpugroups.Manager {s['num_devices']} device(s), {sum(len(d['resident_groups']) for d in s['devices'])} resident group(s)>"
+
+    def _bump(self) -> None:
+        """Under the lock: a change happened. Queue its ``state_update`` for the subscribers."""
+        self._bus.emit("state_update", state=build_state(self._res, self._bus.version + 1))
+
+
+_default: Manager | None = None
+_default_lock = threading.Lock()
+
+
+def default_manager(**kwargs: Any) -> Manager:
+    """This process's manager, created on the first call with ``kwargs``."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Manager(**kwargs)
+        elif kwargs:
+            raise GpuGroupsError("invalid_request", "gg.manager() already exists; pass options on its first call only")
+        return _default

@@ -1,0 +1,72 @@
+"""Torch-side helpers shared by estimates and runtimes: the construction lock, the dtype table,
+config readers and tensor byte counts. torch is imported inside the functions that need it, so
+the header-only estimates that import this module stay light.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..catalog import read_json
+
+if TYPE_CHECKING:
+    import torch
+
+#: transformers builds a model by temporarily patching module globals (``torch.nn.init``
+#: functions, weight tying). Two threads doing that at once leave them patched for good: later
+#: loads come out untied or with uninitialised buffers. Every model construction in this
+#: process (loads, meta-device estimates) holds this lock.
+CONSTRUCTION_LOCK = threading.RLock()
+
+#: The load dtypes gpugroups supports, with their bytes per element (the names are torch's).
+LOAD_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+#: Config keys that give a model's context length, most specific first.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+DEFAULT_CONTEXT = 2048
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a load dtype name from ``LOAD_ITEMSIZE``."""
+    import torch
+
+    if name not in LOAD_ITEMSIZE:
+        raise ValueError(f"unsupported load dtype {name!r}")
+    return getattr(torch, name)
+
+
+def context_length(folder: Path) -> int:
+    """The context length a model folder's ``config.json`` declares (2048 when it says none)."""
+    cfg = read_json(Path(folder) / "config.json")
+    for key in _CONTEXT_KEYS:
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return DEFAULT_CONTEXT
+
+
+def measured_bytes(model: Any) -> int:
+    """Bytes held by a loaded torch model's parameters and buffers; shared tensors count once."""
+    return unique_bytes(model_tensors(model), None)
+
+
+def model_tensors(model: Any) -> Iterable[torch.Tensor]:
+    """A model's parameters, then its buffers."""
+    yield from model.parameters()  # deduplicated by identity already (tied weights)
+    yield from model.buffers()
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor], dtype: str | None) -> int:
+    """Sum of tensor sizes, each storage view counted once; floats at ``dtype`` when given."""
+    seen: set[Any] = set()
+    total = 0
+    for t in tensors:
+        key = id(t) if t.device.type == "meta" else (t.device, t.data_ptr(), t.dtype, t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        itemsize = LOAD_ITEMSIZE[dtype] if dtype is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * itemsize
+    return total

@@ -1,0 +1,232 @@
+"""The device worker: the one place a device's loads, unloads and forward passes run, in order.
+
+``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
+so the caller can queue work while it holds the manager's lock and wait after releasing it.
+``ThreadWorker`` is the in-process implementation (one thread per device, queued ``process``
+requests of a group batched into one forward pass). Another implementation (a worker process,
+a Ray actor) satisfies the same protocol and is chosen with ``Manager(worker=...)``.
+Light: torch is imported only by ``ThreadWorker`` when it loads or predicts.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..catalog import GroupSpec
+from ..errors import GpuGroupsError
+from .devices import Device
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+#: ``progress(fraction, stage)``: how far a load has come, called from the worker.
+Progress = Callable[[float, str], None]
+#: Most requests one forward pass serves.
+MAX_BATCH = 32
+
+
+@dataclass
+class Request:
+    """One ``process`` call as the worker sees it: which member, which prompt, how many predictions."""
+
+    member: str
+    prompt: str
+    num_predictions: int
+    max_new_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class OutOfMemory(Exception):
+    """The device could not hold the group (a worker raises it for its device's own OOM error)."""
+
+
+class Worker(Protocol):
+    """What the manager needs from a device's worker. Calls on one worker run in the order made.
+
+    ``load`` answers the bytes the loaded group really holds on the device (weights and buffers),
+    or fails with ``OutOfMemory`` (the device ran out), ``GpuGroupsError`` or any other
+    exception; a failed load leaves nothing behind. ``unload`` runs after every request queued
+    before it and is a no-op for a group not loaded. ``process`` answers
+    ``{"predictions", "prompt_tokens", "truncated", "notes", "timing"}`` for one request; a
+    worker may serve queued requests of one group in one forward pass (``timing.batch_size``).
+    """
+
+    device: Device
+
+    @property
+    def status(self) -> str:
+        """``"idle"``, ``"busy"``, ``"loading"`` or ``"unloading"``: what the worker does now."""
+        ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Calls waiting or running."""
+        ...
+
+    def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]: ...
+
+    def unload(self, group_id: str) -> Future[None]: ...
+
+    def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]: ...
+
+    def stop(self) -> None:
+        """Finish what is queued, then end; later calls fail with ``invalid_request``."""
+        ...
+
+
+#: Makes the worker of one device; ``Manager(worker=...)`` takes one (default ``ThreadWorker``).
+WorkerFactory = Callable[[Device], Worker]
+
+
+@dataclass
+class _Task:
+    future: Future[Any]
+    fn: Callable[[], Any] | None = None  # a call; None for a process request
+    status: str = "busy"
+    group_id: str = ""
+    request: Request | None = None
+
+
+class ThreadWorker:
+    """One device's thread: runs calls in order, batching queued ``process`` requests of a group."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._status = "idle"
+        self._runtimes: dict[str, Runtime] = {}
+        self._tasks: deque[_Task] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._running = 0
+        self._thread = threading.Thread(target=self._loop, name=f"gpugroups-{device.device}", daemon=True)
+        self._thread.start()
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._tasks) + self._running
+
+    def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
+        return self.call(functools.partial(self._load, group, dict(folders), dtype, progress), "loading")
+
+    def unload(self, group_id: str) -> Future[None]:
+        return self.call(functools.partial(self._unload, group_id), "unloading")
+
+    def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
+        fut: Future[dict[str, Any]] = Future()
+        self._put(_Task(fut, group_id=group_id, request=request))
+        return fut
+
+    def call(self, fn: Callable[[], Any], status: str = "busy") -> Future[Any]:
+        """Run ``fn`` on this device's thread after what is already queued (in-process only)."""
+        fut: Future[Any] = Future()
+        self._put(_Task(fut, fn, status))
+        return fut
+
+    def runtimes(self) -> dict[str, Runtime]:
+        """The groups loaded here, by group id (in-process only; for inspection)."""
+        return dict(self._runtimes)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def _load(self, group: GroupSpec, folders: dict[str, Path], dtype: str, progress: Progress) -> int:
+        import torch
+
+        from .runtime import Runtime
+
+        try:
+            rt = Runtime.load(group, folders, self.device, dtype, progress)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(str(exc)) from exc
+        self._runtimes[group.id] = rt
+        return rt.bytes
+
+    def _unload(self, group_id: str) -> None:
+        rt = self._runtimes.pop(group_id, None)
+        if rt is not None:
+            rt.unload()
+
+    def _put(self, task: _Task) -> None:
+        with self._cv:
+            if self._stop:
+                task.future.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
+                return
+            self._tasks.append(task)
+            self._cv.notify()
+
+    def _take(self) -> list[_Task] | None:
+        with self._cv:
+            while not self._tasks and not self._stop:
+                self._cv.wait()
+            if self._stop and not self._tasks:
+                return None
+            first = self._tasks.popleft()
+            batch = [first]
+            rt = self._runtimes.get(first.group_id)
+            if first.request is not None and rt is not None:
+                keep: deque[_Task] = deque()
+                while self._tasks and len(batch) < MAX_BATCH:
+                    t = self._tasks.popleft()
+                    if t.request is None:  # never reorder past a load or unload
+                        keep.append(t)
+                        break
+                    if t.group_id == first.group_id and rt.can_share_batch(first.request.member, t.request.member):
+                        batch.append(t)
+                    else:
+                        keep.append(t)
+                keep.extend(self._tasks)
+                self._tasks = keep
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                if batch[0].fn is not None:
+                    self._status = batch[0].status
+                    _settle(batch[0].future, batch[0].fn)
+                else:
+                    self._status = "busy"
+                    self._predict(batch)
+            finally:
+                self._running = 0
+                self._status = "idle"
+
+    def _predict(self, batch: list[_Task]) -> None:
+        from .inference import predict
+
+        rt = self._runtimes.get(batch[0].group_id)
+        try:
+            if rt is None:
+                raise GpuGroupsError("invalid_request", f"group {batch[0].group_id!r} is not loaded on this device")
+            results = predict(rt, [t.request for t in batch if t.request is not None])
+        except BaseException as exc:  # one bad batch fails its callers, not the worker
+            for t in batch:
+                t.future.set_exception(exc)
+        else:
+            for t, r in zip(batch, results):
+                t.future.set_result(r)
+
+
+def _settle(fut: Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:
+        fut.set_exception(exc)

@@ -1,0 +1,77 @@
+"""The device worker: the Worker protocol, ordered calls, batching of queued process requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gpugroups.engine.devices import detect
+from gpugroups.engine.worker import Request, ThreadWorker, Worker
+from gpugroups.errors import GpuGroupsError
+from tests.engine.gated import wait_for
+
+PROMPT = "def __init__(self"
+
+
+def test_thread_worker_satisfies_the_worker_protocol():
+    """Every member the protocol names exists on ThreadWorker with the same parameters."""
+    import inspect
+
+    w = ThreadWorker(detect("cpu")[0])
+    try:
+        for name in ("load", "unload", "process", "stop"):
+            assert list(inspect.signature(getattr(w, name)).parameters) == \
+                list(inspect.signature(getattr(Worker, name)).parameters)[1:], name
+        assert w.status == "idle" and w.queue_depth == 0
+    finally:
+        w.stop()
+
+
+def test_calls_run_in_order_and_a_stopped_worker_refuses():
+    w = ThreadWorker(detect("cpu")[0])
+    order: list[int] = []
+    futs = [w.call(lambda i=i: order.append(i)) for i in range(20)]
+    for f in futs:
+        f.result(10)
+    assert order == list(range(20))
+    w.stop()
+    with pytest.raises(GpuGroupsError) as e:
+        w.unload("x").result(10)
+    assert e.value.code == "invalid_request"
+
+
+def test_process_of_a_group_not_loaded_fails_that_call_only():
+    w = ThreadWorker(detect("cpu")[0])
+    try:
+        with pytest.raises(GpuGroupsError):
+            w.process("nothing", Request("m", PROMPT, 3)).result(10)
+        assert w.call(lambda: 42).result(10) == 42
+    finally:
+        w.stop()
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(held):
+    m, worker = held
+    m.load_group("tiny")
+    prompts = ["import os\nimport", "class Foo(", "    return self.", PROMPT, "for i in range("]
+    members = ["tiny-base", "tiny-a", "tiny-b", "tiny-a", "tiny-base"]
+    alone = [m.process(mid, p, num_predictions=4) for mid, p in zip(members, prompts)]
+    results: list = [None] * len(prompts)
+
+    def run(i):
+        results[i] = m.process(members[i], prompts[i], num_predictions=4)
+
+    # Block the device worker so the requests queue up and must share a forward pass.
+    gate = worker.hold()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: worker.queue_depth >= len(prompts) + 1)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert max(r["timing"]["batch_size"] for r in results) == len(prompts)
+    for a, b in zip(alone, results):
+        assert [p["token_id"] for p in a["predictions"]] == [p["token_id"] for p in b["predictions"]]
+        assert [p["logprob"] for p in b["predictions"]] == pytest.approx([p["logprob"] for p in a["predictions"]], abs=1e-5)
