@@ -19,7 +19,7 @@ from typing import Any
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
-from ..placement import DeviceView, ResidentView, place
+from ..placement import DeviceView, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
 from .estimates import EstimateCache, folders
@@ -83,6 +83,7 @@ class Residency:
         self.measured: dict[str, int] = {}
         self.warm: set[int] = set()  # devices whose context (overhead) already exists
         self.ops: dict[str, Operation] = {}
+        self.ledger = Ledger()  # what each group is worth keeping (placement's eviction order)
         self.closed = False
         self._lock, self._bus, self._changed = lock, bus, changed
         self._op_ids = itertools.count(1)
@@ -159,6 +160,7 @@ class Residency:
         victims = [self.slots[g] for g in decision.evict]
         for v in victims:
             v.state = "unloading"
+            self.ledger.evicted(v.group.id)
         slot = Slot(group, decision.device_id, need)
         self.slots[group.id] = slot
         self.ops[group.id] = Operation(f"op-{next(self._op_ids)}", "load", group.id, decision.device_id)
@@ -275,7 +277,10 @@ class Residency:
         views = []
         for d in self.devices:
             residents = tuple(
-                ResidentView(s.group.id, s.bytes, s.last_used, s.group.id in self.pins, s.state != "resident" or s.inflight > 0)
+                ResidentView(
+                    s.group.id, s.bytes, s.last_used, s.group.id in self.pins,
+                    s.state != "resident" or s.inflight > 0, self.ledger.value(s.group.id),
+                )
                 for s in self.slots.values() if s.device_id == d.device_id and s.state != "unloading"
             )
             views.append(DeviceView(d.device_id, d.memory(self.accounted(d.device_id))["free_bytes"], residents))
@@ -294,6 +299,7 @@ class Residency:
         """Mark a slot used now; emits (and returns True) if its device's current group changed."""
         before = [s.group.id for s in self.resident(slot.device_id)[:1]]
         slot.last_used = time.monotonic()
+        self.ledger.used(slot.group.id, slot.bytes)
         if [s.group.id for s in self.resident(slot.device_id)[:1]] != before:
             self._changed()
             return True
