@@ -314,9 +314,9 @@ def test_manager_loads_a_group_registered_by_relative_paths(tmp_path, monkeypatc
     for name, src in (("my-ckpt", tiny_gpt2), ("base", tiny_llama), ("lora", tiny_adapters["tiny-a"])):
         (models / name).symlink_to(src, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    ad = {"group_id": "ad", "base": "models/base", "base_id": "my-base", "adapters": {"lora": "models/lora"}}
-    with gg.Manager(devices="cpu", catalog=[ad]) as m:
+    with gg.Manager(devices="cpu", catalog=[]) as m:
         m.register_group("mine", models={"m": "models/my-ckpt"})
+        m.register_group("ad", base="models/base", base_id="my-base", adapters={"lora": "models/lora"})
         assert m.load("m")["group_id"] == "mine"
         assert m.process("m", "def f(", num_predictions=2)["predictions"]
         assert m.load("my-base")["group_id"] == "ad"

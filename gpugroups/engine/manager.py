@@ -262,9 +262,16 @@ class Manager:
         models: Mapping[str, str] | Iterable[str] | None = None,
         name: str | None = None,
         dtype: str | None = None,
+        base_id: str | None = None,
     ) -> dict[str, Any]:
-        """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``."""
-        spec = self.catalog.register_group(group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype)
+        """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``.
+
+        Relative paths resolve against the working directory. ``base_id`` names the bare base
+        member of an adapters group (default: the base's own id or path).
+        """
+        spec = self.catalog.register_group(
+            group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype, base_id=base_id
+        )
         self._estimates.ensure(spec, self.devices)
         with self._lock:
             self._bump()
