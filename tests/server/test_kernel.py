@@ -3,7 +3,8 @@
 A real kernel runs ``gg.serve(m)``; the test opens the ``gpugroups.v2`` comm on a subshell with a
 plain ``jupyter_client`` client and checks the wire contract: every request gets exactly one
 reply, malformed ones included; everything the kernel sends on the comm is parented to the
-``comm_open`` (not to a running cell); requests are answered while the main shell is busy.
+``comm_open`` (not to a running cell); requests are answered while the main shell is busy; bridge
+messages fire no IPython execute events (the ``_ipykernel`` workarounds, seen from outside).
 """
 
 from __future__ import annotations
@@ -143,4 +144,25 @@ def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[
     parents = {msg["parent_header"]["msg_id"] for msg in bridge.seen}
     assert parents == {bridge.open_msg["header"]["msg_id"]}
     notebook.stop_channels()
+    bridge.kc.stop_channels()
+
+
+def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelManager, Any]) -> None:
+    km, kc = kernel
+
+    def run(code: str) -> Any:
+        reply = kc.execute_interactive(
+            code, user_expressions={"out": "out"}, timeout=30, output_hook=lambda msg: None
+        )
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return reply["content"]["user_expressions"].get("out", {}).get("data", {}).get("text/plain")
+
+    run("fired = []\nget_ipython().events.register('pre_execute', lambda: fired.append(1))\nout = 0")
+    bridge = Bridge(km)
+    next(bridge.items())
+    for i in range(3):
+        bridge.request({"id": f"quiet-{i}", "op": "state"})
+        assert bridge.reply(f"quiet-{i}")["ok"] is True
+    # only the cell that reads the count fired pre_execute (ipykernel's Comm.handle_msg would add 3)
+    assert run("out = len(fired)") == "1"
     bridge.kc.stop_channels()
