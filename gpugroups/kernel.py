@@ -216,15 +216,15 @@ def ensure_served() -> Host:
 
 
 def _current_kernel() -> Any:
+    outside = GpuGroupsError(
+        "invalid_request", "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell"
+    )
     try:
         from ipykernel.kernelbase import Kernel
     except ImportError:
-        Kernel = None
-    if Kernel is None or not Kernel.initialized():
-        raise GpuGroupsError(
-            "invalid_request",
-            "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell",
-        )
+        raise outside from None
+    if not Kernel.initialized():
+        raise outside
     return Kernel.instance()
 
 

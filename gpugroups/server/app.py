@@ -26,6 +26,7 @@ class GpuGroupsApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         """Build the host policy (nothing starts yet) and share it with the handlers."""
+        assert self.serverapp is not None  # initialize_settings runs once linked to the server
         self.host = GpuGroupsHost(
             parent=self, config=self._host_config(), kernel_manager=self.serverapp.kernel_manager
         )

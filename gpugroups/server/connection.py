@@ -241,8 +241,13 @@ class KernelConnection:
             return
         self.closed = True
         error = host_unavailable(f"host kernel {self.kernel_id}: {reason}")
-        waiting = [*self._pending.values(), *self._shell_waiters.values(), *self._iopub_waiters.values()]
-        for fut in [*waiting, *([self._hello] if self._hello else [])]:
+        waiting: list[asyncio.Future[Any]] = [
+            *self._pending.values(),
+            *self._shell_waiters.values(),
+            *self._iopub_waiters.values(),
+            *([self._hello] if self._hello else []),
+        ]
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # whoever awaits it still gets the error; nobody else is told

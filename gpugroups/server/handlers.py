@@ -174,7 +174,7 @@ def _rest_routes() -> list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]]:
     by_path: dict[str, dict[str, Op]] = {}
     for op in OPS.values():
         by_path.setdefault(op.path, {})[op.http_method] = op
-    routes = []
+    routes: list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]] = []
     for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
         for path, ops in by_path.items():
             routes.append((prefix + path_pattern(path), OpHandler, {"ops": ops, "deprecated": deprecated}))

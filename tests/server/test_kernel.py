@@ -148,11 +148,16 @@ def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[
 
 
 def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelManager, Any]) -> None:
-    km, kc = kernel
+    km, _ = kernel
+    session = km.session.clone()
+    session.session = uuid.uuid4().hex  # a frontend of its own (the earlier tests' took over the shared one)
+    kc = km.client(session=session)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
 
     def run(code: str) -> Any:
         reply = kc.execute_interactive(
-            code, user_expressions={"out": "out"}, timeout=30, output_hook=lambda msg: None
+            code, user_expressions={"out": "out"}, timeout=60, output_hook=lambda msg: None
         )
         assert reply["content"]["status"] == "ok", reply["content"]
         return reply["content"]["user_expressions"].get("out", {}).get("data", {}).get("text/plain")
@@ -166,3 +171,4 @@ def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelMana
     # only the cell that reads the count fired pre_execute (ipykernel's Comm.handle_msg would add 3)
     assert run("out = len(fired)") == "1"
     bridge.kc.stop_channels()
+    kc.stop_channels()
