@@ -10,8 +10,8 @@ cost; (4) ``insufficient_memory`` naming the estimate and each device's room. An
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import GpuGroupsError
 

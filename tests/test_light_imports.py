@@ -9,7 +9,10 @@ import sys
 
 HEAVY = ("torch", "transformers", "peft")
 
-LIGHT = ["gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.catalog", "gpugroups.placement"]
+LIGHT = [
+    "gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.schema", "gpugroups.typeschema",
+    "gpugroups.client", "gpugroups.catalog", "gpugroups.placement",
+]
 
 # Runs in a fresh interpreter: this test process has long imported torch itself. Besides
 # importing, it does what the server does with them: find the extension point, build a
