@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Answers every request with a proxy's HTML error page, and counts the requests."""
 
-    requests: list[str] = []
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
