@@ -106,3 +106,16 @@ def test_the_flags_say_what_the_old_lists_said() -> None:
     assert {n for n, op in OPS.items() if op.changes_residency} == {
         "load", "unload", "load_group", "unload_group", "pin", "unpin", "clear_device"
     }
+
+
+def test_the_panel_reads_limits_and_flags_from_the_table() -> None:
+    """panel.js holds no op list or limit of its own; the Panel syncs them from the table."""
+    from pathlib import Path
+
+    from gpugroups.widgets import panel
+
+    js = (Path(panel.__file__).parent / "panel.js").read_text()
+    for own in ("MUTATING", f'"{MAX_NEW_TOKENS}"', str(MAX_PROMPT_CHARS), '"100"'):
+        assert own not in js, own
+    assert "changes_residency" in js and 'get("spec")' in js
+    assert panel.Panel.class_traits()["spec"].metadata.get("sync") is True
