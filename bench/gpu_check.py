@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gpugroups as gg  # noqa: E402
-from bench import bench_core  # noqa: E402
-from gpugroups.catalog import Catalog  # noqa: E402
+import gpugroups as gg
+from bench import bench_core
+from gpugroups.catalog import Catalog
 
 MiB = 1024**2
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpugroups.placement import DeviceView, Ledger, ResidentView, place  # noqa: E402
+from gpugroups.placement import DeviceView, Ledger, ResidentView, place
 
 UNIT = 1 << 20
 SIZES = (1, 1, 2, 2, 3, 3, 4, 5)  # units; the 8 groups of the reference traces

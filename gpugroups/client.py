@@ -1,23 +1,35 @@
 """``gg.Client``: the Manager's method names over the server extension's REST API, and its events.
 
-``Client("http://localhost:8888", token)`` gets one method per op of the ops table (``state``,
-``load``, ``process``, ...) with the Manager's argument names; errors are raised as
+``Client("http://localhost:8888", token)`` has one method per op of the ops table (``state``,
+``load``, ``process``, ...) with the Manager's signature and typed results (the shapes of
+``schema``; a test keeps both in step with the table and the Manager); errors are raised as
 ``GpuGroupsError`` with the code the server answered. ``events()`` iterates over the WebSocket's
 messages. Light: no torch, so it also runs where no model ever will.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from .errors import GpuGroupsError
-from .protocol import API_PREFIX, OPS, Op
+from .protocol import API_PREFIX, get_op
+from .schema import (
+    ClearResult,
+    Event,
+    GroupList,
+    Host,
+    LoadResult,
+    ModelList,
+    PinResult,
+    ProcessResult,
+    State,
+    UnloadResult,
+)
 
 
 class Client:
@@ -39,17 +51,76 @@ class Client:
             self._http.headers["Authorization"] = f"token {token}"
 
     # ---- the non-op routes ----------------------------------------------------------------
-    def host(self) -> dict[str, Any]:
-        """``{kernel_id, subshells, started_by}`` of the host kernel (all None if none yet)."""
-        return self._send("GET", "/system/host")
+    # ---- the ops (see protocol.OPS for routes and limits) -----------------------------------
+    def state(self) -> State:
+        """The whole state: devices, groups, models, operations (``GET /system/state``)."""
+        return cast(State, self.call("state"))
 
-    def set_host(self, kernel_id: str) -> dict[str, Any]:
+    def models(self) -> ModelList:
+        """The catalog's models with where each is loaded."""
+        return cast(ModelList, self.call("models"))
+
+    def groups(self) -> GroupList:
+        """The catalog's groups with estimates, pins and residence."""
+        return cast(GroupList, self.call("groups"))
+
+    def load(self, model_id: str, device_id: int | None = None) -> LoadResult:
+        """Make ``model_id`` its group's current member, loading the group first if needed."""
+        return cast(LoadResult, self.call("load", model_id=model_id, device_id=device_id))
+
+    def unload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
+        """Unload the group that holds ``model_id``."""
+        return cast(UnloadResult, self.call("unload", model_id=model_id, device_id=device_id))
+
+    def load_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
+        """Load a whole group onto a device (placement chooses when ``device_id`` is None)."""
+        return cast(LoadResult, self.call("load_group", group_id=group_id, device_id=device_id))
+
+    def unload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
+        """Unload a group (an explicit unload also drops its pin)."""
+        return cast(UnloadResult, self.call("unload_group", group_id=group_id, device_id=device_id))
+
+    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
+        """Keep a group resident (loading it if needed); ``pinned=False`` unpins."""
+        return cast(PinResult, self.call("pin", group_id=group_id, device_id=device_id, pinned=pinned))
+
+    def unpin(self, group_id: str) -> PinResult:
+        """Let a pinned group be evicted again."""
+        return cast(PinResult, self.call("unpin", group_id=group_id))
+
+    def process(
+        self,
+        model_id: str,
+        prompt: str,
+        num_predictions: int = 3,
+        device_id: int | None = None,
+        max_new_tokens: int = 0,
+    ) -> ProcessResult:
+        """Top-N next-token predictions for ``prompt``, most likely first (see ``Manager.process``)."""
+        return cast(
+            ProcessResult,
+            self.call(
+                "process", model_id=model_id, prompt=prompt, num_predictions=num_predictions,
+                device_id=device_id, max_new_tokens=max_new_tokens,
+            ),
+        )
+
+    def clear_device(self, device_id: int) -> ClearResult:
+        """Unload every unpinned group on a device."""
+        return cast(ClearResult, self.call("clear_device", device_id=device_id))
+
+    # ---- the non-op routes ----------------------------------------------------------------
+    def host(self) -> Host:
+        """``{kernel_id, subshells, started_by}`` of the host kernel (all None if none yet)."""
+        return cast(Host, self._send("GET", "/system/host"))
+
+    def set_host(self, kernel_id: str) -> Host:
         """Make the running kernel ``kernel_id`` the host."""
-        return self._send("POST", "/system/host", {"kernel_id": kernel_id})
+        return cast(Host, self._send("POST", "/system/host", {"kernel_id": kernel_id}))
 
     def openapi(self) -> dict[str, Any]:
         """The server's OpenAPI document."""
-        return self._send("GET", "/openapi.json")
+        return cast(dict[str, Any], self._send("GET", "/openapi.json"))
 
     def events(self, timeout: float | None = None) -> EventStream:
         """The WebSocket's messages: ``system_state`` first, then ``state_update``, ``load_progress``...
@@ -74,13 +145,11 @@ class Client:
 
     # ---- wire -----------------------------------------------------------------------------
     def call(self, op_name: str, **kwargs: Any) -> Any:
-        """Run the op ``op_name`` with ``kwargs`` (None values are left out, as their defaults)."""
-        op = OPS[op_name]
-        args = {k: v for k, v in kwargs.items() if v is not None}
-        path_args = {p.name: args.pop(p.name) for p in op.params if p.in_path and p.name in args}
-        missing = [p.name for p in op.params if p.in_path and p.name not in path_args]
-        if missing:
-            raise GpuGroupsError("invalid_request", f"{op_name}: '{missing[0]}' is required")
+        """Run the op ``op_name`` with ``kwargs``, checked here by the ops table's rules first (None
+        values are left out, as their defaults)."""
+        op = get_op(op_name)
+        args = op.validate(kwargs)
+        path_args = {p.name: args.pop(p.name) for p in op.params if p.in_path}
         path = op.path.format(**path_args)
         return self._send(op.http_method, path, args if op.http_method == "POST" else None)
 
@@ -111,31 +180,8 @@ class Client:
         return urlunsplit((scheme, parts.netloc, parts.path + API_PREFIX + "/ws", "", ""))
 
 
-def _op_method(op: Op) -> Any:
-    """A ``Client`` method for ``op``: the Manager's argument names, required ones first."""
-
-    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
-        bound = method.__signature__.bind(self, *args, **kwargs)  # type: ignore[attr-defined]
-        bound.arguments.pop("self")
-        return self.call(op.name, **bound.arguments)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for p in sorted(op.params, key=lambda p: not p.required):
-        default = inspect.Parameter.empty if p.required else None
-        params.append(inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
-    method.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    method.__name__ = method.__qualname__ = op.manager_method
-    args = "".join(f"\n    {p.name}: {p.description}" for p in op.params if p.description)
-    method.__doc__ = f"{op.summary} (``{op.http_method} {API_PREFIX}{op.path}``){args}"
-    return method
-
-
-for _op in OPS.values():
-    setattr(Client, _op.manager_method, _op_method(_op))
-
-
 class EventStream:
-    """An iterator over the event WebSocket's messages (dicts); ``get_state()`` asks for a fresh state."""
+    """An iterator over the event WebSocket's messages (``schema.Event``); ``get_state()`` asks for a fresh state."""
 
     def __init__(self, url: str, token: str | None, timeout: float | None) -> None:
         import websocket  # websocket-client; imported here so REST-only use never needs it
@@ -145,10 +191,10 @@ class EventStream:
         self._timeout_error = websocket.WebSocketTimeoutException
         self._closed_error = websocket.WebSocketConnectionClosedException
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Event]:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> Event:
         try:
             message = self._ws.recv()
         except self._timeout_error:
@@ -157,7 +203,7 @@ class EventStream:
             raise StopIteration from None
         if not message:
             raise StopIteration
-        return json.loads(message)
+        return cast(Event, json.loads(message))
 
     def get_state(self) -> None:
         """Ask for a ``system_state`` message (it arrives in order with the events)."""

@@ -6,7 +6,11 @@ the status the REST API answers with, so the mapping lives in one place.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from .schema import ErrorInfo
 
 #: Stable error codes and the HTTP status each is answered with.
 HTTP_STATUS: dict[str, int] = {
@@ -50,15 +54,15 @@ class GpuGroupsError(Exception):
         """The HTTP status REST answers this error with."""
         return HTTP_STATUS[self.code]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> ErrorInfo:
         """The ``{"code", "message"[, "details"]}`` body used by REST, the bridge and the panel."""
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
             body["details"] = self.details
-        return body
+        return cast("ErrorInfo", body)
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> GpuGroupsError:
+    def from_json(cls, body: Mapping[str, Any]) -> GpuGroupsError:
         """Rebuild an error from ``to_json``'s shape (unknown codes become ``internal_error``)."""
         code = body.get("code", "internal_error")
         if code not in HTTP_STATUS:

@@ -15,8 +15,8 @@ current clock, a group that was hot long ago ages out, as under LRU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import GpuGroupsError
 

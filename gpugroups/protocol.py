@@ -1,17 +1,20 @@
 """The ops table: every operation declared once for the kernel bridge, REST, the client and the panel.
 
-An ``Op`` names the ``Manager`` method it calls, its REST route, and its parameters with their
-types. ``validate`` turns an untrusted argument dict (JSON from REST, a comm message, a widget
+An ``Op`` names the ``Manager`` method it calls, its REST route, its parameters with their types
+and limits, its result (a shape of ``schema``) and its nature: ``slow`` (run off the request
+thread), ``may_load`` (may load a group: the remote-code policy applies), ``changes_residency``.
+Every edge reads these facts from here: ``validate`` turns an untrusted argument dict (JSON from REST, a comm message, a widget
 message) into keyword arguments or raises ``invalid_request``; ``dispatch`` validates and calls
-the manager. Light on purpose: the Jupyter server imports this module, so it imports no torch.
+the manager. The bridge envelopes are built here too. Light on purpose: the Jupyter server imports this module, so it imports no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import GpuGroupsError
+from .schema import BridgeRequest, ErrorInfo, Hello, OpenData, Reply
 
 API_PREFIX = "/api/v2"
 LEGACY_PREFIX = "/api/v1"
@@ -25,22 +28,38 @@ HOST_RECORD = "gpugroups-host.json"
 MAX_NUM_PREDICTIONS = 100
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_CHARS = 100_000
+#: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
+MAX_ID_CHARS = 4096
+
+ParamType = Literal["string", "integer", "boolean"]
+_A = {"string": "a string", "integer": "an integer", "boolean": "a boolean"}
 
 
 @dataclass(frozen=True)
 class Param:
-    """One argument of an op: its JSON type, whether it is required, and where REST reads it."""
+    """One argument of an op: its JSON type and limits, whether it is required, where REST reads it.
+
+    An optional param may be sent as null, which means its ``default``. An integer may be sent as
+    an integral number such as ``3.0`` (JSON Schema counts it as an integer too).
+    """
 
     name: str
-    type: str  # "string" | "integer" | "boolean"
+    type: ParamType
     required: bool = True
     in_path: bool = False
     description: str = ""
+    default: Any = None
     minimum: int | None = None
     maximum: int | None = None
+    #: Larger values are lowered to this (and the result's notes say so), not refused.
+    cap: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
 
     def check(self, op: str, value: Any) -> Any:
-        """Return ``value`` if it has this param's type and range, else raise ``invalid_request``."""
+        """``value`` in this param's type (``3.0`` becomes ``3``), or ``invalid_request``."""
+        if self.type == "integer" and isinstance(value, float) and value.is_integer():
+            value = int(value)
         if self.type == "string":
             ok = isinstance(value, str)
         elif self.type == "integer":
@@ -48,35 +67,46 @@ class Param:
         else:
             ok = isinstance(value, bool)
         if not ok:
-            raise GpuGroupsError(
-                "invalid_request",
-                f"{op}: '{self.name}' must be {_A[self.type]}, got {type(value).__name__}",
-            )
+            raise _invalid(op, f"'{self.name}' must be {_A[self.type]}, got {type(value).__name__}")
         if self.minimum is not None and value < self.minimum:
-            raise GpuGroupsError(
-                "invalid_request", f"{op}: '{self.name}' must be >= {self.minimum}, got {value}"
-            )
+            raise _invalid(op, f"'{self.name}' must be >= {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
-            raise GpuGroupsError(
-                "invalid_request", f"{op}: '{self.name}' must be <= {self.maximum}, got {value}"
-            )
+            raise _invalid(op, f"'{self.name}' must be <= {self.maximum}, got {value}")
+        if self.min_length is not None and len(value) < self.min_length:
+            raise _invalid(op, f"'{self.name}' must not be empty" if self.min_length == 1
+                           else f"'{self.name}' must have at least {self.min_length} characters")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise _invalid(op, f"'{self.name}' must have at most {self.max_length} characters, got {len(value)}")
         return value
 
+    def to_json(self) -> dict[str, Any]:
+        """The param's facts for the panel (which reads its limits from here, not from constants)."""
+        fields = ("type", "required", "default", "minimum", "maximum", "cap", "min_length", "max_length")
+        return {k: getattr(self, k) for k in fields}
 
-_A = {"string": "a string", "integer": "an integer", "boolean": "a boolean"}
+
+def _invalid(op: str, message: str) -> GpuGroupsError:
+    return GpuGroupsError("invalid_request", f"{op}: {message}")
 
 
 @dataclass(frozen=True)
 class Op:
-    """An operation: the manager method it calls and the REST route that exposes it."""
+    """An operation: the manager method it calls, its REST route, its params, result and nature."""
 
     name: str
-    http_method: str  # "GET" | "POST"
+    http_method: Literal["GET", "POST"]
     path: str  # below API_PREFIX, e.g. "/models/load" or "/devices/{device_id}/clear"
     summary: str
+    result: str  # a name in schema.COMPONENTS
     params: tuple[Param, ...] = ()
+    #: Runs off the request thread (a bridge pool, an ``a``-twin); else a cheap read of a snapshot.
+    slow: bool = True
+    #: May load a group, hence run its code: refused for remote-code groups unless allowed.
+    may_load: bool = False
+    #: Its purpose is to change what is resident or pinned (the panel holds its residency
+    #: buttons while one runs). ``process`` may load as a side effect and does not count.
+    changes_residency: bool = False
     method: str = ""  # Manager method; defaults to ``name``
-    mutating: bool = True
     ok_status: int = 200
     errors: tuple[str, ...] = field(default=("invalid_request",))
 
@@ -85,89 +115,105 @@ class Op:
         """The name of the ``Manager`` method this op calls."""
         return self.method or self.name
 
+    @property
+    def mutating(self) -> bool:
+        """Old name of ``slow``, read by kernel.py until it reads ``slow``."""
+        return self.slow
+
     def validate(self, args: Any) -> dict[str, Any]:
-        """Check an untrusted argument dict: known fields, right types, required present."""
+        """Check an untrusted argument dict: known fields, right types and limits, required present.
+
+        Returns the keyword arguments for the manager method; a null optional param is left out
+        (so the method's default applies).
+        """
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise GpuGroupsError(
-                "invalid_request", f"{self.name}: arguments must be a JSON object"
-            )
+            raise _invalid(self.name, "arguments must be a JSON object")
         known = {p.name: p for p in self.params}
         unknown = sorted(set(args) - set(known))
         if unknown:
-            raise GpuGroupsError(
-                "invalid_request",
-                f"{self.name}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                f"expected {', '.join(known) or 'none'}",
+            raise _invalid(
+                self.name,
+                f"unknown field(s) {', '.join(map(repr, unknown))}; expected {', '.join(known) or 'none'}",
             )
         out: dict[str, Any] = {}
         for p in self.params:
-            if p.name in args and args[p.name] is not None:
+            if args.get(p.name) is not None:
                 out[p.name] = p.check(self.name, args[p.name])
             elif p.required:
-                raise GpuGroupsError("invalid_request", f"{self.name}: '{p.name}' is required")
+                raise _invalid(self.name, f"'{p.name}' is required")
         return out
 
+    def to_json(self) -> dict[str, Any]:
+        """The op's facts for the panel: its nature and its params' limits."""
+        return {
+            "slow": self.slow,
+            "may_load": self.may_load,
+            "changes_residency": self.changes_residency,
+            "params": {p.name: p.to_json() for p in self.params},
+        }
 
-_MODEL = Param("model_id", "string", description="A model id from the catalog, a hub id or a local path under the allowed roots.")
-_GROUP = Param("group_id", "string", description="A group id from the catalog.")
-_DEVICE_OPT = Param("device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent.")
+
+_MODEL = Param(
+    "model_id", "string", min_length=1, max_length=MAX_ID_CHARS,
+    description="A model id from the catalog, a hub id or a local path under the allowed roots.",
+)
+_GROUP = Param("group_id", "string", min_length=1, max_length=MAX_ID_CHARS, description="A group id from the catalog.")
+_DEVICE_OPT = Param(
+    "device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent."
+)
+#: A load may also meet a group pinned to another device (``conflict``).
+_LOAD_ERRORS = ("invalid_request", "unknown_model", "unknown_device", "conflict", "insufficient_memory", "load_failed")
+_GROUP_LOAD_ERRORS = ("invalid_request", "unknown_group", "unknown_device", "conflict", "insufficient_memory", "load_failed")
 
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        Op("state", "GET", "/system/state", "The whole state: devices, groups, models, operations.", mutating=False, errors=()),
-        Op("models", "GET", "/models", "The catalog's models.", mutating=False, errors=()),
-        Op("groups", "GET", "/groups", "The catalog's groups.", mutating=False, errors=()),
-        Op(
-            "load", "POST", "/models/load", "Make a model current: load its group if needed, switch member.",
-            (_MODEL, _DEVICE_OPT),
-            errors=("invalid_request", "unknown_model", "unknown_device", "insufficient_memory", "load_failed"),
-        ),
-        Op(
-            "unload", "POST", "/models/unload", "Unload the group that holds a model.",
-            (_MODEL, _DEVICE_OPT),
-            errors=("invalid_request", "unknown_model", "unknown_device"),
-        ),
-        Op(
-            "load_group", "POST", "/groups/load", "Load a whole group.",
-            (_GROUP, _DEVICE_OPT),
-            errors=("invalid_request", "unknown_group", "unknown_device", "insufficient_memory", "load_failed"),
-        ),
-        Op(
-            "unload_group", "POST", "/groups/unload", "Unload a group.",
-            (_GROUP, _DEVICE_OPT),
-            errors=("invalid_request", "unknown_group", "unknown_device"),
-        ),
-        Op(
-            "pin", "POST", "/groups/pin", "Pin a group (load it if needed) or, with pinned=false, unpin it.",
-            (_GROUP, _DEVICE_OPT, Param("pinned", "boolean", required=False, description="false unpins; default true.")),
-            errors=("invalid_request", "unknown_group", "unknown_device", "insufficient_memory", "load_failed"),
-        ),
-        Op(
-            "unpin", "POST", "/groups/unpin", "Unpin a group; it stays resident but may be evicted.",
-            (_GROUP,),
-            errors=("invalid_request", "unknown_group"),
-        ),
-        Op(
-            "process", "POST", "/models/process", "Top-N next-token predictions for a prompt.",
-            (
-                _MODEL,
-                Param("prompt", "string", description="The text to continue."),
-                Param("num_predictions", "integer", required=False, minimum=1, description=f"How many predictions (default 3; capped at {MAX_NUM_PREDICTIONS})."),
-                _DEVICE_OPT,
-                Param("max_new_tokens", "integer", required=False, minimum=0, maximum=MAX_NEW_TOKENS, description="Continue each prediction greedily this many tokens (default 0)."),
-            ),
-            errors=("invalid_request", "unknown_model", "unknown_device", "insufficient_memory", "load_failed"),
-        ),
-        Op(
-            "clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
-            (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
-            errors=("invalid_request", "unknown_device"),
-        ),
+        Op("state", "GET", "/system/state", "The whole state: devices, groups, models, operations.", "State",
+           slow=False, errors=()),
+        Op("models", "GET", "/models", "The catalog's models.", "ModelList", slow=False, errors=()),
+        Op("groups", "GET", "/groups", "The catalog's groups.", "GroupList", slow=False, errors=()),
+        Op("load", "POST", "/models/load", "Make a model current: load its group if needed, switch member.",
+           "LoadResult", (_MODEL, _DEVICE_OPT), may_load=True, changes_residency=True, errors=_LOAD_ERRORS),
+        Op("unload", "POST", "/models/unload", "Unload the group that holds a model.", "UnloadResult",
+           (_MODEL, _DEVICE_OPT), changes_residency=True,
+           errors=("invalid_request", "unknown_model", "unknown_device")),
+        Op("load_group", "POST", "/groups/load", "Load a whole group.", "LoadResult",
+           (_GROUP, _DEVICE_OPT), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+        Op("unload_group", "POST", "/groups/unload", "Unload a group.", "UnloadResult",
+           (_GROUP, _DEVICE_OPT), changes_residency=True,
+           errors=("invalid_request", "unknown_group", "unknown_device")),
+        Op("pin", "POST", "/groups/pin", "Pin a group (load it if needed) or, with pinned=false, unpin it.",
+           "PinResult",
+           (_GROUP, _DEVICE_OPT,
+            Param("pinned", "boolean", required=False, default=True, description="false unpins.")),
+           may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+        Op("unpin", "POST", "/groups/unpin", "Unpin a group; it stays resident but may be evicted.", "PinResult",
+           (_GROUP,), changes_residency=True, errors=("invalid_request", "unknown_group")),
+        Op("process", "POST", "/models/process", "Top-N next-token predictions for a prompt.", "ProcessResult",
+           (
+               _MODEL,
+               Param("prompt", "string", min_length=1, max_length=MAX_PROMPT_CHARS,
+                     description="The text to continue."),
+               Param("num_predictions", "integer", required=False, default=3, minimum=1, cap=MAX_NUM_PREDICTIONS,
+                     description=f"How many predictions; more than {MAX_NUM_PREDICTIONS} are lowered to "
+                     f"{MAX_NUM_PREDICTIONS} and the result's notes say so."),
+               _DEVICE_OPT,
+               Param("max_new_tokens", "integer", required=False, default=0, minimum=0, maximum=MAX_NEW_TOKENS,
+                     description="Continue each prediction greedily this many tokens."),
+           ),
+           may_load=True, errors=_LOAD_ERRORS),
+        Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
+           "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
+           changes_residency=True, errors=("invalid_request", "unknown_device")),
     )
 }
+
+
+def ops_json() -> dict[str, Any]:
+    """Every op's facts for the panel (``Panel.spec``): ``{op: {slow, may_load, changes_residency, params}}``."""
+    return {name: op.to_json() for name, op in OPS.items()}
 
 
 def get_op(name: Any) -> Op:
@@ -186,7 +232,7 @@ def dispatch(manager: Any, op_name: Any, args: Any) -> Any:
     return getattr(manager, op.manager_method)(**kwargs)
 
 
-def error_json(exc: BaseException) -> dict[str, Any]:
+def error_json(exc: BaseException) -> ErrorInfo:
     """The error body for any exception: its own for ``GpuGroupsError``, ``internal_error`` else."""
     if isinstance(exc, GpuGroupsError):
         return exc.to_json()
@@ -194,24 +240,24 @@ def error_json(exc: BaseException) -> dict[str, Any]:
 
 
 # ---- bridge envelopes: what the server and the host kernel say on the comm ---------------------
-def open_data(trust_remote_code: bool) -> dict[str, Any]:
+def open_data(trust_remote_code: bool) -> OpenData:
     """The server's ``comm_open`` data: the protocol it speaks and what it allows."""
     return {"protocol": BRIDGE_PROTOCOL, "trust_remote_code": trust_remote_code}
 
 
-def request_message(request_id: str, op: str, args: Any) -> dict[str, Any]:
+def request_message(request_id: str, op: str, args: dict[str, Any]) -> BridgeRequest:
     """A request from the server: run ``op`` with ``args``."""
     return {"id": request_id, "op": op, "args": args}
 
 
-def reply_message(request_id: str, outcome: Any) -> dict[str, Any]:
+def reply_message(request_id: str, outcome: Any) -> Reply:
     """The host's answer to one request: ``outcome`` is the result, or the exception raised."""
     if isinstance(outcome, BaseException):
         return {"id": request_id, "ok": False, "error": error_json(outcome)}
     return {"id": request_id, "ok": True, "result": outcome}
 
 
-def hello_message(pid: int, subshell_id: str | None) -> dict[str, Any]:
+def hello_message(pid: int, subshell_id: str | None) -> Hello:
     """The host's first message on a new comm: its protocol, process and subshell."""
     return {"type": "hello", "protocol": BRIDGE_PROTOCOL, "pid": pid, "subshell_id": subshell_id}
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gpugroups.errors import GpuGroupsError
 from bench.placement_trace import reference_traces, simulate
+from gpugroups.errors import GpuGroupsError
 from gpugroups.placement import DeviceView, Ledger, ResidentView, place
 
 MiB = 1024**2

@@ -13,7 +13,6 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-
 #: Per-architecture config class names and the module names a LoRA adapter targets.
 ARCHS: dict[str, tuple[str, list[str]]] = {
     "llama": ("LlamaConfig", ["q_proj", "v_proj"]),

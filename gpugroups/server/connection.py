@@ -184,7 +184,8 @@ class KernelConnection:
             try:
                 reply = await self._control_send(msg, _CONTROL_RETRY)
                 await asyncio.wait_for(seen, _IOPUB_PROBE_INTERVAL)
-                return reply["content"]
+                info: dict[str, Any] = reply["content"]
+                return info
             except TimeoutError:
                 continue
             finally:
@@ -203,7 +204,7 @@ class KernelConnection:
                 continue
             content = reply["content"]
             if content.get("status") == "ok":
-                return content["subshell_id"]
+                return str(content["subshell_id"])
             errors += 1
             if errors >= SUBSHELL_CREATE_ERRORS:
                 raise GpuGroupsError(
@@ -273,7 +274,7 @@ class KernelConnection:
     # ---- wire -----------------------------------------------------------------------------
     def _send_shell(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
         """Send on shell, addressed to our subshell (if any); returns the message sent."""
-        msg = self._client.session.msg(msg_type, content)
+        msg: dict[str, Any] = self._client.session.msg(msg_type, content)
         if self.subshell_id is not None:
             msg["header"]["subshell_id"] = self.subshell_id
         self._client.shell_channel.send(msg)
@@ -313,7 +314,8 @@ class KernelConnection:
                 except Empty:
                     raise TimeoutError(f"no {msg['header']['msg_type']} reply") from None
                 if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                    return reply
+                    answer: dict[str, Any] = reply
+                    return answer
                 late = reply["content"]
                 if reply["header"]["msg_type"] == "create_subshell_reply" and late.get("status") == "ok":
                     channel.send(

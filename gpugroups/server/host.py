@@ -196,7 +196,7 @@ class GpuGroupsHost(LoggingConfigurable):
                 continue
             pid = kernel_pid(kernel)
             if (pid is None or pid == record.get("pid")) and await kernel.is_alive():
-                return kernel_id
+                return str(kernel_id)
         return None
 
     async def _announce(self, conn: KernelConnection) -> None:

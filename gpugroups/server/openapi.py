@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 description of ``/api/v2`` (and its deprecated ``/api/v1`` aliases).
 
-Built from the ops table, so a new op shows up here as it shows up in the routes; the few
+Built from the ops table (routes, params with their limits, result shapes), and its component
+schemas are derived from the TypedDicts of ``schema``, so neither is written twice; the few
 routes that are not manager ops (host, this document, the WebSocket) are described below. The
 error statuses listed per route are the ones its handler can answer with: the op's own codes,
 the bridge's (``host_unavailable``, ``timeout``, ``internal_error``) and Jupyter's refusals.
@@ -11,175 +12,37 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from .. import __version__
+from .. import __version__, schema
 from ..errors import HTTP_STATUS
 from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, Param
+from ..typeschema import components
 
 #: Codes any route that reaches the host kernel may answer with, beside its op's own.
 BRIDGE_ERRORS = ("host_unavailable", "timeout", "internal_error")
 #: Refusals raised by Jupyter before a handler runs, with the codes ``handlers.py`` gives them.
 REFUSALS = {403: "forbidden: not authenticated, not authorized, or a cookie POST without XSRF token"}
 
-#: The result schema of each op (ops not named here answer an ``OpResult``).
-RESULT_SCHEMAS = {
-    "state": "State",
-    "models": "ModelList",
-    "groups": "GroupList",
-    "load": "LoadResult",
-    "load_group": "LoadResult",
-    "process": "ProcessResult",
-}
+_REF = "#/components/schemas/"
+#: The WebSocket's messages to a client.
+_EVENTS = ("SystemStateEvent", "StateUpdateEvent", "LoadProgressEvent", "ErrorEvent")
 
-_ERROR_CODES = sorted({*HTTP_STATUS, "forbidden", "not_found", "method_not_allowed"})
 
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "enum": _ERROR_CODES},
-                    "message": {"type": "string"},
-                    "details": {
-                        "type": "object",
-                        "description": "Machine-readable context, e.g. each device's room.",
-                    },
-                },
-            }
-        },
-    },
-    "Memory": {
-        "type": "object",
-        "properties": {
-            k: {"type": "integer"} for k in ("total_bytes", "used_bytes", "free_bytes", "budget_bytes")
-        },
-    },
-    "Device": {
-        "type": "object",
-        "required": ["device_id", "device", "memory", "resident_groups", "status"],
-        "properties": {
-            "device_id": {"type": "integer"},
-            "device": {"type": "string", "examples": ["cuda:0", "cpu", "virtual:1"]},
-            "kind": {"type": "string"},
-            "name": {"type": "string"},
-            "memory": {"$ref": "#/components/schemas/Memory"},
-            "current_group": {"type": ["object", "null"]},
-            "resident_groups": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Most recent first.",
-            },
-            "loaded_models": {"type": "array", "items": {"type": "string"}},
-            "status": {"type": "string"},
-            "is_switching": {"type": "boolean"},
-            "queue_depth": {"type": "integer"},
-        },
-    },
-    "Group": {
-        "type": "object",
-        "required": ["id", "kind", "models"],
-        "properties": {
-            "id": {"type": "string"},
-            "name": {"type": "string"},
-            "kind": {"type": "string", "enum": ["adapters", "models", "single"]},
-            "models": {"type": "array", "items": {"type": "string"}},
-            "memory_estimate_bytes": {"type": ["integer", "null"]},
-            "pinned": {"type": "boolean"},
-            "resident_on": {"type": "array", "items": {"type": "integer"}},
-        },
-    },
-    "Model": {
-        "type": "object",
-        "required": ["id", "group_id"],
-        "properties": {
-            "id": {"type": "string"},
-            "group_id": {"type": "string"},
-            "role": {"type": "string", "enum": ["base", "adapter", "model"]},
-            "is_loaded": {"type": "boolean"},
-            "devices": {"type": "array", "items": {"type": "integer"}},
-        },
-    },
-    "State": {
-        "type": "object",
-        "required": ["version", "num_devices", "devices", "groups", "models", "operations"],
-        "properties": {
-            "version": {"type": "integer", "description": "Bumped by every change."},
-            "num_devices": {"type": "integer"},
-            "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-            "groups": {"type": "array", "items": {"$ref": "#/components/schemas/Group"}},
-            "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
-            "operations": {"type": "array", "items": {"type": "object"}},
-        },
-    },
-    "ModelList": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
-    "GroupList": {"type": "array", "items": {"$ref": "#/components/schemas/Group"}},
-    "LoadResult": {
-        "type": "object",
-        "required": ["status", "group_id", "device_id"],
-        "properties": {
-            "status": {"type": "string", "enum": ["loaded", "already_loaded"]},
-            "model_id": {"type": "string"},
-            "group_id": {"type": "string"},
-            "device_id": {"type": "integer"},
-            "seconds": {"type": "number"},
-        },
-    },
-    "Prediction": {
-        "type": "object",
-        "required": ["token", "token_id", "probability", "logprob"],
-        "properties": {
-            "token": {"type": "string"},
-            "token_id": {"type": "integer"},
-            "probability": {"type": "number"},
-            "logprob": {"type": "number"},
-            "text": {"type": "string", "description": "The greedy continuation, with max_new_tokens > 0."},
-        },
-    },
-    "ProcessResult": {
-        "type": "object",
-        "required": ["model_id", "group_id", "device_id", "prompt", "predictions"],
-        "properties": {
-            "model_id": {"type": "string"},
-            "group_id": {"type": "string"},
-            "device_id": {"type": "integer"},
-            "prompt": {"type": "string"},
-            "predictions": {
-                "type": "array",
-                "items": {"$ref": "#/components/schemas/Prediction"},
-                "description": "Most likely first.",
-            },
-            "timing": {"type": "object"},
-            "notes": {"type": "array", "items": {"type": "string"}},
-        },
-    },
-    "OpResult": {"type": "object", "description": "What the manager method returns."},
-    "Host": {
-        "type": "object",
-        "required": ["kernel_id", "subshells", "started_by"],
-        "properties": {
-            "kernel_id": {"type": ["string", "null"], "description": "null: no host attached (yet)."},
-            "subshells": {
-                "type": ["boolean", "null"],
-                "description": "false: the bridge shares the main shell, so it waits for running cells.",
-            },
-            "started_by": {"type": ["string", "null"], "enum": ["serve", "api", "server", None]},
-        },
-    },
-}
+def component_schemas() -> dict[str, Any]:
+    """The document's component schemas, derived from the shapes of ``schema``."""
+    return components(schema.COMPONENTS)
 
 
 def _param_schema(p: Param) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": p.type}
-    if p.minimum is not None:
-        schema["minimum"] = p.minimum
-    if p.maximum is not None:
-        schema["maximum"] = p.maximum
-    if p.description:
-        schema["description"] = p.description
-    return schema
+    """A param's JSON Schema: type and limits; an optional one may be null (its default)."""
+    out: dict[str, Any] = {"type": p.type if p.required else [p.type, "null"]}
+    limits = {"minimum": p.minimum, "maximum": p.maximum, "minLength": p.min_length, "maxLength": p.max_length}
+    out.update({k: v for k, v in limits.items() if v is not None})
+    if p.default is not None:
+        out["default"] = p.default
+    description = p.description + (" null: the default." if not p.required else "")
+    if description.strip():
+        out["description"] = description.strip()
+    return out
 
 
 def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -196,8 +59,8 @@ def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def _json(schema: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF + name}}}
 
 
 def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
@@ -208,7 +71,7 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
         "responses": {
             str(op.ok_status): {
                 "description": "OK",
-                "content": _json(RESULT_SCHEMAS.get(op.name, "OpResult")),
+                "content": _json(op.result),
             },
             # a POST body may be malformed JSON whatever the op
             **_errors(
@@ -287,8 +150,9 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
             "get": {
                 "operationId": "events",
                 "summary": "WebSocket of events (upgrade).",
-                "description": "Server messages: system_state, state_update, load_progress, error. "
-                'A client may send {"type": "get_state"}.',
+                "description": "Server messages: system_state, state_update, load_progress, error "
+                '(each described by `x-server-messages`). A client may send {"type": "get_state"}.',
+                "x-server-messages": {"oneOf": [{"$ref": _REF + name} for name in _EVENTS]},
                 "responses": {"101": {"description": "Switching protocols"}, **_errors([])},
             }
         },
@@ -324,7 +188,7 @@ def build_spec(base_url: str = "/") -> dict[str, Any]:
         "security": [{"token": []}],
         "paths": paths,
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": component_schemas(),
             "securitySchemes": {
                 "token": {
                     "type": "apiKey",

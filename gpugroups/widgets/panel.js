@@ -1,12 +1,11 @@
 // The panel's front end: devices, catalog and a prompt box over one gpugroups Manager.
 //
 // State arrives in the synced traits `state` (the manager's state JSON) and `progress` (the
-// newest load_progress per running operation). Actions leave as custom messages
+// newest load_progress per running operation); `spec` carries the ops table's facts (each op's
+// nature and its params' limits), so no limit or op list is written here a second time. Actions leave as custom messages
 // {action, request_id, ...args} and come back as {reply_to, request_id, ok, result | error}.
 // Every update patches the existing DOM (elements are keyed by id), so nothing re-renders
 // and the layout does not jump while state streams in.
-
-const MUTATING = new Set(["load", "unload", "load_group", "unload_group", "pin", "unpin", "clear_device"]);
 
 function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -184,9 +183,12 @@ class PanelView {
   buildPrompt() {
     this.promptError = new ErrorLine();
     this.modelSelect = h("select", { class: "gg-model-select", title: "Model", onchange: () => this.pickModel() });
-    this.numPredictions = h("input", { class: "gg-num-predictions", type: "number", min: "1", max: "100", value: "5", title: "Number of predictions" });
-    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: "0", max: "256", value: "0", title: "Continue each prediction greedily this many tokens" });
-    this.promptInput = h("textarea", { class: "gg-prompt-input", rows: "3", spellcheck: "false", placeholder: "Type a prompt; the panel shows the most likely next tokens." });
+    const limits = this.params("process");
+    const n = limits.num_predictions || {};
+    const k = limits.max_new_tokens || {};
+    this.numPredictions = h("input", { class: "gg-num-predictions", type: "number", min: n.minimum, max: n.cap ?? n.maximum, value: "5", title: "Number of predictions" });
+    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
+    this.promptInput = h("textarea", { class: "gg-prompt-input", rows: "3", spellcheck: "false", maxlength: (limits.prompt || {}).max_length, placeholder: "Type a prompt; the panel shows the most likely next tokens." });
     this.promptInput.addEventListener("keydown", (event) => {
       // Keep Shift+Enter from reaching JupyterLab's "run cell" shortcut; use it to run here.
       event.stopPropagation();
@@ -232,8 +234,17 @@ class PanelView {
     return busy;
   }
 
+  // The ops table's facts (the `spec` trait): {op: {slow, may_load, changes_residency, params}}.
+  opSpec(action) {
+    return ((this.model.get("spec") || {}).ops || {})[action] || {};
+  }
+
+  params(action) {
+    return this.opSpec(action).params || {};
+  }
+
   mutationPending() {
-    for (const { action } of this.pending.values()) if (MUTATING.has(action)) return true;
+    for (const { action } of this.pending.values()) if (this.opSpec(action).changes_residency) return true;
     return false;
   }
 
@@ -292,7 +303,7 @@ class PanelView {
       setText(node._name, `${d.device_id} · ${d.device}`);
       setText(node._desc, d.name && d.name !== d.device ? d.name : "");
       node._desc.title = node._desc.textContent;
-      const status = d.is_switching ? "switching" : d.status || "idle";
+      const status = d.status || "idle";
       setText(node._status, status);
       node._status.dataset.status = status;
       setText(node._queue, `queue ${d.queue_depth ?? 0}`);

@@ -1,7 +1,8 @@
 """The panel's kernel side: mirror a Manager's state into a synced trait, run the front end's actions.
 
-The front end (``panel.js``) reads the ``state`` trait (the state JSON of ``Manager.state()``)
-and ``progress`` (the latest ``load_progress`` per running operation), and acts by custom
+The front end (``panel.js``) reads the ``state`` trait (the state JSON of ``Manager.state()``),
+``progress`` (the latest ``load_progress`` per running operation) and ``spec`` (the ops table's
+facts: each op's nature and its params' limits, from ``protocol``), and acts by custom
 messages ``{"action": OP, "request_id": ..., **args}`` where OP is an op of the ops table.
 Actions run on a small thread pool, so a load never blocks the kernel's comm handling; manager
 events arrive on the manager's threads and are coalesced before they reach the comm.
@@ -51,9 +52,11 @@ class Panel(anywidget.AnyWidget):
 
     state = traitlets.Dict().tag(sync=True)
     progress = traitlets.Dict().tag(sync=True)
+    #: ``{"ops": protocol.ops_json()}``: the limits and op flags the front end uses.
+    spec = traitlets.Dict().tag(sync=True)
 
     def __init__(self, manager: Manager, **kwargs: Any) -> None:
-        super().__init__(state=manager.state(), **kwargs)
+        super().__init__(state=manager.state(), spec={"ops": protocol.ops_json()}, **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
         if self.comm is not None:  # route the front end's messages by their own subshell id
@@ -99,7 +102,7 @@ class Panel(anywidget.AnyWidget):
     def _run(self, action: Any, request_id: Any, args: dict[str, Any]) -> None:
         try:
             result: Any = protocol.dispatch(self._manager, action, args)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an inline error in the panel
+        except Exception as exc:
             result = exc
         # Events reach the relay from the manager's dispatcher thread, possibly after this
         # return; publish a snapshot first so the reply never overtakes the state it produced.

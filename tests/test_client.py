@@ -1,0 +1,92 @@
+"""``gg.Client`` without a server: it checks arguments by the ops table's rules before sending,
+turns any error answer into a ``GpuGroupsError``, and type-checks as a user would use it."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from gpugroups import Client, GpuGroupsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every request with a proxy's HTML error page, and counts the requests."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>bad gateway</html>")
+
+    do_POST = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Any:
+    Recorder.requests = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_an_error_that_is_not_json_is_still_a_gpugroups_error(server: Any) -> None:
+    with pytest.raises(GpuGroupsError) as exc:
+        Client(f"http://127.0.0.1:{server.server_address[1]}").state()
+    assert exc.value.code == "internal_error" and "502" in exc.value.message
+    assert Recorder.requests == ["/api/v2/system/state"]
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda c: c.process("m", ""), "'prompt' must not be empty"),
+        (lambda c: c.load(""), "'model_id' must not be empty"),
+        (lambda c: c.clear_device(-1), "must be >= 0"),
+        (lambda c: c.process("m", "x", max_new_tokens=10**6), "must be <="),
+    ],
+)
+def test_bad_arguments_never_leave_the_client(server: Any, call: Any, needle: str) -> None:
+    with pytest.raises(GpuGroupsError) as exc:
+        call(Client(f"http://127.0.0.1:{server.server_address[1]}"))
+    assert exc.value.code == "invalid_request" and needle in exc.value.message
+    assert Recorder.requests == []
+
+
+def test_path_params_fill_the_route(server: Any) -> None:
+    with pytest.raises(GpuGroupsError):
+        Client(f"http://127.0.0.1:{server.server_address[1]}").clear_device(1)
+    assert Recorder.requests == ["/api/v2/devices/1/clear"]
+
+
+def test_mypy_catches_a_wrong_call(tmp_path: Path) -> None:
+    """The typed snippet passes mypy (scripts/test.sh checks it); the same with a wrong argument
+    type or a misspelt result field does not, so the check can fail."""
+    snippet = (ROOT / "tests" / "typing" / "user_snippet.py").read_text()
+    wrong = snippet.replace('client.load("tiny-a", device_id=0)', 'client.load("tiny-a", device_id="0")')
+    wrong = wrong.replace('loaded["seconds"]', 'loaded["secs"]')
+    assert wrong.count('"0"') and "secs" in wrong
+    bad = tmp_path / "bad_snippet.py"
+    bad.write_text(wrong)
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), str(bad)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert 'Argument "device_id" to "load" of "Client"' in run.stdout
+    assert '"LoadResult" has no key "secs"' in run.stdout
