@@ -33,7 +33,7 @@ changes, this is the file to re-read; each workaround says what it avoids:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 #: ``ename`` of ipykernel's error reply to a message for a subshell it does not know (workaround 5).
@@ -60,7 +60,7 @@ def take_comm_messages(comm: Any, handler: Callable[[dict[str, Any]], None]) -> 
     comm.handle_msg = handler
 
 
-def publish_comm_msg(kernel: Any, comm: Any, data: dict[str, Any], parent: dict[str, Any]) -> None:
+def publish_comm_msg(kernel: Any, comm: Any, data: Mapping[str, Any], parent: dict[str, Any]) -> None:
     """Send ``data`` on ``comm`` straight to IOPub with ``parent`` as the parent (workarounds 1 and 2).
     Safe from any thread: ipykernel's IOPub socket is thread-safe."""
     kernel.session.send(

@@ -124,7 +124,9 @@ class Catalog:
                 "invalid_catalog",
                 f"group {group_id!r}: give either base (+ adapters) or models, not both or neither",
             )
-        src = lambda s: self._source(s, relative_to, group_id)  # noqa: E731
+        def src(path: str) -> str:
+            return self._source(path, relative_to, group_id)
+
         if base is not None:
             bid = base_id or base
             specs = [ModelSpec(bid, group_id, src(base), "base")]
@@ -133,7 +135,7 @@ class Catalog:
         else:
             if isinstance(models, str):  # one id, not an iterable of its characters
                 models = [models]
-            items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models]
+            items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models or ()]
             specs = [ModelSpec(mid, group_id, src(p), "model") for mid, p in items]
             if not specs:
                 raise GpuGroupsError("invalid_catalog", f"group {group_id!r} has no models")
@@ -157,9 +159,12 @@ class Catalog:
         except tomllib.TOMLDecodeError as exc:
             # "msg (at line L, column C)" becomes "file:L: msg (column C)", like every other catalog error.
             found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(exc), re.S)
-            where = f"{path}:{found[2]}: {found[1]} (column {found[3]})" if found else f"{path}: {exc}"
-            raise GpuGroupsError("invalid_catalog", where) from None
-        where = lambda key, section=None: f"{path}:{_line_of(text, key, section)}"  # noqa: E731
+            at = f"{path}:{found[2]}: {found[1]} (column {found[3]})" if found else f"{path}: {exc}"
+            raise GpuGroupsError("invalid_catalog", at) from None
+
+        def where(key: str, section: str | None = None) -> str:
+            return f"{path}:{_line_of(text, key, section)}"
+
         for key in data:
             if key not in _TOP_KEYS:
                 raise GpuGroupsError("invalid_catalog", f"{where(key)}: unknown key {key!r} (expected {sorted(_TOP_KEYS)})")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-Event = dict[str, Any]
+Event = Mapping[str, Any]
 Sink = Callable[[list[Event]], None]
 
 _log = logging.getLogger(__name__)

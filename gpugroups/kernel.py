@@ -17,6 +17,7 @@ import atexit
 import os
 import threading
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,6 @@ from .events import Coalescer
 from .hostrecord import host_record_path, remove_host_record, write_host_record
 from .protocol import COMM_TARGET, OPS, batch_message, get_op, hello_message, reply_message
 
-#: Ops that may load a group, hence run its code: refused for remote-code groups unless allowed.
-_LOADING_OPS = frozenset({"load", "load_group", "pin", "process"})
 _POOL_WORKERS = 8
 
 
@@ -139,7 +138,7 @@ class _Endpoint:
             return  # not a bridge request: nobody to answer
         name = data.get("op")
         op = OPS.get(name) if isinstance(name, str) else None
-        if op is not None and not op.mutating:
+        if op is not None and not op.slow:
             self._run(data)
         else:
             self.host.submit(self._run, data)
@@ -157,7 +156,7 @@ class _Endpoint:
     def _call(self, op_name: Any, args: Any) -> Any:
         op = get_op(op_name)
         kwargs = op.validate(args)
-        if op.name in _LOADING_OPS and not self.trust_remote_code:
+        if op.may_load and not self.trust_remote_code:
             self._refuse_remote_code(kwargs)
         return getattr(self.host.manager, op.manager_method)(**kwargs)
 
@@ -175,10 +174,10 @@ class _Endpoint:
                 "(set GpuGroupsHost.trust_remote_code = True, or load it from a notebook)",
             )
 
-    def _send_events(self, items: list[dict[str, Any]]) -> None:
+    def _send_events(self, items: list[Mapping[str, Any]]) -> None:
         self._publish(batch_message(items))
 
-    def _publish(self, data: dict[str, Any]) -> None:
+    def _publish(self, data: Mapping[str, Any]) -> None:
         _ipykernel.publish_comm_msg(self.host.kernel, self.comm, data, parent=self.open_msg)
 
 

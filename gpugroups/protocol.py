@@ -10,6 +10,7 @@ the manager. The bridge envelopes are built here too. Light on purpose: the Jupy
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,11 +116,6 @@ class Op:
         """The name of the ``Manager`` method this op calls."""
         return self.method or self.name
 
-    @property
-    def mutating(self) -> bool:
-        """Old name of ``slow``, read by kernel.py until it reads ``slow``."""
-        return self.slow
-
     def validate(self, args: Any) -> dict[str, Any]:
         """Check an untrusted argument dict: known fields, right types and limits, required present.
 
@@ -144,6 +140,15 @@ class Op:
             elif p.required:
                 raise _invalid(self.name, f"'{p.name}' is required")
         return out
+
+    def apply_caps(self, kwargs: dict[str, Any]) -> list[str]:
+        """Lower each value in ``kwargs`` that is above its param's ``cap``; the notes that say so."""
+        notes = []
+        for p in self.params:
+            if p.cap is not None and isinstance(kwargs.get(p.name), int) and kwargs[p.name] > p.cap:
+                notes.append(f"{p.name} {kwargs[p.name]} capped at {p.cap}")
+                kwargs[p.name] = p.cap
+        return notes
 
     def to_json(self) -> dict[str, Any]:
         """The op's facts for the panel: its nature and its params' limits."""
@@ -262,9 +267,9 @@ def hello_message(pid: int, subshell_id: str | None) -> Hello:
     return {"type": "hello", "protocol": BRIDGE_PROTOCOL, "pid": pid, "subshell_id": subshell_id}
 
 
-def batch_message(items: list[dict[str, Any]]) -> dict[str, Any]:
+def batch_message(items: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """Several messages in one comm message (a coalesced burst of events)."""
-    return items[0] if len(items) == 1 else {"batch": items}
+    return items[0] if len(items) == 1 else {"batch": list(items)}
 
 
 def unbatch(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -60,8 +60,8 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
     results = []
     for i, r in enumerate(requests):
         k = min(r.num_predictions, vocab)
-        top_lp, top_ids = torch.topk(logprobs[i], k)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        top = torch.topk(logprobs[i], k)
+        top_lp, top_ids = top.values.tolist(), top.indices.tolist()
         preds = [
             {"token": tok.decode([t]), "token_id": t, "probability": math.exp(lp), "logprob": lp}
             for t, lp in zip(top_ids, top_lp)

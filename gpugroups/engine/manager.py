@@ -15,11 +15,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 from ..catalog import Catalog
 from ..errors import GpuGroupsError
-from ..protocol import MAX_NUM_PREDICTIONS, MAX_PROMPT_CHARS, get_op
+from ..protocol import get_op
+from ..schema import (
+    ClearResult,
+    GroupList,
+    LoadResult,
+    ModelList,
+    PinResult,
+    ProcessResult,
+    State,
+    UnloadResult,
+)
 from .bus import EventBus, Subscriber
 from .catalogs import make_catalog
 from .devices import detect
@@ -66,7 +76,7 @@ class Manager:
         )
 
     # ---- loading ------------------------------------------------------------------------
-    def load(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+    def load(self, model_id: str, device_id: int | None = None) -> LoadResult:
         """Make ``model_id`` its group's current member, loading the group first if needed.
 
         Returns ``{"status": "loaded"|"already_loaded", "model_id", "group_id", "device_id",
@@ -87,7 +97,7 @@ class Manager:
             "device_id": slot.device_id, "seconds": time.perf_counter() - t0,
         }
 
-    def load_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+    def load_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
         """Load a whole group (all its members) onto a device; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
@@ -98,11 +108,11 @@ class Manager:
             "seconds": time.perf_counter() - t0,
         }
 
-    def unload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+    def unload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
         """Unload the group that holds ``model_id`` (its other members go with it)."""
         return self.unload_group(self.catalog.group_of(model_id).id, device_id)
 
-    def unload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+    def unload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
         """Unload a group and free its memory once its queued requests are answered.
 
         An explicit unload also drops the group's pin.
@@ -113,7 +123,7 @@ class Manager:
             return {"status": "not_loaded", "group_id": group.id, "device_id": device_id}
         return {"status": "unloaded", "group_id": group.id, "device_id": done_on}
 
-    def clear_device(self, device_id: int) -> dict[str, Any]:
+    def clear_device(self, device_id: int) -> ClearResult:
         """Unload every unpinned group on a device; pinned groups stay."""
         self._res.check_device(device_id, required=True)
         with self._lock:
@@ -121,7 +131,7 @@ class Manager:
         done = [gid for gid in ids if self.unload_group(gid, device_id)["status"] == "unloaded"]
         return {"device_id": device_id, "unloaded": done}
 
-    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> dict[str, Any]:
+    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
         """Keep a group resident (loading it if needed) with affinity to its device; ``pinned=False`` unpins."""
         if not pinned:
             return self.unpin(group_id)
@@ -134,7 +144,7 @@ class Manager:
         slot, _, _ = self._res.ensure(group, device_id, set_pin)
         return {"group_id": group.id, "device_id": slot.device_id, "pinned": True}
 
-    def unpin(self, group_id: str) -> dict[str, Any]:
+    def unpin(self, group_id: str) -> PinResult:
         """Let a pinned group be evicted again (it stays resident until then)."""
         group = self.catalog.group(group_id)
         with self._lock:
@@ -150,7 +160,7 @@ class Manager:
         num_predictions: int = 3,
         device_id: int | None = None,
         max_new_tokens: int = 0,
-    ) -> dict[str, Any]:
+    ) -> ProcessResult:
         """Top-N next-token predictions for ``prompt`` from ``model_id``, most likely first.
 
         Loads the group if needed (or waits for its load). With ``max_new_tokens > 0`` each
@@ -160,17 +170,13 @@ class Manager:
         from the left and ``truncated`` is true.
         """
         t0 = time.perf_counter()
-        get_op("process").validate({
+        op = get_op("process")
+        kwargs = op.validate({
             "model_id": model_id, "prompt": prompt, "num_predictions": num_predictions, "device_id": device_id,
             "max_new_tokens": max_new_tokens,
         })
-        # The ops table does not state string limits yet; until it does, the prompt's are here.
-        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
-            raise GpuGroupsError("invalid_request", f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters")
-        notes: list[str] = []
-        if num_predictions > MAX_NUM_PREDICTIONS:
-            notes.append(f"num_predictions {num_predictions} capped at {MAX_NUM_PREDICTIONS}")
-            num_predictions = MAX_NUM_PREDICTIONS
+        notes = op.apply_caps(kwargs)
+        num_predictions = kwargs["num_predictions"]
         group = self.catalog.group_of(model_id)
         request = Request(model_id, prompt, num_predictions, max_new_tokens, notes)
 
@@ -187,40 +193,40 @@ class Manager:
             with self._lock:
                 slot.inflight -= 1
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
-        return {"model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "prompt": prompt, **out}
+        return cast(ProcessResult, {"model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "prompt": prompt, **out})
 
     # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
-    async def aload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+    async def aload(self, model_id: str, device_id: int | None = None) -> LoadResult:
         """Awaitable ``load``."""
         return await asyncio.to_thread(self.load, model_id, device_id)
 
-    async def aload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+    async def aload_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
         """Awaitable ``load_group``."""
         return await asyncio.to_thread(self.load_group, group_id, device_id)
 
-    async def aunload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
+    async def aunload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
         """Awaitable ``unload``."""
         return await asyncio.to_thread(self.unload, model_id, device_id)
 
-    async def aunload_group(self, group_id: str, device_id: int | None = None) -> dict[str, Any]:
+    async def aunload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
         """Awaitable ``unload_group``."""
         return await asyncio.to_thread(self.unload_group, group_id, device_id)
 
-    async def aclear_device(self, device_id: int) -> dict[str, Any]:
+    async def aclear_device(self, device_id: int) -> ClearResult:
         """Awaitable ``clear_device``."""
         return await asyncio.to_thread(self.clear_device, device_id)
 
-    async def apin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> dict[str, Any]:
+    async def apin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
         """Awaitable ``pin``."""
         return await asyncio.to_thread(self.pin, group_id, device_id, pinned)
 
-    async def aunpin(self, group_id: str) -> dict[str, Any]:
+    async def aunpin(self, group_id: str) -> PinResult:
         """Awaitable ``unpin``."""
         return await asyncio.to_thread(self.unpin, group_id)
 
     async def aprocess(
         self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
-    ) -> dict[str, Any]:
+    ) -> ProcessResult:
         """Awaitable ``process``."""
         return await asyncio.to_thread(self.process, model_id, prompt, num_predictions, device_id, max_new_tokens)
 
@@ -230,18 +236,18 @@ class Manager:
         """Bumped by every change."""
         return self._bus.version
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> State:
         """The state JSON (same as ``GET /api/v2/system/state``): devices, groups, models, operations."""
         for g in list(self.catalog.groups.values()):
             self._estimates.ensure(g, self.devices)  # file I/O stays outside the lock; cached after
         with self._lock:
             return build_state(self._res, self._bus.version)
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> ModelList:
         """The catalog's models with where each is loaded."""
         return self.state()["models"]
 
-    def groups(self) -> list[dict[str, Any]]:
+    def groups(self) -> GroupList:
         """The catalog's groups with estimates, pins and residence."""
         return self.state()["groups"]
 

@@ -174,7 +174,7 @@ def _quiet() -> Iterator[None]:
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity(hf_logging.ERROR)
+    hf_logging.set_verbosity(hf_logging.log_levels["error"])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

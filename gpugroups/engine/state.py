@@ -6,12 +6,13 @@ cached for half a second), so building it stays cheap enough to do after every c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
+from ..schema import State
 from .residency import Residency
 
 
-def build_state(res: Residency, version: int) -> dict[str, Any]:
+def build_state(res: Residency, version: int) -> State:
     """``{"version", "num_devices", "devices", "groups", "models", "operations"}``."""
     devices = []
     for d, w in zip(res.devices, res.workers):
@@ -46,11 +47,11 @@ def build_state(res: Residency, version: int) -> dict[str, Any]:
                 "id": mid, "group_id": g.id, "role": res.catalog.models[mid].role,
                 "is_loaded": resident, "devices": list(on_device),
             })
-    return {
+    return cast(State, {
         "version": version,
         "num_devices": len(res.devices),
         "devices": devices,
         "groups": groups,
         "models": models,
         "operations": [op.to_json() for op in res.ops.values()],
-    }
+    })

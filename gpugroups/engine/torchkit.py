@@ -35,7 +35,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
     if name not in LOAD_ITEMSIZE:
         raise ValueError(f"unsupported load dtype {name!r}")
-    return getattr(torch, name)
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def context_length(folder: Path) -> int:

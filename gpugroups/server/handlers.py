@@ -43,7 +43,8 @@ class GpuGroupsHandler(APIHandler):
 
     @property
     def host(self) -> GpuGroupsHost:
-        return self.settings["gpugroups_host"]
+        host: GpuGroupsHost = self.settings["gpugroups_host"]
+        return host
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -70,13 +71,13 @@ class GpuGroupsHandler(APIHandler):
         ``internal_error`` (its traceback went to the server log)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, GpuGroupsError):
-            error = exc.to_json()
+            error = exc
         elif isinstance(exc, web.HTTPError):
             code = _CODE_BY_STATUS.get(status_code, "internal_error")
-            error = {"code": code, "message": exc.log_message or exc.reason or self._reason}
+            error = GpuGroupsError(code, exc.log_message or exc.reason or self._reason)
         else:
-            error = {"code": "internal_error", "message": "unexpected server error (see the server log)"}
-        self.finish(json.dumps({"error": error}))
+            error = GpuGroupsError("internal_error", "unexpected server error (see the server log)")
+        self.finish(json.dumps({"error": error.to_json()}))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """A ``GpuGroupsError`` is an answer, not a server fault: one line, no traceback."""
@@ -104,7 +105,7 @@ class OpHandler(GpuGroupsHandler):
 
     def initialize(self, ops: dict[str, Op], deprecated: bool = False) -> None:  # type: ignore[override]
         self.ops = ops
-        self.SUPPORTED_METHODS = (*ops, "OPTIONS")  # type: ignore[misc]  # others: 405
+        self.SUPPORTED_METHODS = (*ops, "OPTIONS")  # others: 405
         super().initialize(deprecated)
 
     @web.authenticated

@@ -25,7 +25,7 @@ from .handlers import AUTH_RESOURCE
 from .host import GpuGroupsHost
 
 
-class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     """One client's event stream (origin-checked by ``WebSocketMixin``)."""
 
     auth_resource = AUTH_RESOURCE
@@ -35,7 +35,8 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
 
     @property
     def host(self) -> GpuGroupsHost:
-        return self.settings["gpugroups_host"]
+        host: GpuGroupsHost = self.settings["gpugroups_host"]
+        return host
 
     @ws_authenticated
     @authorized

@@ -16,7 +16,7 @@ panel's comm therefore routes each incoming message by its own header.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,7 +147,7 @@ class _Relay:
         self.offer = self._events.offer
         self.flush = self._events.flush
 
-    def offer_snapshot(self, state: dict[str, Any]) -> None:
+    def offer_snapshot(self, state: Mapping[str, Any]) -> None:
         """Take a ``Manager.state()`` read now; it wins over an event of the same version."""
         self.offer({"type": "state_update", "version": state.get("version", 0), "state": state})
 
@@ -155,7 +155,7 @@ class _Relay:
         """End the relay; pending events are dropped."""
         self._events.stop()
 
-    def _fold(self, events: list[dict[str, Any]]) -> None:
+    def _fold(self, events: list[Mapping[str, Any]]) -> None:
         state = None
         for event in events:
             kind = event.get("type")
