@@ -188,7 +188,7 @@ class Manager:
             # A sharded pass runs on the first device's worker while the others are held; this
             # runs under the lock, so every worker sees multi-device work in the same order.
             release: Future[None] = Future()
-            request.after = tuple(self._workers[d].hold(release) for d in slot.device_ids[1:])
+            request.after = tuple(self._workers[d].pause(release) for d in slot.device_ids[1:])
             fut = self._workers[slot.device_id].process(group.id, request)
             fut.add_done_callback(lambda _: release.set_result(None))
             return fut

@@ -5,7 +5,7 @@ A load goes reserve -> load -> admit (or drop): ``reserve`` (under the manager's
 queues the victims' unloads and the group's load on that device's worker, admits the measured
 bytes against the budget, and on an out-of-memory evicts what it may and retries once. A group
 sharded over several devices has one slot with a share per device; its first device's worker
-drives it while the others' workers are held (``Worker.hold``), and everything that acts on a
+drives it while the others' workers are held (``Worker.pause``), and everything that acts on a
 slot (eviction, unload, pin) acts on all its shares.
 Everything here runs under the manager's lock except the load thread's waits on the worker.
 """
@@ -275,7 +275,7 @@ class Residency:
                 single = worker.load(group, paths, dtype, progress)
                 return lambda: {first: single.result()}
             release: Future[None] = Future()
-            holds = tuple(self.workers[d].hold(release) for d in slot.device_ids[1:])
+            holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
             last = slot.device_ids[-1]
             weights = [slot.weights[d] for d in slot.device_ids]
             # the last device may take what it has room for, so accelerate's own rounding never spills

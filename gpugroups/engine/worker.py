@@ -69,7 +69,7 @@ class Worker(Protocol):
     ``{"predictions", "prompt_tokens", "truncated", "notes", "timing"}`` for one request; a
     worker may serve queued requests of one group in one forward pass (``timing.batch_size``).
     A sharded group is driven by the worker of its first device: ``load_sharded`` lays it out
-    over the ``Span`` and answers each device's bytes; ``hold`` pauses the other devices' workers
+    over the ``Span`` and answers each device's bytes; ``pause`` holds the other devices' workers
     meanwhile, so nothing else runs on them between a sharded load or forward pass's start and end.
     """
 
@@ -91,7 +91,7 @@ class Worker(Protocol):
         self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
     ) -> Future[list[int]]: ...
 
-    def hold(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any]) -> Future[None]:
         """Pause this worker after what is queued until ``release`` is done; the answer is done
         once the pause has begun (or failed, when the worker is stopped)."""
         ...
@@ -148,10 +148,10 @@ class ThreadWorker:
     ) -> Future[list[int]]:
         return self.call(functools.partial(self._load, group, dict(folders), dtype, progress, span), "loading")
 
-    def hold(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any]) -> Future[None]:
         begun: Future[None] = Future()
 
-        def pause() -> None:
+        def paused() -> None:
             begun.set_result(None)
             _quietly(release)
 
@@ -159,7 +159,7 @@ class ThreadWorker:
             if not begun.done():
                 begun.set_exception(f.exception() or GpuGroupsError("invalid_request", "the manager is closed"))
 
-        self.call(pause, "busy").add_done_callback(never_began)
+        self.call(paused, "busy").add_done_callback(never_began)
         return begun
 
     def unload(self, group_id: str) -> Future[None]:
