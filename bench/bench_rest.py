@@ -63,7 +63,7 @@ class Server:
                 *(launcher or [sys.executable, "-m", "jupyter_server"]), "--allow-root", "--no-browser", "--ip=127.0.0.1",
                 f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.jpserver_extensions={'gpugroups': True}",
-                "--GpuGroupsApp.host_kernel=none",
+                "--GpuGroupsHost.host_kernel=none",
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip

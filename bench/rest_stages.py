@@ -29,20 +29,20 @@ import gpugroups as gg
 #: SIGUSR2 writes them to $GPUGROUPS_STAGES_OUT.
 SERVER = """
 import json, os, signal, sys, time
-from gpugroups.server import bridge, handlers
+from gpugroups.server import connection, handlers
 stamps = {"http": []}
 
 def stamp(rid, key):
     stamps.setdefault(rid, {})[key] = time.perf_counter()
 
-send = bridge.HostConnection._send_shell
+send = connection.KernelConnection._send_shell
 def _send_shell(self, msg_type, content):
     data = content.get("data")
     if isinstance(data, dict) and "id" in data:
         stamp(data["id"], "server_sent")
     return send(self, msg_type, content)
 
-receive = bridge.HostConnection._receive
+receive = connection.KernelConnection._receive
 def _receive(self, data):
     for item in data.get("batch", [data]):
         if "id" in item and "ok" in item:
@@ -55,8 +55,8 @@ async def _run(self, path_args):
     await handle(self, path_args)
     stamps["http"].append((t, time.perf_counter()))
 
-bridge.HostConnection._send_shell = _send_shell
-bridge.HostConnection._receive = _receive
+connection.KernelConnection._send_shell = _send_shell
+connection.KernelConnection._receive = _receive
 handlers.OpHandler._run = _run
 signal.signal(signal.SIGUSR2, lambda *_: json.dump(stamps, open(os.environ["GPUGROUPS_STAGES_OUT"], "w")))
 from jupyter_server.serverapp import main

@@ -4,50 +4,32 @@ the Jupyter server extension (``/api/v2``) through a comm (``gpugroups.v2``) on 
 The server opens the comm and sends ``{id, op, args}``; each request runs on a small thread pool
 (a long load never blocks a state request) and is answered ``{id, ok, result | error}``. Manager
 events are pushed on the same comm by one sender thread per comm, which coalesces bursts. All of
-it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``:
-in ipykernel 7 an outgoing ``Comm.send`` re-routes the comm's *incoming* traffic to the sender's
-subshell (a busy notebook cell's, from a background thread) and parents pushes to that cell.
+it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``
+(see ``_ipykernel`` for why, and for the other ipykernel workarounds used here).
 
-``serve()`` also writes a host record (``gpugroups-host.json`` in the Jupyter runtime dir) that the
-extension watches, so a notebook becomes the host without anybody typing a kernel id. Light at
-import (no torch): the server reads the record format from here.
+``serve()`` also writes the host record (``hostrecord``) that the extension watches, so a notebook
+becomes the host without anybody typing a kernel id. Light at import (no torch).
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import _ipykernel
 from .errors import GpuGroupsError
 from .events import Coalescer
-from .protocol import COMM_TARGET, HOST_RECORD, OPS, batch_message, get_op, hello_message, reply_message
+from .hostrecord import host_record_path, remove_host_record, write_host_record
+from .protocol import COMM_TARGET, OPS, batch_message, get_op, hello_message, reply_message
 
 #: Ops that may load a group, hence run its code: refused for remote-code groups unless allowed.
 _LOADING_OPS = frozenset({"load", "load_group", "pin", "process"})
 _POOL_WORKERS = 8
-
-
-def host_record_path() -> Path:
-    """Where ``serve()`` records the host kernel: the Jupyter runtime dir (shared with the server)."""
-    from jupyter_core.paths import jupyter_runtime_dir
-
-    return Path(jupyter_runtime_dir()) / HOST_RECORD
-
-
-def read_host_record(path: Path | None = None) -> dict[str, Any] | None:
-    """The host record (``{"pid", "connection_file", "served_at"}``), or None if absent or unreadable."""
-    try:
-        record = json.loads((path or host_record_path()).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 class Host:
@@ -68,20 +50,15 @@ class Host:
         endpoint = _Endpoint(self, comm, open_msg, trust_remote_code=options.get("trust_remote_code") is True)
         with self._lock:
             self._endpoints[comm.comm_id] = endpoint
-        # ipykernel's Comm.handle_msg fires IPython's pre/post-execute events on every message,
-        # on the subshell thread, in the middle of the user's cell: take the message directly.
-        comm.handle_msg = endpoint.handle_msg
+        _ipykernel.take_comm_messages(comm, endpoint.handle_msg)
+        _ipykernel.route_by_header(comm)
         comm.on_close(lambda _msg: self._closed(comm.comm_id))
         endpoint.start()
 
     def write_record(self) -> None:
         """Tell the server(s) sharing this runtime dir that this kernel is the host (last one wins)."""
-        record = {"pid": os.getpid(), "connection_file": self.connection_file, "served_at": time.time()}
-        tmp = self.record_path.with_name(f".{HOST_RECORD}.{os.getpid()}")
         try:
-            self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.record_path)  # atomic: a server never reads half a record
+            write_host_record(self.record_path, self.connection_file)
         except OSError as exc:  # still a host, only not found by itself
             warnings.warn(
                 f"gg.serve(): could not write the host record {self.record_path} ({exc}); "
@@ -91,9 +68,7 @@ class Host:
 
     def remove_record(self) -> None:
         """Withdraw the record if it is still this kernel's (at exit)."""
-        record = read_host_record(self.record_path)
-        if record and record.get("pid") == os.getpid():
-            self.record_path.unlink(missing_ok=True)
+        remove_host_record(self.record_path)
 
     def set_manager(self, manager: Any) -> None:
         """Serve ``manager`` from now on; connected servers follow it (a fresh ``state_update``)."""
@@ -197,21 +172,14 @@ class _Endpoint:
             raise GpuGroupsError(
                 "invalid_request",
                 f"group {group.id!r} needs trust_remote_code, which this Jupyter server does not allow "
-                "(set GpuGroupsApp.trust_remote_code = True, or load it from a notebook)",
+                "(set GpuGroupsHost.trust_remote_code = True, or load it from a notebook)",
             )
 
     def _send_events(self, items: list[dict[str, Any]]) -> None:
         self._publish(batch_message(items))
 
     def _publish(self, data: dict[str, Any]) -> None:
-        kernel = self.host.kernel
-        kernel.session.send(
-            kernel.iopub_socket,
-            "comm_msg",
-            {"comm_id": self.comm.comm_id, "data": data},
-            parent=self.open_msg,
-            ident=self.comm.topic,
-        )
+        _ipykernel.publish_comm_msg(self.host.kernel, self.comm, data, parent=self.open_msg)
 
 
 _host: Host | None = None
@@ -248,15 +216,15 @@ def ensure_served() -> Host:
 
 
 def _current_kernel() -> Any:
+    outside = GpuGroupsError(
+        "invalid_request", "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell"
+    )
     try:
         from ipykernel.kernelbase import Kernel
     except ImportError:
-        Kernel = None
-    if Kernel is None or not Kernel.initialized():
-        raise GpuGroupsError(
-            "invalid_request",
-            "gg.serve() must run inside a Jupyter kernel (ipykernel), e.g. in a notebook cell",
-        )
+        raise outside from None
+    if not Kernel.initialized():
+        raise outside
     return Kernel.instance()
 
 

@@ -1,8 +1,9 @@
-"""REST handlers: parse, authorize, ask the bridge, write JSON. Routes come from the ops table.
+"""REST handlers: parse, authorize, ask the host policy, write JSON. Routes come from the ops table.
 
 Every verb is ``@web.authenticated`` + ``@authorized`` on resource ``gpugroups``; cookie POSTs need
-XSRF (jupyter_server's ``APIHandler`` checks it). Every failure is a JSON body
-``{"error": {"code", "message"}}`` with the code's status, never an HTML page. ``/api/v1/...``
+XSRF (jupyter_server's ``APIHandler`` checks it). Verbs raise; ``write_error`` renders every
+failure once, as a JSON body ``{"error": {"code", "message"}}`` with the code's status, never an
+HTML page: a ``GpuGroupsError`` with its own code, tornado's and jupyter_server's refusals by status. ``/api/v1/...``
 answers like ``/api/v2/...`` with ``Deprecation`` and ``Link: rel="successor-version"`` headers.
 """
 
@@ -18,7 +19,7 @@ from tornado import web
 
 from ..errors import GpuGroupsError
 from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op
-from .bridge import Bridge
+from .host import GpuGroupsHost
 from .openapi import build_spec
 
 AUTH_RESOURCE = "gpugroups"
@@ -31,7 +32,7 @@ _CODE_BY_STATUS = {400: "invalid_request", 403: "forbidden", 404: "not_found", 4
 
 
 class GpuGroupsHandler(APIHandler):
-    """Base of the REST handlers: JSON errors, the bridge, deprecation headers on ``/api/v1``."""
+    """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``."""
 
     auth_resource = AUTH_RESOURCE
     deprecated = False
@@ -41,8 +42,8 @@ class GpuGroupsHandler(APIHandler):
         self._deprecation_headers()
 
     @property
-    def bridge(self) -> Bridge:
-        return self.settings["gpugroups_bridge"]
+    def host(self) -> GpuGroupsHost:
+        return self.settings["gpugroups_host"]
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -56,23 +57,37 @@ class GpuGroupsHandler(APIHandler):
         self.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
         self.set_header("Link", f'<{successor}>; rel="successor-version"')
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Refusals raised before a handler runs (auth, XSRF, origin, method) in our error shape."""
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        """A ``GpuGroupsError`` that a verb raised is answered with its code's status, not 500."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError):
+        if isinstance(exc, GpuGroupsError):
+            status_code = exc.http_status
+        super().send_error(status_code, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every failure in our error shape: a verb's ``GpuGroupsError`` as it is, a refusal by
+        tornado or jupyter_server (auth, XSRF, origin, method) by its status, anything else as
+        ``internal_error`` (its traceback went to the server log)."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GpuGroupsError):
+            error = exc.to_json()
+        elif isinstance(exc, web.HTTPError):
             code = _CODE_BY_STATUS.get(status_code, "internal_error")
-            message = exc.log_message or exc.reason or self._reason
+            error = {"code": code, "message": exc.log_message or exc.reason or self._reason}
         else:
-            code, message = "internal_error", "unexpected server error (see the server log)"
-        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+            error = {"code": "internal_error", "message": "unexpected server error (see the server log)"}
+        self.finish(json.dumps({"error": error}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A ``GpuGroupsError`` is an answer, not a server fault: one line, no traceback."""
+        if isinstance(value, GpuGroupsError):
+            self.log.debug("%d %s: %s", value.http_status, self._request_summary(), value)
+        else:
+            super().log_exception(typ, value, tb)
 
     def answer(self, result: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(result))
-
-    def fail(self, exc: GpuGroupsError) -> None:
-        self.set_status(exc.http_status)
-        self.finish(json.dumps({"error": exc.to_json()}))
 
     def json_body(self) -> Any:
         """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON."""
@@ -104,18 +119,13 @@ class OpHandler(GpuGroupsHandler):
 
     async def _run(self, path_args: dict[str, str]) -> None:
         op = self.ops[self.request.method or "GET"]
-        try:
-            args = self.json_body() if op.http_method == "POST" else {}
-            if isinstance(args, dict):
-                clash = sorted(set(args) & set(path_args))
-                if clash:
-                    raise GpuGroupsError(
-                        "invalid_request", f"{op.name}: {', '.join(clash)} is given by the path"
-                    )
-                args.update({k: int(v) if v.isdigit() else v for k, v in path_args.items()})
-            self.answer(await self.bridge.request(op.name, args), op.ok_status)
-        except GpuGroupsError as exc:
-            self.fail(exc)
+        args = self.json_body() if op.http_method == "POST" else {}
+        if isinstance(args, dict):
+            clash = sorted(set(args) & set(path_args))
+            if clash:
+                raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
+            args.update({k: int(v) if v.isdigit() else v for k, v in path_args.items()})
+        self.answer(await self.host.request(op.name, args), op.ok_status)
 
 
 class HostHandler(GpuGroupsHandler):
@@ -124,24 +134,15 @@ class HostHandler(GpuGroupsHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.answer(self.bridge.host_info())
+        self.answer(self.host.host_info())
 
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        try:
-            body = self.json_body()
-            if (
-                not isinstance(body, dict)
-                or set(body) != {"kernel_id"}
-                or not isinstance(body["kernel_id"], str)
-            ):
-                raise GpuGroupsError(
-                    "invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}'
-                )
-            self.answer(await self.bridge.set_host(body["kernel_id"]))
-        except GpuGroupsError as exc:
-            self.fail(exc)
+        body = self.json_body()
+        if not isinstance(body, dict) or set(body) != {"kernel_id"} or not isinstance(body["kernel_id"], str):
+            raise GpuGroupsError("invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}')
+        self.answer(await self.host.set_host(body["kernel_id"]))
 
 
 class OpenAPIHandler(GpuGroupsHandler):
@@ -159,7 +160,7 @@ class NotFoundHandler(GpuGroupsHandler):
     @web.authenticated
     @authorized
     def get(self, *_: str) -> None:
-        self.fail(GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}"))
+        raise GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}")
 
     post = get
 
@@ -173,7 +174,7 @@ def _rest_routes() -> list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]]:
     by_path: dict[str, dict[str, Op]] = {}
     for op in OPS.values():
         by_path.setdefault(op.path, {})[op.http_method] = op
-    routes = []
+    routes: list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]] = []
     for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
         for path, ops in by_path.items():
             routes.append((prefix + path_pattern(path), OpHandler, {"ops": ops, "deprecated": deprecated}))

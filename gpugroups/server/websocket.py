@@ -21,8 +21,8 @@ from tornado.ioloop import IOLoop
 
 from ..errors import GpuGroupsError
 from ..protocol import API_PREFIX, LEGACY_PREFIX
-from .bridge import Bridge
 from .handlers import AUTH_RESOURCE
+from .host import GpuGroupsHost
 
 
 class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
@@ -34,8 +34,8 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
         """No page headers (CSP etc.) on a WebSocket upgrade, as jupyter_server's kernel socket."""
 
     @property
-    def bridge(self) -> Bridge:
-        return self.settings["gpugroups_bridge"]
+    def host(self) -> GpuGroupsHost:
+        return self.settings["gpugroups_host"]
 
     @ws_authenticated
     @authorized
@@ -46,7 +46,7 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
         super().open(*args, **kwargs)
         self._fetching = 0
         self._held: list[dict[str, Any]] = []
-        self.bridge.add_listener(self._on_event)
+        self.host.add_listener(self._on_event)
         IOLoop.current().spawn_callback(self._send_state)
 
     def on_message(self, message: str | bytes) -> None:
@@ -61,13 +61,13 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
             self._write({"type": "error", "error": error.to_json()})
 
     def on_close(self) -> None:
-        self.bridge.remove_listener(self._on_event)
+        self.host.remove_listener(self._on_event)
 
     async def _send_state(self) -> None:
         self._fetching += 1
         version = None
         try:
-            state = await self.bridge.request("state")
+            state = await self.host.request("state")
             version = state["version"]
             self._write({"type": "system_state", "version": version, "state": state})
         except GpuGroupsError as exc:
@@ -94,7 +94,7 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler): 
         try:
             self.write_message(json.dumps(message))
         except websocket.WebSocketClosedError:
-            self.bridge.remove_listener(self._on_event)
+            self.host.remove_listener(self._on_event)
 
 
 #: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).

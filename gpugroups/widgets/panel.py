@@ -24,6 +24,7 @@ import anywidget
 import traitlets
 
 from .. import protocol
+from .._ipykernel import route_by_header
 from ..errors import GpuGroupsError
 from ..events import Coalescer
 
@@ -56,7 +57,7 @@ class Panel(anywidget.AnyWidget):
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
         if self.comm is not None:  # route the front end's messages by their own subshell id
-            self.comm._reply_subshell_for = _route_by_header
+            route_by_header(self.comm)
         self._relay = _Relay(self._publish)
         self.on_msg(self._on_custom_msg)
         # Take a second snapshot after subscribing: an event between the first snapshot and
@@ -113,11 +114,6 @@ class Panel(anywidget.AnyWidget):
                 self.state = state
             if progress != self.progress:
                 self.progress = progress
-
-
-def _route_by_header(_data: Any, header_subshell_id: str | None) -> str | None:
-    """ipykernel's routing hook for a comm's incoming message: where it was sent to."""
-    return header_subshell_id
 
 
 def _reply(action: Any, request_id: Any, result: Any) -> dict[str, Any]:

@@ -39,8 +39,16 @@ def jp_server_config() -> dict[str, Any]:
     """The extension on, no host kernel unless a test asks (so no kernel starts by accident)."""
     return {
         "ServerApp": {"jpserver_extensions": {"gpugroups": True}},
-        "GpuGroupsApp": {"host_kernel": "none"},
+        "GpuGroupsHost": {"host_kernel": "none"},
     }
+
+
+@pytest.fixture
+def spec() -> dict[str, Any]:
+    """The OpenAPI document as the server builds it (paths below a base URL of ``/``)."""
+    from gpugroups.server.openapi import build_spec
+
+    return build_spec("/")
 
 
 @pytest.fixture
@@ -118,14 +126,14 @@ class LiveServer:
     def kernel(self, kernel_id: str) -> Kernel:
         return Kernel(self.runtime_dir / f"kernel-{kernel_id}.json")
 
-    def heavy_modules(self) -> list[str]:
-        """The heavy modules the server process has imported so far (it dumps them on SIGUSR2)."""
+    def modules(self) -> list[str]:
+        """The modules the server process has imported so far (it dumps them on SIGUSR2)."""
         self.modules_file.unlink(missing_ok=True)
         os.kill(self.proc.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 10
         while not self.modules_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return [m for m in json.loads(self.modules_file.read_text()) if m.split(".")[0] in HEAVY]
+        return json.loads(self.modules_file.read_text())
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -186,7 +194,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> I
         tmp_path_factory.mktemp("live"),
         tiny_catalog_toml,
         [
-            "--GpuGroupsApp.host_kernel=auto",
+            "--GpuGroupsHost.host_kernel=auto",
             "--ServerApp.log_level=DEBUG",
             "--GpuGroupsApp.log_level=DEBUG",
         ],
@@ -199,3 +207,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def slow_start_kernel(jp_data_dir: Path) -> str:
+    """The ``gpugroups-slow-start`` kernel spec (``slowkernel.SlowStartKernel``) for this server."""
+    spec = jp_data_dir / "kernels" / "gpugroups-slow-start"
+    spec.mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[2]
+    argv = [
+        sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+        "--IPKernelApp.kernel_class=tests.server.slowkernel.SlowStartKernel",
+    ]  # fmt: skip
+    kernel = {"argv": argv, "display_name": "slow start", "language": "python", "env": {"PYTHONPATH": str(repo)}}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    return spec.name

@@ -3,7 +3,8 @@
 A real kernel runs ``gg.serve(m)``; the test opens the ``gpugroups.v2`` comm on a subshell with a
 plain ``jupyter_client`` client and checks the wire contract: every request gets exactly one
 reply, malformed ones included; everything the kernel sends on the comm is parented to the
-``comm_open`` (not to a running cell); requests are answered while the main shell is busy.
+``comm_open`` (not to a running cell); requests are answered while the main shell is busy; bridge
+messages fire no IPython execute events (the ``_ipykernel`` workarounds, seen from outside).
 """
 
 from __future__ import annotations
@@ -95,21 +96,17 @@ def test_hello_then_one_reply_per_request_whatever_it_holds(kernel: tuple[Kernel
     bridge.request({"id": "ok", "op": "state", "args": {}})
     state = bridge.reply("ok")
     assert state["ok"] is True and state["result"]["num_devices"] == 2
-    for rid, data in (
-        ("unknown-op", {"op": "format_disk", "args": {}}),
-        ("op-not-a-string", {"op": ["state"]}),
-        ("args-not-a-dict", {"op": "state", "args": [1]}),
-        ("unknown-field", {"op": "load", "args": {"model_id": "x", "force": True}}),
-        ("unknown-model", {"op": "load", "args": {"model_id": "no-such-model"}}),
-        ("unknown-device", {"op": "clear_device", "args": {"device_id": 5}}),
+    for rid, data, code in (
+        ("unknown-op", {"op": "format_disk", "args": {}}, "invalid_request"),
+        ("op-not-a-string", {"op": ["state"]}, "invalid_request"),
+        ("args-not-a-dict", {"op": "state", "args": [1]}, "invalid_request"),
+        ("unknown-field", {"op": "load", "args": {"model_id": "x", "force": True}}, "invalid_request"),
+        ("unknown-model", {"op": "load", "args": {"model_id": "no-such-model"}}, "unknown_model"),
+        ("unknown-device", {"op": "clear_device", "args": {"device_id": 5}}, "unknown_device"),
     ):
         bridge.request({"id": rid, **data})
         reply = bridge.reply(rid)
-        assert reply["ok"] is False and reply["error"]["code"] in (
-            "invalid_request",
-            "unknown_model",
-            "unknown_device",
-        ), reply
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
     bridge.request("not a request")  # nobody to answer: silently dropped, the comm stays usable
     bridge.request({"id": "still-there", "op": "groups"})
     assert bridge.reply("still-there") == {"id": "still-there", "ok": True, "result": []}
@@ -144,3 +141,30 @@ def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[
     assert parents == {bridge.open_msg["header"]["msg_id"]}
     notebook.stop_channels()
     bridge.kc.stop_channels()
+
+
+def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelManager, Any]) -> None:
+    km, _ = kernel
+    session = km.session.clone()
+    session.session = uuid.uuid4().hex  # a frontend of its own (the earlier tests' took over the shared one)
+    kc = km.client(session=session)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+
+    def run(code: str) -> Any:
+        reply = kc.execute_interactive(
+            code, user_expressions={"out": "out"}, timeout=60, output_hook=lambda msg: None
+        )
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return reply["content"]["user_expressions"].get("out", {}).get("data", {}).get("text/plain")
+
+    run("fired = []\nget_ipython().events.register('pre_execute', lambda: fired.append(1))\nout = 0")
+    bridge = Bridge(km)
+    next(bridge.items())
+    for i in range(3):
+        bridge.request({"id": f"quiet-{i}", "op": "state"})
+        assert bridge.reply(f"quiet-{i}")["ok"] is True
+    # only the cell that reads the count fired pre_execute (ipykernel's Comm.handle_msg would add 3)
+    assert run("out = len(fired)") == "1"
+    bridge.kc.stop_channels()
+    kc.stop_channels()

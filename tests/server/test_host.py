@@ -1,7 +1,7 @@
-"""pytest-jupyter's in-process server with real kernels: ``jp_fetch`` and ``jp_ws_fetch`` through
-an auto-started host, on a subshell and on the main-shell fallback, the extension's settings
-that reach that host (model roots) or bound its answers (request timeout), and attaching a host
-that is slow to start, restarts meanwhile, or attaches while the current host dies."""
+"""The host policy (``host.py``) with pytest-jupyter's in-process server and real kernels: an
+auto-started host serving REST and the socket (on a subshell and on the main-shell fallback) with
+the settings that reach it (model roots), an auto host that cannot serve, and the watchdog that
+keeps watching the host while another kernel is being attached."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpugroups.kernel import host_record_path
+from gpugroups.hostrecord import host_record_path
 from gpugroups.protocol import API_PREFIX
+
+from .routes import post, read
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -35,18 +36,7 @@ def jp_server_config(request: pytest.FixtureRequest, tiny_env: Path, extra_root:
         "model_roots": [str(extra_root.parent)],
         **getattr(request, "param", {}),
     }
-    return {"ServerApp": {"jpserver_extensions": {"gpugroups": True}}, "GpuGroupsApp": settings}
-
-
-async def read(ws: Any, pred: Any) -> dict[str, Any]:
-    while True:
-        message = json.loads(await ws.read_message())
-        if pred(message):
-            return message
-
-
-async def post(jp_fetch: Any, path: str, body: dict[str, Any], **kwargs: Any) -> Any:
-    return await jp_fetch(API_PREFIX, path, method="POST", body=json.dumps(body), raise_error=False, **kwargs)
+    return {"ServerApp": {"jpserver_extensions": {"gpugroups": True}}, "GpuGroupsHost": settings}
 
 
 @pytest.mark.parametrize(
@@ -69,7 +59,7 @@ async def test_rest_and_websocket_through_an_auto_started_host(
         assert first["type"] == "system_state" and first["version"] == first["state"]["version"]
         host = json.loads((await jp_fetch(API_PREFIX, "system", "host")).body)
         assert host["kernel_id"] in jp_serverapp.kernel_manager
-        assert host["subshells"] is jp_server_config["GpuGroupsApp"]["use_subshells"]
+        assert host["subshells"] is jp_server_config["GpuGroupsHost"]["use_subshells"]
         assert host["started_by"] == "server"
 
         r = await post(jp_fetch, "models/load", {"model_id": "tiny-b"}, request_timeout=120)
@@ -104,32 +94,6 @@ async def test_rest_and_websocket_through_an_auto_started_host(
         ws.close()
 
 
-@pytest.mark.parametrize("jp_server_config", [{"request_timeout": 1.0, "use_subshells": False}], indirect=True)
-async def test_an_answer_later_than_the_request_timeout_is_504(jp_serverapp: Any, jp_fetch: Any) -> None:
-    # An answer that is really late: on the main shell (no subshell) the request queues behind a
-    # running cell. (A tiny timeout alone is no proof: a reply that is in by the time the timer
-    # fires is still answered, and on a loaded machine the host often is that quick.)
-    km = jp_serverapp.kernel_manager
-    kernel_id = await km.start_kernel()
-    r = await post(jp_fetch, "system/host", {"kernel_id": kernel_id}, request_timeout=120)
-    assert r.code == 200 and json.loads(r.body)["subshells"] is False, r.body
-    cell = km.get_kernel(kernel_id).client()
-    cell.start_channels()
-    try:
-        await cell.wait_for_ready(timeout=60)
-        msg_id = cell.execute("import time; time.sleep(120)")
-        while True:  # the cell runs: the main shell takes nothing else until it ends
-            msg = await cell.get_iopub_msg(timeout=60)
-            if msg["msg_type"] == "execute_input" and msg["parent_header"].get("msg_id") == msg_id:
-                break
-        r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
-        assert r.code == 504
-        assert json.loads(r.body)["error"]["code"] == "timeout"
-    finally:
-        await km.interrupt_kernel(kernel_id)
-        cell.stop_channels()
-
-
 async def test_an_auto_host_that_cannot_serve_is_503_and_is_shut_down(
     jp_serverapp: Any, jp_fetch: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,55 +109,6 @@ async def test_an_auto_host_that_cannot_serve_is_503_and_is_shut_down(
             break
         await asyncio.sleep(0.1)
     assert jp_serverapp.kernel_manager.list_kernel_ids() == []
-
-
-@pytest.fixture
-def slow_start_kernel(jp_data_dir: Path) -> str:
-    """The ``gpugroups-slow-start`` kernel spec (``slowkernel.SlowStartKernel``) for this server."""
-    spec = jp_data_dir / "kernels" / "gpugroups-slow-start"
-    spec.mkdir(parents=True)
-    repo = Path(__file__).resolve().parents[2]
-    argv = [
-        sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-        "--IPKernelApp.kernel_class=tests.server.slowkernel.SlowStartKernel",
-    ]  # fmt: skip
-    kernel = {"argv": argv, "display_name": "slow start", "language": "python", "env": {"PYTHONPATH": str(repo)}}
-    (spec / "kernel.json").write_text(json.dumps(kernel))
-    return spec.name
-
-
-@pytest.mark.parametrize(
-    "jp_server_config", [{"host_start_timeout": 30.0, "kernel_name": "gpugroups-slow-start"}], indirect=True
-)
-async def test_a_host_kernel_slow_to_start_still_becomes_the_host(slow_start_kernel: str, jp_fetch: Any) -> None:
-    # The auto-started host answers kernel_info on control seconds before it can create a
-    # subshell: the bridge asks again instead of waiting out the host start timeout.
-    r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
-    assert r.code == 200, r.body
-    r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
-    assert json.loads(r.body)["subshells"] is True
-
-
-@pytest.mark.parametrize(
-    "jp_server_config", [{"host_start_timeout": 60.0, "host_kernel": "none"}], indirect=True
-)
-async def test_a_kernel_restarted_while_it_is_attached_fails_the_attach_at_once(
-    jp_serverapp: Any, slow_start_kernel: str, jp_fetch: Any
-) -> None:
-    km = jp_serverapp.kernel_manager
-    kernel_id = await km.start_kernel(kernel_name=slow_start_kernel)
-    attach = asyncio.ensure_future(post(jp_fetch, "system/host", {"kernel_id": kernel_id}, request_timeout=90))
-    await asyncio.sleep(1.0)  # the kernel stalls in its start: the attach is waiting on it
-    assert not attach.done()
-    await km.restart_kernel(kernel_id)
-    restarted = asyncio.get_running_loop().time()
-    r = await attach
-    assert r.code == 503, r.body
-    error = json.loads(r.body)["error"]
-    assert error["code"] == "host_unavailable" and kernel_id in error["message"], error
-    assert asyncio.get_running_loop().time() - restarted < 5.0, error  # not the 60 s start timeout
-    r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
-    assert json.loads(r.body)["kernel_id"] is None
 
 
 @pytest.mark.parametrize("jp_server_config", [{"host_kernel": "none", "use_subshells": False}], indirect=True)

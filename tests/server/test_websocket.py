@@ -1,0 +1,49 @@
+"""``WS /api/v2/ws`` without a host kernel: who may connect, and what a socket hears when there
+is no host. (With a host: ``test_host.py`` and ``test_end_to_end.py``.)"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from gpugroups.protocol import API_PREFIX
+
+from .routes import browser_login
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_websocket_refuses_missing_token_and_foreign_origin(
+    jp_serverapp: Any, jp_fetch: Any, jp_ws_fetch: Any, jp_http_port: int
+) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "token wrong-token"}):
+        with pytest.raises(HTTPClientError) as exc:
+            await jp_ws_fetch(API_PREFIX, "ws", headers=headers)
+        assert exc.value.code == 403
+    # a browser session (cookie) from a foreign page is refused; from the server's own origin it is not
+    cookie_only, _ = await browser_login(jp_serverapp, jp_fetch)
+    # the login cookie is named after the host the login went to: jp_fetch's 127.0.0.1
+    own = f"http://127.0.0.1:{jp_http_port}"
+    url = "ws" + own[4:] + jp_serverapp.base_url + API_PREFIX.lstrip("/") + "/ws"
+    with pytest.raises(HTTPClientError) as exc:
+        await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": "http://evil.example"}))
+    assert exc.value.code == 403
+    ws = await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": own}))
+    ws.close()
+
+
+async def test_websocket_reports_no_host_then_answers_get_state(jp_ws_fetch: Any) -> None:
+    ws = await jp_ws_fetch(API_PREFIX, "ws")
+    try:
+        first = json.loads(await ws.read_message())
+        assert first["type"] == "error" and first["error"]["code"] == "host_unavailable"
+        ws.write_message("nonsense")
+        assert json.loads(await ws.read_message())["error"]["code"] == "invalid_request"
+        ws.write_message(json.dumps({"type": "get_state"}))
+        assert json.loads(await ws.read_message())["error"]["code"] == "host_unavailable"
+    finally:
+        ws.close()
