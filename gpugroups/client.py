@@ -64,25 +64,36 @@ class Client:
         """The catalog's groups with estimates, pins and residence."""
         return cast(GroupList, self.call("groups"))
 
-    def load(self, model_id: str, device_id: int | None = None) -> LoadResult:
-        """Make ``model_id`` its group's current member, loading the group first if needed."""
-        return cast(LoadResult, self.call("load", model_id=model_id, device_id=device_id))
+    def load(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
+        """Make ``model_id`` its group's current member, loading the group first if needed
+        (sharded over ``device_ids`` when given)."""
+        return cast(LoadResult, self.call("load", model_id=model_id, device_id=device_id, device_ids=device_ids))
 
     def unload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
         """Unload the group that holds ``model_id``."""
         return cast(UnloadResult, self.call("unload", model_id=model_id, device_id=device_id))
 
-    def load_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
-        """Load a whole group onto a device (placement chooses when ``device_id`` is None)."""
-        return cast(LoadResult, self.call("load_group", group_id=group_id, device_id=device_id))
+    def load_group(
+        self, group_id: str, device_id: int | None = None, device_ids: list[int] | None = None
+    ) -> LoadResult:
+        """Load a whole group onto a device (placement chooses when ``device_id`` is None), or
+        sharded over ``device_ids``."""
+        return cast(
+            LoadResult, self.call("load_group", group_id=group_id, device_id=device_id, device_ids=device_ids)
+        )
 
     def unload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
         """Unload a group (an explicit unload also drops its pin)."""
         return cast(UnloadResult, self.call("unload_group", group_id=group_id, device_id=device_id))
 
-    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
+    def pin(
+        self, group_id: str, device_id: int | None = None, pinned: bool = True, device_ids: list[int] | None = None
+    ) -> PinResult:
         """Keep a group resident (loading it if needed); ``pinned=False`` unpins."""
-        return cast(PinResult, self.call("pin", group_id=group_id, device_id=device_id, pinned=pinned))
+        return cast(
+            PinResult,
+            self.call("pin", group_id=group_id, device_id=device_id, pinned=pinned, device_ids=device_ids),
+        )
 
     def unpin(self, group_id: str) -> PinResult:
         """Let a pinned group be evicted again."""

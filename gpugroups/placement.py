@@ -4,8 +4,12 @@
 replayed on traces (``bench/placement_trace.py``). The order of preference: (1) a device where
 the group is already resident; (2) a device whose free budget fits the estimate; (3) evict the
 least valuable groups that are neither pinned nor serving, on the device where that loses the
-least value; (4) ``insufficient_memory`` naming the estimate and each device's room. An explicit
-``device_id`` (or a pin's affinity) restricts the choice to that device.
+least value; (4) only when no single device can hold the group even after evicting all it may,
+and the caller gave its ``Layout`` (block sizes in layer order), shard it over the fewest devices
+that can, those with most free budget first (``Decision.shares``); (5) ``insufficient_memory``
+naming, per device, what the group would need there and what it has. An explicit ``device_id``
+(or a pin's affinity) restricts the choice to that device; explicit ``device_ids`` shard over
+exactly those devices, in that order.
 
 A resident's value is GreedyDual-Size-Frequency's (Cherkasova, 1998), kept by a ``Ledger``:
 ``clock + uses / size``, where ``clock`` rises to the value of each evicted group. Small, often
@@ -15,7 +19,7 @@ current clock, a group that was hot long ago ages out, as under LRU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import GpuGroupsError
@@ -48,12 +52,41 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class Share:
+    """One device's part of a placed group: its bytes, of which ``weight_bytes`` are layers, and its victims."""
+
+    device_id: int
+    bytes: int
+    weight_bytes: int
+    evict: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Decision:
-    """Where to load: the device, the groups to unload there first, and whether it is already resident."""
+    """Where to load: the first device, every victim, whether it is already resident, and the
+    per-device ``shares`` in layer order (one share unless the group is sharded; none if resident)."""
 
     device_id: int
     evict: tuple[str, ...] = ()
     resident: bool = False
+    shares: tuple[Share, ...] = ()
+
+    @property
+    def device_ids(self) -> list[int]:
+        """Every device the group spans, in layer order."""
+        return [s.device_id for s in self.shares] or [self.device_id]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a group splits over devices: its indivisible blocks' bytes in layer order, and the
+    bytes each spanned device adds besides its blocks (runtime reserve, device overhead)."""
+
+    blocks: tuple[int, ...]
+    fixed: Mapping[int, int]
+
+    def fixed_on(self, device_id: int) -> int:
+        return self.fixed.get(device_id, 0)
 
 
 def place(
@@ -62,18 +95,45 @@ def place(
     devices: Sequence[DeviceView],
     device_id: int | None = None,
     max_groups_per_device: int | None = None,
+    device_ids: Sequence[int] | None = None,
+    layout: Layout | None = None,
 ) -> Decision:
-    """Choose a device for ``group_id`` needing ``need_bytes``; raise ``insufficient_memory`` if none.
+    """Choose where ``group_id`` (``need_bytes`` on one device) goes; raise ``insufficient_memory`` if nowhere.
 
     With ``device_id`` only that device is considered (the caller moves a group resident
     elsewhere). Without it, fitting devices are preferred over evicting ones; among fitting
     devices the one with the most free bytes wins (spreading load), among evicting ones the
     one whose victims are worth least together, then the one that unloads the fewest bytes.
+    With a ``layout`` and no single device able to hold the group, it is sharded (see the
+    module docstring); ``device_ids`` shard over exactly those devices, evenly where room allows.
     """
+    known = {d.device_id: d for d in devices}
+    if device_ids is not None:
+        if device_id is not None:
+            raise GpuGroupsError("invalid_request", "give device_id or device_ids, not both")
+        if not device_ids or len(set(device_ids)) != len(device_ids):
+            raise GpuGroupsError("invalid_request", f"device_ids must be distinct device ids, got {list(device_ids)!r}")
+        for i in device_ids:
+            if i not in known:
+                raise GpuGroupsError("unknown_device", f"unknown device {i!r}")
+        if len(device_ids) == 1:
+            device_id = device_ids[0]
+        else:
+            span = [known[i] for i in device_ids]
+            if all(any(r.group_id == group_id for r in d.residents) for d in span):
+                return Decision(span[0].device_id, resident=True)
+            if layout is None:
+                raise GpuGroupsError("invalid_request", f"group {group_id!r} cannot be sharded (no layer layout)")
+            shares = _spread(layout, span, max_groups_per_device, even=True) or _spread(
+                layout, span, max_groups_per_device, even=False
+            )
+            if shares is None:
+                raise _insufficient(group_id, need_bytes, span, layout)
+            return _decision(shares)
     if device_id is not None:
-        candidates = [d for d in devices if d.device_id == device_id]
-        if not candidates:
+        if device_id not in known:
             raise GpuGroupsError("unknown_device", f"unknown device {device_id!r}")
+        candidates = [known[device_id]]
     else:
         candidates = list(devices)
     for d in candidates:
@@ -83,7 +143,7 @@ def place(
     fitting = [d for d in candidates if d.free_bytes >= need_bytes and _room_for_one(d, max_groups_per_device)]
     if fitting:
         best = max(fitting, key=lambda d: (d.free_bytes, -d.device_id))
-        return Decision(best.device_id)
+        return _decision([Share(best.device_id, need_bytes, need_bytes - _fixed(layout, best))])
 
     options = []
     for d in candidates:
@@ -94,23 +154,108 @@ def place(
             options.append((lost, cost, len(victims), d.device_id, tuple(r.group_id for r in victims)))
     if options:
         *_, dev, evict = min(options)
-        return Decision(dev, evict=evict)
+        return _decision([Share(dev, need_bytes, need_bytes - _fixed(layout, known[dev]), evict)])
 
-    rooms = [
-        {
-            "device_id": d.device_id,
-            "free_bytes": d.free_bytes,
-            "evictable_bytes": sum(r.bytes for r in d.residents if r.evictable),
-        }
-        for d in candidates
-    ]
+    if layout is not None and device_id is None:
+        shares = _shard(layout, candidates, max_groups_per_device)
+        if shares is not None:
+            return _decision(shares)
+    raise _insufficient(group_id, need_bytes, candidates, layout)
+
+
+def _shard(layout: Layout, devices: Sequence[DeviceView], max_groups: int | None) -> list[Share] | None:
+    """The fewest devices that can hold the layout (most free budget first, then most room
+    once idle groups go), in device order for the layers; None if all of them together cannot."""
+    usable = [d for d in devices if _room_for_one(d, max_groups) or any(r.evictable for r in d.residents)]
+    for k in range(2, len(usable) + 1):
+        for with_evictable in (False, True):
+            def room(d: DeviceView, with_evictable: bool = with_evictable) -> int:
+                return d.free_bytes + (_evictable(d) if with_evictable else 0)
+
+            chosen = sorted(sorted(usable, key=lambda d: (-room(d), d.device_id))[:k], key=lambda d: d.device_id)
+            shares = _spread(layout, chosen, max_groups, even=False)
+            if shares is not None:
+                return shares
+    return None
+
+
+def _spread(layout: Layout, span: Sequence[DeviceView], max_groups: int | None, even: bool) -> list[Share] | None:
+    """Assign the layout's blocks to ``span`` in order, with the victims each device needs, or None.
+
+    ``even`` aims at equal layer bytes per device (explicit ``device_ids``); otherwise each
+    device takes what its free room holds, evicting only for what the later devices' free room
+    cannot take. Devices left without a block drop out of the span.
+    """
+    blocks, total = list(layout.blocks), sum(layout.blocks)
+    shares: list[Share] = []
+    placed = 0
+    for i, d in enumerate(span):
+        fixed = layout.fixed_on(d.device_id)
+        last = i == len(span) - 1
+        free = d.free_bytes - fixed
+        room = free + _evictable(d)
+        later_free = sum(max(0, e.free_bytes - layout.fixed_on(e.device_id)) for e in span[i + 1:])
+        must = total - placed - later_free
+        target = total * (i + 1) // len(span) - placed if even else None
+        taken = 0
+        while blocks:
+            b = blocks[0]
+            if not last:
+                if taken + b > room:
+                    break
+                if target is not None and taken + b / 2 > target:
+                    break
+                if target is None and taken + b > free and taken >= must:
+                    break
+            blocks.pop(0)
+            taken += b
+        if taken == 0:
+            continue
+        placed += taken
+        victims = _victims(d, fixed + taken, max_groups)
+        if victims is None:
+            return None
+        shares.append(Share(d.device_id, fixed + taken, taken, tuple(r.group_id for r in victims)))
+    return shares if not blocks and shares else None
+
+
+def _decision(shares: Sequence[Share]) -> Decision:
+    evict = tuple(dict.fromkeys(g for s in shares for g in s.evict))  # a sharded victim counts once
+    return Decision(shares[0].device_id, evict, shares=tuple(shares))
+
+
+def _fixed(layout: Layout | None, d: DeviceView) -> int:
+    return layout.fixed_on(d.device_id) if layout is not None else 0
+
+
+def _evictable(d: DeviceView) -> int:
+    return sum(r.bytes for r in d.residents if r.evictable)
+
+
+def _insufficient(group_id: str, need: int, devices: Sequence[DeviceView], layout: Layout | None) -> GpuGroupsError:
+    """``insufficient_memory`` naming, per device, what the group needs there and what it has.
+
+    ``need_bytes`` is the whole group on that device; with a layout, ``shard_need_bytes`` is
+    that device's part were the group spread evenly over all these devices.
+    """
+    rooms = []
+    for d in devices:
+        room = {"device_id": d.device_id, "need_bytes": need, "free_bytes": d.free_bytes, "evictable_bytes": _evictable(d)}
+        if layout is not None and len(devices) > 1:
+            room["shard_need_bytes"] = layout.fixed_on(d.device_id) + sum(layout.blocks) // len(devices)
+        rooms.append(room)
     where = "; ".join(
-        f"device {r['device_id']}: {_mib(r['free_bytes'])} free + {_mib(r['evictable_bytes'])} evictable" for r in rooms
+        f"device {r['device_id']}: needs {_mib(r['need_bytes'])}"
+        + (f" ({_mib(r['shard_need_bytes'])} as a shard)" if "shard_need_bytes" in r else "")
+        + f", has {_mib(r['free_bytes'])} free + {_mib(r['evictable_bytes'])} evictable"
+        for r in rooms
     )
-    raise GpuGroupsError(
+    return GpuGroupsError(
         "insufficient_memory",
-        f"group {group_id!r} needs an estimated {_mib(need_bytes)}; no device has room ({where})",
-        {"group_id": group_id, "estimate_bytes": need_bytes, "devices": rooms},
+        f"group {group_id!r} needs an estimated {_mib(need)}; no device has room"
+        + (", nor do the devices together" if layout is not None and len(devices) > 1 else "")
+        + f" ({where})",
+        {"group_id": group_id, "estimate_bytes": need, "devices": rooms},
     )
 
 

@@ -32,8 +32,8 @@ MAX_PROMPT_CHARS = 100_000
 #: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
 MAX_ID_CHARS = 4096
 
-ParamType = Literal["string", "integer", "boolean"]
-_A = {"string": "a string", "integer": "an integer", "boolean": "a boolean"}
+ParamType = Literal["string", "integer", "boolean", "integer_list"]
+_A = {"string": "a string", "integer": "an integer", "boolean": "a boolean", "integer_list": "a list of integers"}
 
 
 @dataclass(frozen=True)
@@ -59,25 +59,33 @@ class Param:
 
     def check(self, op: str, value: Any) -> Any:
         """``value`` in this param's type (``3.0`` becomes ``3``), or ``invalid_request``."""
-        if self.type == "integer" and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if self.type == "string":
-            ok = isinstance(value, str)
+        if self.type == "integer_list":
+            if not isinstance(value, list):
+                raise _invalid(op, f"'{self.name}' must be {_A[self.type]}, got {type(value).__name__}")
+            value = [self._integer(op, v) for v in value]
+            if len(set(value)) != len(value):
+                raise _invalid(op, f"'{self.name}' must not repeat an item, got {value}")
         elif self.type == "integer":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, bool)
-        if not ok:
+            value = self._integer(op, value)
+        elif not isinstance(value, str if self.type == "string" else bool):
             raise _invalid(op, f"'{self.name}' must be {_A[self.type]}, got {type(value).__name__}")
-        if self.minimum is not None and value < self.minimum:
-            raise _invalid(op, f"'{self.name}' must be >= {self.minimum}, got {value}")
-        if self.maximum is not None and value > self.maximum:
-            raise _invalid(op, f"'{self.name}' must be <= {self.maximum}, got {value}")
         if self.min_length is not None and len(value) < self.min_length:
             raise _invalid(op, f"'{self.name}' must not be empty" if self.min_length == 1
                            else f"'{self.name}' must have at least {self.min_length} characters")
         if self.max_length is not None and len(value) > self.max_length:
             raise _invalid(op, f"'{self.name}' must have at most {self.max_length} characters, got {len(value)}")
+        return value
+
+    def _integer(self, op: str, value: Any) -> int:
+        """``value`` as an integer within this param's range (``3.0`` becomes ``3``), or ``invalid_request``."""
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _invalid(op, f"'{self.name}' must be {_A[self.type]}, got {type(value).__name__}")
+        if self.minimum is not None and value < self.minimum:
+            raise _invalid(op, f"'{self.name}' must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise _invalid(op, f"'{self.name}' must be <= {self.maximum}, got {value}")
         return value
 
     def to_json(self) -> dict[str, Any]:
@@ -165,6 +173,10 @@ _MODEL = Param(
     description="A model id from the catalog, a hub id or a local path under the allowed roots.",
 )
 _GROUP = Param("group_id", "string", min_length=1, max_length=MAX_ID_CHARS, description="A group id from the catalog.")
+_DEVICE_IDS = Param(
+    "device_ids", "integer_list", required=False, minimum=0, min_length=1,
+    description="Shard the group over exactly these devices, in layer order (not with device_id).",
+)
 _DEVICE_OPT = Param(
     "device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent."
 )
@@ -180,19 +192,19 @@ OPS: dict[str, Op] = {
         Op("models", "GET", "/models", "The catalog's models.", "ModelList", slow=False, errors=()),
         Op("groups", "GET", "/groups", "The catalog's groups.", "GroupList", slow=False, errors=()),
         Op("load", "POST", "/models/load", "Make a model current: load its group if needed, switch member.",
-           "LoadResult", (_MODEL, _DEVICE_OPT), may_load=True, changes_residency=True, errors=_LOAD_ERRORS),
+           "LoadResult", (_MODEL, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_LOAD_ERRORS),
         Op("unload", "POST", "/models/unload", "Unload the group that holds a model.", "UnloadResult",
            (_MODEL, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_model", "unknown_device")),
         Op("load_group", "POST", "/groups/load", "Load a whole group.", "LoadResult",
-           (_GROUP, _DEVICE_OPT), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+           (_GROUP, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
         Op("unload_group", "POST", "/groups/unload", "Unload a group.", "UnloadResult",
            (_GROUP, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_group", "unknown_device")),
         Op("pin", "POST", "/groups/pin", "Pin a group (load it if needed) or, with pinned=false, unpin it.",
            "PinResult",
            (_GROUP, _DEVICE_OPT,
-            Param("pinned", "boolean", required=False, default=True, description="false unpins.")),
+            Param("pinned", "boolean", required=False, default=True, description="false unpins."), _DEVICE_IDS),
            may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
         Op("unpin", "POST", "/groups/unpin", "Unpin a group; it stays resident but may be evicted.", "PinResult",
            (_GROUP,), changes_residency=True, errors=("invalid_request", "unknown_group")),

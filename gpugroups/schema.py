@@ -53,6 +53,13 @@ class Device(TypedDict):
     queue_depth: Annotated[int, "Calls waiting or running on the device."]
 
 
+class Shard(TypedDict):
+    """A resident group's share of one device."""
+
+    device_id: int
+    bytes: int
+
+
 class Group(TypedDict):
     """A group of the catalog with its live fields."""
 
@@ -63,7 +70,8 @@ class Group(TypedDict):
     memory_estimate_bytes: Annotated[int, "Bytes the group needs resident (0 when it cannot be estimated)."]
     measured_bytes: Annotated[int | None, "Weights measured at its last load; null before."]
     pinned: bool
-    resident_on: Annotated[list[int], "Device ids where the group is resident (at most one)."]
+    resident_on: Annotated[list[int], "Device ids the resident group spans, in layer order (one unless sharded)."]
+    shards: Annotated[list[Shard], "Bytes the resident group holds on each device it spans, in layer order."]
     status: GroupStatus
     current_model: Annotated[str, "The member that load/process use by default."]
 
@@ -111,7 +119,8 @@ class LoadResult(TypedDict):
     status: Literal["loaded", "already_loaded"]
     model_id: Annotated[str, "The group's current member."]
     group_id: str
-    device_id: int
+    device_id: Annotated[int, "The (first) device the group is on."]
+    device_ids: Annotated[list[int], "Every device the group spans, in layer order."]
     seconds: float
 
 
@@ -121,6 +130,7 @@ class UnloadResult(TypedDict):
     status: Literal["unloaded", "not_loaded"]
     group_id: str
     device_id: Annotated[int | None, "Where it was unloaded; for not_loaded the device asked about."]
+    device_ids: NotRequired[Annotated[list[int], "Every device it was unloaded from (unloaded only)."]]
 
 
 class PinResult(TypedDict):
@@ -128,6 +138,7 @@ class PinResult(TypedDict):
 
     group_id: str
     device_id: NotRequired[Annotated[int, "Where the pinned group is resident (absent when unpinned)."]]
+    device_ids: NotRequired[Annotated[list[int], "Every device the pinned group spans (absent when unpinned)."]]
     pinned: bool
 
 
@@ -164,7 +175,8 @@ class ProcessResult(TypedDict):
 
     model_id: str
     group_id: str
-    device_id: int
+    device_id: Annotated[int, "The (first) device the group is on."]
+    device_ids: Annotated[list[int], "Every device the group spans, in layer order."]
     prompt: str
     predictions: Annotated[list[Prediction], "Most likely first."]
     prompt_tokens: Annotated[int, "Tokens of the prompt the model saw."]
@@ -300,7 +312,7 @@ class Batch(TypedDict):
 COMPONENTS: dict[str, Any] = {
     t.__name__: t
     for t in (
-        Memory, CurrentGroup, Device, Group, Model, Operation, State,
+        Memory, CurrentGroup, Device, Shard, Group, Model, Operation, State,
         LoadResult, UnloadResult, PinResult, ClearResult, Prediction, Timing, ProcessResult,
         ErrorInfo, Error, Host,
         SystemStateEvent, StateUpdateEvent, LoadProgressEvent, ErrorEvent,

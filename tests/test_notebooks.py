@@ -79,4 +79,5 @@ def test_multi_device_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert panels(nb) == 1
     assert "evicted:" in text
     assert "insufficient_memory" in text
+    assert "resident on [0, 1" in text  # the section that shards a group over several devices
     assert "Traceback" not in text

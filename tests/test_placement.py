@@ -4,7 +4,7 @@ import pytest
 
 from bench.placement_trace import reference_traces, simulate
 from gpugroups.errors import GpuGroupsError
-from gpugroups.placement import DeviceView, Ledger, ResidentView, place
+from gpugroups.placement import DeviceView, Layout, Ledger, ResidentView, place
 
 MiB = 1024**2
 
@@ -103,3 +103,64 @@ def test_on_the_reference_traces_the_policy_loads_less_than_lru_and_the_old_rule
         loads = simulate(trace, "gdsf")
         assert loads < simulate(trace, "lru"), trace.name
         assert loads < simulate(trace, "size"), trace.name
+
+
+# ---- sharding -------------------------------------------------------------------------------
+def layout(blocks, fixed=0, devices=3):
+    return Layout(tuple(b * MiB for b in blocks), {i: fixed * MiB for i in range(devices)})
+
+
+def test_a_group_that_fits_one_device_is_never_sharded():
+    devices = [dev(0, 60), dev(1, 60, res("idle", 50, 1.0))]
+    d = place("x", 100 * MiB, devices, layout=layout([25] * 4, devices=2))
+    assert d.device_ids == [1] and d.evict == ("idle",)
+
+
+def test_too_big_for_any_device_shards_over_the_fewest_with_most_free_room():
+    devices = [dev(0, 50), dev(1, 100), dev(2, 80)]
+    d = place("x", 170 * MiB, devices, layout=layout([10] * 16, fixed=5))
+    assert d.device_ids == [1, 2]  # two devices suffice; the two with most free room, in device order
+    assert [s.bytes for s in d.shares] == [95 * MiB, 75 * MiB]
+    assert sum(s.weight_bytes for s in d.shares) == 160 * MiB and d.evict == ()
+
+
+def test_sharding_evicts_idle_groups_but_never_pinned_ones():
+    devices = [
+        dev(0, 40, res("pinned", 60, 1.0, pinned=True)),
+        dev(1, 40, res("idle", 60, 1.0)),
+        dev(2, 100),
+    ]
+    d = place("x", 180 * MiB, devices, layout=layout([10] * 18))
+    assert d.device_ids == [1, 2]
+    assert d.shares[0].evict == ("idle",) and d.evict == ("idle",)
+    assert "pinned" not in d.evict
+
+
+def test_explicit_device_ids_shard_evenly_in_the_given_order():
+    d = place("x", 40 * MiB, [dev(0, 500), dev(1, 500), dev(2, 500)], device_ids=[2, 0], layout=layout([10] * 4))
+    assert d.device_ids == [2, 0] and [s.weight_bytes for s in d.shares] == [20 * MiB, 20 * MiB]
+
+
+def test_explicit_device_ids_with_device_id_or_duplicates_are_invalid():
+    for kw in ({"device_ids": [0, 1], "device_id": 0}, {"device_ids": [0, 0]}, {"device_ids": []}):
+        with pytest.raises(GpuGroupsError) as e:
+            place("x", MiB, [dev(0, 10), dev(1, 10)], layout=layout([1]), **kw)
+        assert e.value.code == "invalid_request"
+    with pytest.raises(GpuGroupsError) as e:
+        place("x", MiB, [dev(0, 10)], device_ids=[0, 5], layout=layout([1]))
+    assert e.value.code == "unknown_device"
+
+
+def test_a_sharded_resident_group_is_resident():
+    devices = [dev(0, 0, res("x", 50, 1.0)), dev(1, 0, res("x", 50, 1.0))]
+    assert place("x", 100 * MiB, devices, device_ids=[0, 1], layout=layout([10] * 10)).resident
+
+
+def test_insufficient_memory_names_per_device_needs_when_even_sharding_cannot():
+    devices = [dev(0, 30), dev(1, 30, res("p", 50, 1.0, pinned=True))]
+    with pytest.raises(GpuGroupsError) as e:
+        place("x", 100 * MiB, devices, layout=layout([10] * 10, devices=2))
+    rooms = e.value.details["devices"]
+    assert [r["shard_need_bytes"] for r in rooms] == [50 * MiB, 50 * MiB]
+    assert [r["free_bytes"] for r in rooms] == [30 * MiB, 30 * MiB]
+    assert "nor do the devices together" in e.value.message

@@ -28,6 +28,7 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (32, 2, 4, 2, 64),
     "small": (128, 4, 4, 2, 352),
     "100m": (768, 12, 12, 4, 2560),
+    "deep": (256, 8, 4, 1, 1024),  # weights dominate its runtime reserve at a short context: sharding tests
 }
 
 
@@ -61,18 +62,18 @@ def _vocab_size(tokenizer_dir: Path) -> int:
     return len(data["model"]["vocab"]) + sum(1 for t in data["added_tokens"] if t["content"] not in data["model"]["vocab"])
 
 
-def make_config(arch: str, size: str = "tiny", vocab_size: int = 768):
-    """The transformers config of ``arch`` at ``size`` (see ``ARCHS`` and ``SIZES``)."""
+def make_config(arch: str, size: str = "tiny", vocab_size: int = 768, context: int = 512):
+    """The transformers config of ``arch`` at ``size`` (see ``ARCHS`` and ``SIZES``), ``context`` positions long."""
     import transformers
 
     hidden, layers, heads, kv_heads, inter = SIZES[size]
     cls = getattr(transformers, ARCHS[arch][0])
     ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if arch == "gpt2":
-        return cls(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids)
+        return cls(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context, **ids)
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=inter, max_position_embeddings=512, **ids,
+        intermediate_size=inter, max_position_embeddings=context, **ids,
     )
     if arch == "phi":
         return cls(**common)
@@ -92,6 +93,7 @@ def build_causal_lm(
     seed: int = 0,
     dtype: str = "float32",
     safetensors: bool = True,
+    context: int = 512,
 ) -> Path:
     """Build a seeded random causal LM and save it (safetensors by default) with the tokenizer.
 
@@ -102,7 +104,7 @@ def build_causal_lm(
 
     directory = Path(directory)
     vocab = _vocab_size(Path(tokenizer_dir)) if tokenizer_dir else 768
-    config = make_config(arch, size, vocab)
+    config = make_config(arch, size, vocab, context)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     if safetensors:

@@ -38,6 +38,7 @@ class EstimateCache:
         self.catalog = catalog
         self.dtype = dtype
         self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[int] | None]] = {}
         self._lock = threading.Lock()
 
     def dtype_for(self, group: GroupSpec, dev: Device) -> str:
@@ -77,6 +78,35 @@ class EstimateCache:
         if entry.error is not None and strict:
             raise entry.error
         return entry.parts
+
+    def ensure_blocks(self, group: GroupSpec, dev: Device) -> None:
+        """Compute the group's layer blocks for sharding (a meta-device model: call unlocked).
+
+        Only a group of one model object can be sharded (an adapters group's base, or a
+        single model); others, and models that cannot be built on the meta device, get None.
+        """
+        key = (group.id, self.dtype_for(group, dev))
+        with self._lock:
+            cached = self._blocks.get(key)
+        if cached is not None and cached[0] == group:
+            return
+        from . import sharding
+
+        one = group.base if group.kind == "adapters" else (group.members[0] if len(group.members) == 1 else None)
+        try:
+            found = None if one is None else sharding.blocks(
+                sharding.meta_model(folders(self.catalog, group)[one], key[1], group.trust_remote_code)
+            )
+        except GpuGroupsError:
+            found = None
+        with self._lock:
+            self._blocks[key] = (group, found)
+
+    def blocks(self, group: GroupSpec, dev: Device) -> list[int] | None:
+        """The cached layer blocks' bytes in layer order (None: not computed, or not shardable)."""
+        with self._lock:
+            cached = self._blocks.get((group.id, self.dtype_for(group, dev)))
+        return cached[1] if cached is not None and cached[0] == group else None
 
     def _key(self, group: GroupSpec, dev: Device) -> tuple[str, str, str]:
         return (group.id, dev.kind, self.dtype_for(group, dev))

@@ -76,11 +76,14 @@ class Manager:
         )
 
     # ---- loading ------------------------------------------------------------------------
-    def load(self, model_id: str, device_id: int | None = None) -> LoadResult:
+    def load(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
         """Make ``model_id`` its group's current member, loading the group first if needed.
 
         Returns ``{"status": "loaded"|"already_loaded", "model_id", "group_id", "device_id",
-        "seconds"}``. Switching member of a resident group is a pointer change: no memory op.
+        "device_ids", "seconds"}`` (``device_id`` is the first of ``device_ids``, the devices
+        the group spans). Switching member of a resident group is a pointer change: no memory
+        op. ``device_ids=[0, 1]`` shards the group over exactly those devices, in that order
+        (see docs/sharding.md); without it a group too big for any one device shards by itself.
         """
         t0 = time.perf_counter()
         group = self.catalog.group_of(model_id)
@@ -91,21 +94,21 @@ class Manager:
             if not self._res.touch(slot) and changed:
                 self._bump()
 
-        slot, loaded, _ = self._res.ensure(group, device_id, switch)
+        slot, loaded, _ = self._res.ensure(group, device_id, switch, device_ids)
         return {
             "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
-            "device_id": slot.device_id, "seconds": time.perf_counter() - t0,
+            "device_id": slot.device_id, "device_ids": slot.device_ids, "seconds": time.perf_counter() - t0,
         }
 
-    def load_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
-        """Load a whole group (all its members) onto a device; see ``load``."""
+    def load_group(self, group_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
+        """Load a whole group (all its members) onto a device, or sharded over ``device_ids``; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
-        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch)
+        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch, device_ids)
         return {
             "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
             "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
-            "seconds": time.perf_counter() - t0,
+            "device_ids": slot.device_ids, "seconds": time.perf_counter() - t0,
         }
 
     def unload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
@@ -113,36 +116,39 @@ class Manager:
         return self.unload_group(self.catalog.group_of(model_id).id, device_id)
 
     def unload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
-        """Unload a group and free its memory once its queued requests are answered.
+        """Unload a group and free its memory (every shard) once its queued requests are answered.
 
-        An explicit unload also drops the group's pin.
+        An explicit unload also drops the group's pin. ``device_id`` may name any device a
+        sharded group spans.
         """
         group = self.catalog.group(group_id)
         done_on = self._res.release(group, device_id)
         if done_on is None:
             return {"status": "not_loaded", "group_id": group.id, "device_id": device_id}
-        return {"status": "unloaded", "group_id": group.id, "device_id": done_on}
+        return {"status": "unloaded", "group_id": group.id, "device_id": done_on[0], "device_ids": done_on}
 
     def clear_device(self, device_id: int) -> ClearResult:
-        """Unload every unpinned group on a device; pinned groups stay."""
+        """Unload every unpinned group on a device (a sharded one from all its devices); pinned groups stay."""
         self._res.check_device(device_id, required=True)
         with self._lock:
-            ids = [s.group.id for s in self._res.slots.values() if s.device_id == device_id and s.group.id not in self._res.pins]
+            ids = [s.group.id for s in self._res.slots.values() if device_id in s.shares and s.group.id not in self._res.pins]
         done = [gid for gid in ids if self.unload_group(gid, device_id)["status"] == "unloaded"]
         return {"device_id": device_id, "unloaded": done}
 
-    def pin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
-        """Keep a group resident (loading it if needed) with affinity to its device; ``pinned=False`` unpins."""
+    def pin(
+        self, group_id: str, device_id: int | None = None, pinned: bool = True, device_ids: list[int] | None = None
+    ) -> PinResult:
+        """Keep a group resident (loading it if needed) with affinity to its device(s); ``pinned=False`` unpins."""
         if not pinned:
             return self.unpin(group_id)
         group = self.catalog.group(group_id)
 
         def set_pin(slot: Slot) -> None:
-            self._res.pins[group.id] = slot.device_id
+            self._res.pins[group.id] = slot.device_ids
             self._bump()
 
-        slot, _, _ = self._res.ensure(group, device_id, set_pin)
-        return {"group_id": group.id, "device_id": slot.device_id, "pinned": True}
+        slot, _, _ = self._res.ensure(group, device_id, set_pin, device_ids)
+        return {"group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids, "pinned": True}
 
     def unpin(self, group_id: str) -> PinResult:
         """Let a pinned group be evicted again (it stays resident until then)."""
@@ -183,7 +189,15 @@ class Manager:
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             slot.inflight += 1
             self._res.touch(slot)
-            return self._workers[slot.device_id].process(group.id, request)
+            if len(slot.shares) == 1:
+                return self._workers[slot.device_id].process(group.id, request)
+            # A sharded pass runs on the first device's worker while the others are held; this
+            # runs under the lock, so every worker sees multi-device work in the same order.
+            release: Future[None] = Future()
+            request.after = tuple(self._workers[d].pause(release) for d in slot.device_ids[1:])
+            fut = self._workers[slot.device_id].process(group.id, request)
+            fut.add_done_callback(lambda _: release.set_result(None))
+            return fut
 
         slot, _, fut = self._res.ensure(group, device_id, queue)
         t1 = time.perf_counter()
@@ -193,16 +207,21 @@ class Manager:
             with self._lock:
                 slot.inflight -= 1
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
-        return cast(ProcessResult, {"model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "prompt": prompt, **out})
+        return cast(ProcessResult, {
+            "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
+            "prompt": prompt, **out,
+        })
 
     # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
-    async def aload(self, model_id: str, device_id: int | None = None) -> LoadResult:
+    async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
         """Awaitable ``load``."""
-        return await asyncio.to_thread(self.load, model_id, device_id)
+        return await asyncio.to_thread(self.load, model_id, device_id, device_ids)
 
-    async def aload_group(self, group_id: str, device_id: int | None = None) -> LoadResult:
+    async def aload_group(
+        self, group_id: str, device_id: int | None = None, device_ids: list[int] | None = None
+    ) -> LoadResult:
         """Awaitable ``load_group``."""
-        return await asyncio.to_thread(self.load_group, group_id, device_id)
+        return await asyncio.to_thread(self.load_group, group_id, device_id, device_ids)
 
     async def aunload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
         """Awaitable ``unload``."""
@@ -216,9 +235,11 @@ class Manager:
         """Awaitable ``clear_device``."""
         return await asyncio.to_thread(self.clear_device, device_id)
 
-    async def apin(self, group_id: str, device_id: int | None = None, pinned: bool = True) -> PinResult:
+    async def apin(
+        self, group_id: str, device_id: int | None = None, pinned: bool = True, device_ids: list[int] | None = None
+    ) -> PinResult:
         """Awaitable ``pin``."""
-        return await asyncio.to_thread(self.pin, group_id, device_id, pinned)
+        return await asyncio.to_thread(self.pin, group_id, device_id, pinned, device_ids)
 
     async def aunpin(self, group_id: str) -> PinResult:
         """Awaitable ``unpin``."""

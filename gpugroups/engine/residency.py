@@ -3,7 +3,10 @@
 A load goes reserve -> load -> admit (or drop): ``reserve`` (under the manager's lock) asks
 ``placement.place`` for a device and its victims and reserves the estimate; a load thread then
 queues the victims' unloads and the group's load on that device's worker, admits the measured
-bytes against the budget, and on an out-of-memory evicts what it may and retries once.
+bytes against the budget, and on an out-of-memory evicts what it may and retries once. A group
+sharded over several devices has one slot with a share per device; its first device's worker
+drives it while the others' workers are held (``Worker.pause``), and everything that acts on a
+slot (eviction, unload, pin) acts on all its shares.
 Everything here runs under the manager's lock except the load thread's waits on the worker.
 """
 
@@ -19,25 +22,43 @@ from typing import Any
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
-from ..placement import DeviceView, Ledger, ResidentView, place
+from ..placement import DeviceView, Layout, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
 from .estimates import EstimateCache, folders
-from .worker import OutOfMemory, Worker
+from .worker import OutOfMemory, Span, Worker
 
 
 @dataclass
 class Slot:
-    """A group's place on a device: loading, resident or unloading."""
+    """A group's place: its bytes on each device it spans (in layer order); loading, resident or unloading."""
 
     group: GroupSpec
-    device_id: int
-    bytes: int
+    shares: dict[int, int]
+    weights: dict[int, int] = field(default_factory=dict)  # placement's layer bytes per device (sharded only)
     state: str = "loading"  # "loading" | "resident" | "unloading"
     last_used: float = field(default_factory=time.monotonic)
     inflight: int = 0
     done: Future[Slot] = field(default_factory=Future)  # loaded (result) or failed (exception)
     gone: Future[None] = field(default_factory=Future)  # set once unloaded
+
+    @property
+    def device_id(self) -> int:
+        """The first device: the one whose worker holds the group."""
+        return next(iter(self.shares))
+
+    @property
+    def device_ids(self) -> list[int]:
+        """Every device the group spans, in layer order."""
+        return list(self.shares)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.shares.values())
+
+    def shares_json(self) -> list[dict[str, int]]:
+        """``[{"device_id", "bytes"}]`` in layer order (the state JSON's ``shards``)."""
+        return [{"device_id": d, "bytes": b} for d, b in self.shares.items()]
 
 
 @dataclass
@@ -78,7 +99,7 @@ class Residency:
         self.devices, self.workers, self.catalog, self.estimates = devices, workers, catalog, estimates
         self.max_groups_per_device = max_groups_per_device
         self.slots: dict[str, Slot] = {}
-        self.pins: dict[str, int | None] = {}
+        self.pins: dict[str, list[int]] = {}  # group id -> the devices it is pinned to
         self.current: dict[str, str] = {}  # group id -> current member
         self.measured: dict[str, int] = {}
         self.warm: set[int] = set()  # devices whose context (overhead) already exists
@@ -89,16 +110,29 @@ class Residency:
         self._op_ids = itertools.count(1)
 
     # ---- getting a group resident ----------------------------------------------------------
-    def ensure(self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any]) -> tuple[Slot, bool, Any]:
+    def ensure(
+        self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any], device_ids: list[int] | None = None
+    ) -> tuple[Slot, bool, Any]:
         """Get the group resident (loading it if needed), then run ``then(slot)`` under the lock.
 
         ``then`` runs while the slot is known to be resident, so what it does (queue a request,
         set a pin, switch member) cannot interleave with an eviction or an unload. Returns the
-        slot, whether this call loaded it, and what ``then`` returned.
+        slot, whether this call loaded it, and what ``then`` returned. ``device_ids`` asks for
+        the group sharded over exactly those devices (a resident group elsewhere is moved).
         """
         self.check_device(device_id)
+        if device_ids is not None:
+            if device_id is not None:
+                raise GpuGroupsError("invalid_request", "give device_id or device_ids, not both")
+            if not isinstance(device_ids, (list, tuple)) or not device_ids:
+                raise GpuGroupsError("invalid_request", "device_ids must be a non-empty list of device ids")
+            for d in device_ids:
+                self.check_device(d, required=True)
+            device_ids = list(device_ids)
         if group.id not in self.slots:
             self.estimates.ensure(group, self.devices, retry_failed=True)  # file I/O: before the lock
+            if len(self.devices) > 1 and self.estimates.peek(group, self.devices[0]) is not None:
+                self.estimates.ensure_blocks(group, self.devices[0])
         loaded = False
         while True:
             mine = None
@@ -106,10 +140,14 @@ class Residency:
                 if self.closed:
                     raise GpuGroupsError("invalid_request", "the manager is closed")
                 slot = self.slots.get(group.id)
-                if slot is not None and slot.state == "resident" and device_id not in (None, slot.device_id):
+                elsewhere = (device_id is not None and device_id not in slot.shares) or (
+                    device_ids is not None and device_ids != slot.device_ids
+                ) if slot is not None else False
+                if slot is not None and slot.state == "resident" and elsewhere:
                     if group.id in self.pins:
                         raise GpuGroupsError(
-                            "conflict", f"group {group.id!r} is pinned to device {slot.device_id}; unpin it to move it"
+                            "conflict",
+                            f"group {group.id!r} is pinned to device {'+'.join(map(str, slot.device_ids))}; unpin it to move it",
                         )
                     wait_for: Future[Any] = self.queue_unload(slot)  # resident elsewhere: move it
                 elif slot is not None and slot.state == "resident":
@@ -117,7 +155,7 @@ class Residency:
                 elif slot is not None:
                     wait_for = slot.done if slot.state == "loading" else slot.gone
                 else:
-                    mine, victims = self._reserve(group, device_id)
+                    mine, victims = self._reserve(group, device_id, device_ids)
                     threading.Thread(
                         target=self._load, args=(mine, victims), name=f"gpugroups-load-{group.id}", daemon=True
                     ).start()
@@ -127,13 +165,14 @@ class Residency:
             else:
                 _wait(wait_for)
 
-    def release(self, group: GroupSpec, device_id: int | None) -> int | None:
-        """Unload a group once its queued requests are answered; its device, or None if not loaded there."""
+    def release(self, group: GroupSpec, device_id: int | None) -> list[int] | None:
+        """Unload a group (every shard) once its queued requests are answered; the devices it
+        spanned, or None if it is not loaded (on ``device_id``)."""
         self.check_device(device_id)
         while True:
             with self._lock:
                 slot = self.slots.get(group.id)
-                if slot is None or (device_id is not None and slot.device_id != device_id):
+                if slot is None or (device_id is not None and device_id not in slot.shares):
                     return None
                 if slot.state == "resident":
                     self.pins.pop(group.id, None)
@@ -142,7 +181,7 @@ class Residency:
                 wait_for = slot.done if slot.state == "loading" else slot.gone
             _wait(wait_for)
         gone.result()
-        return slot.device_id
+        return slot.device_ids
 
     def queue_unload(self, slot: Slot) -> Future[None]:
         """Under the lock: mark a resident slot unloading and queue its unload after its requests."""
@@ -150,35 +189,53 @@ class Residency:
         self._changed()
         return self._drop(slot)
 
-    def _reserve(self, group: GroupSpec, device_id: int | None) -> tuple[Slot, list[Slot]]:
-        """Under the lock: choose a device, mark the victims, reserve the estimate. Emits a change."""
-        target = device_id if device_id is not None else self.pins.get(group.id)
-        need = self.estimate(group, target if target is not None else 0, strict=True)
-        decision = place(group.id, need, self.views(), target, self.max_groups_per_device)
-        if target is None and decision.device_id != 0:
-            need = self.estimate(group, decision.device_id, strict=True)
+    def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
+        """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
+        pinned = self.pins.get(group.id)
+        if device_id is None and device_ids is None and pinned is not None:  # a pin's affinity
+            device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
+        first = device_id if device_id is not None else (device_ids[0] if device_ids else 0)
+        need = self.estimate(group, first, strict=True)
+        decision = place(
+            group.id, need, self.views(), device_id, self.max_groups_per_device, device_ids, self._layout(group)
+        )
+        if len(decision.shares) > 1:
+            slot = Slot(group, {s.device_id: s.bytes for s in decision.shares})
+            slot.weights = {s.device_id: s.weight_bytes for s in decision.shares}
+        else:
+            slot = Slot(group, {decision.device_id: self.estimate(group, decision.device_id, strict=True)})
         victims = [self.slots[g] for g in decision.evict]
         for v in victims:
             v.state = "unloading"
             self.ledger.evicted(v.group.id)
-        slot = Slot(group, decision.device_id, need)
         self.slots[group.id] = slot
         self.ops[group.id] = Operation(f"op-{next(self._op_ids)}", "load", group.id, decision.device_id)
         self._changed()
         return slot, victims
 
+    def _layout(self, group: GroupSpec) -> Layout | None:
+        """Under the lock: how the group splits over devices, for placement (None: it cannot)."""
+        blocks = self.estimates.blocks(group, self.devices[0])
+        parts = self.estimates.peek(group, self.devices[0])
+        if not blocks or parts is None or len(self.devices) < 2:
+            return None
+        weights = self.measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
+        scale = weights / sum(blocks)  # adapters sit beside their layers: spread them pro rata
+        fixed = {}
+        for d in self.devices:
+            p = self.estimates.peek(group, d) or parts
+            fixed[d.device_id] = p["reserve_bytes"] + (0 if d.device_id in self.warm else p["overhead_bytes"])
+        return Layout(tuple(int(b * scale) + 1 for b in blocks), fixed)
+
     def _load(self, slot: Slot, victims: list[Slot]) -> None:
-        """On a load thread: drop the victims, load on the worker, admit; settle ``slot.done``."""
+        """On a load thread: drop the victims, load on the worker(s), admit; settle ``slot.done``."""
         group, dev = slot.group, self.devices[slot.device_id]
-        worker = self.workers[slot.device_id]
         try:
-            for v in victims:
-                self._drop(v)  # queued before the load on the same worker
             paths = folders(self.catalog, group)
             dtype = self.estimates.dtype_for(group, dev)
             for attempt in (1, 2):
                 try:
-                    measured = worker.load(group, paths, dtype, lambda p, s: self._progress(slot, p, s)).result()
+                    measured = self._start_load(slot, victims if attempt == 1 else [], paths, dtype)()
                     self._admit(slot, measured)
                     break
                 except OutOfMemory:
@@ -199,43 +256,72 @@ class Residency:
             self._changed()
         slot.done.set_result(slot)
 
-    def _admit(self, slot: Slot, measured: int) -> None:
-        """Account the loaded group; one over the device's budget is an OOM (virtual devices too)."""
-        dev = self.devices[slot.device_id]
-        parts = self.estimates.peek(slot.group, dev, strict=True) or {}
-        # The device overhead (CUDA context) is the device's, not the group's: NVML shows it
-        # as used from the first load on, so the slot accounts weights + reserve only.
-        total = measured + parts.get("reserve_bytes", 0)
+    def _start_load(
+        self, slot: Slot, victims: list[Slot], paths: dict[str, Any], dtype: str
+    ) -> Callable[[], dict[int, int]]:
+        """Queue the victims' unloads and the load (with holds on a span's other devices), all
+        under the lock so every worker sees multi-device work in one order; returns a waiter
+        for the measured bytes per device."""
+        group, first = slot.group, slot.device_id
+        worker = self.workers[first]
+
+        def progress(p: float, stage: str) -> None:
+            self._progress(slot, p, stage)
+
         with self._lock:
-            others = sum(s.bytes for s in self.slots.values() if s.device_id == slot.device_id and s is not slot)
-            fits = dev.kind == "cuda" or others + total <= dev.budget_bytes
-            if fits:
-                slot.bytes = total
-                self.measured[slot.group.id] = measured
-                self.warm.add(slot.device_id)
-        if not fits:
+            for v in victims:
+                self._drop(v)  # queued before the load on the same worker(s)
+            if len(slot.shares) == 1:
+                single = worker.load(group, paths, dtype, progress)
+                return lambda: {first: single.result()}
+            release: Future[None] = Future()
+            holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
+            last = slot.device_ids[-1]
+            weights = [slot.weights[d] for d in slot.device_ids]
+            # the last device may take what it has room for, so accelerate's own rounding never spills
+            weights[-1] = max(weights[-1], self.devices[last].memory(self.accounted(last) - slot.shares[last])["free_bytes"])
+            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), tuple(weights), holds)
+            sharded = worker.load_sharded(group, paths, dtype, progress, span)
+            sharded.add_done_callback(lambda _: release.set_result(None))
+        return lambda: dict(zip(slot.device_ids, sharded.result()))
+
+    def _admit(self, slot: Slot, measured: dict[int, int]) -> None:
+        """Account the loaded group per device; a device over its budget is an OOM (virtual devices too)."""
+        parts = self.estimates.peek(slot.group, self.devices[slot.device_id], strict=True) or {}
+        # The device overhead (CUDA context) is the device's, not the group's: NVML shows it
+        # as used from the first load on, so each share accounts weights + reserve only.
+        totals = {d: b + parts.get("reserve_bytes", 0) for d, b in measured.items()}
+        with self._lock:
+            over = []
+            for d, total in totals.items():
+                dev = self.devices[d]
+                others = sum(s.shares.get(d, 0) for s in self.slots.values() if s is not slot)
+                if dev.kind != "cuda" and others + total > dev.budget_bytes:
+                    over.append(f"device {d} has {dev.budget_bytes - others} of its {dev.budget_bytes}-byte budget left for {total}")
+            if not over:
+                slot.shares = totals
+                self.measured[slot.group.id] = sum(measured.values())
+                self.warm.update(totals)
+        if over:
             self.workers[slot.device_id].unload(slot.group.id).result()
-            raise OutOfMemory(
-                f"group {slot.group.id!r} takes {total} bytes; device {dev.device_id} has "
-                f"{dev.budget_bytes - others} of its {dev.budget_bytes}-byte budget left"
-            )
+            raise OutOfMemory(f"group {slot.group.id!r} takes {sum(totals.values())} bytes; " + "; ".join(over))
 
     def _evict_for(self, slot: Slot) -> bool:
-        """After an OOM: queue the unload of every evictable group on the slot's device; False if none."""
+        """After an OOM: queue the unload of every evictable group on the slot's devices; False if none."""
         with self._lock:
             victims = [
                 s for s in self.slots.values()
-                if s.device_id == slot.device_id and s is not slot and s.state == "resident"
+                if set(s.shares) & set(slot.shares) and s is not slot and s.state == "resident"
                 and s.inflight == 0 and s.group.id not in self.pins
             ]
             for v in victims:
                 v.state = "unloading"
-        for v in victims:
-            self._drop(v)
+            for v in victims:
+                self._drop(v)
         return bool(victims)
 
     def _drop(self, slot: Slot) -> Future[None]:
-        """Queue a slot's unload on its worker; forget the slot once done. Returns ``slot.gone``."""
+        """Queue a slot's unload on its (first device's) worker; forget the slot once done. Returns ``slot.gone``."""
 
         def forget(_: Future[None]) -> None:
             with self._lock:
@@ -278,29 +364,32 @@ class Residency:
         for d in self.devices:
             residents = tuple(
                 ResidentView(
-                    s.group.id, s.bytes, s.last_used, s.group.id in self.pins,
+                    s.group.id, s.shares[d.device_id], s.last_used, s.group.id in self.pins,
                     s.state != "resident" or s.inflight > 0, self.ledger.value(s.group.id),
                 )
-                for s in self.slots.values() if s.device_id == d.device_id and s.state != "unloading"
+                for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading"
             )
             views.append(DeviceView(d.device_id, d.memory(self.accounted(d.device_id))["free_bytes"], residents))
         return views
 
     def accounted(self, device_id: int) -> int:
         """Bytes this manager holds or has reserved on a device."""
-        return sum(s.bytes for s in self.slots.values() if s.device_id == device_id)
+        return sum(s.shares.get(device_id, 0) for s in self.slots.values())
 
     def resident(self, device_id: int) -> list[Slot]:
         """The device's resident slots, most recently used first."""
-        on = [s for s in self.slots.values() if s.device_id == device_id and s.state == "resident"]
+        on = [s for s in self.slots.values() if device_id in s.shares and s.state == "resident"]
         return sorted(on, key=lambda s: -s.last_used)
 
     def touch(self, slot: Slot) -> bool:
-        """Mark a slot used now; emits (and returns True) if its device's current group changed."""
-        before = [s.group.id for s in self.resident(slot.device_id)[:1]]
+        """Mark a slot used now; emits (and returns True) if a device's current group changed."""
+        def current() -> list[str]:
+            return [s.group.id for d in slot.shares for s in self.resident(d)[:1]]
+
+        before = current()
         slot.last_used = time.monotonic()
         self.ledger.used(slot.group.id, slot.bytes)
-        if [s.group.id for s in self.resident(slot.device_id)[:1]] != before:
+        if current() != before:
             self._changed()
             return True
         return False

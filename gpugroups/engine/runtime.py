@@ -2,7 +2,9 @@
 
 ``adapters`` groups load the base once and every adapter onto it with PEFT; switching member
 activates that adapter (or disables adapters for the bare base) — no allocation, no copy.
-``models`` and single groups keep each member resident. Loading reports progress per stage
+``models`` and single groups keep each member resident. A sharded group (a ``Span``) is one
+model object laid out layer by layer over several devices with accelerate's device map; its
+adapters land beside their base layers. Loading reports progress per stage
 (config, weights, each adapter) and unloading drops every reference, collects garbage and
 empties the CUDA cache so the memory really returns.
 """
@@ -24,7 +26,7 @@ import torch
 from ..catalog import GroupSpec
 from .devices import Device
 from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
-from .worker import Progress
+from .worker import Progress, Span
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -48,6 +50,9 @@ class Runtime:
         self.dtype = dtype
         self.members: dict[str, Member] = {}
         self.bytes = 0
+        self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
+        self._span: Span | None = None
+        self._map_split: list[int] = []
         self._peft: Any = None
         self._switch_lock = threading.Lock()
 
@@ -60,12 +65,15 @@ class Runtime:
         device: Device,
         dtype: str,
         progress: Progress | None = None,
+        span: Span | None = None,
     ) -> Runtime:
-        """Load every member of ``group`` from ``folders`` (member id -> local folder) onto ``device``.
+        """Load every member of ``group`` from ``folders`` (member id -> local folder) onto ``device``,
+        or, with a ``span``, its one model over the span's devices (``device`` is the first).
 
         On any failure everything loaded so far is freed before the error propagates.
         """
         rt = cls(group, device, dtype)
+        rt._span = span
         report = progress or (lambda p, s: None)
         try:
             with CONSTRUCTION_LOCK, _quiet():
@@ -74,6 +82,10 @@ class Runtime:
             rt.unload()
             raise
         rt.bytes = sum(measured_bytes(m) for m in {id(x.model): x.model for x in rt.members.values()}.values())
+        if span is not None:  # the map's split of what was measured (virtual devices may share a backing)
+            total = sum(rt._map_split) or 1
+            rt.shares = [rt.bytes * b // total for b in rt._map_split]
+            rt.shares[-1] += rt.bytes - sum(rt.shares)
         report(1.0, "ready")
         return rt
 
@@ -83,7 +95,9 @@ class Runtime:
         g = self.group
         steps = len(g.members) + 1
         kwargs: dict[str, Any] = {"dtype": torch_dtype(self.dtype), "trust_remote_code": g.trust_remote_code}
-        if self.device.backing != "cpu":
+        if self._span is not None:
+            kwargs["device_map"] = self._device_map(folders[g.base if g.base is not None else g.members[0]])
+        elif self.device.backing != "cpu":
             kwargs["device_map"] = {"": self.device.backing}
         if g.kind == "adapters":
             base_dir = folders[g.base]  # type: ignore[index]
@@ -117,6 +131,19 @@ class Runtime:
         for m in self.members.values():
             if m.tokenizer.pad_token_id is None:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
+
+    def _device_map(self, folder: Path) -> dict[str, str] | None:
+        """accelerate's map over the span, by backing; None when every backing is the cpu."""
+        from . import sharding
+
+        span = self._span
+        assert span is not None
+        by_position, self._map_split = sharding.device_map(
+            sharding.meta_model(folder, self.dtype, self.group.trust_remote_code), span.weight_bytes, self.dtype
+        )
+        if all(b == "cpu" for b in span.backings):
+            return None
+        return {name: span.backings[pos] for name, pos in by_position.items()}
 
     # ---- using --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -18,7 +18,7 @@ def build_state(res: Residency, version: int) -> State:
     for d, w in zip(res.devices, res.workers):
         on = res.resident(d.device_id)
         current = on[0].group if on else None
-        loading = any(s.device_id == d.device_id and s.state == "loading" for s in res.slots.values())
+        loading = any(d.device_id in s.shares and s.state == "loading" for s in res.slots.values())
         devices.append({
             **d.to_json(),
             "memory": d.memory(res.accounted(d.device_id)),
@@ -32,13 +32,14 @@ def build_state(res: Residency, version: int) -> State:
     for g in list(res.catalog.groups.values()):
         slot = res.slots.get(g.id)
         resident = slot is not None and slot.state == "resident"
-        on_device = [slot.device_id] if slot is not None and resident else []
+        on_device = slot.device_ids if slot is not None and resident else []
         groups.append({
             **g.to_json(),
             "memory_estimate_bytes": res.estimate(g, slot.device_id if slot else 0),
             "measured_bytes": res.measured.get(g.id),
             "pinned": g.id in res.pins,
             "resident_on": on_device,
+            "shards": slot.shares_json() if slot is not None and resident else [],
             "status": slot.state if slot else "unloaded",
             "current_model": res.current.get(g.id, g.members[0]),
         })

@@ -41,6 +41,18 @@ class Request:
     num_predictions: int
     max_new_tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    #: A sharded group's forward pass starts once these are done: the holds on its other devices.
+    after: tuple[Future[None], ...] = ()
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a sharded group's layers go, in layer order: each device's tensor backing and the
+    weight bytes placement gave it. ``after``: the holds on the other devices, to wait for first."""
+
+    backings: tuple[str, ...]
+    weight_bytes: tuple[int, ...]
+    after: tuple[Future[None], ...] = ()
 
 
 class OutOfMemory(Exception):
@@ -56,6 +68,9 @@ class Worker(Protocol):
     before it and is a no-op for a group not loaded. ``process`` answers
     ``{"predictions", "prompt_tokens", "truncated", "notes", "timing"}`` for one request; a
     worker may serve queued requests of one group in one forward pass (``timing.batch_size``).
+    A sharded group is driven by the worker of its first device: ``load_sharded`` lays it out
+    over the ``Span`` and answers each device's bytes; ``pause`` holds the other devices' workers
+    meanwhile, so nothing else runs on them between a sharded load or forward pass's start and end.
     """
 
     device: Device
@@ -71,6 +86,15 @@ class Worker(Protocol):
         ...
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]: ...
+
+    def load_sharded(
+        self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
+    ) -> Future[list[int]]: ...
+
+    def pause(self, release: Future[Any]) -> Future[None]:
+        """Pause this worker after what is queued until ``release`` is done; the answer is done
+        once the pause has begun (or failed, when the worker is stopped)."""
+        ...
 
     def unload(self, group_id: str) -> Future[None]: ...
 
@@ -119,6 +143,25 @@ class ThreadWorker:
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         return self.call(functools.partial(self._load, group, dict(folders), dtype, progress), "loading")
 
+    def load_sharded(
+        self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
+    ) -> Future[list[int]]:
+        return self.call(functools.partial(self._load, group, dict(folders), dtype, progress, span), "loading")
+
+    def pause(self, release: Future[Any]) -> Future[None]:
+        begun: Future[None] = Future()
+
+        def paused() -> None:
+            begun.set_result(None)
+            _quietly(release)
+
+        def never_began(f: Future[Any]) -> None:
+            if not begun.done():
+                begun.set_exception(f.exception() or GpuGroupsError("invalid_request", "the manager is closed"))
+
+        self.call(paused, "busy").add_done_callback(never_began)
+        return begun
+
     def unload(self, group_id: str) -> Future[None]:
         return self.call(functools.partial(self._unload, group_id), "unloading")
 
@@ -143,17 +186,21 @@ class ThreadWorker:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    def _load(self, group: GroupSpec, folders: dict[str, Path], dtype: str, progress: Progress) -> int:
+    def _load(
+        self, group: GroupSpec, folders: dict[str, Path], dtype: str, progress: Progress, span: Span | None = None
+    ) -> Any:
         import torch
 
         from .runtime import Runtime
 
+        for f in span.after if span else ():
+            f.result()  # the other devices' workers are paused: their earlier unloads are done
         try:
-            rt = Runtime.load(group, folders, self.device, dtype, progress)
+            rt = Runtime.load(group, folders, self.device, dtype, progress, span)
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(str(exc)) from exc
         self._runtimes[group.id] = rt
-        return rt.bytes
+        return rt.shares if span else rt.bytes
 
     def _unload(self, group_id: str) -> None:
         rt = self._runtimes.pop(group_id, None)
@@ -177,14 +224,16 @@ class ThreadWorker:
             first = self._tasks.popleft()
             batch = [first]
             rt = self._runtimes.get(first.group_id)
-            if first.request is not None and rt is not None:
+            # A sharded group's pass holds its other devices until it ends; a later request's
+            # hold waits behind this one's there, so sharded requests run one per pass.
+            if first.request is not None and rt is not None and not first.request.after:
                 keep: deque[_Task] = deque()
                 while self._tasks and len(batch) < MAX_BATCH:
                     t = self._tasks.popleft()
                     if t.request is None:  # never reorder past a load or unload
                         keep.append(t)
                         break
-                    if t.group_id == first.group_id and rt.can_share_batch(first.request.member, t.request.member):
+                    if t.group_id == first.group_id and not t.request.after and rt.can_share_batch(first.request.member, t.request.member):
                         batch.append(t)
                     else:
                         keep.append(t)
@@ -216,6 +265,9 @@ class ThreadWorker:
         try:
             if rt is None:
                 raise GpuGroupsError("invalid_request", f"group {batch[0].group_id!r} is not loaded on this device")
+            for t in batch:
+                for f in t.request.after if t.request else ():
+                    f.result()  # a sharded group's other devices are paused for this pass
             results = predict(rt, [t.request for t in batch if t.request is not None])
         except BaseException as exc:  # one bad batch fails its callers, not the worker
             for t in batch:
@@ -223,6 +275,14 @@ class ThreadWorker:
         else:
             for t, r in zip(batch, results):
                 t.future.set_result(r)
+
+
+def _quietly(fut: Future[Any]) -> None:
+    """Wait for ``fut``; its outcome is its owner's to report."""
+    try:
+        fut.result()
+    except BaseException:
+        pass
 
 
 def _settle(fut: Future[Any], fn: Callable[[], Any]) -> None:

@@ -34,8 +34,15 @@ def component_schemas() -> dict[str, Any]:
 
 def _param_schema(p: Param) -> dict[str, Any]:
     """A param's JSON Schema: type and limits; an optional one may be null (its default)."""
-    out: dict[str, Any] = {"type": p.type if p.required else [p.type, "null"]}
-    limits = {"minimum": p.minimum, "maximum": p.maximum, "minLength": p.min_length, "maxLength": p.max_length}
+    json_type = "array" if p.type == "integer_list" else p.type
+    out: dict[str, Any] = {"type": json_type if p.required else [json_type, "null"]}
+    if p.type == "integer_list":
+        item = {"type": "integer", "minimum": p.minimum, "maximum": p.maximum}
+        out["items"] = {k: v for k, v in item.items() if v is not None}
+        out["uniqueItems"] = True
+        limits = {"minItems": p.min_length, "maxItems": p.max_length}
+    else:
+        limits = {"minimum": p.minimum, "maximum": p.maximum, "minLength": p.min_length, "maxLength": p.max_length}
     out.update({k: v for k, v in limits.items() if v is not None})
     if p.default is not None:
         out["default"] = p.default

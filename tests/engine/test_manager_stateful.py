@@ -2,7 +2,10 @@
 
 Invariants: no device over budget, each group resident at most once, the state JSON agrees
 with what is really loaded on each device, and every call is answered or fails with a
-``GpuGroupsError`` (never another exception, never a hang).
+``GpuGroupsError`` (never another exception, never a hang). The catalog has a group (``big``)
+that no single device holds, so it shards, and calls may ask for ``device_ids``: a device's
+accounted bytes are the sum of its groups' shares, no shard outlives its group, and a sharded
+group's model lives on its first device's worker only.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
+from tests import tinymodels
 from tests.engine.gated import gated_manager
 
-MODELS = ["tiny-base", "tiny-a", "tiny-b", "tiny-gpt2", "solo-llama", "solo-gpt2"]
-GROUPS = ["tiny", "gpt", "solo1", "solo2"]
+MODELS = ["tiny-base", "tiny-a", "tiny-b", "tiny-gpt2", "solo-llama", "solo-gpt2", "big-base"]
+GROUPS = ["tiny", "gpt", "solo1", "solo2", "big"]
 OPS = ["load", "unload", "load_group", "unload_group", "pin", "unpin", "process", "clear_device"]
 NUM_DEVICES = 3
 
@@ -28,8 +32,11 @@ NUM_DEVICES = 3
 def _calls():
     """One manager call: op name and its arguments."""
     device = st.one_of(st.none(), st.integers(0, NUM_DEVICES - 1))
+    span = st.lists(st.integers(0, NUM_DEVICES - 1), min_size=2, max_size=NUM_DEVICES, unique=True)
     return st.one_of(
         st.tuples(st.just("load"), st.fixed_dictionaries({"model_id": st.sampled_from(MODELS), "device_id": device})),
+        st.tuples(st.just("load_group"), st.fixed_dictionaries({"group_id": st.sampled_from(GROUPS), "device_ids": span})),
+        st.tuples(st.just("pin"), st.fixed_dictionaries({"group_id": st.sampled_from(GROUPS), "device_ids": span})),
         st.tuples(st.just("unload"), st.fixed_dictionaries({"model_id": st.sampled_from(MODELS)})),
         st.tuples(st.just("load_group"), st.fixed_dictionaries({"group_id": st.sampled_from(GROUPS), "device_id": device})),
         st.tuples(st.just("unload_group"), st.fixed_dictionaries({"group_id": st.sampled_from(GROUPS)})),
@@ -41,20 +48,26 @@ def _calls():
 
 
 @pytest.fixture(scope="module")
-def stateful_setup(tiny_llama, tiny_adapters, tiny_gpt2, models_root):
-    """A catalog of four groups and a device size that holds about two of them."""
+def stateful_setup(tiny_llama, tiny_adapters, tiny_gpt2, models_root, tokenizer_dir):
+    """A catalog of five groups and a device size that holds about two of the small ones but
+    not ``big`` (a deep tiny Llama of about 1.7 devices)."""
+    big = models_root / "stateful-deep"
+    if not big.exists():
+        tinymodels.build_causal_lm(big, "llama", "deep", tokenizer_dir=tokenizer_dir, seed=11, context=32)
+
     def catalog():
         cat = Catalog(roots=[models_root])
         cat.register_group("tiny", base=str(tiny_llama), adapters={k: str(v) for k, v in tiny_adapters.items()}, base_id="tiny-base")
         cat.register_group("gpt", models={"tiny-gpt2": str(tiny_gpt2)})
         cat.register_group("solo1", models={"solo-llama": str(tiny_llama)})
         cat.register_group("solo2", models={"solo-gpt2": str(tiny_gpt2)})
+        cat.register_group("big", models={"big-base": str(big)})
         return cat
 
     probe = gg.Manager(devices="virtual:1GiB", catalog=catalog())
-    sizes = [g["memory_estimate_bytes"] for g in probe.groups()]
+    sizes = {g["id"]: g["memory_estimate_bytes"] for g in probe.groups()}
     probe.close()
-    return catalog, int(max(sizes) * 2.2)
+    return catalog, int(max(max(v for k, v in sizes.items() if k != "big") * 2.2, sizes["big"] / 1.7))
 
 
 def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
@@ -99,20 +112,26 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
         @invariant()
         def consistent(self):
             s = self.m.state()
-            seen: list[str] = []
+            groups = {g["id"]: g for g in s["groups"]}
             for d in s["devices"]:
-                mem = d["memory"]
+                mem, dev = d["memory"], d["device_id"]
                 assert mem["manager_bytes"] <= mem["budget_bytes"], d
-                seen += d["resident_groups"]
-                loaded = self.workers[d["device_id"]].runtimes()  # what the device's worker really holds
-                assert sorted(d["resident_groups"]) == sorted(loaded)
-                members = sorted(mid for rt in loaded.values() for mid in rt.members)
-                assert sorted(d["loaded_models"]) == members
-            assert len(seen) == len(set(seen)), "a group is resident twice"
-            for g in s["groups"]:
-                assert len(g["resident_on"]) <= 1
+                assert len(d["resident_groups"]) == len(set(d["resident_groups"])), "a group is resident twice"
+                shares = [sh["bytes"] for g in groups.values() for sh in g["shards"] if sh["device_id"] == dev]
+                assert mem["manager_bytes"] == sum(shares), d  # a device counts exactly its shares
+                spanning = [g for g in d["resident_groups"] if dev in groups[g]["resident_on"]]
+                assert spanning == d["resident_groups"], "a device lists a group that does not span it"
+                loaded = self.workers[dev].runtimes()  # what the device's worker really holds
+                driven = [g for g in d["resident_groups"] if groups[g]["resident_on"][0] == dev]
+                assert sorted(driven) == sorted(loaded)
+            for g in groups.values():
+                on = g["resident_on"]
+                assert len(on) == len(set(on)), f"{g['id']} spans a device twice"
+                assert [sh["device_id"] for sh in g["shards"]] == on, "a shard without its group, or the reverse"
+                for dev in on:
+                    assert g["id"] in s["devices"][dev]["resident_groups"]
                 if g["pinned"]:
-                    assert g["resident_on"], f"pinned group {g['id']} is not resident"
+                    assert on, f"pinned group {g['id']} is not resident"
             assert s["operations"] == []
 
     Machine.TestCase.settings = settings(
