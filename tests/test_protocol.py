@@ -63,9 +63,15 @@ def test_the_spec_states_the_same_rules(tmp_path: Any) -> None:
         assert set(documented) == {p.name for p in op.params}, op.name
         for p in op.params:
             s = documented[p.name]
-            assert s["type"] == (p.type if p.required else [p.type, "null"])
-            for key, value in (("minimum", p.minimum), ("maximum", p.maximum),
-                               ("minLength", p.min_length), ("maxLength", p.max_length)):
+            json_type = "array" if p.type == "integer_list" else p.type
+            assert s["type"] == (json_type if p.required else [json_type, "null"])
+            if p.type == "integer_list":  # the range is each item's, the lengths the list's
+                limits = (("minItems", p.min_length), ("maxItems", p.max_length))
+                assert s["items"].get("minimum") == p.minimum and s["uniqueItems"] is True
+            else:
+                limits = (("minimum", p.minimum), ("maximum", p.maximum),
+                          ("minLength", p.min_length), ("maxLength", p.max_length))
+            for key, value in limits:
                 assert s.get(key) == value, (op.name, p.name, key)
             if p.default is not None:
                 assert s["default"] == p.default
@@ -119,3 +125,12 @@ def test_the_panel_reads_limits_and_flags_from_the_table() -> None:
         assert own not in js, own
     assert "changes_residency" in js and 'get("spec")' in js
     assert panel.Panel.class_traits()["spec"].metadata.get("sync") is True
+
+
+def test_device_ids_is_a_list_of_distinct_non_negative_integers() -> None:
+    load = OPS["load"]
+    assert load.validate({"model_id": "m", "device_ids": [1.0, 0]})["device_ids"] == [1, 0]
+    for bad in ([], [0, 0], [-1], ["0"], 0, [True]):
+        with pytest.raises(GpuGroupsError) as e:
+            load.validate({"model_id": "m", "device_ids": bad})
+        assert e.value.code == "invalid_request" and "device_ids" in e.value.message, bad
