@@ -10,6 +10,7 @@ the manager. The bridge envelopes are built here too. Light on purpose: the Jupy
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -77,12 +78,35 @@ class Param:
                            else f"'{self.name}' must have at least {self.min_length} characters")
         if self.max_length is not None and len(value) > self.max_length:
             raise _invalid(op, f"'{self.name}' must have at most {self.max_length} characters, got {len(value)}")
+        if self.type == "string" and not encodable(value):
+            raise _invalid(op, f"'{self.name}' is not valid Unicode text (it holds an unpaired surrogate)")
         return value
 
     def to_json(self) -> dict[str, Any]:
         """The param's facts for the panel (which reads its limits from here, not from constants)."""
         fields = ("type", "required", "default", "minimum", "maximum", "cap", "min_length", "max_length")
         return {k: getattr(self, k) for k in fields}
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` can travel as UTF-8 (JSON allows ``"\\ud800"``, UTF-8 does not): the one
+    rule every edge applies to strings, so none reaches a kernel message it would break."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(text: str | bytes, what: str = "the body") -> Any:
+    """Untrusted JSON text as a value, or ``invalid_request``: also for nesting too deep to parse
+    (Python's parser recurses), which must never become a server error."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GpuGroupsError("invalid_request", f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise GpuGroupsError("invalid_request", f"{what} is nested too deeply") from None
 
 
 def _invalid(op: str, message: str) -> GpuGroupsError:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from ..catalog import Catalog
+from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
 from ..protocol import MAX_NUM_PREDICTIONS, MAX_PROMPT_CHARS, get_op
 from .bus import EventBus, Subscriber
@@ -39,7 +39,9 @@ class Manager:
     keeps one current group per device. ``dtype`` overrides the load dtype of every group
     (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
     ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
-    in this process); any ``engine.worker.Worker`` implementation fits.
+    in this process); any ``engine.worker.Worker`` implementation fits. ``max_adhoc_groups`` bounds
+    the ``single:`` groups that loading uncatalogued ids creates (default: the catalog's, 64); the
+    oldest one neither resident nor pinned is forgotten first.
     """
 
     def __init__(
@@ -49,10 +51,15 @@ class Manager:
         max_groups_per_device: int | None = None,
         dtype: str | None = None,
         worker: WorkerFactory = ThreadWorker,
+        max_adhoc_groups: int | None = None,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
         self.catalog = make_catalog(catalog)
+        if max_adhoc_groups is not None:
+            if not isinstance(max_adhoc_groups, int) or max_adhoc_groups < 1:
+                raise GpuGroupsError("invalid_request", "max_adhoc_groups must be a positive integer or None")
+            self.catalog.max_adhoc_groups = max_adhoc_groups
         self.devices = detect(devices)
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
@@ -73,7 +80,8 @@ class Manager:
         "seconds"}``. Switching member of a resident group is a pointer change: no memory op.
         """
         t0 = time.perf_counter()
-        group = self.catalog.group_of(model_id)
+        model, group = self.catalog.resolve(model_id)
+        model_id = model.id  # the canonical spelling: the group's member
 
         def switch(slot: Slot) -> None:
             changed = self._res.current.get(group.id) != model_id
@@ -81,7 +89,7 @@ class Manager:
             if not self._res.touch(slot) and changed:
                 self._bump()
 
-        slot, loaded, _ = self._res.ensure(group, device_id, switch)
+        slot, loaded, _ = self._ensure(group, device_id, switch)
         return {
             "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
             "device_id": slot.device_id, "seconds": time.perf_counter() - t0,
@@ -91,7 +99,7 @@ class Manager:
         """Load a whole group (all its members) onto a device; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
-        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch)
+        slot, loaded, _ = self._ensure(group, device_id, self._res.touch)
         return {
             "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
             "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
@@ -131,7 +139,7 @@ class Manager:
             self._res.pins[group.id] = slot.device_id
             self._bump()
 
-        slot, _, _ = self._res.ensure(group, device_id, set_pin)
+        slot, _, _ = self._ensure(group, device_id, set_pin)
         return {"group_id": group.id, "device_id": slot.device_id, "pinned": True}
 
     def unpin(self, group_id: str) -> dict[str, Any]:
@@ -171,15 +179,15 @@ class Manager:
         if num_predictions > MAX_NUM_PREDICTIONS:
             notes.append(f"num_predictions {num_predictions} capped at {MAX_NUM_PREDICTIONS}")
             num_predictions = MAX_NUM_PREDICTIONS
-        group = self.catalog.group_of(model_id)
-        request = Request(model_id, prompt, num_predictions, max_new_tokens, notes)
+        model, group = self.catalog.resolve(model_id)
+        request = Request(model.id, prompt, num_predictions, max_new_tokens, notes)
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             slot.inflight += 1
             self._res.touch(slot)
             return self._workers[slot.device_id].process(group.id, request)
 
-        slot, _, fut = self._res.ensure(group, device_id, queue)
+        slot, _, fut = self._ensure(group, device_id, queue)
         t1 = time.perf_counter()
         try:
             out = fut.result()
@@ -188,6 +196,25 @@ class Manager:
                 slot.inflight -= 1
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return {"model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "prompt": prompt, **out}
+
+    def _ensure(self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any]) -> tuple[Slot, bool, Any]:
+        """``Residency.ensure``, registering an ad-hoc group for its load and forgetting it again if
+        the load fails: only a successful load adds a ``single:`` group to the catalog."""
+        known = group.id in self.catalog.groups
+        group, forgotten = self.catalog.adopt(group, self._in_use)
+        with self._lock:
+            for gid in forgotten:
+                self._res.current.pop(gid, None)
+        try:
+            return self._res.ensure(group, device_id, then)
+        except BaseException:
+            if not known:
+                self.catalog.forget(group.id, unless=self._in_use)
+            raise
+
+    def _in_use(self, group_id: str) -> bool:
+        with self._lock:
+            return group_id in self._res.slots or group_id in self._res.pins
 
     # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
     async def aload(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
