@@ -107,10 +107,21 @@ def place(
     where = "; ".join(
         f"device {r['device_id']}: {_mib(r['free_bytes'])} free + {_mib(r['evictable_bytes'])} evictable" for r in rooms
     )
+    if max_groups_per_device is not None and all(
+        r["free_bytes"] + r["evictable_bytes"] >= need_bytes for r in rooms
+    ):  # memory would do: the group limit is what refuses
+        kept = "; ".join(
+            f"device {d.device_id}: {sum(not r.evictable for r in d.residents)} group(s) that cannot be evicted "
+            "(pinned or busy)" for d in candidates
+        )
+        message = (
+            f"group {group_id!r} cannot be placed: max_groups_per_device={max_groups_per_device} is reached "
+            f"and no resident group can make way ({kept})"
+        )
+    else:
+        message = f"group {group_id!r} needs an estimated {_mib(need_bytes)}; no device has room ({where})"
     raise GpuGroupsError(
-        "insufficient_memory",
-        f"group {group_id!r} needs an estimated {_mib(need_bytes)}; no device has room ({where})",
-        {"group_id": group_id, "estimate_bytes": need_bytes, "devices": rooms},
+        "insufficient_memory", message, {"group_id": group_id, "estimate_bytes": need_bytes, "devices": rooms}
     )
 
 

@@ -2,7 +2,8 @@
 
 An ``Op`` names the ``Manager`` method it calls, its REST route, its parameters with their types
 and limits, its result (a shape of ``schema``) and its nature: ``slow`` (run off the request
-thread), ``may_load`` (may load a group: the remote-code policy applies), ``changes_residency``.
+thread), ``may_load`` (may load a group: the remote-code policy applies), ``changes_residency``,
+``device_bound`` (waits for forward passes: its own lane in the host kernel).
 Every edge reads these facts from here: ``validate`` turns an untrusted argument dict (JSON from REST, a comm message, a widget
 message) into keyword arguments or raises ``invalid_request``; ``dispatch`` validates and calls
 the manager. The bridge envelopes are built here too. Light on purpose: the Jupyter server imports this module, so it imports no torch.
@@ -130,6 +131,8 @@ class Op:
     #: Its purpose is to change what is resident or pinned (the panel holds its residency
     #: buttons while one runs). ``process`` may load as a side effect and does not count.
     changes_residency: bool = False
+    #: Its purpose is a forward pass: it waits for the device's worker (see ``lane``).
+    device_bound: bool = False
     method: str = ""  # Manager method; defaults to ``name``
     ok_status: int = 200
     errors: tuple[str, ...] = field(default=("invalid_request",))
@@ -140,9 +143,13 @@ class Op:
         return self.method or self.name
 
     @property
-    def mutating(self) -> bool:
-        """Old name of ``slow``, read by kernel.py until it reads ``slow``."""
-        return self.slow
+    def lane(self) -> Literal["inline", "device", "control"]:
+        """Where the host kernel runs it: ``inline`` on the bridge's subshell (a snapshot read),
+        ``device`` (it waits for forward passes) or ``control`` (everything else), so a switch, pin,
+        unpin or unload never queues behind forward passes."""
+        if not self.slow:
+            return "inline"
+        return "device" if self.device_bound else "control"
 
     def validate(self, args: Any) -> dict[str, Any]:
         """Check an untrusted argument dict: known fields, right types and limits, required present.
@@ -175,6 +182,7 @@ class Op:
             "slow": self.slow,
             "may_load": self.may_load,
             "changes_residency": self.changes_residency,
+            "device_bound": self.device_bound,
             "params": {p.name: p.to_json() for p in self.params},
         }
 
@@ -227,7 +235,7 @@ OPS: dict[str, Op] = {
                Param("max_new_tokens", "integer", required=False, default=0, minimum=0, maximum=MAX_NEW_TOKENS,
                      description="Continue each prediction greedily this many tokens."),
            ),
-           may_load=True, errors=_LOAD_ERRORS),
+           may_load=True, device_bound=True, errors=_LOAD_ERRORS),
         Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
            "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
            changes_residency=True, errors=("invalid_request", "unknown_device")),

@@ -103,3 +103,14 @@ def test_on_the_reference_traces_the_policy_loads_less_than_lru_and_the_old_rule
         loads = simulate(trace, "gdsf")
         assert loads < simulate(trace, "lru"), trace.name
         assert loads < simulate(trace, "size"), trace.name
+
+
+def test_the_group_limit_is_named_when_it_is_what_refuses():
+    devices = [dev(0, 500, res("a", 10, 1, pinned=True))]
+    with pytest.raises(GpuGroupsError) as err:
+        place("b", 10 * MiB, devices, max_groups_per_device=1)
+    assert err.value.code == "insufficient_memory"
+    assert "max_groups_per_device=1" in err.value.message and "free" not in err.value.message
+    with pytest.raises(GpuGroupsError) as err:
+        place("b", 900 * MiB, devices, max_groups_per_device=1)
+    assert "needs an estimated" in err.value.message

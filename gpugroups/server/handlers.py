@@ -90,9 +90,16 @@ class GpuGroupsHandler(APIHandler):
         self.finish(json.dumps(result))
 
     def json_body(self) -> Any:
-        """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON."""
+        """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON
+        or is larger than ``GpuGroupsHost.max_body_bytes``."""
         if not self.request.body:
             return {}
+        if len(self.request.body) > self.host.max_body_bytes:
+            raise GpuGroupsError(
+                "invalid_request",
+                f"the body has {len(self.request.body)} bytes; at most {self.host.max_body_bytes} are accepted "
+                "(GpuGroupsHost.max_body_bytes)",
+            )
         return parse_json(self.request.body)
 
 
