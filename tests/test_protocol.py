@@ -119,3 +119,22 @@ def test_the_panel_reads_limits_and_flags_from_the_table() -> None:
         assert own not in js, own
     assert "changes_residency" in js and 'get("spec")' in js
     assert panel.Panel.class_traits()["spec"].metadata.get("sync") is True
+
+
+def test_lanes_keep_cheap_ops_out_of_the_forward_pass_lane():
+    lanes = {name: op.lane for name, op in OPS.items()}
+    assert {n for n, lane in lanes.items() if lane == "device"} == {"process"}
+    assert {n for n, lane in lanes.items() if lane == "inline"} == {"state", "models", "groups"}
+    assert lanes["unpin"] == lanes["load"] == lanes["unload"] == "control"
+
+
+def test_unpaired_surrogates_and_deep_json_are_invalid_requests():
+    from gpugroups.protocol import parse_json
+
+    for text in ("\ud800", "x\udc80"):
+        with pytest.raises(GpuGroupsError) as err:
+            OPS["load"].validate({"model_id": text})
+        assert err.value.code == "invalid_request" and "surrogate" in err.value.message
+    with pytest.raises(GpuGroupsError) as err:
+        parse_json("[" * 100_000)
+    assert err.value.code == "invalid_request" and "nested too deeply" in err.value.message
