@@ -2,7 +2,8 @@
 
 Every model belongs to exactly one group. A loadable id that no group names (a local folder
 under an allowed root, or a hub id present in the local Hugging Face cache) becomes the
-single-model group ``single:<id>`` on first use. Local paths outside the allowed roots are
+single-model group ``single:<id>`` when it is first loaded (a folder by its resolved path, so
+every spelling is one group; a bounded number of them). Local paths outside the allowed roots are
 ``unknown_model``: an id from a REST client never makes the kernel read an arbitrary file.
 Light on purpose (no torch): the Jupyter server may import it.
 """
@@ -68,8 +69,12 @@ class Catalog:
     groups: dict[str, GroupSpec] = field(default_factory=dict)
     models: dict[str, ModelSpec] = field(default_factory=dict)
 
+    #: Most ad-hoc ``single:`` groups kept (each adds to the state JSON every client receives).
+    max_adhoc_groups: int = 64
+
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
+        self._adhoc: dict[str, None] = {}  # ad-hoc group ids, oldest first
         self.roots = [Path(r).expanduser().resolve() for r in self.roots]
 
     # ---- building -----------------------------------------------------------------------
@@ -255,7 +260,8 @@ class Catalog:
 
     # ---- resolving ----------------------------------------------------------------------
     def group(self, group_id: str) -> GroupSpec:
-        """The group called ``group_id`` (``unknown_group`` if none)."""
+        """The group called ``group_id`` (``unknown_group`` if none); ``single:<id>`` of a loadable
+        id that no group names yet is its single group, not registered (see ``group_of``)."""
         with self._lock:
             if isinstance(group_id, str) and group_id in self.groups:
                 return self.groups[group_id]
@@ -264,27 +270,69 @@ class Catalog:
         raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}{self._hint(group_id, 'groups')}")
 
     def model(self, model_id: str) -> ModelSpec:
-        """The model called ``model_id``, creating ``single:<id>`` for a loadable unknown id."""
-        with self._lock:
-            self.group_of(model_id)
-            return self.models[model_id]
+        """The model called ``model_id`` (any spelling of a local folder), registered or ad hoc."""
+        return self.resolve(model_id)[0]
 
     def group_of(self, model_id: str) -> GroupSpec:
-        """The group that holds ``model_id``; an unknown but loadable id gets its single group."""
+        """The group that holds ``model_id``. An unknown but loadable id gets its single group,
+        which is registered only by ``adopt`` (a successful load), so asking never grows the catalog."""
+        return self.resolve(model_id)[1]
+
+    def resolve(self, model_id: str) -> tuple[ModelSpec, GroupSpec]:
+        """``model_id``'s model and group. A local folder is known by its canonical id, the resolved
+        absolute path (symlinks followed), so every spelling of one folder is one model."""
         with self._lock:
             if not isinstance(model_id, str) or not model_id:
                 raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}{self._hint('', 'models')}")
             if model_id in self.models:
-                return self.groups[self.models[model_id].group_id]
+                spec = self.models[model_id]
+                return spec, self.groups[spec.group_id]
             try:
                 source = self._adhoc_source(model_id)
             except GpuGroupsError as exc:
                 if exc.code != "unknown_model":
                     raise
                 raise GpuGroupsError("unknown_model", exc.message + self._hint(model_id, "models")) from None
-            gid = f"single:{model_id}"
-            group = GroupSpec(gid, "single", model_id, [model_id])
-            return self.add_group(group, [ModelSpec(model_id, gid, source, "model")])
+            local = Path(source).is_absolute()
+            canonical = source if local else model_id
+            for spec in self.models.values():  # a folder some group names already, by another id
+                if spec.id == canonical or (local and spec.source == source):
+                    return spec, self.groups[spec.group_id]
+            gid = f"single:{canonical}"
+            return ModelSpec(canonical, gid, source, "model"), GroupSpec(gid, "single", canonical, [canonical])
+
+    def adopt(self, group: GroupSpec, in_use: Callable[[str], bool] = lambda _gid: False) -> tuple[GroupSpec, list[str]]:
+        """Register an ad-hoc single group (from ``group_of``) as it is being loaded; a registered
+        group is returned as it is. At most ``max_adhoc_groups`` stay: the oldest not ``in_use``
+        are forgotten first. Returns the registered group and the ids forgotten."""
+        with self._lock:
+            if group.id in self.groups:
+                registered = self.groups[group.id]
+                if group.id in self._adhoc:
+                    self._adhoc[group.id] = self._adhoc.pop(group.id)  # the newest again
+                return registered, []
+            spec, _ = self.resolve(group.members[0])
+            self.add_group(group, [spec])
+            self._adhoc[group.id] = None
+            forgotten = []
+            for gid in list(self._adhoc):
+                if len(self._adhoc) <= self.max_adhoc_groups:
+                    break
+                if gid != group.id and not in_use(gid):
+                    self.forget(gid)
+                    forgotten.append(gid)
+            return group, forgotten
+
+    def forget(self, group_id: str, unless: Callable[[str], bool] = lambda _gid: False) -> None:
+        """Drop an ad-hoc single group again (a failed first load, or too many of them), unless
+        ``unless(group_id)`` (asked under this catalog's lock, which is always taken first)."""
+        with self._lock:
+            if group_id not in self._adhoc or unless(group_id):
+                return
+            del self._adhoc[group_id]
+            group = self.groups.pop(group_id)
+            for mid in group.members:
+                self.models.pop(mid, None)
 
     def local_path(self, source: str) -> Path:
         """The local folder of a model source: the path itself, or the hub id's cached snapshot."""
@@ -339,6 +387,14 @@ class Catalog:
         return s  # a hub id, resolved from the local cache at load time
 
     def _adhoc_source(self, model_id: str) -> str:
+        """Where an id no group names lives; ``unknown_model`` for anything the system cannot even
+        look up (``~nosuchuser``, a path part over 255 bytes, a NUL): never an ``OSError``."""
+        try:
+            return self._lookup(model_id)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}: {type(exc).__name__}: {exc}") from None
+
+    def _lookup(self, model_id: str) -> str:
         p = Path(model_id).expanduser()
         looks_local = p.is_absolute() or model_id.startswith((".", "~")) or p.exists()
         if looks_local:

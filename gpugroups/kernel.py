@@ -1,8 +1,10 @@
 """The host kernel's side of the bridge: ``serve()`` makes this kernel's manager reachable from
 the Jupyter server extension (``/api/v2``) through a comm (``gpugroups.v2``) on a kernel subshell.
 
-The server opens the comm and sends ``{id, op, args}``; each request runs on a small thread pool
-(a long load never blocks a state request) and is answered ``{id, ok, result | error}``. Manager
+The server opens the comm and sends ``{id, op, args}``; each request runs in its op's lane
+(``Op.lane``): snapshot reads on the subshell itself, forward passes on the ``device`` pool, every
+other op on the ``control`` pool, so callers waiting on the device never hold up a switch, pin,
+unpin or unload. Each is answered ``{id, ok, result | error}``. Manager
 events are pushed on the same comm by one sender thread per comm, which coalesces bursts. All of
 it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``
 (see ``_ipykernel`` for why, and for the other ipykernel workarounds used here).
@@ -28,7 +30,8 @@ from .events import Coalescer
 from .hostrecord import host_record_path, remove_host_record, write_host_record
 from .protocol import COMM_TARGET, OPS, batch_message, get_op, hello_message, reply_message
 
-_POOL_WORKERS = 8
+#: Threads per lane: requests beyond them queue in their lane only.
+LANE_WORKERS = {"device": 16, "control": 16}
 
 
 class Host:
@@ -41,7 +44,9 @@ class Host:
         self.connection_file = _connection_file()
         self._endpoints: dict[str, _Endpoint] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="gpugroups-bridge")
+        self._lanes = {
+            lane: ThreadPoolExecutor(n, thread_name_prefix=f"gpugroups-{lane}") for lane, n in LANE_WORKERS.items()
+        }
 
     def open(self, comm: Any, open_msg: dict[str, Any]) -> None:
         """Comm target: a server connected. Runs on the subshell the server opened the comm on."""
@@ -85,8 +90,8 @@ class Host:
         with self._lock:
             return len(self._endpoints)
 
-    def submit(self, fn: Any, *args: Any) -> None:
-        self._pool.submit(fn, *args)
+    def submit(self, lane: str, fn: Any, *args: Any) -> None:
+        self._lanes[lane].submit(fn, *args)
 
     def _closed(self, comm_id: str) -> None:
         with self._lock:
@@ -132,16 +137,18 @@ class _Endpoint:
 
     def handle_msg(self, msg: dict[str, Any]) -> None:
         """A request from the server, on the subshell thread: reads (quick snapshots) are answered
-        here, so they never queue behind loads; everything else goes to the pool."""
+        here, so they never queue behind loads; everything else goes to its lane's pool (an unknown
+        op to ``control``, which answers its error)."""
         data = msg["content"].get("data")
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             return  # not a bridge request: nobody to answer
         name = data.get("op")
         op = OPS.get(name) if isinstance(name, str) else None
-        if op is not None and not op.slow:
+        lane = op.lane if op is not None else "control"
+        if lane == "inline":
             self._run(data)
         else:
-            self.host.submit(self._run, data)
+            self.host.submit(lane, self._run, data)
 
     def _run(self, request: dict[str, Any]) -> None:
         try:

@@ -128,7 +128,7 @@ def place(
                 layout, span, max_groups_per_device, even=False
             )
             if shares is None:
-                raise _insufficient(group_id, need_bytes, span, layout)
+                raise _insufficient(group_id, need_bytes, span, layout, max_groups_per_device)
             return _decision(shares)
     if device_id is not None:
         if device_id not in known:
@@ -160,7 +160,7 @@ def place(
         shares = _shard(layout, candidates, max_groups_per_device)
         if shares is not None:
             return _decision(shares)
-    raise _insufficient(group_id, need_bytes, candidates, layout)
+    raise _insufficient(group_id, need_bytes, candidates, layout, max_groups_per_device)
 
 
 def _shard(layout: Layout, devices: Sequence[DeviceView], max_groups: int | None) -> list[Share] | None:
@@ -232,7 +232,9 @@ def _evictable(d: DeviceView) -> int:
     return sum(r.bytes for r in d.residents if r.evictable)
 
 
-def _insufficient(group_id: str, need: int, devices: Sequence[DeviceView], layout: Layout | None) -> GpuGroupsError:
+def _insufficient(
+    group_id: str, need: int, devices: Sequence[DeviceView], layout: Layout | None, max_groups: int | None
+) -> GpuGroupsError:
     """``insufficient_memory`` naming, per device, what the group needs there and what it has.
 
     ``need_bytes`` is the whole group on that device; with a layout, ``shard_need_bytes`` is
@@ -250,12 +252,24 @@ def _insufficient(group_id: str, need: int, devices: Sequence[DeviceView], layou
         + f", has {_mib(r['free_bytes'])} free + {_mib(r['evictable_bytes'])} evictable"
         for r in rooms
     )
+    if max_groups is not None and all(r["free_bytes"] + r["evictable_bytes"] >= need for r in rooms):
+        # memory would do: the group limit is what refuses
+        kept = "; ".join(
+            f"device {d.device_id}: {sum(not r.evictable for r in d.residents)} group(s) that cannot be evicted "
+            "(pinned or busy)" for d in devices
+        )
+        message = (
+            f"group {group_id!r} cannot be placed: max_groups_per_device={max_groups} is reached "
+            f"and no resident group can make way ({kept})"
+        )
+    else:
+        message = (
+            f"group {group_id!r} needs an estimated {_mib(need)}; no device has room"
+            + (", nor do the devices together" if layout is not None and len(devices) > 1 else "")
+            + f" ({where})"
+        )
     return GpuGroupsError(
-        "insufficient_memory",
-        f"group {group_id!r} needs an estimated {_mib(need)}; no device has room"
-        + (", nor do the devices together" if layout is not None and len(devices) > 1 else "")
-        + f" ({where})",
-        {"group_id": group_id, "estimate_bytes": need, "devices": rooms},
+        "insufficient_memory", message, {"group_id": group_id, "estimate_bytes": need, "devices": rooms}
     )
 
 

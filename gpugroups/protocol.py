@@ -2,7 +2,8 @@
 
 An ``Op`` names the ``Manager`` method it calls, its REST route, its parameters with their types
 and limits, its result (a shape of ``schema``) and its nature: ``slow`` (run off the request
-thread), ``may_load`` (may load a group: the remote-code policy applies), ``changes_residency``.
+thread), ``may_load`` (may load a group: the remote-code policy applies), ``changes_residency``,
+``device_bound`` (waits for forward passes: its own lane in the host kernel).
 Every edge reads these facts from here: ``validate`` turns an untrusted argument dict (JSON from REST, a comm message, a widget
 message) into keyword arguments or raises ``invalid_request``; ``dispatch`` validates and calls
 the manager. The bridge envelopes are built here too. Light on purpose: the Jupyter server imports this module, so it imports no torch.
@@ -10,6 +11,7 @@ the manager. The bridge envelopes are built here too. Light on purpose: the Jupy
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -74,6 +76,8 @@ class Param:
                            else f"'{self.name}' must have at least {self.min_length} characters")
         if self.max_length is not None and len(value) > self.max_length:
             raise _invalid(op, f"'{self.name}' must have at most {self.max_length} characters, got {len(value)}")
+        if self.type == "string" and not encodable(value):
+            raise _invalid(op, f"'{self.name}' is not valid Unicode text (it holds an unpaired surrogate)")
         return value
 
     def _integer(self, op: str, value: Any) -> int:
@@ -92,6 +96,27 @@ class Param:
         """The param's facts for the panel (which reads its limits from here, not from constants)."""
         fields = ("type", "required", "default", "minimum", "maximum", "cap", "min_length", "max_length")
         return {k: getattr(self, k) for k in fields}
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` can travel as UTF-8 (JSON allows ``"\\ud800"``, UTF-8 does not): the one
+    rule every edge applies to strings, so none reaches a kernel message it would break."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(text: str | bytes, what: str = "the body") -> Any:
+    """Untrusted JSON text as a value, or ``invalid_request``: also for nesting too deep to parse
+    (Python's parser recurses), which must never become a server error."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GpuGroupsError("invalid_request", f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise GpuGroupsError("invalid_request", f"{what} is nested too deeply") from None
 
 
 def _invalid(op: str, message: str) -> GpuGroupsError:
@@ -115,6 +140,8 @@ class Op:
     #: Its purpose is to change what is resident or pinned (the panel holds its residency
     #: buttons while one runs). ``process`` may load as a side effect and does not count.
     changes_residency: bool = False
+    #: Its purpose is a forward pass: it waits for the device's worker (see ``lane``).
+    device_bound: bool = False
     method: str = ""  # Manager method; defaults to ``name``
     ok_status: int = 200
     errors: tuple[str, ...] = field(default=("invalid_request",))
@@ -123,6 +150,15 @@ class Op:
     def manager_method(self) -> str:
         """The name of the ``Manager`` method this op calls."""
         return self.method or self.name
+
+    @property
+    def lane(self) -> Literal["inline", "device", "control"]:
+        """Where the host kernel runs it: ``inline`` on the bridge's subshell (a snapshot read),
+        ``device`` (it waits for forward passes) or ``control`` (everything else), so a switch, pin,
+        unpin or unload never queues behind forward passes."""
+        if not self.slow:
+            return "inline"
+        return "device" if self.device_bound else "control"
 
     def validate(self, args: Any) -> dict[str, Any]:
         """Check an untrusted argument dict: known fields, right types and limits, required present.
@@ -164,6 +200,7 @@ class Op:
             "slow": self.slow,
             "may_load": self.may_load,
             "changes_residency": self.changes_residency,
+            "device_bound": self.device_bound,
             "params": {p.name: p.to_json() for p in self.params},
         }
 
@@ -220,7 +257,7 @@ OPS: dict[str, Op] = {
                Param("max_new_tokens", "integer", required=False, default=0, minimum=0, maximum=MAX_NEW_TOKENS,
                      description="Continue each prediction greedily this many tokens."),
            ),
-           may_load=True, errors=_LOAD_ERRORS),
+           may_load=True, device_bound=True, errors=_LOAD_ERRORS),
         Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
            "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
            changes_residency=True, errors=("invalid_request", "unknown_device")),

@@ -199,16 +199,59 @@ def test_toml_relative_paths_ignore_the_working_directory(tmp_path, monkeypatch)
 
 
 # ---- folders and roots ----------------------------------------------------------------
-def test_folder_under_a_root_becomes_a_single_group_on_first_use(tmp_path):
+def test_folder_under_a_root_is_a_single_group_registered_only_when_adopted(tmp_path):
     folder = model_folder(tmp_path / "root" / "ckpt-7")
     cat = Catalog(roots=[tmp_path / "root"])
-    assert str(folder) not in cat.models
     g = cat.group_of(str(folder))
     assert (g.id, g.kind, g.members) == (f"single:{folder}", "single", [str(folder)])
-    assert cat.group(f"single:{folder}") is g and cat.group_of(str(folder)) is g
+    assert cat.groups == {} and cat.models == {}  # asking registers nothing
     assert cat.model(str(folder)).source == str(folder)
+    registered, forgotten = cat.adopt(g)
+    assert registered is g and forgotten == []
+    assert cat.group(f"single:{folder}") is g and cat.group_of(str(folder)) is g
     other = model_folder(tmp_path / "root" / "ckpt-8")
     assert cat.group(f"single:{other}").members == [str(other)]
+
+
+def test_every_spelling_of_a_folder_is_one_model(tmp_path):
+    root = tmp_path / "root"
+    folder = model_folder(root / "ckpt")
+    (root / "alias").symlink_to(folder, target_is_directory=True)
+    cat = Catalog(roots=[root])
+    g, _ = cat.adopt(cat.group_of(str(folder)))
+    for spelling in (f"{folder}/", f"{folder}/./.", f"{root}/ckpt/../ckpt", str(root / "alias") + "//"):
+        model, group = cat.resolve(spelling)
+        assert (model.id, group) == (str(folder), g), spelling
+    assert list(cat.groups) == [g.id]
+
+
+def test_a_folder_a_group_names_is_that_group_under_any_id(tmp_path):
+    folder = model_folder(tmp_path / "root" / "ckpt")
+    cat = Catalog(roots=[tmp_path / "root"])
+    cat.register_group("named", models={"m": str(folder)})
+    assert cat.resolve(f"{folder}/.")[1].id == "named"
+
+
+def test_adhoc_groups_are_bounded_oldest_unused_forgotten_first(tmp_path):
+    folders = [model_folder(tmp_path / "root" / f"m{i}") for i in range(5)]
+    cat = Catalog(roots=[tmp_path / "root"], max_adhoc_groups=2)
+    in_use = {f"single:{folders[0]}"}
+    forgotten_all = []
+    for f in folders:
+        _, forgotten = cat.adopt(cat.group_of(str(f)), lambda gid: gid in in_use)
+        forgotten_all += forgotten
+    assert forgotten_all == [f"single:{f}" for f in folders[1:4]]
+    assert sorted(cat.groups) == sorted([f"single:{folders[0]}", f"single:{folders[4]}"])
+    cat.forget(f"single:{folders[4]}")
+    assert list(cat.groups) == [f"single:{folders[0]}"] and str(folders[4]) not in cat.models
+
+
+@pytest.mark.parametrize("model_id", ["~nosuchuser-gpugroups", "./" + "x" * 300, "/" + "y" * 300 + "/z", "a\x00b"])
+def test_ids_the_system_cannot_look_up_are_unknown_models(tmp_path, monkeypatch, model_id):
+    monkeypatch.chdir(tmp_path)
+    cat = Catalog(roots=[tmp_path])
+    assert error(lambda: cat.group_of(model_id)).code == "unknown_model"
+    assert error(lambda: cat.group("single:" + model_id)).code == "unknown_model"
 
 
 def test_paths_outside_the_roots_are_unknown_and_never_read(tmp_path):

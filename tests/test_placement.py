@@ -164,3 +164,14 @@ def test_insufficient_memory_names_per_device_needs_when_even_sharding_cannot():
     assert [r["shard_need_bytes"] for r in rooms] == [50 * MiB, 50 * MiB]
     assert [r["free_bytes"] for r in rooms] == [30 * MiB, 30 * MiB]
     assert "nor do the devices together" in e.value.message
+
+
+def test_the_group_limit_is_named_when_it_is_what_refuses():
+    devices = [dev(0, 500, res("a", 10, 1, pinned=True))]
+    with pytest.raises(GpuGroupsError) as err:
+        place("b", 10 * MiB, devices, max_groups_per_device=1)
+    assert err.value.code == "insufficient_memory"
+    assert "max_groups_per_device=1" in err.value.message and "free" not in err.value.message
+    with pytest.raises(GpuGroupsError) as err:
+        place("b", 900 * MiB, devices, max_groups_per_device=1)
+    assert "needs an estimated" in err.value.message

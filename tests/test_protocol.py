@@ -134,3 +134,22 @@ def test_device_ids_is_a_list_of_distinct_non_negative_integers() -> None:
         with pytest.raises(GpuGroupsError) as e:
             load.validate({"model_id": "m", "device_ids": bad})
         assert e.value.code == "invalid_request" and "device_ids" in e.value.message, bad
+
+
+def test_lanes_keep_cheap_ops_out_of_the_forward_pass_lane():
+    lanes = {name: op.lane for name, op in OPS.items()}
+    assert {n for n, lane in lanes.items() if lane == "device"} == {"process"}
+    assert {n for n, lane in lanes.items() if lane == "inline"} == {"state", "models", "groups"}
+    assert lanes["unpin"] == lanes["load"] == lanes["unload"] == "control"
+
+
+def test_unpaired_surrogates_and_deep_json_are_invalid_requests():
+    from gpugroups.protocol import parse_json
+
+    for text in ("\ud800", "x\udc80"):
+        with pytest.raises(GpuGroupsError) as err:
+            OPS["load"].validate({"model_id": text})
+        assert err.value.code == "invalid_request" and "surrogate" in err.value.message
+    with pytest.raises(GpuGroupsError) as err:
+        parse_json("[" * 100_000)
+    assert err.value.code == "invalid_request" and "nested too deeply" in err.value.message

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, cast
 
-from ..catalog import Catalog
+from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
 from ..protocol import get_op
 from ..schema import (
@@ -49,7 +49,9 @@ class Manager:
     keeps one current group per device. ``dtype`` overrides the load dtype of every group
     (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
     ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
-    in this process); any ``engine.worker.Worker`` implementation fits.
+    in this process); any ``engine.worker.Worker`` implementation fits. ``max_adhoc_groups`` bounds
+    the ``single:`` groups that loading uncatalogued ids creates (default: the catalog's, 64); the
+    oldest one neither resident nor pinned is forgotten first.
     """
 
     def __init__(
@@ -59,10 +61,15 @@ class Manager:
         max_groups_per_device: int | None = None,
         dtype: str | None = None,
         worker: WorkerFactory = ThreadWorker,
+        max_adhoc_groups: int | None = None,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
         self.catalog = make_catalog(catalog)
+        if max_adhoc_groups is not None:
+            if not isinstance(max_adhoc_groups, int) or max_adhoc_groups < 1:
+                raise GpuGroupsError("invalid_request", "max_adhoc_groups must be a positive integer or None")
+            self.catalog.max_adhoc_groups = max_adhoc_groups
         self.devices = detect(devices)
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
@@ -86,7 +93,8 @@ class Manager:
         (see docs/sharding.md); without it a group too big for any one device shards by itself.
         """
         t0 = time.perf_counter()
-        group = self.catalog.group_of(model_id)
+        model, group = self.catalog.resolve(model_id)
+        model_id = model.id  # the canonical spelling: the group's member
 
         def switch(slot: Slot) -> None:
             changed = self._res.current.get(group.id) != model_id
@@ -94,7 +102,7 @@ class Manager:
             if not self._res.touch(slot) and changed:
                 self._bump()
 
-        slot, loaded, _ = self._res.ensure(group, device_id, switch, device_ids)
+        slot, loaded, _ = self._ensure(group, device_id, switch, device_ids)
         return {
             "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
             "device_id": slot.device_id, "device_ids": slot.device_ids, "seconds": time.perf_counter() - t0,
@@ -104,7 +112,7 @@ class Manager:
         """Load a whole group (all its members) onto a device, or sharded over ``device_ids``; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
-        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch, device_ids)
+        slot, loaded, _ = self._ensure(group, device_id, self._res.touch, device_ids)
         return {
             "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
             "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
@@ -147,7 +155,7 @@ class Manager:
             self._res.pins[group.id] = slot.device_ids
             self._bump()
 
-        slot, _, _ = self._res.ensure(group, device_id, set_pin, device_ids)
+        slot, _, _ = self._ensure(group, device_id, set_pin, device_ids)
         return {"group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids, "pinned": True}
 
     def unpin(self, group_id: str) -> PinResult:
@@ -183,8 +191,8 @@ class Manager:
         })
         notes = op.apply_caps(kwargs)
         num_predictions = kwargs["num_predictions"]
-        group = self.catalog.group_of(model_id)
-        request = Request(model_id, prompt, num_predictions, max_new_tokens, notes)
+        model, group = self.catalog.resolve(model_id)
+        request = Request(model.id, prompt, num_predictions, max_new_tokens, notes)
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             slot.inflight += 1
@@ -199,7 +207,7 @@ class Manager:
             fut.add_done_callback(lambda _: release.set_result(None))
             return fut
 
-        slot, _, fut = self._res.ensure(group, device_id, queue)
+        slot, _, fut = self._ensure(group, device_id, queue)
         t1 = time.perf_counter()
         try:
             out = fut.result()
@@ -211,6 +219,27 @@ class Manager:
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
             "prompt": prompt, **out,
         })
+
+    def _ensure(
+        self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any], device_ids: list[int] | None = None
+    ) -> tuple[Slot, bool, Any]:
+        """``Residency.ensure``, registering an ad-hoc group for its load and forgetting it again if
+        the load fails: only a successful load adds a ``single:`` group to the catalog."""
+        known = group.id in self.catalog.groups
+        group, forgotten = self.catalog.adopt(group, self._in_use)
+        with self._lock:
+            for gid in forgotten:
+                self._res.current.pop(gid, None)
+        try:
+            return self._res.ensure(group, device_id, then, device_ids)
+        except BaseException:
+            if not known:
+                self.catalog.forget(group.id, unless=self._in_use)
+            raise
+
+    def _in_use(self, group_id: str) -> bool:
+        with self._lock:
+            return group_id in self._res.slots or group_id in self._res.pins
 
     # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
     async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:

@@ -18,7 +18,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..errors import GpuGroupsError
-from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op
+from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, parse_json
 from .host import GpuGroupsHost
 from .openapi import build_spec
 
@@ -91,13 +91,17 @@ class GpuGroupsHandler(APIHandler):
         self.finish(json.dumps(result))
 
     def json_body(self) -> Any:
-        """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON."""
+        """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON
+        or is larger than ``GpuGroupsHost.max_body_bytes``."""
         if not self.request.body:
             return {}
-        try:
-            return json.loads(self.request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise GpuGroupsError("invalid_request", f"the body is not valid JSON: {exc}") from None
+        if len(self.request.body) > self.host.max_body_bytes:
+            raise GpuGroupsError(
+                "invalid_request",
+                f"the body has {len(self.request.body)} bytes; at most {self.host.max_body_bytes} are accepted "
+                "(GpuGroupsHost.max_body_bytes)",
+            )
+        return parse_json(self.request.body)
 
 
 class OpHandler(GpuGroupsHandler):
@@ -125,7 +129,7 @@ class OpHandler(GpuGroupsHandler):
             clash = sorted(set(args) & set(path_args))
             if clash:
                 raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
-            args.update({k: int(v) if v.isdigit() else v for k, v in path_args.items()})
+            args.update({k: _path_value(op, k, v) for k, v in path_args.items()})
         self.answer(await self.host.request(op.name, args), op.ok_status)
 
 
@@ -164,6 +168,15 @@ class NotFoundHandler(GpuGroupsHandler):
         raise GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}")
 
     post = get
+
+
+def _path_value(op: Op, name: str, text: str) -> Any:
+    """A path part in its param's type: an integer only from ASCII digits (``str.isdigit`` also
+    takes ``²`` and ``١``); anything else stays text, which the param's check then refuses."""
+    param = next(p for p in op.params if p.name == name)
+    if param.type == "integer" and re.fullmatch(r"[0-9]{1,18}", text):
+        return int(text)
+    return text
 
 
 def path_pattern(path: str) -> str:

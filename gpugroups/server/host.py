@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, CaselessStrEnum, Float, List, Unicode
+from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..catalog import ROOTS_ENV
@@ -71,6 +71,12 @@ class GpuGroupsHost(LoggingConfigurable):
         True,
         help="""Open the bridge comm on a kernel subshell (ipykernel >= 7) so the API answers while a
         cell runs in the host kernel. False (or an older kernel) uses the main shell.""",
+    ).tag(config=True)
+
+    max_body_bytes = Int(
+        2 * 1024 * 1024,
+        help="""Largest request body accepted (bytes); a larger one is refused with invalid_request
+        here, before anything reaches the host kernel. The default fits the longest prompt.""",
     ).tag(config=True)
 
     kernel_manager = AnyTrait(help="The Jupyter server's kernel manager: host kernels are its kernels.")

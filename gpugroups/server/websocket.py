@@ -20,7 +20,7 @@ from tornado import websocket
 from tornado.ioloop import IOLoop
 
 from ..errors import GpuGroupsError
-from ..protocol import API_PREFIX, LEGACY_PREFIX
+from ..protocol import API_PREFIX, LEGACY_PREFIX, parse_json
 from .handlers import AUTH_RESOURCE
 from .host import GpuGroupsHost
 
@@ -52,9 +52,10 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
 
     def on_message(self, message: str | bytes) -> None:
         try:
-            msg = json.loads(message)
-        except ValueError:
-            msg = None
+            msg = parse_json(message, "the message")
+        except GpuGroupsError as exc:
+            self._write({"type": "error", "error": exc.to_json()})
+            return
         if isinstance(msg, dict) and msg.get("type") == "get_state":
             IOLoop.current().spawn_callback(self._send_state)
         else:

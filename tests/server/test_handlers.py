@@ -81,6 +81,13 @@ async def test_cookie_posts_need_xsrf(jp_serverapp: Any, jp_fetch: Any) -> None:
         ("/devices/0/clear", {"device_id": 1}, "given by the path"),
         ("/system/host", {"kernel": "k"}, "kernel_id"),
         ("/system/host", "\xff", "not valid JSON"),
+        ("/models/load", "[" * 100_000, "nested too deeply"),
+        ("/models/load", '{"model_id": ' + "[" * 100_000, "nested too deeply"),
+        ("/models/process", {"model_id": "m", "prompt": "\ud800"}, "unpaired surrogate"),
+        ("/groups/unpin", {"group_id": "a\udc80b"}, "unpaired surrogate"),
+        ("/devices/%C2%B2/clear", {}, "'device_id' must be an integer"),
+        ("/devices/%D9%A1/clear", {}, "'device_id' must be an integer"),
+        ("/models/load", {"model_id": "x" * 3_000_000}, "GpuGroupsHost.max_body_bytes"),
     ],
 )
 async def test_bad_requests_are_400_json(
@@ -90,7 +97,7 @@ async def test_bad_requests_are_400_json(
     assert r.code == 400
     error = error_of(r)
     assert error["code"] == "invalid_request" and needle in error["message"], error
-    template = re.sub(r"/devices/\w+/", "/devices/{device_id}/", path)
+    template = re.sub(r"/devices/[^/]+/", "/devices/{device_id}/", path)
     assert_documented(spec, API_PREFIX + template, "POST", 400)
 
 

@@ -1,0 +1,99 @@
+"""Bad input against a real server and host kernel: every case answers a 4xx JSON error, and the
+same host kernel keeps serving afterwards (nothing is lost, nothing dies)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import websocket
+
+from gpugroups.protocol import API_PREFIX
+
+from .conftest import LiveServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+DEEP = "[" * 100_000
+
+
+@pytest.fixture(scope="module")
+def host_id(live: LiveServer) -> Iterator[str]:
+    """The host kernel, attached before the first case and the same after the last."""
+    assert live.get(API_PREFIX + "/system/state").status_code == 200
+    kernel_id = live.get(API_PREFIX + "/system/host").json()["kernel_id"]
+    yield kernel_id
+    assert live.get(API_PREFIX + "/system/state").status_code == 200
+    assert live.get(API_PREFIX + "/system/host").json()["kernel_id"] == kernel_id
+
+
+def refused(r: requests.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    error: dict[str, Any] = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    return error
+
+
+def raw_post(live: LiveServer, path: str, data: str) -> requests.Response:
+    headers = {**live.headers, "Content-Type": "application/json"}
+    return requests.post(live.url + API_PREFIX + path, data=data.encode(), headers=headers, timeout=60)
+
+
+def test_deeply_nested_bodies_are_refused(live: LiveServer, host_id: str) -> None:
+    for body in (DEEP, '{"model_id": ' + DEEP):
+        error = refused(raw_post(live, "/models/load", body), 400, "invalid_request")
+        assert "nested too deeply" in error["message"] or "not valid JSON" in error["message"]
+
+
+def test_deeply_nested_websocket_frames_are_refused_and_the_socket_lives(live: LiveServer, host_id: str) -> None:
+    ws = websocket.create_connection(
+        live.url.replace("http", "ws") + API_PREFIX + "/ws", header=[f"Authorization: token {live.token}"], timeout=30
+    )
+    try:
+        assert json.loads(ws.recv())["type"] == "system_state"
+        ws.send(DEEP)
+        answer = json.loads(ws.recv())
+        assert answer["type"] == "error" and answer["error"]["code"] == "invalid_request"
+        ws.send(json.dumps({"type": "get_state"}))
+        while (message := json.loads(ws.recv()))["type"] != "system_state":
+            pass
+        assert message["state"]["version"] >= 0
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udc80b"])
+def test_unpaired_surrogates_are_refused_at_the_edge(live: LiveServer, host_id: str, text: str) -> None:
+    for path, body in (
+        ("/models/process", {"model_id": "tiny-a", "prompt": text}),
+        ("/models/load", {"model_id": text}),
+        ("/groups/unpin", {"group_id": "single:" + text}),
+    ):
+        error = refused(live.post(API_PREFIX + path, body), 400, "invalid_request")
+        assert "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "model_id", ["~nosuchuser", "~nosuchuser/x", "./" + "x" * 300, "/" + "y" * 256 + "/z", "./a/" + "b" * 4000]
+)
+def test_ids_the_kernel_cannot_look_up_are_unknown_models(live: LiveServer, host_id: str, model_id: str) -> None:
+    refused(live.post(API_PREFIX + "/models/load", {"model_id": model_id}), 404, "unknown_model")
+    refused(live.post(API_PREFIX + "/models/unload", {"model_id": model_id}), 404, "unknown_model")
+    refused(live.post(API_PREFIX + "/groups/unpin", {"group_id": "single:" + model_id}), 404, "unknown_model")
+
+
+@pytest.mark.parametrize("part", ["%C2%B2", "%D9%A1", "-1", "1e0", "0x1", "99999999999999999999999"])
+def test_only_ascii_digits_are_device_ids(live: LiveServer, host_id: str, part: str) -> None:
+    r = live.post(API_PREFIX + f"/devices/{part}/clear")
+    assert r.status_code in (400, 404), (part, r.status_code, r.text[:300])
+    assert r.json()["error"]["code"] in ("invalid_request", "unknown_device")
+
+
+def test_unload_of_an_unloaded_folder_creates_no_group(live: LiveServer, host_id: str, tiny_gpt2: Any) -> None:
+    before = live.get(API_PREFIX + "/groups").json()
+    for spelling in (f"{tiny_gpt2}/./.", f"{tiny_gpt2}/", f"{tiny_gpt2}//."):
+        assert live.post(API_PREFIX + "/models/unload", {"model_id": spelling}).json()["status"] == "not_loaded"
+    assert live.get(API_PREFIX + "/groups").json() == before
