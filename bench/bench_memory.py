@@ -67,25 +67,37 @@ def _trim() -> None:
         pass
 
 
-def measure(folder: Path, batch: int) -> tuple[float, float]:
-    """(weights estimate error in %, activation peak / reserve) for one architecture."""
+def cuda_peak_during(fn: object) -> int:
+    """Bytes CUDA's allocator held above its level before ``fn()`` at its highest while ``fn`` ran."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure(folder: Path, batch: int, device: str = "cpu") -> tuple[float, float]:
+    """(weights estimate error in %, activation peak / reserve) for one model on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     error = abs(est.weight_bytes(folder, "float32") - measured_bytes(model)) / measured_bytes(model) * 100
-    ids = torch.randint(1, model.config.vocab_size, (batch, CONTEXT))
+    ids = torch.randint(1, model.config.vocab_size, (batch, CONTEXT), device=device)
 
     def forward() -> None:
         with torch.inference_mode():
             model(input_ids=ids, logits_to_keep=1)
 
     forward()  # warm: one-time allocations are not the request's
-    peak = min(rss_peak_during(forward) for _ in range(2))
+    peak_during = cuda_peak_during if device.startswith("cuda") else rss_peak_during
+    peak = min(peak_during(forward) for _ in range(2))
     reserve = est.runtime_reserve(model.config.to_dict(), "float32", batch=batch, seq=CONTEXT)
     return error, peak / reserve
 
 
-def run(quick: bool = False) -> dict[str, float]:
+def run(quick: bool = False, device: str = "cpu") -> dict[str, float]:
+    """Every case on ``device``; the worst figures."""
     batch = 8 if quick else MAX_BATCH
     worst_error = worst_ratio = 0.0
     torch.set_num_threads(1)  # one thread: the peak of one pass, not of racing workers
@@ -93,10 +105,10 @@ def run(quick: bool = False) -> dict[str, float]:
         tok = tinymodels.build_tokenizer(Path(tmp) / "tok")
         for arch, size in CASES:
             folder = tinymodels.build_causal_lm(Path(tmp) / f"{arch}-{size}", arch, size, tok, context=CONTEXT)
-            error, ratio = measure(folder, batch)
+            error, ratio = measure(folder, batch, device)
             worst_error, worst_ratio = max(worst_error, error), max(worst_ratio, ratio)
             print(f"{arch + ' ' + size:<14} weights estimate error {error:6.3f} %   activation peak / reserve {ratio:5.2f} "
-                  f"({batch} x {CONTEXT} tokens)")
+                  f"({batch} x {CONTEXT} tokens, {device})")
     return {"estimate_max_error_pct": worst_error, "reserve_peak_ratio": worst_ratio}
 
 

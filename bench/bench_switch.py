@@ -36,23 +36,22 @@ def _adapters_catalog(folder: Path, n: int) -> Catalog:
 
 
 def switch_cost_ms(cat: Catalog, rounds: int) -> float:
-    """Median ms of the first process after a switch minus that of the next one (same member), interleaved."""
+    """Median over pairs of the first process after a switch minus the next one (same member), in ms."""
     members = [m for m in cat.group("g").members if m != "base"]
     with gg.Manager(devices="cpu", catalog=cat) as m:
         m.load(members[0])
         for _ in range(5):
             m.process(members[0], PROMPT)
-        after, plain = [], []
+        diffs = []
         for i in range(rounds):
             other = members[(i % (len(members) - 1)) + 1] if i % 2 == 0 else members[0]
             m.load(other)
             t0 = time.perf_counter()
             m.process(other, PROMPT)
-            after.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             m.process(other, PROMPT)
-            plain.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(after) - statistics.median(plain)
+            diffs.append(((t1 - t0) - (time.perf_counter() - t1)) * 1e3)
+    return statistics.median(diffs)
 
 
 def switch_ms_by_catalog(cat: Catalog, extra: int, rounds: int) -> float:
@@ -72,7 +71,7 @@ def switch_ms_by_catalog(cat: Catalog, extra: int, rounds: int) -> float:
 
 
 def run(quick: bool = False) -> dict[str, float]:
-    rounds = 40 if quick else 200
+    rounds = 100 if quick else 400
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (2, 64):
