@@ -72,8 +72,10 @@ def raw_load(folders: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def run(devices: str, repeat: int) -> dict[str, float]:
-    """Measure and print every figure; returns them for callers such as the GPU check."""
+def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[str, float]:
+    """Measure and print every figure; returns them for callers such as ``python -m bench`` and
+    the GPU check. ``quick`` caps ``repeat`` at 50."""
+    repeat = min(repeat, 50) if quick else repeat
     from transformers import AutoTokenizer
 
     workers: list[ThreadWorker] = []  # the worker seam: keep the workers to reach the model they hold
@@ -99,6 +101,7 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     out["load_manager_ms"], out["unload_ms"] = statistics.median(loads), statistics.median(unloads)
     m.load_group(GROUP, device_id=0)
     out["load_raw_ms"] = median_ms(lambda: raw_load(folders, dev.backing, dtype), len(loads), sync)
+    out["load_overhead"] = out["load_manager_ms"] / out["load_raw_ms"]
     print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "
           f"(ratio {out['load_manager_ms'] / out['load_raw_ms']:.2f}, goal <= 1); unload {out['unload_ms']:.1f} ms")
 
@@ -108,6 +111,7 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     out["switch_ms"] = median_ms(lambda: m.load(members[next(i) % 3]), repeat, sync)
     used_after = m.state()["devices"][0]["memory"]["used_bytes"]
     out["reload_ms"] = out["load_manager_ms"] + out["unload_ms"]
+    out["switch_speedup"] = out["reload_ms"] / out["switch_ms"]
     print(f"switch : {out['switch_ms']:.3f} ms vs reload {out['reload_ms']:.1f} ms "
           f"(reload/switch {out['reload_ms'] / out['switch_ms']:.0f}x, goal >= 20x); "
           f"device used bytes before/after switching: {used_before} / {used_after}")
@@ -132,8 +136,36 @@ def run(devices: str, repeat: int) -> dict[str, float]:
     out["process_overhead_ms"] = out["process_manager_ms"] - out["process_raw_ms"]
     print(f"process: manager {out['process_manager_ms']:.3f} ms vs raw forward+top-k {out['process_raw_ms']:.3f} ms "
           f"(overhead {out['process_overhead_ms']:.3f} ms median, goal <= 1 ms)")
+    out["batching_speedup"] = batching_speedup(m, max(2, repeat // 25))
+    print(f"batching: {CLIENTS} clients on mixed members, concurrent vs one after another: "
+          f"{out['batching_speedup']:.2f}x")
     m.close()
     return out
+
+
+CLIENTS = 16
+
+
+def batching_speedup(m: gg.Manager, rounds: int) -> float:
+    """Time of ``CLIENTS`` prompts on mixed members one after another, over the same prompts sent
+    at once by ``CLIENTS`` threads (the worker batches them), alternating; answers must be equal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    members = [BASE, *ADAPTERS]
+    calls = [(members[i % len(members)], f"{PROMPT} {i}") for i in range(CLIENTS)]
+    seq_s, par_s = [], []
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            one_by_one = [m.process(mid, p, 3)["predictions"] for mid, p in calls]
+            t1 = time.perf_counter()
+            together = [r["predictions"] for r in pool.map(lambda c: m.process(c[0], c[1], 3), calls)]
+            t2 = time.perf_counter()
+            if [[x["token_id"] for x in r] for r in one_by_one] != [[x["token_id"] for x in r] for r in together]:
+                raise RuntimeError("batched answers differ from one-by-one answers")
+            seq_s.append(t1 - t0)
+            par_s.append(t2 - t1)
+    return statistics.median(seq_s) / statistics.median(par_s)
 
 
 def _demo() -> Catalog:

@@ -182,7 +182,7 @@ def main() -> None:
         model = args.model or ("tiny-a" if args.tiny else "pycode-tests")
         server = Server(tmp / "server")
         try:
-            run(server, catalog, model, args)
+            measure(server, catalog, model, args.prompt, args.calls, args.rounds, args.torch_threads)
         finally:
             server.stop()
     if args.start_runs:
@@ -234,11 +234,24 @@ class HostKernel:
         self.kc.stop_channels()
 
 
-def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespace) -> None:
-    host = HostKernel(server, catalog, model, args.torch_threads)
+def run(quick: bool = False) -> dict[str, float]:
+    """The REST figures on the tiny test models, for ``python -m bench``."""
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        server = Server(tmp / "server")
+        try:
+            return measure(server, tiny_catalog(tmp / "models"), "tiny-a", "def test_", 100 if quick else 300, 3, 1)
+        finally:
+            server.stop()
+
+
+def measure(
+    server: Server, catalog: Path | None, model: str, prompt: str, n: int, rounds: int, torch_threads: int
+) -> dict[str, float]:
+    """Alternating rounds of ``n`` REST and in-kernel calls; prints the comparison, returns the figures."""
+    host = HostKernel(server, catalog, model, torch_threads)
     in_kernel = host.run
     client = gg.Client(server.url, server.token)
-    prompt, n = args.prompt, args.calls
     timed = timed_loop(f"m.process({model!r}, {prompt!r})", n)
     for _ in range(20):  # warm both paths: first calls pay for lazy setup
         client.process(model, prompt)
@@ -247,7 +260,7 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
     rest: list[float] = []
     kernel: list[float] = []
     paced: list[float] = []
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         rest += timed_calls(lambda: client.process(model, prompt), n)
         kernel += in_kernel(timed, "lat")  # type: ignore[operator]
         # The same calls spaced like REST calls are: an idle gap before each slows the forward
@@ -260,13 +273,19 @@ def run(server: Server, catalog: Path | None, model: str, args: argparse.Namespa
     status = timed_calls(lambda: client._http.get(f"{server.url}/api/status").raise_for_status(), n)
     host.close()
 
-    print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {args.rounds} alternating rounds")
+    print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {rounds} alternating rounds")
     compare("m.process in the kernel", kernel, "gg.Client.process (REST)", rest)
     print(f"the same, against in-kernel calls each after an idle gap as long as REST's ({gap * 1000:.1f} ms)")
     compare("m.process, paced like REST", paced, "gg.Client.process (REST)", rest)
     print(f"state() on {n} calls per path")
     compare("m.state in the kernel", state_kernel, "gg.Client.state (REST)", state_rest)
     print(row("of which HTTP + auth", pct(status, 50), pct(status, 99)) + "   (GET /api/status, no kernel)")
+    return {
+        "rest_overhead_ms_p50": (pct(rest, 50) - pct(kernel, 50)) * 1e3,
+        "rest_overhead_ms_p99": (pct(rest, 99) - pct(kernel, 99)) * 1e3,
+        "rest_state_ms_p50": pct(state_rest, 50) * 1e3,
+        "rest_http_ms_p50": pct(status, 50) * 1e3,
+    }
 
 
 def timed_calls(call: Any, n: int) -> list[float]:

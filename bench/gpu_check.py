@@ -1,7 +1,8 @@
 """The GPU check: what only a real CUDA device can show, in one short run (< 5 minutes).
 
 NVML figures; estimate vs ``torch.cuda.max_memory_allocated`` after a load + one process (demo
-group and a ~100M-parameter Llama built here); memory back after unload; switch, process and
+group and a ~100M-parameter Llama built here); memory back after unload; the activation peak
+of the largest request the limits admit against the runtime reserve (``bench_memory``); switch, process and
 load figures from ``bench_core`` against plain transformers/PEFT; two virtual slices of the
 one GPU acting as two devices. Run by ``scripts/gpu_check.sh``; record its output in
 ``docs/gpu-results.md``.
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpugroups as gg
-from bench import bench_core
+from bench import bench_core, bench_memory
 from gpugroups.catalog import Catalog
 
 MiB = 1024**2
@@ -90,6 +91,7 @@ def main() -> None:
         cat.register_group("llama100m", models={"llama100m": str(big)})
         estimate_vs_peak(cat, "llama100m", "llama100m")
     bench_core.run("cuda:0", 200)
+    bench_memory.run(device="cuda:0")  # activation peak of the largest request vs the reserve
     virtual_slices()
     print("gpu check done")
 

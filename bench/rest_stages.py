@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_rest import HostKernel, Server, pct, tiny_catalog
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpugroups as gg
+from bench.bench_rest import HostKernel, Server, pct, tiny_catalog
 
 #: Runs the server with stamps on the bridge's sends and replies and on each REST handler;
 #: SIGUSR2 writes them to $GPUGROUPS_STAGES_OUT.

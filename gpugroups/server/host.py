@@ -25,6 +25,7 @@ from ..errors import GpuGroupsError
 from ..hostrecord import host_record_path, read_host_record
 from ..protocol import get_op
 from .connection import WATCH_INTERVAL, KernelConnection, host_unavailable, kernel_pid
+from .mirror import READS, StateMirror
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -91,6 +92,7 @@ class GpuGroupsHost(LoggingConfigurable):
         self._lost_pids: set[int] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._mirror = StateMirror()
 
     # ---- what the handlers use ------------------------------------------------------------
     def start(self) -> None:
@@ -109,8 +111,22 @@ class GpuGroupsHost(LoggingConfigurable):
     async def request(self, op: str, args: Any = None) -> Any:
         """Validate ``args`` for ``op`` here (bad requests never reach a kernel), then run it in the host."""
         kwargs = get_op(op).validate(args)
+        mirrored = self._mirror.answer(op)
+        if mirrored is not None:
+            return mirrored
         conn = await self._host()
-        return await conn.request(op, kwargs, self.request_timeout)
+        if op in READS:
+            ticket = self._mirror.ticket()
+            answer = await conn.request("state", {}, self.request_timeout)
+            if conn is self._conn:
+                self._mirror.read(answer, ticket)
+            part = READS[op]
+            return answer if part is None else answer[part]
+        self._mirror.started()
+        try:
+            return await conn.request(op, kwargs, self.request_timeout)
+        finally:
+            self._mirror.finished()
 
     def host_info(self) -> dict[str, Any]:
         """``{kernel_id, subshells, started_by}``; all None when no host is attached."""
@@ -181,6 +197,7 @@ class GpuGroupsHost(LoggingConfigurable):
                 self._shut_down(kernel_id)
             raise
         old, self._conn = self._conn, conn
+        self._mirror.clear()
         if old is not None:
             await self._drop(old, f"kernel {kernel_id} is the host now", tidy=True)
         self.log.info(
@@ -278,6 +295,7 @@ class GpuGroupsHost(LoggingConfigurable):
         was_host = self._conn is conn
         if was_host:
             self._conn = None
+            self._mirror.clear()
         if conn.pid is not None:
             self._lost_pids.add(conn.pid)
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
@@ -316,6 +334,7 @@ class GpuGroupsHost(LoggingConfigurable):
             self._emit(event)
 
     def _emit(self, message: dict[str, Any]) -> None:
+        self._mirror.heard(message)
         for listener in list(self._listeners):
             try:
                 listener(message)

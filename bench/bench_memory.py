@@ -1,0 +1,116 @@
+"""Memory estimates against what tiny models built here really take, on CPU.
+
+- weights: ``estimate.weight_bytes`` against the loaded model's measured bytes, every tiny
+  architecture of ``tests/tinymodels.py`` (goal: within 5 %);
+- activation reserve: the peak resident memory a forward pass of the largest request the limits
+  admit (``MAX_BATCH`` rows of the model's whole context) adds, against ``runtime_reserve`` for
+  that request (goal: ratio <= 1, the reserve covers it). The peak is sampled from the process's
+  RSS every 0.2 ms while the pass runs (torch's CPU allocator is invisible to tracemalloc).
+  ``bench/gpu_check.py`` measures the same on a GPU with ``torch.cuda.max_memory_allocated``.
+
+Usage: ``python bench/bench_memory.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+import torch
+
+from gpugroups.engine import estimate as est
+from gpugroups.engine.torchkit import measured_bytes
+from gpugroups.engine.worker import MAX_BATCH
+from tests import tinymodels
+
+CONTEXT = 256  # positions of the models built here: the largest prompt the limits admit
+#: (architecture, size): every tiny architecture, and two wider ones (more heads per token).
+CASES = [*((arch, "tiny") for arch in tinymodels.ARCHS), ("llama", "small"), ("gpt2", "small")]
+
+
+def rss_peak_during(fn: object) -> int:
+    """Bytes the process's RSS rose above its level before ``fn()`` at its highest while ``fn`` ran."""
+    proc = psutil.Process()
+    _trim()
+    base = proc.memory_info().rss
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()  # type: ignore[operator]
+    finally:
+        done.set()
+        t.join()
+    return max(0, peak - base)
+
+
+def _trim() -> None:
+    """Give freed heap back to the system so that the next pass's growth shows in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def cuda_peak_during(fn: object) -> int:
+    """Bytes CUDA's allocator held above its level before ``fn()`` at its highest while ``fn`` ran."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure(folder: Path, batch: int, device: str = "cpu") -> tuple[float, float]:
+    """(weights estimate error in %, activation peak / reserve) for one model on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    error = abs(est.weight_bytes(folder, "float32") - measured_bytes(model)) / measured_bytes(model) * 100
+    ids = torch.randint(1, model.config.vocab_size, (batch, CONTEXT), device=device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1)
+
+    forward()  # warm: one-time allocations are not the request's
+    peak_during = cuda_peak_during if device.startswith("cuda") else rss_peak_during
+    peak = min(peak_during(forward) for _ in range(2))
+    reserve = est.runtime_reserve(model.config.to_dict(), "float32", batch=batch, seq=CONTEXT)
+    return error, peak / reserve
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict[str, float]:
+    """Every case on ``device``; the worst figures."""
+    batch = 8 if quick else MAX_BATCH
+    worst_error = worst_ratio = 0.0
+    torch.set_num_threads(1)  # one thread: the peak of one pass, not of racing workers
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tinymodels.build_tokenizer(Path(tmp) / "tok")
+        for arch, size in CASES:
+            folder = tinymodels.build_causal_lm(Path(tmp) / f"{arch}-{size}", arch, size, tok, context=CONTEXT)
+            error, ratio = measure(folder, batch, device)
+            worst_error, worst_ratio = max(worst_error, error), max(worst_ratio, ratio)
+            print(f"{arch + ' ' + size:<14} weights estimate error {error:6.3f} %   activation peak / reserve {ratio:5.2f} "
+                  f"({batch} x {CONTEXT} tokens, {device})")
+    return {"estimate_max_error_pct": worst_error, "reserve_peak_ratio": worst_ratio}
+
+
+if __name__ == "__main__":
+    run("--quick" in sys.argv)

@@ -1,0 +1,60 @@
+"""The runtime's member switch: its own fast path gives PEFT's logits, whatever the order of switches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpugroups.catalog import Catalog
+from gpugroups.engine.devices import detect
+from gpugroups.engine.estimates import folders
+from gpugroups.engine.runtime import Runtime
+
+PROMPT = "def __init__(self"
+
+
+def _logits(model, tok, **kw) -> torch.Tensor:
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**enc, **kw).logits[0, -1]
+
+
+def test_switching_members_gives_the_logits_of_peft_own_switch(tiny_catalog_toml: Path):
+    """Every order of members (base, adapters, back and forth) answers as PEFT's ``set_adapter`` /
+    ``disable_adapter`` would on a second, independently switched copy of the same group."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cat = Catalog()
+    cat.load_toml(tiny_catalog_toml)
+    group = cat.group("tiny")
+    where = folders(cat, group)
+    rt = Runtime.load(group, where, detect("cpu")[0], "float32")
+    try:
+        assert rt._tuner_layers, "the fast path is in use for plain LoRA adapters"
+        ref = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(where["tiny-base"]).eval(), where["tiny-a"], adapter_name="tiny-a"
+        )
+        ref.load_adapter(where["tiny-b"], adapter_name="tiny-b")
+        ref.eval()
+        tok = rt.members["tiny-base"].tokenizer
+        seen: dict[str, torch.Tensor] = {}
+        for member in ["tiny-b", "tiny-a", "tiny-base", "tiny-b", "tiny-base", "tiny-a", "tiny-a", "tiny-b"]:
+            with rt.rows([member]) as (model, kw):
+                got = _logits(model, tok, **kw)
+                assert model.active_adapter == rt.members[member].adapter or member == "tiny-base"
+            if member == "tiny-base":
+                with ref.disable_adapter():
+                    want = _logits(ref, tok)
+            else:
+                ref.set_adapter(member)
+                want = _logits(ref, tok)
+            torch.testing.assert_close(got, want)
+            seen[member] = got
+        assert not torch.allclose(seen["tiny-a"], seen["tiny-b"])
+        assert not torch.allclose(seen["tiny-a"], seen["tiny-base"])
+        with rt.rows(["tiny-a", "tiny-base", "tiny-b"]) as (model, kw):
+            assert kw == {"adapter_names": ["tiny-a", "__base__", "tiny-b"]}
+    finally:
+        rt.unload()
