@@ -38,7 +38,7 @@ def build_state(res: Residency, version: int) -> dict[str, Any]:
             "measured_bytes": res.measured.get(g.id),
             "pinned": g.id in res.pins,
             "resident_on": on_device,
-            "status": slot.state if slot else "unloaded",
+            "status": "unloaded" if slot is None else "in_use" if resident and slot.in_use else slot.state,
             "current_model": res.current.get(g.id, g.members[0]),
         })
         for mid in g.members:

@@ -1,4 +1,4 @@
-"""The device worker: the one place a device's loads, unloads and forward passes run, in order.
+"""The device worker: the one place a device's loads, unloads, forward passes and research calls run, in order.
 
 ``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
@@ -56,9 +56,19 @@ class Worker(Protocol):
     before it and is a no-op for a group not loaded. ``process`` answers
     ``{"predictions", "prompt_tokens", "truncated", "notes", "timing"}`` for one request; a
     worker may serve queued requests of one group in one forward pass (``timing.batch_size``).
+
+    ``run`` calls ``fn(model, tokenizer, *args, **kwargs)`` where the group lives, with
+    ``member_id`` active (its adapter on, or adapters disabled for the bare base) for the duration
+    and restored after; it answers what ``fn`` returns, or fails with what ``fn`` raised. A worker in
+    this process calls ``fn`` directly and ``in_process`` is true. A worker in another process or on
+    a Ray node sends ``fn``, ``args`` and ``kwargs`` by pickling (cloudpickle, as Ray does), sends the
+    result back the same way with its tensors moved to the CPU, and fails with ``invalid_request``
+    naming what could not be pickled; ``in_process`` is false there (the manager's ``use`` needs
+    the model object in the caller's process and refuses such workers).
     """
 
     device: Device
+    in_process: bool
 
     @property
     def status(self) -> str:
@@ -75,6 +85,10 @@ class Worker(Protocol):
     def unload(self, group_id: str) -> Future[None]: ...
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]: ...
+
+    def run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Future[Any]: ...
 
     def stop(self) -> None:
         """Finish what is queued, then end; later calls fail with ``invalid_request``."""
@@ -96,6 +110,8 @@ class _Task:
 
 class ThreadWorker:
     """One device's thread: runs calls in order, batching queued ``process`` requests of a group."""
+
+    in_process = True
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -126,6 +142,11 @@ class ThreadWorker:
         fut: Future[dict[str, Any]] = Future()
         self._put(_Task(fut, group_id=group_id, request=request))
         return fut
+
+    def run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Future[Any]:
+        return self.call(functools.partial(self._run, group_id, member_id, fn, args, dict(kwargs)))
 
     def call(self, fn: Callable[[], Any], status: str = "busy") -> Future[Any]:
         """Run ``fn`` on this device's thread after what is already queued (in-process only)."""
@@ -159,6 +180,19 @@ class ThreadWorker:
         rt = self._runtimes.pop(group_id, None)
         if rt is not None:
             rt.unload()
+
+    def _run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        rt = self._runtime(group_id)
+        with rt.rows([member_id]) as (model, _):
+            return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
+
+    def _runtime(self, group_id: str) -> Runtime:
+        rt = self._runtimes.get(group_id)
+        if rt is None:
+            raise GpuGroupsError("invalid_request", f"group {group_id!r} is not loaded on this device")
+        return rt
 
     def _put(self, task: _Task) -> None:
         with self._cv:
@@ -212,11 +246,8 @@ class ThreadWorker:
     def _predict(self, batch: list[_Task]) -> None:
         from .inference import predict
 
-        rt = self._runtimes.get(batch[0].group_id)
         try:
-            if rt is None:
-                raise GpuGroupsError("invalid_request", f"group {batch[0].group_id!r} is not loaded on this device")
-            results = predict(rt, [t.request for t in batch if t.request is not None])
+            results = predict(self._runtime(batch[0].group_id), [t.request for t in batch if t.request is not None])
         except BaseException as exc:  # one bad batch fails its callers, not the worker
             for t in batch:
                 t.future.set_exception(exc)
