@@ -50,6 +50,8 @@ class Research:
         except Exception as exc:  # fn's own error, as itself; the note says where it ran
             exc.add_note(self._where(model_id, slot))
             raise
+        finally:  # at once when fn ended; after an interrupt here, once fn ends on the worker
+            fut.add_done_callback(lambda _: self._res.unhold(slot))
 
     @contextlib.contextmanager
     def use(self, model_id: str) -> Iterator[Handle]:
@@ -73,8 +75,10 @@ class Research:
                 held.result()  # the worker failed before handing over: raise why
             yield handed.result()
         finally:
+            # Work queued after this block runs after the hand-over returns, so the group needs
+            # no protection past this point, even if the hand-over has not started yet.
             release.set()
-            self._res.leave(slot, me)
+            self._res.unhold(slot, me)
 
     def _start(
         self,
@@ -85,7 +89,7 @@ class Research:
         holder: int | None,
         in_process: bool = False,
     ) -> tuple[Slot, Future[Any]]:
-        """Get the group resident, hold it, queue ``fn`` on its worker; the hold ends with the call.
+        """Get the group resident, hold it and queue ``fn`` on its worker. The caller ends the hold.
 
         ``in_process`` (``use``): the worker must share this process, and ``fn`` also receives the slot.
         """
@@ -103,7 +107,6 @@ class Research:
             call_args = (*args, slot) if in_process else args
             fut = worker.run(group.id, model_id, fn, call_args, kwargs)
             self._res.hold(slot, holder)
-            fut.add_done_callback(lambda _: self._res.unhold(slot))
             return fut
 
         slot, _, fut = self._res.ensure(group, None, queue)

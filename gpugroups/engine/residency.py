@@ -153,8 +153,8 @@ class Residency:
                 slot = self.slots.get(group.id)
                 if slot is None or (device_id is not None and slot.device_id != device_id):
                     return None
+                self.guard(slot.device_id)
                 if slot.state == "resident":
-                    self.guard(slot.device_id)
                     self.pins.pop(group.id, None)
                     gone = self.queue_unload(slot)
                     break
@@ -171,23 +171,19 @@ class Residency:
 
     # ---- run and use: holding a resident group -----------------------------------------------
     def hold(self, slot: Slot, holder: int | None = None) -> None:
-        """Under the lock: ``run`` or ``use`` holds the slot until ``unhold`` (the call ended on the
-        worker); ``holder``, the thread of a ``use`` block, until ``leave`` (the block ended)."""
+        """Under the lock: ``run`` or ``use`` (``holder``: the thread of a ``use`` block) holds the slot until ``unhold``."""
         slot.in_use += 1
         if holder is not None:
             slot.holders.append(holder)
         if not self.touch(slot) and slot.in_use == 1:
             self._changed()
 
-    def leave(self, slot: Slot, holder: int) -> None:
-        """A ``use`` block's thread left it: its calls may wait for the device again."""
-        with self._lock:
-            slot.holders.remove(holder)
-
-    def unhold(self, slot: Slot) -> None:
+    def unhold(self, slot: Slot, holder: int | None = None) -> None:
         """The hold ends: the slot may be evicted again, and loads waiting for its room look again."""
         with self._lock:
             slot.in_use -= 1
+            if holder is not None:
+                slot.holders.remove(holder)
             self._use_ended.notify_all()
             if slot.in_use == 0:
                 self._changed()
