@@ -68,7 +68,11 @@ class Research:
             handed.set_result(Handle(model, tokenizer, backing, slot.device_id, model_id, slot.group.id))
             release.wait()
 
-        slot, held = self._start(model_id, hand_over, (), {}, holder=me, in_process=True)
+        try:
+            slot, held = self._start(model_id, hand_over, (), {}, holder=me, in_process=True)
+        except BaseException:
+            release.set()  # a hand-over queued before an interrupt returns at once
+            raise
         try:
             wait([handed, held], return_when=FIRST_COMPLETED)
             if not handed.done():
@@ -89,11 +93,14 @@ class Research:
         holder: int | None,
         in_process: bool = False,
     ) -> tuple[Slot, Future[Any]]:
-        """Get the group resident, hold it and queue ``fn`` on its worker. The caller ends the hold.
+        """Get the group resident, hold it and queue ``fn`` on its worker. The caller ends the hold;
+        if this raises (an interrupt included), the hold it took ends here, or once ``fn`` ends.
 
         ``in_process`` (``use``): the worker must share this process, and ``fn`` also receives the slot.
         """
         group = self._catalog.group_of(model_id)
+        held: list[Slot] = []
+        queued: list[Future[Any]] = []
 
         def queue(slot: Slot) -> Future[Any]:
             worker = self._workers[slot.device_id]
@@ -105,11 +112,18 @@ class Research:
                 )
             self._res.guard(slot.device_id)
             call_args = (*args, slot) if in_process else args
-            fut = worker.run(group.id, model_id, fn, call_args, kwargs)
-            self._res.hold(slot, holder)
-            return fut
+            self._res.hold(slot, holder, held)
+            queued.append(worker.run(group.id, model_id, fn, call_args, kwargs))
+            return queued[0]
 
-        slot, _, fut = self._res.ensure(group, None, queue)
+        try:
+            slot, _, fut = self._res.ensure(group, None, queue)
+        except BaseException:
+            if held and queued:
+                queued[0].add_done_callback(lambda _: self._res.unhold(held[0], holder))
+            elif held:
+                self._res.unhold(held[0], holder)
+            raise
         return slot, fut
 
     def _where(self, model_id: str, slot: Slot) -> str:

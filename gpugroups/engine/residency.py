@@ -170,9 +170,12 @@ class Residency:
         return self._drop(slot)
 
     # ---- run and use: holding a resident group -----------------------------------------------
-    def hold(self, slot: Slot, holder: int | None = None) -> None:
-        """Under the lock: ``run`` or ``use`` (``holder``: the thread of a ``use`` block) holds the slot until ``unhold``."""
+    def hold(self, slot: Slot, holder: int | None, held: list[Slot]) -> None:
+        """Under the lock: ``run`` or ``use`` (``holder``: the thread of a ``use`` block) holds the
+        slot until ``unhold``. ``held`` gets the slot in the same step as the count, so an interrupt
+        can never leave a hold that its caller does not know to end."""
         slot.in_use += 1
+        held.append(slot)
         if holder is not None:
             slot.holders.append(holder)
         if not self.touch(slot) and slot.in_use == 1:
@@ -182,7 +185,7 @@ class Residency:
         """The hold ends: the slot may be evicted again, and loads waiting for its room look again."""
         with self._lock:
             slot.in_use -= 1
-            if holder is not None:
+            if holder in slot.holders:
                 slot.holders.remove(holder)
             self._use_ended.notify_all()
             if slot.in_use == 0:
