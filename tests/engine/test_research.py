@@ -149,10 +149,12 @@ def test_interrupt_while_use_waits_for_the_worker_releases_it(held):
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=interrupt).start()
-    with pytest.raises(KeyboardInterrupt):
-        with m.use("tiny-a"):
-            pytest.fail("the block must not run")
-    gate.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with m.use("tiny-a"):
+                pytest.fail("the block must not run")
+    finally:
+        gate.set()
     assert wait_for(lambda: group_status(m, "tiny") == "resident")
     assert m.process("tiny-a", PROMPT)["predictions"]
 
