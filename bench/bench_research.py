@@ -17,8 +17,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gpugroups as gg  # noqa: E402
-from bench.bench_core import _demo, median_ms, paired_ms  # noqa: E402
+import gpugroups as gg
+from bench.bench_core import _demo, median_ms, paired_ms
 
 GOAL_MS = 0.5
 

@@ -129,9 +129,8 @@ def test_run_exception_reaches_the_caller_as_itself(m):
 
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
 def test_exception_or_interrupt_inside_use_releases_the_group(m, exc):
-    with pytest.raises(exc):
-        with m.use("tiny-a"):
-            raise exc()
+    with pytest.raises(exc), m.use("tiny-a"):
+        raise exc()
     assert group_status(m, "tiny") == "resident"
     assert m.process("tiny-b", PROMPT)["predictions"]
     assert m.unload("tiny-a")["status"] == "unloaded"
@@ -150,9 +149,8 @@ def test_interrupt_while_use_waits_for_the_worker_releases_it(held):
 
     threading.Thread(target=interrupt).start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with m.use("tiny-a"):
-                pytest.fail("the block must not run")
+        with pytest.raises(KeyboardInterrupt), m.use("tiny-a"):
+            pytest.fail("the block must not run")
     finally:
         gate.set()
     assert wait_for(lambda: group_status(m, "tiny") == "resident")
@@ -216,9 +214,8 @@ class OutOfProcess(ThreadWorker):
 
 def test_use_on_an_out_of_process_worker_points_to_run(tiny_catalog_toml):
     with gg.Manager(devices="cpu", catalog=tiny_catalog_toml, worker=lambda d: OutOfProcess(d)) as m:
-        with pytest.raises(GpuGroupsError) as e:
-            with m.use("tiny-a"):
-                pytest.fail("the block must not run")
+        with pytest.raises(GpuGroupsError) as e, m.use("tiny-a"):
+            pytest.fail("the block must not run")
         assert e.value.code == "invalid_request" and "m.run(" in e.value.message
         assert group_status(m, "tiny") == "resident"
         assert m.run("tiny-a", active) == "tiny-a"
