@@ -33,7 +33,7 @@ class ResidentView:
     bytes: int
     last_used: float
     pinned: bool = False
-    busy: bool = False  # serving requests or being loaded: never a victim
+    busy: bool = False  # serving requests, held by run/use, or being loaded: never a victim
     value: float = 0.0  # what keeping it is worth (``Ledger.value``); the least valuable goes first
 
     @property

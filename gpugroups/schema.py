@@ -16,7 +16,7 @@ DeviceKind = Literal["cuda", "cpu", "virtual"]
 GroupKind = Literal["adapters", "models", "single"]
 ModelRole = Literal["base", "adapter", "model"]
 DeviceStatus = Literal["idle", "busy", "loading", "unloading"]
-GroupStatus = Literal["unloaded", "loading", "resident", "unloading"]
+GroupStatus = Literal["unloaded", "loading", "resident", "in_use", "unloading"]
 
 
 class Memory(TypedDict):

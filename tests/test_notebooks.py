@@ -51,7 +51,7 @@ def panels(nb: nbformat.NotebookNode) -> int:
     )
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "multi_device.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "multi_device.ipynb", "research.ipynb"])
 def test_notebook_is_committed_clean(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -80,4 +80,16 @@ def test_multi_device_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "evicted:" in text
     assert "insufficient_memory" in text
     assert "resident on [0, 1" in text  # the section that shards a group over several devices
+    assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_research_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = execute("research.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    plots = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert len(plots) == 1
+    assert text.count("diverges from the base from layer") == 2
+    assert "in_use on cpu" in text and "resident after the block" in text
+    assert "End of the research tour." in text
     assert "Traceback" not in text

@@ -10,12 +10,13 @@ twins run them in a thread and return awaitables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
@@ -34,9 +35,13 @@ from .bus import EventBus, Subscriber
 from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
+from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import build_state
 from .worker import Request, ThreadWorker, WorkerFactory
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Manager:
@@ -81,6 +86,7 @@ class Manager:
             self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
             max_groups_per_device,
         )
+        self._research = Research(self.catalog, self._res, self._workers)
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
@@ -195,6 +201,7 @@ class Manager:
         request = Request(model.id, prompt, num_predictions, max_new_tokens, notes)
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
+            self._res.guard(slot.device_id)
             slot.inflight += 1
             self._res.touch(slot)
             if len(slot.shares) == 1:
@@ -240,6 +247,34 @@ class Manager:
     def _in_use(self, group_id: str) -> bool:
         with self._lock:
             return group_id in self._res.slots or group_id in self._res.pins
+
+    # ---- research access (kernel only: no op of the ops table reaches these) ----------------
+    def run(self, model_id: str, fn: Callable[Concatenate[Any, Any, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(model, tokenizer, *args, **kwargs)`` on the worker where ``model_id`` lives; what ``fn`` returns.
+
+        The group is made resident and held (``in_use``: not evicted; unloads, and loads needing its
+        room, wait) and ``model_id`` is active (its adapter, or none for the base) while ``fn`` runs
+        in order with the device's other work. ``fn``'s exception reaches the caller as itself, with
+        a note naming the device. Out-of-process workers pickle ``fn`` and its arguments and return
+        tensors on the CPU. ``fn`` must not call this manager for its own device.
+        """
+        return self._research.run(model_id, fn, args, kwargs)  # type: ignore[no-any-return]
+
+    async def arun(
+        self, model_id: str, fn: Callable[Concatenate[Any, Any, P], T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Awaitable ``run``."""
+        return await asyncio.to_thread(self._research.run, model_id, fn, args, kwargs)
+
+    def use(self, model_id: str) -> contextlib.AbstractContextManager[Handle]:
+        """``with m.use(model_id) as h:`` ``h.model``, ``h.tokenizer``, ``h.device`` in this thread.
+
+        As ``run``, but the block runs in the caller's thread while the device's worker takes no
+        other work, until the block ends (return, exception or interrupt). Inside it, calls that
+        would wait for that worker raise ``conflict``. A worker in another process answers
+        ``invalid_request`` pointing to ``run``.
+        """
+        return self._research.use(model_id)
 
     # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
     async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:

@@ -7,7 +7,8 @@ bytes against the budget, and on an out-of-memory evicts what it may and retries
 sharded over several devices has one slot with a share per device; its first device's worker
 drives it while the others' workers are held (``Worker.pause``), and everything that acts on a
 slot (eviction, unload, pin) acts on all its shares.
-Everything here runs under the manager's lock except the load thread's waits on the worker.
+A slot held by ``run``/``use`` is in use: never a victim, and a load that needs its room waits
+for it. Everything here runs under the manager's lock except the load thread's waits on the worker.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
-from ..placement import DeviceView, Layout, Ledger, ResidentView, place
+from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
 from .estimates import EstimateCache, folders
@@ -39,6 +40,8 @@ class Slot:
     state: str = "loading"  # "loading" | "resident" | "unloading"
     last_used: float = field(default_factory=time.monotonic)
     inflight: int = 0
+    in_use: int = 0  # ``run`` calls and ``use`` blocks holding it
+    holders: list[int] = field(default_factory=list)  # threads inside a ``use`` block on it
     done: Future[Slot] = field(default_factory=Future)  # loaded (result) or failed (exception)
     gone: Future[None] = field(default_factory=Future)  # set once unloaded
 
@@ -59,6 +62,11 @@ class Slot:
     def shares_json(self) -> list[dict[str, int]]:
         """``[{"device_id", "bytes"}]`` in layer order (the state JSON's ``shards``)."""
         return [{"device_id": d, "bytes": b} for d, b in self.shares.items()]
+
+    @property
+    def busy(self) -> bool:
+        """Serving requests or held by ``run``/``use``: not to be evicted now."""
+        return self.inflight > 0 or self.in_use > 0
 
 
 @dataclass
@@ -107,6 +115,7 @@ class Residency:
         self.ledger = Ledger()  # what each group is worth keeping (placement's eviction order)
         self.closed = False
         self._lock, self._bus, self._changed = lock, bus, changed
+        self._use_ended = threading.Condition(lock)
         self._op_ids = itertools.count(1)
 
     # ---- getting a group resident ----------------------------------------------------------
@@ -155,11 +164,20 @@ class Residency:
                 elif slot is not None:
                     wait_for = slot.done if slot.state == "loading" else slot.gone
                 else:
-                    mine, victims = self._reserve(group, device_id, device_ids)
+                    try:
+                        mine, victims = self._reserve(group, device_id, device_ids)
+                    except GpuGroupsError as exc:
+                        if not self._use_would_make_room(exc, group, device_id, device_ids):
+                            raise
+                        self._use_ended.wait()
+                        continue
                     threading.Thread(
                         target=self._load, args=(mine, victims), name=f"gpugroups-load-{group.id}", daemon=True
                     ).start()
                     loaded = True
+            waiting_on = mine if mine is not None else slot
+            if waiting_on is not None:
+                self.guard(waiting_on.device_id)
             if mine is not None:
                 mine.done.result()  # our own load: its failure is ours to raise
             else:
@@ -174,6 +192,7 @@ class Residency:
                 slot = self.slots.get(group.id)
                 if slot is None or (device_id is not None and device_id not in slot.shares):
                     return None
+                self.guard(slot.device_id)
                 if slot.state == "resident":
                     self.pins.pop(group.id, None)
                     gone = self.queue_unload(slot)
@@ -189,16 +208,75 @@ class Residency:
         self._changed()
         return self._drop(slot)
 
-    def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
-        """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
+    # ---- run and use: holding a resident group -----------------------------------------------
+    def hold(self, slot: Slot, holder: int | None, held: list[Slot]) -> None:
+        """Under the lock: ``run`` or ``use`` (``holder``: the thread of a ``use`` block) holds the
+        slot until ``unhold``. ``held`` gets the slot in the same step as the count, so an interrupt
+        can never leave a hold that its caller does not know to end."""
+        slot.in_use += 1
+        held.append(slot)
+        if holder is not None:
+            slot.holders.append(holder)
+        if not self.touch(slot) and slot.in_use == 1:
+            self._changed()
+
+    def unhold(self, slot: Slot, holder: int | None = None) -> None:
+        """The hold ends: the slot may be evicted again, and loads waiting for its room look again."""
+        with self._lock:
+            slot.in_use -= 1
+            if holder in slot.holders:
+                slot.holders.remove(holder)
+            self._use_ended.notify_all()
+            if slot.in_use == 0:
+                self._changed()
+
+    def guard(self, device_id: int) -> None:
+        """``conflict`` if this thread is inside a ``use`` block on the device: waiting for that
+        device's worker would wait for the block, which cannot end while this thread waits."""
+        me = threading.get_ident()
+        with self._lock:
+            if any(me in s.holders for s in self.slots.values() if s.device_id == device_id):
+                raise GpuGroupsError(
+                    "conflict",
+                    f"device {device_id} is held by a `with m.use(...)` block in this thread, and this call "
+                    "would wait for its worker; call the model directly inside the block, or leave it first",
+                    {"device_id": device_id},
+                )
+
+    def _use_would_make_room(
+        self, exc: GpuGroupsError, group: GroupSpec, device_id: int | None, device_ids: list[int] | None
+    ) -> bool:
+        """Under the lock, after ``insufficient_memory``: whether evicting groups now held by
+        ``run``/``use`` (of other threads) would make room, so the load may wait for them."""
+        if exc.code != "insufficient_memory":
+            return False
+        me = threading.get_ident()
+        if any(me in s.holders for s in self.slots.values()):
+            return False
+        try:
+            self._place(group, device_id, device_ids, in_use_evictable=True)
+        except GpuGroupsError:
+            return False
+        return True
+
+    def _place(
+        self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None, in_use_evictable: bool = False
+    ) -> tuple[Decision, int]:
+        """Under the lock: placement's decision for the group, and the bytes it needs on its first device."""
         pinned = self.pins.get(group.id)
         if device_id is None and device_ids is None and pinned is not None:  # a pin's affinity
             device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
         first = device_id if device_id is not None else (device_ids[0] if device_ids else 0)
         need = self.estimate(group, first, strict=True)
         decision = place(
-            group.id, need, self.views(), device_id, self.max_groups_per_device, device_ids, self._layout(group)
+            group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids,
+            self._layout(group),
         )
+        return decision, need
+
+    def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
+        """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
+        decision, _ = self._place(group, device_id, device_ids)
         if len(decision.shares) > 1:
             slot = Slot(group, {s.device_id: s.bytes for s in decision.shares})
             slot.weights = {s.device_id: s.weight_bytes for s in decision.shares}
@@ -312,7 +390,7 @@ class Residency:
             victims = [
                 s for s in self.slots.values()
                 if set(s.shares) & set(slot.shares) and s is not slot and s.state == "resident"
-                and s.inflight == 0 and s.group.id not in self.pins
+                and not s.busy and s.group.id not in self.pins
             ]
             for v in victims:
                 v.state = "unloading"
@@ -358,14 +436,15 @@ class Residency:
         overhead = 0 if device_id in self.warm else parts["overhead_bytes"]
         return int(weights + parts["reserve_bytes"] + overhead)
 
-    def views(self) -> list[DeviceView]:
-        """What ``placement.place`` sees of each device."""
+    def views(self, in_use_evictable: bool = False) -> list[DeviceView]:
+        """What ``placement.place`` sees of each device (``in_use_evictable``: as if no ``run``/``use`` held any group)."""
         views = []
         for d in self.devices:
             residents = tuple(
                 ResidentView(
                     s.group.id, s.shares[d.device_id], s.last_used, s.group.id in self.pins,
-                    s.state != "resident" or s.inflight > 0, self.ledger.value(s.group.id),
+                    s.state != "resident" or s.inflight > 0 or (s.in_use > 0 and not in_use_evictable),
+                    self.ledger.value(s.group.id),
                 )
                 for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading"
             )

@@ -40,7 +40,7 @@ def build_state(res: Residency, version: int) -> State:
             "pinned": g.id in res.pins,
             "resident_on": on_device,
             "shards": slot.shares_json() if slot is not None and resident else [],
-            "status": slot.state if slot else "unloaded",
+            "status": "unloaded" if slot is None else "in_use" if resident and slot.in_use else slot.state,
             "current_model": res.current.get(g.id, g.members[0]),
         })
         for mid in g.members:

@@ -1,4 +1,4 @@
-"""The device worker: the one place a device's loads, unloads and forward passes run, in order.
+"""The device worker: the one place a device's loads, unloads, forward passes and research calls run, in order.
 
 ``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
@@ -71,9 +71,19 @@ class Worker(Protocol):
     A sharded group is driven by the worker of its first device: ``load_sharded`` lays it out
     over the ``Span`` and answers each device's bytes; ``pause`` holds the other devices' workers
     meanwhile, so nothing else runs on them between a sharded load or forward pass's start and end.
+
+    ``run`` calls ``fn(model, tokenizer, *args, **kwargs)`` where the group lives, with
+    ``member_id`` active (its adapter on, or adapters disabled for the bare base) for the duration
+    and restored after; it answers what ``fn`` returns, or fails with what ``fn`` raised. A worker in
+    this process calls ``fn`` directly and ``in_process`` is true. A worker in another process or on
+    a Ray node sends ``fn``, ``args`` and ``kwargs`` by pickling (cloudpickle, as Ray does), sends the
+    result back the same way with its tensors moved to the CPU, and fails with ``invalid_request``
+    naming what could not be pickled; ``in_process`` is false there (the manager's ``use`` needs
+    the model object in the caller's process and refuses such workers).
     """
 
     device: Device
+    in_process: bool
 
     @property
     def status(self) -> str:
@@ -100,6 +110,10 @@ class Worker(Protocol):
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]: ...
 
+    def run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Future[Any]: ...
+
     def stop(self) -> None:
         """Finish what is queued, then end; later calls fail with ``invalid_request``."""
         ...
@@ -120,6 +134,8 @@ class _Task:
 
 class ThreadWorker:
     """One device's thread: runs calls in order, batching queued ``process`` requests of a group."""
+
+    in_process = True
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -170,6 +186,11 @@ class ThreadWorker:
         self._put(_Task(fut, group_id=group_id, request=request))
         return fut
 
+    def run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Future[Any]:
+        return self.call(functools.partial(self._run, group_id, member_id, fn, args, dict(kwargs)))
+
     def call(self, fn: Callable[[], Any], status: str = "busy") -> Future[Any]:
         """Run ``fn`` on this device's thread after what is already queued (in-process only)."""
         fut: Future[Any] = Future()
@@ -206,6 +227,19 @@ class ThreadWorker:
         rt = self._runtimes.pop(group_id, None)
         if rt is not None:
             rt.unload()
+
+    def _run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        rt = self._runtime(group_id)
+        with rt.rows([member_id]) as (model, _):
+            return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
+
+    def _runtime(self, group_id: str) -> Runtime:
+        rt = self._runtimes.get(group_id)
+        if rt is None:
+            raise GpuGroupsError("invalid_request", f"group {group_id!r} is not loaded on this device")
+        return rt
 
     def _put(self, task: _Task) -> None:
         with self._cv:
@@ -261,10 +295,8 @@ class ThreadWorker:
     def _predict(self, batch: list[_Task]) -> None:
         from .inference import predict
 
-        rt = self._runtimes.get(batch[0].group_id)
         try:
-            if rt is None:
-                raise GpuGroupsError("invalid_request", f"group {batch[0].group_id!r} is not loaded on this device")
+            rt = self._runtime(batch[0].group_id)
             for t in batch:
                 for f in t.request.after if t.request else ():
                     f.result()  # a sharded group's other devices are paused for this pass

@@ -20,10 +20,10 @@ def test_thread_worker_satisfies_the_worker_protocol():
 
     w = ThreadWorker(detect("cpu")[0])
     try:
-        for name in ("load", "unload", "process", "stop"):
+        for name in ("load", "unload", "process", "run", "stop"):
             assert list(inspect.signature(getattr(w, name)).parameters) == \
                 list(inspect.signature(getattr(Worker, name)).parameters)[1:], name
-        assert w.status == "idle" and w.queue_depth == 0
+        assert w.status == "idle" and w.queue_depth == 0 and w.in_process is True
     finally:
         w.stop()
 

@@ -1,0 +1,131 @@
+"""Research access: your own code on a resident model, where it lives (``m.run``, ``m.use``).
+
+Both hold the group (``Residency.hold``: in use, never evicted, unloads and loads that need its
+room wait) and make the requested member active through the worker's ``run``, the one way a member
+is activated outside the manager's own forward passes. Kernel-only: no op of the ops table reaches
+this room, since it runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from typing import Any
+
+from ..catalog import Catalog
+from ..errors import GpuGroupsError
+from .residency import Residency, Slot
+from .worker import Worker
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What ``with m.use(model_id) as h`` gives: the member's model object (its adapter active),
+    its tokenizer, and the torch device its tensors live on (``inputs.to(h.device)``)."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    device_id: int
+    model_id: str
+    group_id: str
+
+
+class Research:
+    """``run`` and ``use`` over one manager's residency and workers."""
+
+    def __init__(self, catalog: Catalog, res: Residency, workers: list[Worker]) -> None:
+        self._catalog, self._res, self._workers = catalog, res, workers
+
+    def run(self, model_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """``fn(model, tokenizer, *args, **kwargs)`` on the device's worker; see ``Manager.run``."""
+        if not callable(fn):
+            raise GpuGroupsError("invalid_request", f"run: fn must be callable, got {type(fn).__name__}")
+        slot, fut = self._start(model_id, fn, args, kwargs, holder=None)
+        try:
+            return fut.result()
+        except Exception as exc:  # fn's own error, as itself; the note says where it ran
+            exc.add_note(self._where(model_id, slot))
+            raise
+        finally:  # at once when fn ended; after an interrupt here, once fn ends on the worker
+            fut.add_done_callback(lambda _: self._res.unhold(slot))
+
+    @contextlib.contextmanager
+    def use(self, model_id: str) -> Iterator[Handle]:
+        """Hold the device's worker and hand its model to this thread; see ``Manager.use``."""
+        release = threading.Event()
+        handed: Future[Handle] = Future()
+        me = threading.get_ident()
+
+        def hand_over(model: Any, tokenizer: Any, slot: Slot) -> None:
+            # Runs on the worker, inside the member's activation; keeps the worker until released.
+            if release.is_set():  # the caller left (an interrupt) before the worker got here
+                return
+            backing = self._workers[slot.device_id].device.backing
+            handed.set_result(Handle(model, tokenizer, backing, slot.device_id, model_id, slot.group.id))
+            release.wait()
+
+        try:
+            slot, held = self._start(model_id, hand_over, (), {}, holder=me, in_process=True)
+        except BaseException:
+            release.set()  # a hand-over queued before an interrupt returns at once
+            raise
+        try:
+            wait([handed, held], return_when=FIRST_COMPLETED)
+            if not handed.done():
+                held.result()  # the worker failed before handing over: raise why
+            yield handed.result()
+        finally:
+            # Work queued after this block runs after the hand-over returns, so the group needs
+            # no protection past this point, even if the hand-over has not started yet.
+            release.set()
+            self._res.unhold(slot, me)
+
+    def _start(
+        self,
+        model_id: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        holder: int | None,
+        in_process: bool = False,
+    ) -> tuple[Slot, Future[Any]]:
+        """Get the group resident, hold it and queue ``fn`` on its worker. The caller ends the hold;
+        if this raises (an interrupt included), the hold it took ends here, or once ``fn`` ends.
+
+        ``in_process`` (``use``): the worker must share this process, and ``fn`` also receives the slot.
+        """
+        group = self._catalog.group_of(model_id)
+        held: list[Slot] = []
+        queued: list[Future[Any]] = []
+
+        def queue(slot: Slot) -> Future[Any]:
+            worker = self._workers[slot.device_id]
+            if in_process and not worker.in_process:
+                raise GpuGroupsError(
+                    "invalid_request",
+                    f"device {slot.device_id} ({worker.device.device}) runs its models in another process, so "
+                    f"`use` cannot hand them to this one; call m.run({model_id!r}, fn) to run fn where they live",
+                )
+            self._res.guard(slot.device_id)
+            call_args = (*args, slot) if in_process else args
+            self._res.hold(slot, holder, held)
+            queued.append(worker.run(group.id, model_id, fn, call_args, kwargs))
+            return queued[0]
+
+        try:
+            slot, _, fut = self._res.ensure(group, None, queue)
+        except BaseException:
+            if held and queued:
+                queued[0].add_done_callback(lambda _: self._res.unhold(held[0], holder))
+            elif held:
+                self._res.unhold(held[0], holder)
+            raise
+        return slot, fut
+
+    def _where(self, model_id: str, slot: Slot) -> str:
+        dev = self._workers[slot.device_id].device
+        return f"in m.run({model_id!r}) on device {slot.device_id} ({dev.device})"
