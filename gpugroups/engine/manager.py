@@ -39,7 +39,10 @@ class Manager:
     keeps one current group per device. ``dtype`` overrides the load dtype of every group
     (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
     ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
-    in this process); any ``engine.worker.Worker`` implementation fits.
+    in this process); any ``engine.worker.Worker`` implementation fits. Ray devices (``"ray"``,
+    ``"ray:virtual:SIZE"``) are actors named in ``ray_namespace``, which a later manager in that
+    namespace adopts with their groups; with no manager attached for ``ray_idle_timeout_s`` they
+    unload and exit (see docs/scale-out.md).
     """
 
     def __init__(
@@ -49,21 +52,24 @@ class Manager:
         max_groups_per_device: int | None = None,
         dtype: str | None = None,
         worker: WorkerFactory = ThreadWorker,
+        ray_namespace: str = "gpugroups",
+        ray_idle_timeout_s: float = 1800.0,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
         self.catalog = make_catalog(catalog)
-        self.devices = detect(devices)
+        self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
         self._lock = threading.RLock()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
-        self._workers = [worker(d) for d in self.devices]
+        self._workers = [worker(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
         self._res = Residency(
             self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
             max_groups_per_device,
         )
+        self._res.adopt()
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, model_id: str, device_id: int | None = None) -> dict[str, Any]:
