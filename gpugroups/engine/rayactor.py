@@ -48,7 +48,8 @@ class DeviceActor:
         threading.Thread(target=self._watch_idle, name="gpugroups-idle", daemon=True).start()
 
     def info(self) -> dict[str, Any]:
-        """What the manager needs to describe the device."""
+        """What the manager needs to describe the device (a manager is attaching: the idle clock restarts)."""
+        self._seen = time.monotonic()
         return {
             "node": self.node, "host": self.host, "name": self.device.name, "total_bytes": self.device.total_bytes,
             "supports_bf16": self.device.supports_bf16,

@@ -217,20 +217,23 @@ class RayWorker:
     def _watch(self) -> None:
         """Ping the actor: it keeps the actor's idle clock at zero and notices a dead node."""
         failing_since: float | None = None
-        while not self._stopping.wait(PING_S):
+        while not self._stopping.is_set():
             try:
                 ray.get(self._actor.ping.remote(self._idle), timeout=2 * PING_S)
                 failing_since = None
+                self._stopping.wait(PING_S)
                 continue
             except ActorDiedError:
                 pass
             except (GetTimeoutError, RayActorError):
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since < LOST_AFTER_S:
+                    self._stopping.wait(PING_S)
                     continue
             except Exception:
                 if self._stopping.is_set() or not ray.is_initialized():
                     return
+                self._stopping.wait(PING_S)
                 continue
             self._lose()
             return
