@@ -22,10 +22,10 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
+import ray
 
-import gpugroups as gg  # noqa: E402
-from bench.bench_core import GROUP, PROMPT, _demo, paired_ms  # noqa: E402
+import gpugroups as gg
+from bench.bench_core import GROUP, PROMPT, _demo, paired_ms
 
 SIZE = "2GiB"
 
