@@ -218,6 +218,8 @@ class RayWorker:
         """Ping the actor: it keeps the actor's idle clock at zero and notices a dead node."""
         failing_since: float | None = None
         while not self._stopping.is_set():
+            if not ray.is_initialized():
+                return  # this process left the cluster; a call now would join it again
             try:
                 ray.get(self._actor.ping.remote(self._idle), timeout=2 * PING_S)
                 failing_since = None
