@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypedDict
 DeviceKind = Literal["cuda", "cpu", "virtual"]
 GroupKind = Literal["adapters", "models", "single"]
 ModelRole = Literal["base", "adapter", "model"]
-DeviceStatus = Literal["idle", "busy", "loading", "unloading"]
+DeviceStatus = Literal["idle", "busy", "loading", "unloading", "lost"]
 GroupStatus = Literal["unloaded", "loading", "resident", "in_use", "unloading"]
 
 
@@ -51,6 +51,8 @@ class Device(TypedDict):
     loaded_models: Annotated[list[str], "Members of the resident groups."]
     status: Annotated[DeviceStatus, "What the device's worker is doing."]
     queue_depth: Annotated[int, "Calls waiting or running on the device."]
+    node: NotRequired[Annotated[str, "Ray devices: the id of the Ray node that holds the GPU."]]
+    host: NotRequired[Annotated[str, "Ray devices: the address of that node."]]
 
 
 class Shard(TypedDict):

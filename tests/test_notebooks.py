@@ -51,7 +51,7 @@ def panels(nb: nbformat.NotebookNode) -> int:
     )
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "multi_device.ipynb", "research.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "multi_device.ipynb", "research.ipynb", "cluster.ipynb"])
 def test_notebook_is_committed_clean(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -92,4 +92,19 @@ def test_research_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert text.count("diverges from the base from layer") == 2
     assert "in_use on cpu" in text and "resident after the block" in text
     assert "End of the research tour." in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_cluster_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray")
+    nb = execute("cluster.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert panels(nb) == 1
+    assert "2 nodes, 4.0 GPUs" in text
+    assert "lost after" in text and "after loading it again" in text
+    assert "already_loaded" in text  # the second manager adopted the group
+    assert "actors left: []" in text
+    assert "End of the tour." in text
     assert "Traceback" not in text

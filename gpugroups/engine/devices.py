@@ -4,7 +4,9 @@ A ``Device`` knows its identity, its budget and where its tensors live (``backin
 ``memory`` report combines what this manager accounts for with what NVML (CUDA) or the OS
 (cpu, via psutil) says is taken by others. Virtual devices (``virtual:[Nx]SIZE[@backing]``) simulate a
 GPU of SIZE bytes by accounting while their tensors live on the CPU or a named real device.
-Light: torch and NVML are imported only when a CUDA device is asked for.
+``ray`` and ``ray:virtual:SIZE`` are the GPUs of a Ray cluster (``rayworker``); a Ray device
+carries its ``node``/``host`` and the factory of its worker. Light: torch and NVML are imported
+only when a CUDA device is asked for, Ray only when a Ray device is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import psutil
 
@@ -50,6 +52,10 @@ class Device:
     backing: str  # torch device string the tensors live on
     supports_bf16: bool = False
     nvml_handle: Any = field(default=None, repr=False)
+    node: str | None = None  # Ray devices: the node's id
+    host: str | None = None  # Ray devices: the node's address
+    #: Ray devices: makes the worker that reaches this device on its node (else the manager's own)
+    remote_worker: Callable[[Device], Any] | None = field(default=None, repr=False)
     _nvml_cache: tuple[float, int, int] = field(default=(0.0, 0, 0), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -65,7 +71,7 @@ class Device:
         other = 0
         hw_free = self.total_bytes
         room = self.budget_bytes - accounted_bytes
-        if self.kind == "cuda":
+        if self.kind == "cuda" and self.nvml_handle is not None:  # a Ray node's GPU: accounting only
             used, hw_free = self._nvml()
             other = max(0, used - accounted_bytes)
             room -= other
@@ -96,13 +102,18 @@ class Device:
 
     def to_json(self) -> dict[str, Any]:
         """Identity fields of the state JSON's device entry."""
-        return {"device_id": self.device_id, "device": self.device, "kind": self.kind, "name": self.name}
+        out: dict[str, Any] = {"device_id": self.device_id, "device": self.device, "kind": self.kind, "name": self.name}
+        if self.node is not None:
+            out.update(node=self.node, host=self.host)
+        return out
 
 
-def detect(spec: str | Sequence[str] = "auto") -> list[Device]:
-    """Devices from a spec: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"virtual:..."`` or a list.
+def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = None) -> list[Device]:
+    """Devices from a spec: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"virtual:..."``,
+    ``"ray"``, ``"ray:virtual:SIZE"`` or a list.
 
     ``"auto"`` means every CUDA device torch sees, or one ``cpu`` device when there is none.
+    ``ray`` holds the options of Ray devices (``rayworker.ray_devices``' keyword arguments).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
@@ -123,14 +134,20 @@ def detect(spec: str | Sequence[str] = "auto") -> list[Device]:
             devices += found
         elif s.lower().startswith("virtual:"):
             devices += _virtual_devices(s)
+        elif s.lower() == "ray" or s.lower().startswith("ray:"):
+            from .rayworker import ray_devices  # Ray is imported only when asked for
+
+            devices += ray_devices(s, **(ray or {}))
         else:
             raise GpuGroupsError(
                 "invalid_request",
-                f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N] or virtual:[Nx]SIZE[@backing]",
+                f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N], virtual:[Nx]SIZE[@backing], ray or ray:virtual:SIZE",
             )
     for i, d in enumerate(devices):
         d.device_id = i
-        if d.kind == "virtual":
+        if d.node is not None:
+            d.device = f"ray:{i}"
+        elif d.kind == "virtual":
             d.device = f"virtual:{i}"
     return devices
 

@@ -57,6 +57,10 @@ class Manager:
     in this process); any ``engine.worker.Worker`` implementation fits. ``max_adhoc_groups`` bounds
     the ``single:`` groups that loading uncatalogued ids creates (default: the catalog's, 64); the
     oldest one neither resident nor pinned is forgotten first.
+    Ray devices (``"ray"``,
+    ``"ray:virtual:SIZE"``) are actors named in ``ray_namespace``, which a later manager in that
+    namespace adopts with their groups; with no manager attached for ``ray_idle_timeout_s`` they
+    unload and exit (see docs/scale-out.md).
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class Manager:
         dtype: str | None = None,
         worker: WorkerFactory = ThreadWorker,
         max_adhoc_groups: int | None = None,
+        ray_namespace: str = "gpugroups",
+        ray_idle_timeout_s: float = 1800.0,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
@@ -75,17 +81,18 @@ class Manager:
             if not isinstance(max_adhoc_groups, int) or max_adhoc_groups < 1:
                 raise GpuGroupsError("invalid_request", "max_adhoc_groups must be a positive integer or None")
             self.catalog.max_adhoc_groups = max_adhoc_groups
-        self.devices = detect(devices)
+        self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
         self._lock = threading.RLock()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
-        self._workers = [worker(d) for d in self.devices]
+        self._workers = [worker(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
         self._res = Residency(
             self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
             max_groups_per_device,
         )
+        self._res.adopt()
         self._research = Research(self.catalog, self._res, self._workers)
 
     # ---- loading ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ for it. Everything here runs under the manager's lock except the load thread's w
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -117,6 +118,43 @@ class Residency:
         self._lock, self._bus, self._changed = lock, bus, changed
         self._use_ended = threading.Condition(lock)
         self._op_ids = itertools.count(1)
+
+    # ---- devices that come with groups or go away -------------------------------------------
+    def adopt(self) -> None:
+        """Take over what the workers already hold (Ray actors outlive the kernel that loaded
+        into them) and listen for lost devices. Held groups this catalog does not know are unloaded."""
+        for i, w in enumerate(self.workers):
+            w.on_lost(functools.partial(self.lose, i))
+            for gid, nbytes in w.resident().items():
+                try:
+                    group = self.catalog.group(gid)
+                except GpuGroupsError:
+                    group = None
+                if group is None or gid in self.slots:
+                    w.unload(gid)
+                    continue
+                self.estimates.ensure(group, self.devices)
+                parts = self.estimates.peek(group, self.devices[i], False) or {}
+                slot = Slot(group, {i: nbytes + parts.get("reserve_bytes", 0)}, state="resident")
+                slot.done.set_result(slot)
+                with self._lock:
+                    self.slots[gid], self.measured[gid] = slot, nbytes
+                    self.warm.add(i)
+                    self.current.setdefault(gid, group.members[0])
+                    self._changed()
+
+    def lose(self, device_id: int) -> None:
+        """A device became unreachable: its resident groups leave (loads and unloads under way
+        fail on their own through the worker)."""
+        with self._lock:
+            gone = [s for s in self.slots.values() if device_id in s.shares and s.state == "resident"]
+            for s in gone:
+                del self.slots[s.group.id]
+                self.pins.pop(s.group.id, None)
+            self._changed()
+        for s in gone:
+            if not s.gone.done():
+                s.gone.set_result(None)
 
     # ---- getting a group resident ----------------------------------------------------------
     def ensure(
@@ -448,7 +486,8 @@ class Residency:
                 )
                 for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading"
             )
-            views.append(DeviceView(d.device_id, d.memory(self.accounted(d.device_id))["free_bytes"], residents))
+            free = 0 if self.workers[d.device_id].status == "lost" else d.memory(self.accounted(d.device_id))["free_bytes"]
+            views.append(DeviceView(d.device_id, free, residents))
         return views
 
     def accounted(self, device_id: int) -> int:

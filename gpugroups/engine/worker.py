@@ -118,6 +118,15 @@ class Worker(Protocol):
         """Finish what is queued, then end; later calls fail with ``invalid_request``."""
         ...
 
+    def resident(self) -> dict[str, int]:
+        """The groups the device holds now and their measured bytes (a new manager adopts them)."""
+        ...
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once if the device becomes unreachable (status ``"lost"``); its calls
+        then fail with ``host_unavailable``. A device in this process is never lost."""
+        ...
+
 
 #: Makes the worker of one device; ``Manager(worker=...)`` takes one (default ``ThreadWorker``).
 WorkerFactory = Callable[[Device], Worker]
@@ -200,6 +209,12 @@ class ThreadWorker:
     def runtimes(self) -> dict[str, Runtime]:
         """The groups loaded here, by group id (in-process only; for inspection)."""
         return dict(self._runtimes)
+
+    def resident(self) -> dict[str, int]:
+        return {gid: rt.bytes for gid, rt in list(self._runtimes.items())}
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        pass  # a thread of this process goes only with the process
 
     def stop(self) -> None:
         with self._cv:

@@ -1,0 +1,80 @@
+"""A Ray device against a local one: the same demo group, the same code, one actor round trip apart.
+
+Prints, for the shipped demo ``pycode`` group on a ``ray:virtual`` device and on a local
+``virtual`` device of the same size, in the same run:
+- process: ``Manager.process`` over Ray vs locally (goal: <= +2 ms median);
+- load: ``load_group`` over Ray vs locally (each after one warm-up load, so the actor's torch
+  import is not counted).
+
+Without ``--address`` it starts a one-node Ray on loopback in this process (one logical GPU).
+Usage: ``python bench/bench_ray.py [--address HOST:PORT] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import uuid
+from typing import Any
+
+# Read when Ray is imported: loopback only, no auth token for the local test cluster.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray
+
+import gpugroups as gg
+from bench.bench_core import GROUP, PROMPT, _demo, paired_ms
+
+SIZE = "2GiB"
+
+
+def load_s(m: gg.Manager) -> float:
+    """Seconds of a load of the demo group after a warm-up load and unload."""
+    m.load_group(GROUP, device_id=0)
+    m.unload_group(GROUP)
+    seconds: float = m.load_group(GROUP, device_id=0)["seconds"]
+    return seconds
+
+
+def run(repeat: int = 200, address: str | None = None) -> dict[str, Any]:
+    """Measure and print every figure; returns them (``ray_process_overhead_ms`` among them)."""
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="gg-bench-", dir="/tmp"))
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False,
+                     object_store_memory=80 * 1024**2, log_to_driver=False)
+    remote = gg.Manager(devices=f"ray:virtual:{SIZE}", catalog=_demo(), ray_namespace=f"gg-bench-{uuid.uuid4().hex[:8]}")
+    local = gg.Manager(devices=f"virtual:{SIZE}", catalog=_demo())
+    try:
+        out: dict[str, Any] = {"ray_load_s": load_s(remote), "local_load_s": load_s(local)}
+        print(f"load: over Ray {out['ray_load_s']:.3f} s vs local {out['local_load_s']:.3f} s")
+        member = local.catalog.group(GROUP).members[1]
+        out["ray_process_ms"], out["local_process_ms"] = paired_ms(
+            lambda: remote.process(member, PROMPT, 3), lambda: local.process(member, PROMPT, 3), repeat, lambda: None
+        )
+        out["ray_process_overhead_ms"] = out["ray_process_ms"] - out["local_process_ms"]
+        print(f"process: over Ray {out['ray_process_ms']:.3f} ms vs local {out['local_process_ms']:.3f} ms "
+              f"(overhead {out['ray_process_overhead_ms']:.3f} ms median, goal <= 2 ms)")
+        return out
+    finally:
+        remote.close()
+        local.close()
+        if started:
+            ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--address", default=None, help="a running Ray cluster (default: start one here)")
+    p.add_argument("--repeat", type=int, default=200)
+    args = p.parse_args()
+    run(args.repeat, args.address)
+
+
+if __name__ == "__main__":
+    main()

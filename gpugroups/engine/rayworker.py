@@ -1,0 +1,299 @@
+"""Ray devices: every GPU of a Ray cluster as a device, each reached through its ``DeviceActor``.
+
+``ray_devices`` joins the cluster and gets or creates one detached, named actor per GPU resource
+(so a new manager in the namespace adopts what an earlier one left); ``RayWorker`` implements the
+``Worker`` protocol over that actor: calls go as Ray tasks, their ``ObjectRef``s come back as
+``concurrent.futures.Future``s, load progress streams back from the node. Ray does the transport,
+scheduling and failure detection: a worker whose actor stops answering (its node died) turns
+``"lost"``, fails what it had pending with ``host_unavailable`` naming the node, and tells residency.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..catalog import GroupSpec
+from ..errors import GpuGroupsError
+from .devices import Device, parse_size
+from .rayactor import DeviceActor, Outcome
+from .worker import OutOfMemory, Progress, Request, Span
+
+#: How often a worker pings its actor (also the actor's sign that a manager is attached).
+PING_S = 1.0
+#: An actor that has not answered for this long is lost, even before Ray declares it dead.
+LOST_AFTER_S = 5.0
+#: How long the actors may take to start (a GPU held by another namespace's actor never frees).
+READY_S = 60.0
+
+
+def connect() -> None:
+    """Join the running cluster: ``$GPUGROUPS_RAY_ADDRESS``, else ``auto``; nothing if Ray is up already."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("GPUGROUPS_RAY_ADDRESS") or "auto", log_to_driver=False)
+
+
+@functools.cache
+def _actor_class() -> Any:
+    # max_concurrency: enough waiting ``process`` calls that the worker can batch them
+    return ray.remote(max_concurrency=256)(DeviceActor)  # type: ignore[call-overload]
+
+
+def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float = 1800.0) -> list[Device]:
+    """One device per GPU resource of every live node: ``"ray"`` (the GPU itself) or
+    ``"ray:virtual:SIZE"`` (a virtual device of SIZE whose tensors live on the node's CPU)."""
+    m = re.fullmatch(r"ray(?::virtual:(.+))?", spec.strip(), re.I)
+    if not m:
+        raise GpuGroupsError("invalid_request", f"bad Ray device spec {spec!r}; expected ray or ray:virtual:SIZE")
+    size = parse_size(m.group(1)) if m.group(1) else 0
+    kind = "virtual" if size else "cuda"
+    if not namespace or not isinstance(namespace, str):
+        raise GpuGroupsError("invalid_request", "ray_namespace must be a non-empty string")
+    if not idle_timeout_s > 0:
+        raise GpuGroupsError("invalid_request", "ray_idle_timeout_s must be positive")
+    connect()
+    nodes = sorted(
+        (n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1),
+        key=lambda n: (n["NodeManagerAddress"], n["NodeID"]),
+    )
+    if not nodes:
+        raise GpuGroupsError("unknown_device", "the Ray cluster has no node with a GPU resource")
+    actors = []
+    for n in nodes:
+        for k in range(int(n["Resources"]["GPU"])):
+            actors.append(_actor_class().options(
+                name=f"{kind}-{n['NodeID'][:16]}-{k}", namespace=namespace, lifetime="detached", get_if_exists=True,
+                num_gpus=1, num_cpus=0,  # a CPU per actor would starve small nodes of actors
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            ).remote(kind, size, idle_timeout_s))
+    try:
+        infos = ray.get([a.info.remote() for a in actors], timeout=READY_S)
+    except GetTimeoutError as exc:
+        raise GpuGroupsError(
+            "host_unavailable",
+            f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
+            "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
+        ) from exc
+    devices = []
+    for actor, info in zip(actors, infos):
+        total = size or info["total_bytes"]
+        name = f"{'virtual ' + format(size / 1024**3, '.2f') + ' GiB' if size else info['name']} on {info['host']}"
+        d = Device(
+            0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
+            node=info["node"], host=info["host"],
+        )
+        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s)
+        devices.append(d)
+    return devices
+
+
+class RayWorker:
+    """The ``Worker`` of a Ray device: its ``DeviceActor`` on the node does the work.
+
+    One actor holds one GPU, so a group is never sharded over Ray devices: ``load_sharded`` and
+    ``pause`` refuse with ``insufficient_memory``. ``run`` sends ``fn`` and its arguments to the
+    node by Ray's pickling (cloudpickle) and brings the result back with its tensors on the CPU.
+    """
+
+    in_process = False
+
+    def __init__(self, device: Device, actor: Any, idle_timeout_s: float) -> None:
+        self.device = device
+        self._actor = actor
+        self._idle = idle_timeout_s
+        self._lock = threading.Lock()
+        self._pending: dict[Future[Any], str] = {}  # call -> status it stands for, oldest first
+        self._lost: GpuGroupsError | None = None
+        self._closed = False
+        self._callbacks: list[Callable[[], None]] = []
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
+
+    @property
+    def status(self) -> str:
+        if self._lost is not None:
+            return "lost"
+        with self._lock:
+            return next(iter(self._pending.values()), "idle")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
+        fut = self._track("loading")
+        if fut.done():
+            return fut
+        # submitted here, so it keeps its place among this worker's calls
+        stream = self._actor.load.options(num_returns="streaming").remote(group, dict(folders), dtype)
+
+        def consume() -> None:
+            try:
+                for ref in stream:
+                    item = ray.get(ref)
+                    if item[0] == "progress":
+                        progress(item[1], item[2])
+                    else:
+                        self._settle(fut, item)
+            except BaseException as exc:
+                self._settle(fut, exc)
+
+        threading.Thread(target=consume, name=f"gpugroups-ray-load-{group.id}", daemon=True).start()
+        return fut
+
+    def load_sharded(
+        self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
+    ) -> Future[list[int]]:
+        return self._unshardable(group.id)
+
+    def pause(self, release: Future[Any]) -> Future[None]:
+        return self._unshardable(None)
+
+    def run(
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Future[Any]:
+        def submit() -> Any:
+            try:
+                return self._actor.run.remote(group_id, member_id, fn, args, dict(kwargs))
+            except Exception as exc:  # Ray pickles fn and its arguments here
+                raise GpuGroupsError(
+                    "invalid_request", f"run on Ray device {self.device.device_id}: cannot send fn or its arguments "
+                    f"to the node ({type(exc).__name__}: {exc})",
+                ) from None
+
+        return self._call("busy", submit)
+
+    def unload(self, group_id: str) -> Future[None]:
+        return self._call("unloading", lambda: self._actor.unload.remote(group_id))
+
+    def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
+        return self._call("busy", lambda: self._actor.process.remote(group_id, request))
+
+    def resident(self) -> dict[str, int]:
+        if self._lost is not None:
+            return {}
+        held: dict[str, int] = ray.get(self._actor.resident.remote(), timeout=READY_S)
+        return held
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def stop(self) -> None:
+        """Unload what the actor holds and end it (the manager is closing)."""
+        self._stopping.set()
+        with self._lock:
+            self._closed = True
+        if self._lost is None:
+            try:
+                ray.get(self._actor.shutdown.remote(), timeout=60)
+            except Exception:
+                pass  # gone already or stuck: the kill below ends it either way
+            ray.kill(self._actor, no_restart=True)
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def _track(self, status: str) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                fut.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
+            elif self._lost is not None:
+                fut.set_exception(self._lost)
+            else:
+                self._pending[fut] = status
+        return fut
+
+    def _call(self, status: str, submit: Callable[[], Any]) -> Future[Any]:
+        fut = self._track(status)
+        if not fut.done():
+            try:
+                ref = submit()
+            except GpuGroupsError as exc:
+                self._settle(fut, exc)
+                return fut
+            ref.future().add_done_callback(lambda r: self._settle(fut, r.exception() or r.result()))
+        return fut
+
+    def _unshardable(self, group_id: str | None) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_exception(GpuGroupsError(
+            "insufficient_memory",
+            f"group {group_id!r} would need sharding over Ray devices, which holds one GPU each; "
+            "load it on one device that can hold it" if group_id else "Ray devices take no part in a sharded group",
+            {"group_id": group_id, "device_id": self.device.device_id},
+        ))
+        return fut
+
+    def _settle(self, fut: Future[Any], outcome: Outcome | BaseException) -> None:
+        """Answer a call from the actor's outcome, or from the Ray error that replaced it."""
+        with self._lock:
+            if self._pending.pop(fut, None) is None:
+                return  # failed already (lost)
+        if isinstance(outcome, RayActorError):
+            fut.set_exception(self._unavailable(outcome))
+        elif isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        elif outcome[0] == "ok":
+            fut.set_result(outcome[1])
+        elif outcome[0] == "raised":
+            fut.set_exception(outcome[1])
+        elif outcome[0] == "oom":
+            fut.set_exception(OutOfMemory(outcome[1]))
+        else:
+            fut.set_exception(GpuGroupsError.from_json(outcome[1]))
+
+    def _unavailable(self, cause: BaseException | None = None) -> GpuGroupsError:
+        d = self.device
+        why = f": {type(cause).__name__}" if cause is not None else ""
+        return GpuGroupsError(
+            "host_unavailable", f"Ray node {d.host} ({(d.node or '')[:8]}) of device {d.device_id} is unavailable{why}",
+            {"device_id": d.device_id, "node": d.node, "host": d.host},
+        )
+
+    def _watch(self) -> None:
+        """Ping the actor: it keeps the actor's idle clock at zero and notices a dead node."""
+        failing_since: float | None = None
+        while not self._stopping.is_set():
+            if not ray.is_initialized():
+                return  # this process left the cluster; a call now would join it again
+            try:
+                ray.get(self._actor.ping.remote(self._idle), timeout=2 * PING_S)
+                failing_since = None
+                self._stopping.wait(PING_S)
+                continue
+            except ActorDiedError:
+                pass
+            except (GetTimeoutError, RayActorError):
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since < LOST_AFTER_S:
+                    self._stopping.wait(PING_S)
+                    continue
+            except Exception:
+                if self._stopping.is_set() or not ray.is_initialized():
+                    return
+                self._stopping.wait(PING_S)
+                continue
+            self._lose()
+            return
+
+    def _lose(self) -> None:
+        err = self._unavailable()
+        with self._lock:
+            if self._closed:
+                return
+            self._lost = err
+            pending, self._pending = list(self._pending), {}
+        for fut in pending:
+            fut.set_exception(err)
+        for cb in self._callbacks:
+            cb()

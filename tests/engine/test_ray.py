@@ -1,0 +1,268 @@
+"""Ray devices on a real local Ray cluster: two nodes of two simulated GPUs each, all on 127.0.0.1.
+
+One cluster serves the whole module (``cluster``); each manager uses its own namespace and is
+closed before the next starts, since every manager holds every GPU resource. The node-loss test
+runs last: it removes the second node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gpugroups as gg
+from gpugroups.errors import GpuGroupsError
+from gpugroups.server.openapi import build_spec
+from tests.contract import check
+
+# Read when Ray is imported: keep every node, driver and actor on loopback (never the machine's
+# network address) and skip the auth token newer Ray writes for clusters of its own.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
+
+SPEC = "ray:virtual:512MiB"
+STORE = 80 * 1024**2  # bytes of object store per node; Ray's default takes 30 % of RAM
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, Any]]:
+    """``(cluster, second node)``; this process is connected to it as a driver."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="gg-ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp  # nothing under the shared /tmp/ray (its ray_current_cluster file)
+    node_args = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 2, "object_store_memory": STORE}
+    c = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    second = c.add_node(**node_args)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c, second
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def namespace() -> str:
+    return f"gg-test-{uuid.uuid4().hex[:8]}"
+
+
+def actors_in(ns: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return bool(pred())
+
+
+def in_subprocess(cluster: Any, catalog: Path, ns: str, body: str, idle_s: float = 1800.0) -> str:
+    """Run ``body`` with a manager ``m`` on the cluster in another process that then dies abruptly."""
+    code = textwrap.dedent(f"""
+        import os, signal, gpugroups as gg
+        m = gg.Manager(devices={SPEC!r}, catalog={str(catalog)!r}, ray_namespace={ns!r}, ray_idle_timeout_s={idle_s})
+    """) + textwrap.dedent(body) + "\nprint('done', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    env = {**os.environ, "GPUGROUPS_RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert "done" in out.stdout, out.stderr[-3000:]
+    return out.stdout
+
+
+class TestOneManager:
+    """One manager over the four devices, for the tests that only read or load."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def rm(cls, cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> Iterator[gg.Manager]:
+        ns = namespace()
+        m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
+        yield m
+        m.close()
+        assert actors_in(ns) == []  # close() leaves no actor behind
+
+    def test_four_devices_over_two_nodes_in_one_state(self, rm: gg.Manager, cluster: tuple[Any, Any]) -> None:
+        state = rm.state()
+        check(build_spec("/"), "State", state)
+        devices = state["devices"]
+        assert [d["device"] for d in devices] == ["ray:0", "ray:1", "ray:2", "ray:3"]
+        assert {d["kind"] for d in devices} == {"virtual"}
+        assert {d["host"] for d in devices} == {"127.0.0.1"}
+        nodes = [d["node"] for d in devices]
+        assert len(set(nodes)) == 2 and nodes.count(nodes[0]) == 2
+        assert cluster[1].node_id in nodes
+        assert all(d["memory"]["budget_bytes"] == 512 * 1024**2 for d in devices)
+
+    def test_placement_across_nodes_and_results_equal_a_local_device(self, rm: gg.Manager, tiny_catalog_toml: Path) -> None:
+        nodes = [d["node"] for d in rm.state()["devices"]]
+        far = next(i for i, n in enumerate(nodes) if n != nodes[0])
+        assert rm.load("tiny-a", device_id=0)["status"] == "loaded"
+        assert rm.load_group("gpt", device_id=far)["status"] == "loaded"
+        state = rm.state()
+        on = {g["id"]: g["resident_on"] for g in state["groups"]}
+        assert {nodes[on["tiny"][0]], nodes[on["gpt"][0]]} == set(nodes)
+        with gg.Manager(devices="virtual:512MiB", catalog=tiny_catalog_toml) as local:
+            for mid in ("tiny-a", "tiny-base", "tiny-gpt2"):
+                remote, here = rm.process(mid, "hello world", 5), local.process(mid, "hello world", 5)
+                assert [p["token_id"] for p in remote["predictions"]] == [p["token_id"] for p in here["predictions"]]
+                assert [p["probability"] for p in remote["predictions"]] == pytest.approx(
+                    [p["probability"] for p in here["predictions"]], rel=1e-4
+                )
+            assert rm.process("tiny-b", "hi", 2, max_new_tokens=3)["predictions"] == local.process(
+                "tiny-b", "hi", 2, max_new_tokens=3
+            )["predictions"]
+
+    def test_mixed_adapters_batch_on_a_ray_device(self, rm: gg.Manager) -> None:
+        members = ["tiny-a", "tiny-b", "tiny-base"] * 6
+        alone = {mid: rm.process(mid, "the cat", 3)["predictions"] for mid in set(members)}
+        results: list[dict[str, Any]] = []
+        threads = [threading.Thread(target=lambda mid=mid: results.append(rm.process(mid, "the cat", 3))) for mid in members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == len(members)
+        assert max(r["timing"]["batch_size"] for r in results) > 1
+        for r in results:
+            assert [p["token_id"] for p in r["predictions"]] == [p["token_id"] for p in alone[r["model_id"]]]
+
+    def test_load_progress_events_come_from_the_remote_device(self, rm: gg.Manager) -> None:
+        events: list[dict[str, Any]] = []
+        unsubscribe = rm.subscribe(events.append)
+        rm.unload_group("gpt")
+        assert rm.load_group("gpt", device_id=3)["status"] == "loaded"
+        assert wait_for(lambda: any(
+            g["id"] == "gpt" and g["status"] == "resident"
+            for e in events if e["type"] == "state_update" for g in e["state"]["groups"]
+        ), 10)
+        unsubscribe()
+        progress = [e for e in events if e["type"] == "load_progress"]
+        assert progress and {e["device_id"] for e in progress} == {3} and {e["group_id"] for e in progress} == {"gpt"}
+        assert [e["progress"] for e in progress] == sorted(e["progress"] for e in progress)
+
+    def test_a_node_without_the_files_answers_load_failed_naming_it(self, rm: gg.Manager, tiny_gpt2: Path) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="gg-gone-")) / "model"
+        shutil.copytree(tiny_gpt2, folder)
+        rm.register_group("gone", models={"gone-gpt2": str(folder)})
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()  # estimated here, then missing when the node reads it
+        with pytest.raises(GpuGroupsError) as err:
+            rm.load("gone-gpt2", device_id=1)
+        node = rm.state()["devices"][1]["node"]
+        shutil.rmtree(folder.parent)
+        assert err.value.code == "load_failed" and "127.0.0.1" in err.value.message and node[:8] in err.value.message
+        assert err.value.details["node"] == node
+
+
+    def test_run_on_a_ray_device_brings_results_back_on_the_cpu(self, rm: gg.Manager, tiny_catalog_toml: Path) -> None:
+        def last_hidden(model: Any, tokenizer: Any, text: str) -> Any:
+            import torch
+
+            with torch.no_grad():
+                out = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True)
+            return {"hidden": out.hidden_states[-1], "device": str(out.hidden_states[-1].device)}
+
+        remote = rm.run("tiny-a", last_hidden, "the cat")
+        with gg.Manager(devices="virtual:512MiB", catalog=tiny_catalog_toml) as local:
+            here = local.run("tiny-a", last_hidden, "the cat")
+        assert remote["hidden"].device.type == "cpu"
+        assert remote["hidden"].shape == here["hidden"].shape
+        assert (remote["hidden"] - here["hidden"]).abs().max().item() < 1e-5
+
+        def boom(model: Any, tokenizer: Any) -> None:
+            raise KeyError("from the node")
+
+        with pytest.raises(KeyError):
+            rm.run("tiny-a", boom)
+        assert rm.process("tiny-a", "the cat", 2)["predictions"]  # the device still answers
+
+
+def test_a_new_manager_adopts_the_groups_of_a_killed_one(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
+    ns = namespace()
+    out = in_subprocess(cluster[0], tiny_catalog_toml, ns, """
+        print(m.load("tiny-a", device_id=1)["status"])
+        print("expect", m.process("tiny-b", "adopt me", 3)["predictions"][0]["token_id"])
+    """)
+    assert "loaded" in out
+    expected = int(out.split("expect ")[1].split()[0])
+    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
+    try:
+        state = m.state()
+        assert state["devices"][1]["resident_groups"] == ["tiny"]
+        assert state["operations"] == []
+        events: list[dict[str, Any]] = []
+        m.subscribe(events.append)
+        assert m.load("tiny-a")["status"] == "already_loaded"
+        assert m.process("tiny-b", "adopt me", 3)["predictions"][0]["token_id"] == expected
+        assert not any(e["type"] == "load_progress" for e in events)
+    finally:
+        m.close()
+    assert wait_for(lambda: actors_in(ns) == [], 10)
+
+
+def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
+    ns = namespace()
+    out = in_subprocess(cluster[0], tiny_catalog_toml, ns, 'print(m.load_group("gpt")["status"])', idle_s=5)
+    assert "loaded" in out  # the actors existed and held a group when their manager died
+    assert wait_for(lambda: actors_in(ns) == [], 30)
+
+
+def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
+    c, second = cluster
+    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=namespace())
+    try:
+        lost = [d["device_id"] for d in m.state()["devices"] if d["node"] == second.node_id]
+        kept = [d["device_id"] for d in m.state()["devices"] if d["node"] != second.node_id]
+        m.load("tiny-a", device_id=lost[0])
+        m.load_group("gpt", device_id=kept[0])
+        errors: list[BaseException] = []
+
+        def hammer() -> None:
+            try:
+                while True:
+                    m.process("tiny-a", "keep going", 2)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        c.remove_node(second, allow_graceful=False)
+        assert wait_for(lambda: all(m.state()["devices"][i]["status"] == "lost" for i in lost), 10)
+        for t in threads:
+            t.join(30)
+        assert len(errors) == len(threads)  # nothing hangs
+        for e in errors:
+            assert isinstance(e, GpuGroupsError) and e.code == "host_unavailable", repr(e)
+            assert second.node_id[:8] in e.message and e.details["node"] == second.node_id
+        state = m.state()
+        assert all(state["devices"][i]["resident_groups"] == [] for i in lost)
+        assert m.process("tiny-gpt2", "still here", 2)["device_id"] == kept[0]  # the rest kept answering
+        assert m.load("tiny-a")["device_id"] in kept  # reloads on a surviving device
+        assert m.process("tiny-a", "again", 2)["predictions"]
+    finally:
+        m.close()
