@@ -25,7 +25,7 @@ from ..errors import GpuGroupsError
 from ..placement import DeviceView, Layout, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
-from .estimates import EstimateCache, folders
+from .estimates import EstimateCache, folders, needed_bytes
 from .worker import OutOfMemory, Span, Worker
 
 
@@ -354,9 +354,7 @@ class Residency:
         parts = self.estimates.peek(group, self.devices[device_id], strict)
         if parts is None:
             return 0
-        weights = self.measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
-        overhead = 0 if device_id in self.warm else parts["overhead_bytes"]
-        return int(weights + parts["reserve_bytes"] + overhead)
+        return needed_bytes(parts, self.measured.get(group.id), device_id in self.warm)
 
     def views(self) -> list[DeviceView]:
         """What ``placement.place`` sees of each device."""
