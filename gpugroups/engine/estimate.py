@@ -280,12 +280,27 @@ def _find_weight(base: Mapping[str, list[int]], module: str) -> list[int] | None
 
 
 # ---- runtime reserve -------------------------------------------------------------------
-def runtime_reserve(config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None) -> int:
-    """Bytes a forward pass of a reference batch needs beyond the weights.
+#: Hidden- and intermediate-sized tensors per token alive at once in an inference forward pass:
+#: residual, normed input (and its fp32 upcast), q/k/v, rotated q/k, attention output and its
+#: contiguous copy, the output projection; the MLP's gate, up, activation and product (GELU's
+#: tanh form makes as many temporaries), with room for the allocator's slack; checked against
+#: the allocator peak of 8 architectures (bench/bench_memory.py: peak / reserve 0.52-0.82).
+HIDDEN_LIVE, INTER_LIVE = 16, 4
 
-    KV cache (``2 x layers x batch x seq x kv_heads x head_dim``), live activations (a few
-    hidden-size tensors plus the MLP's intermediate ones per token) and the last-token
-    logits in float32. ``seq`` defaults to 512 capped by the model's context length.
+
+def runtime_reserve(
+    config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None,
+    new_tokens: int = 0, attention: str | None = None,
+) -> int:
+    """Bytes a forward pass of ``batch`` rows of ``seq`` tokens needs beyond the weights.
+
+    KV cache (``2 x layers x batch x (seq + new_tokens) x kv_heads x head_dim``: a greedy
+    continuation keeps growing it), live activations (``HIDDEN_LIVE`` hidden-sized and
+    ``INTER_LIVE`` intermediate-sized tensors per token), attention (``eager`` materialises
+    ``batch x heads x seq^2`` scores, their masked copy and an fp32 softmax, plus the additive
+    mask; ``sdpa`` only a boolean ``batch x seq^2`` mask) and the last-token logits in float32.
+    ``seq`` defaults to 512 capped by the model's context length; ``attention`` to the config's
+    ``_attn_implementation``, else ``sdpa`` (what transformers picks where the model supports it).
     """
     c = _text_config(config)
     hidden = _first(c, "hidden_size", "n_embd", "d_model", default=0)
@@ -299,11 +314,16 @@ def runtime_reserve(config: Mapping[str, Any], dtype: str, batch: int = REFERENC
     vocab = c.get("vocab_size") or 0
     context = _first(c, "max_position_embeddings", "n_positions", "n_ctx", default=REFERENCE_SEQ)
     seq = seq or min(REFERENCE_SEQ, context or REFERENCE_SEQ)
+    attention = attention or _first(c, "_attn_implementation", "attn_implementation", default=None) or "sdpa"
     size = LOAD_ITEMSIZE[dtype]
-    kv = 2 * layers * batch * seq * kv_heads * head_dim * size
-    activations = batch * seq * (4 * hidden + 2 * inter) * size
+    kv = 2 * layers * batch * (seq + new_tokens) * kv_heads * head_dim * size
+    activations = batch * seq * (HIDDEN_LIVE * hidden + INTER_LIVE * inter) * size
+    if attention == "eager":
+        scores = batch * heads * seq * seq * (2 * size + 4) + batch * seq * seq * size
+    else:
+        scores = batch * seq * seq
     logits = batch * vocab * 4
-    return int(kv + activations + logits)
+    return int(kv + activations + scores + logits)
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -24,6 +24,13 @@ def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
     return {m: catalog.local_path(catalog.models[m].source) for m in group.members}
 
 
+def needed_bytes(parts: dict[str, int], measured: int | None, warm: bool) -> int:
+    """Bytes a group needs resident on a device: measured weights replace estimated ones once
+    known, and a device whose context already exists (``warm``) needs no overhead again."""
+    weights = parts["weights_bytes"] + parts["adapters_bytes"] if measured is None else measured
+    return int(weights + parts["reserve_bytes"] + (0 if warm else parts["overhead_bytes"]))
+
+
 @dataclass(frozen=True)
 class _Entry:
     spec: GroupSpec  # the catalog's spec when this was computed

@@ -37,7 +37,7 @@ from .devices import detect
 from .estimates import EstimateCache
 from .research import Handle, Research
 from .residency import Residency, Slot
-from .state import build_state
+from .state import render, snapshot
 from .worker import Request, ThreadWorker, WorkerFactory
 
 P = ParamSpec("P")
@@ -333,7 +333,8 @@ class Manager:
         for g in list(self.catalog.groups.values()):
             self._estimates.ensure(g, self.devices)  # file I/O stays outside the lock; cached after
         with self._lock:
-            return build_state(self._res, self._bus.version)
+            snap = snapshot(self._res, self._bus.version)
+        return render(snap)
 
     def models(self) -> ModelList:
         """The catalog's models with where each is loaded."""
@@ -413,8 +414,10 @@ class Manager:
         return f"<gpugroups.Manager {s['num_devices']} device(s), {sum(len(d['resident_groups']) for d in s['devices'])} resident group(s)>"
 
     def _bump(self) -> None:
-        """Under the lock: a change happened. Queue its ``state_update`` for the subscribers."""
-        self._bus.emit("state_update", state=build_state(self._res, self._bus.version + 1))
+        """Under the lock: a change happened. Queue its ``state_update`` for the subscribers: the
+        snapshot is taken now, the JSON is built on the event thread (outside the lock)."""
+        snap = snapshot(self._res, self._bus.version + 1)
+        self._bus.emit("state_update", build=lambda: {"state": render(snap)})
 
 
 _default: Manager | None = None

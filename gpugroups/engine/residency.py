@@ -27,7 +27,7 @@ from ..errors import GpuGroupsError
 from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
-from .estimates import EstimateCache, folders
+from .estimates import EstimateCache, folders, needed_bytes
 from .worker import OutOfMemory, Span, Worker
 
 
@@ -470,9 +470,7 @@ class Residency:
         parts = self.estimates.peek(group, self.devices[device_id], strict)
         if parts is None:
             return 0
-        weights = self.measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
-        overhead = 0 if device_id in self.warm else parts["overhead_bytes"]
-        return int(weights + parts["reserve_bytes"] + overhead)
+        return needed_bytes(parts, self.measured.get(group.id), device_id in self.warm)
 
     def views(self, in_use_evictable: bool = False) -> list[DeviceView]:
         """What ``placement.place`` sees of each device (``in_use_evictable``: as if no ``run``/``use`` held any group)."""

@@ -164,11 +164,28 @@ LLAMA_7B = {
 }
 
 
-def test_reserve_counts_kv_activations_and_logits():
+def test_reserve_counts_kv_activations_mask_and_logits():
     batch, seq, size = 8, 512, 2
     kv = 2 * 32 * batch * seq * 32 * 128 * size
-    activations = batch * seq * (4 * 4096 + 2 * 11008) * size
-    assert est.runtime_reserve(LLAMA_7B, "bfloat16") == kv + activations + batch * 32000 * 4
+    activations = batch * seq * (16 * 4096 + 4 * 11008) * size
+    mask = batch * seq * seq  # sdpa: a boolean mask, no scores
+    assert est.runtime_reserve(LLAMA_7B, "bfloat16") == kv + activations + mask + batch * 32000 * 4
+
+
+def test_eager_attention_adds_the_scores_and_the_softmax():
+    batch, seq, size = 8, 512, 2
+    eager = est.runtime_reserve({**LLAMA_7B, "_attn_implementation": "eager"}, "bfloat16")
+    scores = batch * 32 * seq * seq * (2 * size + 4) + batch * seq * seq * size
+    assert eager - est.runtime_reserve(LLAMA_7B, "bfloat16") == scores - batch * seq * seq
+    assert est.runtime_reserve(LLAMA_7B, "bfloat16", attention="eager") == eager
+    # quadratic in the prompt: twice the tokens, four times the scores
+    long = est.runtime_reserve(LLAMA_7B, "bfloat16", seq=1024, attention="eager")
+    assert long - est.runtime_reserve(LLAMA_7B, "bfloat16", seq=1024) > 3.9 * (eager - est.runtime_reserve(LLAMA_7B, "bfloat16"))
+
+
+def test_greedy_continuations_grow_the_kv_cache():
+    more = est.runtime_reserve(LLAMA_7B, "bfloat16", new_tokens=256) - est.runtime_reserve(LLAMA_7B, "bfloat16")
+    assert more == 2 * 32 * 8 * 256 * 32 * 128 * 2
 
 
 def test_grouped_query_attention_shrinks_the_kv_cache():

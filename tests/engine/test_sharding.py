@@ -34,7 +34,7 @@ def deep(models_root, tokenizer_dir, tiny_llama):
     return make, sizes
 
 
-def devices(deep, n=3, factor=1 / 1.7):
+def devices(deep, n=3, factor=1 / 1.5):
     return f"virtual:{n}x{int(deep[1]['big'] * factor)}B"
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+import gpugroups as gg
+from gpugroups.catalog import GroupSpec
 from tests.engine.gated import wait_for
 
 
@@ -49,3 +53,59 @@ def test_events_follow_every_change_in_order(m):
     m.load("tiny-gpt2")
     time.sleep(0.2)
     assert len(events) == n
+
+
+def test_event_state_equals_state_read_of_the_same_version(m):
+    """The state built on the event thread from a snapshot is the one ``state()`` reads."""
+    m.state()  # every group estimated (before, a group not yet estimated shows 0)
+    events: list[dict] = []
+    m.subscribe(events.append)
+    m.load("tiny-a")
+    m.pin("tiny")
+    m.load("tiny-b")
+    assert wait_for(lambda: events and events[-1]["version"] == m.version)
+    last = events[-1]
+    assert last["type"] == "state_update" and last["state"] == m.state()
+    groups = {g["id"]: g for g in last["state"]["groups"]}
+    assert groups["tiny"]["pinned"] and groups["tiny"]["current_model"] == "tiny-b"
+    assert last["state"]["devices"][0]["current_group"] == {"id": "tiny", "name": groups["tiny"]["name"], "model": "tiny-b"}
+
+
+def _visits_under_lock(mgr: gg.Manager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count catalog groups walked (``GroupSpec.to_json``, iterating ``catalog.groups``) while
+    ``mgr``'s lock is held by the walking thread: the work a switch does under the lock."""
+    visits = [0]
+
+    class CountingGroups(dict):
+        def values(self):  # type: ignore[override]
+            if mgr._lock._is_owned():  # type: ignore[attr-defined]
+                visits[0] += len(self)
+            return super().values()
+
+    to_json = GroupSpec.to_json
+
+    def counted(self: GroupSpec) -> dict:
+        if mgr._lock._is_owned():  # type: ignore[attr-defined]
+            visits[0] += 1
+        return to_json(self)
+
+    monkeypatch.setattr(GroupSpec, "to_json", counted)
+    mgr.catalog.groups = CountingGroups(mgr.catalog.groups)
+    return visits
+
+
+@pytest.mark.parametrize("extra", [0, 200])
+def test_a_switch_does_not_walk_the_catalog_under_the_lock(tiny_catalog_toml, tiny_llama, extra, monkeypatch):
+    with gg.Manager(devices="cpu", catalog=tiny_catalog_toml) as mgr:
+        for i in range(extra):
+            mgr.register_group(f"extra{i}", models={f"extra{i}": str(tiny_llama)})
+        events: list[dict] = []
+        mgr.subscribe(events.append)
+        mgr.load("tiny-a")
+        visits = _visits_under_lock(mgr, monkeypatch)
+        for member in ("tiny-b", "tiny-a", "tiny-base"):
+            mgr.load(member)
+        mgr.state()
+        assert wait_for(lambda: events and events[-1]["version"] == mgr.version)
+        assert visits[0] == 0
+        assert len(events[-1]["state"]["groups"]) == 2 + extra, "the state still lists the whole catalog"
