@@ -162,7 +162,7 @@ def test_switching_member_is_shown_and_process_matches_python(wired, m):
     fe.reply(1)
     fe.act(action="load", request_id=2, model_id="tiny-b")
     switched = fe.reply(2)
-    assert switched["ok"] and switched["result"]["status"] == "already_loaded"
+    assert switched["ok"] and switched["result"]["status"] == "switched"
     assert wait_for(
         lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["current_model"] == "tiny-b"
     )

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from ..catalog import Catalog
 from ..errors import GpuGroupsError
@@ -79,21 +79,27 @@ class Manager:
     def load(self, model_id: str, device_id: int | None = None) -> LoadResult:
         """Make ``model_id`` its group's current member, loading the group first if needed.
 
-        Returns ``{"status": "loaded"|"already_loaded", "model_id", "group_id", "device_id",
-        "seconds"}``. Switching member of a resident group is a pointer change: no memory op.
+        Returns ``{"status", "model_id", "group_id", "device_id", "seconds"}``; ``status`` is
+        ``"loaded"`` (this call loaded the group), ``"switched"`` (the group was resident and
+        ``model_id`` became its current member: a pointer change, no memory op) or
+        ``"already_loaded"`` (it already was the current member).
         """
         t0 = time.perf_counter()
         group = self.catalog.group_of(model_id)
 
-        def switch(slot: Slot) -> None:
+        def switch(slot: Slot) -> bool:
             changed = self._res.current.get(group.id) != model_id
             self._res.current[group.id] = model_id
             if not self._res.touch(slot) and changed:
                 self._bump()
+            return changed
 
-        slot, loaded, _ = self._res.ensure(group, device_id, switch)
+        slot, loaded, changed = self._res.ensure(group, device_id, switch)
+        status: Literal["loaded", "switched", "already_loaded"] = (
+            "loaded" if loaded else "switched" if changed else "already_loaded"
+        )
         return {
-            "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
+            "status": status, "model_id": model_id, "group_id": group.id,
             "device_id": slot.device_id, "seconds": time.perf_counter() - t0,
         }
 
@@ -165,9 +171,9 @@ class Manager:
 
         Loads the group if needed (or waits for its load). With ``max_new_tokens > 0`` each
         prediction is continued greedily and carries its ``text``. Arguments follow the ops
-        table's rules (``protocol.OPS["process"]``); ``num_predictions`` above the cap is lowered
-        and the result's ``notes`` say so; a prompt longer than the model's context is truncated
-        from the left and ``truncated`` is true.
+        table's rules (``protocol.OPS["process"]``): ``num_predictions`` or ``max_new_tokens`` above
+        its cap is lowered and the result's ``notes`` say so; a prompt longer than the model's
+        context is truncated from the left, ``truncated`` is true and ``notes`` say so.
         """
         t0 = time.perf_counter()
         op = get_op("process")
@@ -176,9 +182,8 @@ class Manager:
             "max_new_tokens": max_new_tokens,
         })
         notes = op.apply_caps(kwargs)
-        num_predictions = kwargs["num_predictions"]
         group = self.catalog.group_of(model_id)
-        request = Request(model_id, prompt, num_predictions, max_new_tokens, notes)
+        request = Request(model_id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes)
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             slot.inflight += 1

@@ -187,7 +187,7 @@ class PanelView {
     const n = limits.num_predictions || {};
     const k = limits.max_new_tokens || {};
     this.numPredictions = h("input", { class: "gg-num-predictions", type: "number", min: n.minimum, max: n.cap ?? n.maximum, value: "5", title: "Number of predictions" });
-    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
+    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.cap ?? k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
     this.promptInput = h("textarea", { class: "gg-prompt-input", rows: "3", spellcheck: "false", maxlength: (limits.prompt || {}).max_length, placeholder: "Type a prompt; the panel shows the most likely next tokens." });
     this.promptInput.addEventListener("keydown", (event) => {
       // Keep Shift+Enter from reaching JupyterLab's "run cell" shortcut; use it to run here.
