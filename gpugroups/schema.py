@@ -98,6 +98,7 @@ class State(TypedDict):
     groups: list[Group]
     models: list[Model]
     operations: list[Operation]
+    closed: Annotated[bool, "The manager was closed (m.close()): nothing is loaded and every op is refused."]
 
 
 ModelList = list[Model]

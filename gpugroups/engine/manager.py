@@ -297,7 +297,7 @@ class Manager:
         return [i for i in dict.fromkeys(found) if i not in known]
 
     def close(self) -> None:
-        """Unload everything and stop the workers and the event thread."""
+        """Unload everything, stop the workers, emit a last ``state_update`` (``closed`` true), stop the event thread."""
         if self._res.closed:
             return
         for gid in list(self._res.slots):
@@ -308,6 +308,8 @@ class Manager:
         self._res.closed = True
         for w in self._workers:
             w.stop()
+        with self._lock:  # the last event: panels and clients see the manager closed, workers idle
+            self._bump()
         self._bus.close()
 
     @property

@@ -13,7 +13,7 @@ from .residency import Residency
 
 
 def build_state(res: Residency, version: int) -> State:
-    """``{"version", "num_devices", "devices", "groups", "models", "operations"}``."""
+    """``{"version", "num_devices", "devices", "groups", "models", "operations", "closed"}``."""
     devices = []
     for d, w in zip(res.devices, res.workers):
         on = res.resident(d.device_id)
@@ -54,4 +54,5 @@ def build_state(res: Residency, version: int) -> State:
         "groups": groups,
         "models": models,
         "operations": [op.to_json() for op in res.ops.values()],
+        "closed": res.closed,
     })
