@@ -34,6 +34,7 @@ from .bus import EventBus, Subscriber
 from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
+from .progress import LoadBar, ProgressOption, check_option
 from .residency import Residency, Slot
 from .state import build_state
 from .worker import Request, ThreadWorker, WorkerFactory
@@ -49,7 +50,9 @@ class Manager:
     keeps one current group per device. ``dtype`` overrides the load dtype of every group
     (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
     ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
-    in this process); any ``engine.worker.Worker`` implementation fits.
+    in this process); any ``engine.worker.Worker`` implementation fits. ``progress``: a load
+    that takes a while shows tqdm's auto bar (``engine.progress``); False turns it off, as does
+    ``GPUGROUPS_PROGRESS=0`` when it is None; a text file gets a plain bar.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class Manager:
         max_groups_per_device: int | None = None,
         dtype: str | None = None,
         worker: WorkerFactory = ThreadWorker,
+        progress: ProgressOption = None,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
@@ -66,6 +70,7 @@ class Manager:
         self.devices = detect(devices)
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
+        self.progress = check_option(progress)
         self._lock = threading.RLock()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
@@ -94,7 +99,9 @@ class Manager:
                 self._bump()
             return changed
 
-        slot, loaded, changed = self._res.ensure(group, device_id, switch)
+        with LoadBar(self._bus, group.id, self.progress) as bar:
+            slot, loaded, changed = self._res.ensure(group, device_id, switch)
+            bar.loaded = loaded
         status: Literal["loaded", "switched", "already_loaded"] = (
             "loaded" if loaded else "switched" if changed else "already_loaded"
         )
@@ -107,7 +114,9 @@ class Manager:
         """Load a whole group (all its members) onto a device; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
-        slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch)
+        with LoadBar(self._bus, group.id, self.progress) as bar:
+            slot, loaded, _ = self._res.ensure(group, device_id, self._res.touch)
+            bar.loaded = loaded
         return {
             "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
             "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
