@@ -102,5 +102,7 @@ def _make_bar(group_id: str, file: IO[str] | None) -> Any:
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
-    return tqdm(total=100, desc=f"loading {group_id}", unit="%", delay=DELAY_S, file=file, leave=True,
+    # monitor_interval=0: no tqdm monitor thread left running in the user's process for our bars.
+    bar_class = type("LoadProgressBar", (tqdm,), {"monitor_interval": 0})
+    return bar_class(total=100, desc=f"loading {group_id}", unit="%", delay=DELAY_S, file=file, leave=True,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
