@@ -31,6 +31,8 @@ HOST_RECORD = "gpugroups-host.json"
 MAX_NUM_PREDICTIONS = 100
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_CHARS = 100_000
+#: The one rule for a count above its limit (``Param.cap``): lowered, never refused, and said.
+CAP_RULE = "Above {cap} it is lowered to {cap} and the result's notes say so."
 #: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
 MAX_ID_CHARS = 4096
 
@@ -58,6 +60,13 @@ class Param:
     cap: int | None = None
     min_length: int | None = None
     max_length: int | None = None
+
+    @property
+    def doc(self) -> str:
+        """The description with the capping rule spelled out (what OpenAPI and the docs show)."""
+        if self.cap is None:
+            return self.description
+        return f"{self.description} {CAP_RULE.format(name=self.name, cap=self.cap)}".strip()
 
     def check(self, op: str, value: Any) -> Any:
         """``value`` in this param's type (``3.0`` becomes ``3``), or ``invalid_request``."""
@@ -251,10 +260,9 @@ OPS: dict[str, Op] = {
                Param("prompt", "string", min_length=1, max_length=MAX_PROMPT_CHARS,
                      description="The text to continue."),
                Param("num_predictions", "integer", required=False, default=3, minimum=1, cap=MAX_NUM_PREDICTIONS,
-                     description=f"How many predictions; more than {MAX_NUM_PREDICTIONS} are lowered to "
-                     f"{MAX_NUM_PREDICTIONS} and the result's notes say so."),
+                     description="How many predictions."),
                _DEVICE_OPT,
-               Param("max_new_tokens", "integer", required=False, default=0, minimum=0, maximum=MAX_NEW_TOKENS,
+               Param("max_new_tokens", "integer", required=False, default=0, minimum=0, cap=MAX_NEW_TOKENS,
                      description="Continue each prediction greedily this many tokens."),
            ),
            may_load=True, device_bound=True, errors=_LOAD_ERRORS),

@@ -108,6 +108,7 @@ class State(TypedDict):
     groups: list[Group]
     models: list[Model]
     operations: list[Operation]
+    closed: Annotated[bool, "The manager was closed (m.close()): nothing is loaded and every op is refused."]
 
 
 ModelList = list[Model]
@@ -118,7 +119,11 @@ GroupList = list[Group]
 class LoadResult(TypedDict):
     """What load and load_group answer."""
 
-    status: Literal["loaded", "already_loaded"]
+    status: Annotated[
+        Literal["loaded", "switched", "already_loaded"],
+        "loaded: this call loaded the group; switched: the group was resident and the model became its current "
+        "member (no memory operation); already_loaded: nothing to do.",
+    ]
     model_id: Annotated[str, "The group's current member."]
     group_id: str
     device_id: Annotated[int, "The (first) device the group is on."]
@@ -183,7 +188,7 @@ class ProcessResult(TypedDict):
     predictions: Annotated[list[Prediction], "Most likely first."]
     prompt_tokens: Annotated[int, "Tokens of the prompt the model saw."]
     truncated: Annotated[bool, "The prompt was cut from the left to fit the model's context."]
-    notes: Annotated[list[str], "What was adjusted (a capped num_predictions, a truncated prompt)."]
+    notes: Annotated[list[str], "What was adjusted (a capped num_predictions or max_new_tokens, a truncated prompt)."]
     timing: Timing
 
 

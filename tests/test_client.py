@@ -58,7 +58,7 @@ def test_an_error_that_is_not_json_is_still_a_gpugroups_error(server: Any) -> No
         (lambda c: c.process("m", ""), "'prompt' must not be empty"),
         (lambda c: c.load(""), "'model_id' must not be empty"),
         (lambda c: c.clear_device(-1), "must be >= 0"),
-        (lambda c: c.process("m", "x", max_new_tokens=10**6), "must be <="),
+        (lambda c: c.process("m", "x", max_new_tokens=-1), "must be >= 0"),
     ],
 )
 def test_bad_arguments_never_leave_the_client(server: Any, call: Any, needle: str) -> None:

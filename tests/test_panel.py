@@ -162,7 +162,7 @@ def test_switching_member_is_shown_and_process_matches_python(wired, m):
     fe.reply(1)
     fe.act(action="load", request_id=2, model_id="tiny-b")
     switched = fe.reply(2)
-    assert switched["ok"] and switched["result"]["status"] == "already_loaded"
+    assert switched["ok"] and switched["result"]["status"] == "switched"
     assert wait_for(
         lambda: next(g for g in fe.seen_state()["groups"] if g["id"] == "tiny")["current_model"] == "tiny-b"
     )
@@ -260,6 +260,28 @@ def test_close_detaches_from_the_manager(m, front_ends):
     assert panel.state["version"] == version
     assert len(fe.messages()) == count
     assert {t.name for t in threading.enumerate()} - before <= {"gpugroups-events"}
+
+
+def test_a_closed_managers_panel_says_so_and_refuses_calmly(tiny_catalog_toml, front_ends):
+    """``m.close()`` ends with a last event: the panel's state says closed, with nothing loaded
+    and every device idle, so the front end can turn its controls off (panel.js: renderClosed)."""
+    own = gg.Manager(devices="virtual:2x512MiB", catalog=tiny_catalog_toml)
+    panel = Panel(own)
+    fe = panel.comm
+    try:
+        own.load("tiny-a")
+        assert wait_for(lambda: fe.seen_state().get("devices", [{}])[0].get("resident_groups") == ["tiny"])
+        assert fe.seen_state()["closed"] is False
+        own.close()
+        assert wait_for(lambda: fe.seen_state().get("closed") is True)
+        seen = fe.seen_state()
+        assert all(d["resident_groups"] == [] and d["status"] == "idle" and d["queue_depth"] == 0
+                   for d in seen["devices"])
+        fe.act(action="load", request_id=1, model_id="tiny-a")
+        reply = fe.reply(1)
+        assert not reply["ok"] and "closed" in reply["error"]["message"]
+    finally:
+        panel.close()
 
 
 def test_relay_keeps_the_newest_state_and_drops_finished_progress():

@@ -10,7 +10,7 @@ import pytest
 import gpugroups as gg
 from gpugroups import schema
 from gpugroups.errors import GpuGroupsError
-from gpugroups.protocol import MAX_ID_CHARS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, OPS, ops_json
+from gpugroups.protocol import CAP_RULE, MAX_ID_CHARS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, OPS, ops_json
 from gpugroups.server.openapi import build_spec
 
 
@@ -28,7 +28,7 @@ def refused(op: str, args: Any) -> str:
         ("process", {"model_id": "m", "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"at most {MAX_PROMPT_CHARS}"),
         ("process", {"model_id": "m", "prompt": "x", "num_predictions": 0}, "'num_predictions' must be >= 1"),
         ("process", {"model_id": "m", "prompt": "x", "num_predictions": 2.5}, "must be an integer, got float"),
-        ("process", {"model_id": "m", "prompt": "x", "max_new_tokens": MAX_NEW_TOKENS + 1}, "must be <="),
+        ("process", {"model_id": "m", "prompt": "x", "max_new_tokens": -1}, "must be >= 0"),
         ("process", {"model_id": "m", "prompt": None}, "'prompt' is required"),
         ("load", {"model_id": ""}, "'model_id' must not be empty"),
         ("load", {"model_id": "m" * (MAX_ID_CHARS + 1)}, f"at most {MAX_ID_CHARS}"),
@@ -42,6 +42,16 @@ def refused(op: str, args: Any) -> str:
 )
 def test_bad_arguments_are_refused(op: str, args: Any, needle: str) -> None:
     assert needle in refused(op, args)
+
+
+def test_both_counts_follow_one_rule_capped_not_refused() -> None:
+    """num_predictions and max_new_tokens: above the limit is lowered with a note, never refused."""
+    process = OPS["process"]
+    counts = [p for p in process.params if p.name in ("num_predictions", "max_new_tokens")]
+    assert all(p.cap is not None and p.maximum is None for p in counts)
+    kwargs = process.validate({"model_id": "m", "prompt": "x", "num_predictions": 10**6, "max_new_tokens": 10**6})
+    notes = process.apply_caps(kwargs)
+    assert kwargs["max_new_tokens"] == MAX_NEW_TOKENS and len(notes) == 2
 
 
 def test_integral_numbers_are_integers_and_null_means_the_default() -> None:
@@ -75,6 +85,8 @@ def test_the_spec_states_the_same_rules(tmp_path: Any) -> None:
                 assert s.get(key) == value, (op.name, p.name, key)
             if p.default is not None:
                 assert s["default"] == p.default
+            if p.cap is not None:  # the one rule for a count above its limit, stated where clients read
+                assert CAP_RULE.format(name=p.name, cap=p.cap) in s["description"], (op.name, p.name)
         assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
             "$ref": f"#/components/schemas/{op.result}"
         }

@@ -37,7 +37,7 @@ def test_error_codes_are_the_errors_modules(spec: dict[str, Any]) -> None:
 def test_real_results_conform_to_the_schemas(m: Any, spec: dict[str, Any]) -> None:
     check(spec, "State", m.state())
     check(spec, "LoadResult", m.load("tiny-a", device_id=0))
-    check(spec, "LoadResult", m.load("tiny-b"))  # a member switch: already_loaded
+    check(spec, "LoadResult", m.load("tiny-b"))  # a member switch: switched
     check(spec, "LoadResult", m.load_group("gpt", device_id=1))
     plain = m.process("tiny-a", "hello world", num_predictions=200)
     check(spec, "ProcessResult", plain)

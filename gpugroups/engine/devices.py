@@ -143,6 +143,7 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
                 "invalid_request",
                 f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N], virtual:[Nx]SIZE[@backing], ray or ray:virtual:SIZE",
             )
+    _refuse_twice_listed(devices)
     for i, d in enumerate(devices):
         d.device_id = i
         if d.node is not None:
@@ -150,6 +151,18 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
         elif d.kind == "virtual":
             d.device = f"virtual:{i}"
     return devices
+
+
+def _refuse_twice_listed(devices: list[Device]) -> None:
+    """A real device listed twice would be two devices that each count all of its memory."""
+    real = [d.device for d in devices if d.kind != "virtual"]
+    twice = sorted({name for name in real if real.count(name) > 1})
+    if twice:
+        raise GpuGroupsError(
+            "invalid_request",
+            f"devices: {', '.join(map(repr, twice))} listed more than once; each would count all of its memory. "
+            f"To split one device, use virtual devices backed by it, e.g. 'virtual:2x4GiB@{twice[0]}'",
+        )
 
 
 def _virtual_devices(spec: str) -> list[Device]:

@@ -26,11 +26,15 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     member = rt.members[requests[0].member]
     tok = member.tokenizer
-    rows = []
+    rows: list[list[int]] = []
+    truncated: list[bool] = []
     for r in requests:
-        ids = list(tok(r.prompt)["input_ids"])
+        # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
+        # the prompt is cut to fit just below, so the warning would only mislead the user.
+        ids = list(tok(r.prompt, verbose=False)["input_ids"])
         room = max(1, member.context_length - r.max_new_tokens - 1)
-        if len(ids) > room:
+        truncated.append(len(ids) > room)
+        if truncated[-1]:
             r.notes.append(
                 f"prompt truncated from the left: {len(ids)} tokens kept the last {room} (model context {member.context_length})"
             )
@@ -73,7 +77,7 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
             {
                 "predictions": preds,
                 "prompt_tokens": len(rows[i]),
-                "truncated": bool(r.notes),
+                "truncated": truncated[i],
                 "notes": r.notes,
                 "timing": {
                     "batch_size": len(requests),

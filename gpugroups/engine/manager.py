@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
@@ -35,6 +35,7 @@ from .bus import EventBus, Subscriber
 from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
+from .progress import LoadBar, ProgressOption, check_option
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import render, snapshot
@@ -61,6 +62,9 @@ class Manager:
     ``"ray:virtual:SIZE"``) are actors named in ``ray_namespace``, which a later manager in that
     namespace adopts with their groups; with no manager attached for ``ray_idle_timeout_s`` they
     unload and exit (see docs/scale-out.md).
+    ``progress``: a load
+    that takes a while shows tqdm's auto bar (``engine.progress``); False turns it off, as does
+    ``GPUGROUPS_PROGRESS=0`` when it is None; a text file gets a plain bar.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Manager:
         max_adhoc_groups: int | None = None,
         ray_namespace: str = "gpugroups",
         ray_idle_timeout_s: float = 1800.0,
+        progress: ProgressOption = None,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
@@ -84,6 +89,7 @@ class Manager:
         self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         self.max_groups_per_device = max_groups_per_device
         self.dtype = dtype
+        self.progress = check_option(progress)
         self._lock = threading.RLock()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
@@ -99,25 +105,33 @@ class Manager:
     def load(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
         """Make ``model_id`` its group's current member, loading the group first if needed.
 
-        Returns ``{"status": "loaded"|"already_loaded", "model_id", "group_id", "device_id",
-        "device_ids", "seconds"}`` (``device_id`` is the first of ``device_ids``, the devices
-        the group spans). Switching member of a resident group is a pointer change: no memory
-        op. ``device_ids=[0, 1]`` shards the group over exactly those devices, in that order
-        (see docs/sharding.md); without it a group too big for any one device shards by itself.
+        Returns ``{"status", "model_id", "group_id", "device_id", "device_ids", "seconds"}``;
+        ``status`` is ``"loaded"`` (this call loaded the group), ``"switched"`` (the group was
+        resident and ``model_id`` became its current member: a pointer change, no memory op) or
+        ``"already_loaded"`` (it already was the current member). ``device_id`` is the first of
+        ``device_ids``, the devices the group spans; ``device_ids=[0, 1]`` shards the group over
+        exactly those devices, in that order (see docs/sharding.md); without it a group too big
+        for any one device shards by itself.
         """
         t0 = time.perf_counter()
         model, group = self.catalog.resolve(model_id)
         model_id = model.id  # the canonical spelling: the group's member
 
-        def switch(slot: Slot) -> None:
+        def switch(slot: Slot) -> bool:
             changed = self._res.current.get(group.id) != model_id
             self._res.current[group.id] = model_id
             if not self._res.touch(slot) and changed:
                 self._bump()
+            return changed
 
-        slot, loaded, _ = self._ensure(group, device_id, switch, device_ids)
+        with LoadBar(self._bus, group.id, self.progress) as bar:
+            slot, loaded, changed = self._ensure(group, device_id, switch, device_ids)
+            bar.loaded = loaded
+        status: Literal["loaded", "switched", "already_loaded"] = (
+            "loaded" if loaded else "switched" if changed else "already_loaded"
+        )
         return {
-            "status": "loaded" if loaded else "already_loaded", "model_id": model_id, "group_id": group.id,
+            "status": status, "model_id": model_id, "group_id": group.id,
             "device_id": slot.device_id, "device_ids": slot.device_ids, "seconds": time.perf_counter() - t0,
         }
 
@@ -125,7 +139,9 @@ class Manager:
         """Load a whole group (all its members) onto a device, or sharded over ``device_ids``; see ``load``."""
         t0 = time.perf_counter()
         group = self.catalog.group(group_id)
-        slot, loaded, _ = self._ensure(group, device_id, self._res.touch, device_ids)
+        with LoadBar(self._bus, group.id, self.progress) as bar:
+            slot, loaded, _ = self._ensure(group, device_id, self._res.touch, device_ids)
+            bar.loaded = loaded
         return {
             "status": "loaded" if loaded else "already_loaded", "group_id": group.id,
             "model_id": self._res.current.get(group.id, group.members[0]), "device_id": slot.device_id,
@@ -192,9 +208,9 @@ class Manager:
 
         Loads the group if needed (or waits for its load). With ``max_new_tokens > 0`` each
         prediction is continued greedily and carries its ``text``. Arguments follow the ops
-        table's rules (``protocol.OPS["process"]``); ``num_predictions`` above the cap is lowered
-        and the result's ``notes`` say so; a prompt longer than the model's context is truncated
-        from the left and ``truncated`` is true.
+        table's rules (``protocol.OPS["process"]``): ``num_predictions`` or ``max_new_tokens`` above
+        its cap is lowered and the result's ``notes`` say so; a prompt longer than the model's
+        context is truncated from the left, ``truncated`` is true and ``notes`` say so.
         """
         t0 = time.perf_counter()
         op = get_op("process")
@@ -203,9 +219,8 @@ class Manager:
             "max_new_tokens": max_new_tokens,
         })
         notes = op.apply_caps(kwargs)
-        num_predictions = kwargs["num_predictions"]
         model, group = self.catalog.resolve(model_id)
-        request = Request(model.id, prompt, num_predictions, max_new_tokens, notes)
+        request = Request(model.id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes)
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             self._res.guard(slot.device_id)
@@ -385,7 +400,7 @@ class Manager:
         return [i for i in dict.fromkeys(found) if i not in known]
 
     def close(self) -> None:
-        """Unload everything and stop the workers and the event thread."""
+        """Unload everything, stop the workers, emit a last ``state_update`` (``closed`` true), stop the event thread."""
         if self._res.closed:
             return
         for gid in list(self._res.slots):
@@ -396,6 +411,8 @@ class Manager:
         self._res.closed = True
         for w in self._workers:
             w.stop()
+        with self._lock:  # the last event: panels and clients see the manager closed, workers idle
+            self._bump()
         self._bus.close()
 
     @property

@@ -52,6 +52,7 @@ class Snapshot:
     measured: dict[str, int]
     warm: frozenset[int]
     operations: list[dict[str, Any]]
+    closed: bool
 
 
 def snapshot(res: Residency, version: int) -> Snapshot:
@@ -68,7 +69,7 @@ def snapshot(res: Residency, version: int) -> Snapshot:
         ))
     return Snapshot(
         version, res.catalog, res.estimates, devices, slots, frozenset(res.pins), dict(res.current),
-        dict(res.measured), frozenset(res.warm), [op.to_json() for op in res.ops.values()],
+        dict(res.measured), frozenset(res.warm), [op.to_json() for op in res.ops.values()], res.closed,
     )
 
 
@@ -117,6 +118,7 @@ def render(snap: Snapshot) -> State:
         "groups": groups,
         "models": models,
         "operations": snap.operations,
+        "closed": snap.closed,
     })
 
 

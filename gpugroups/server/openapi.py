@@ -46,7 +46,7 @@ def _param_schema(p: Param) -> dict[str, Any]:
     out.update({k: v for k, v in limits.items() if v is not None})
     if p.default is not None:
         out["default"] = p.default
-    description = p.description + (" null: the default." if not p.required else "")
+    description = p.doc + (" null: the default." if not p.required else "")
     if description.strip():
         out["description"] = description.strip()
     return out

@@ -151,6 +151,9 @@ class PanelView {
     this.summary = h("span", { class: "gg-summary" });
     this.activity = h("span", { class: "gg-activity" });
     this.root.append(h("div", { class: "gg-header" }, h("span", { class: "gg-title", text: "gpugroups" }), this.summary, this.activity));
+    this.closedNote = h("div", { class: "gg-closed-note", role: "status", hidden: "" },
+      "This manager is closed (m.close()): nothing is loaded and its controls are off. Make a new manager and panel to go on.");
+    this.root.append(this.closedNote);
   }
 
   buildDevices() {
@@ -187,7 +190,7 @@ class PanelView {
     const n = limits.num_predictions || {};
     const k = limits.max_new_tokens || {};
     this.numPredictions = h("input", { class: "gg-num-predictions", type: "number", min: n.minimum, max: n.cap ?? n.maximum, value: "5", title: "Number of predictions" });
-    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
+    this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.cap ?? k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
     this.promptInput = h("textarea", { class: "gg-prompt-input", rows: "3", spellcheck: "false", maxlength: (limits.prompt || {}).max_length, placeholder: "Type a prompt; the panel shows the most likely next tokens." });
     this.promptInput.addEventListener("keydown", (event) => {
       // Keep Shift+Enter from reaching JupyterLab's "run cell" shortcut; use it to run here.
@@ -267,6 +270,16 @@ class PanelView {
     this.renderDevices(devices, groupsById, ops);
     this.renderCatalog(state, groups, devices);
     this.renderPromptControls(groups, groupsById);
+    this.renderClosed(Boolean(state.closed));
+  }
+
+  // A closed manager refuses every op: say so, and turn every control off (after the other
+  // renders, which set `disabled` from the state alone).
+  renderClosed(closed) {
+    this.closedNote.hidden = !closed;
+    this.root.classList.toggle("gg-closed", closed);
+    if (!closed) return;
+    for (const control of this.root.querySelectorAll("button, input, select, textarea")) control.disabled = true;
   }
 
   renderDevices(devices, groupsById, ops) {

@@ -96,3 +96,15 @@ def test_cpu_memory_is_what_psutil_reports(monkeypatch):
     mem = cpu.memory(0)
     assert mem["free_bytes"] == available
     assert mem["other_bytes"] == cpu.total_bytes - available
+
+
+@pytest.mark.parametrize("spec", [["cpu", "cpu"], ["auto", "cpu", "virtual:1GiB", "cpu"]])
+def test_a_real_device_listed_twice_is_refused(spec):
+    """Two ``cpu`` devices would each count all the RAM; the message says how to split one."""
+    if spec[0] == "auto" and detect("auto")[0].kind != "cpu":
+        pytest.skip("auto is a GPU here")
+    with pytest.raises(GpuGroupsError) as e:
+        detect(spec)
+    assert e.value.code == "invalid_request"
+    assert "'cpu' listed more than once" in e.value.message and "virtual:2x4GiB@cpu" in e.value.message
+    assert [d.device for d in detect(["cpu", "virtual:2x1GiB@cpu"])] == ["cpu", "virtual:1", "virtual:2"]

@@ -14,7 +14,7 @@ from tests.engine.gated import wait_for
 def test_state_json_shape_and_consistency(m):
     m.load("tiny-gpt2")
     s = m.state()
-    assert set(s) == {"version", "num_devices", "devices", "groups", "models", "operations"}
+    assert set(s) == {"version", "num_devices", "devices", "groups", "models", "operations", "closed"}
     d = s["devices"][0]
     assert set(d) == {"device_id", "device", "kind", "name", "memory", "current_group", "resident_groups",
                       "loaded_models", "status", "queue_depth"}
