@@ -50,11 +50,9 @@ def report(label: str, figures: dict[str, list[float]]) -> None:
         print(f"{label:>22} {name:>7}: p50 {pct(values, 50):8.1f} ms   p99 {pct(values, 99):8.1f} ms   (n={len(values)})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slow", type=int, default=10, help="slow process calls kept in flight")
-    parser.add_argument("--rounds", type=int, default=40)
-    args = parser.parse_args()
+def run(quick: bool = False, slow: int = 10, rounds: int = 40) -> dict[str, float]:
+    """p99 of an unpin and of a member switch with ``slow`` long process calls in flight (ms)."""
+    rounds = 15 if quick else rounds
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(Path(tmp))
         try:
@@ -63,23 +61,33 @@ def main() -> None:
                           headers=server.headers, timeout=300).raise_for_status()
             one = timed(server, "/models/process", SLOW)
             print(f"one slow process call: {one:.0f} ms")
-            report("idle", measure(server, args.rounds))
+            report("idle", measure(server, rounds))
             stop = threading.Event()
 
             def keep_busy() -> None:
                 while not stop.is_set():
                     timed(server, "/models/process", SLOW)
 
-            threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(args.slow)]
+            threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(slow)]
             for t in threads:
                 t.start()
             time.sleep(1.0)  # all of them in flight
-            report(f"{args.slow} slow in flight", measure(server, args.rounds))
+            busy = measure(server, rounds)
+            report(f"{slow} slow in flight", busy)
             stop.set()
             for t in threads:
                 t.join()
         finally:
             server.stop()
+    return {"lanes_unpin_ms_p99": pct(busy["unpin"], 99), "lanes_switch_ms_p99": pct(busy["switch"], 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slow", type=int, default=10, help="slow process calls kept in flight")
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    run(slow=args.slow, rounds=args.rounds)
 
 
 if __name__ == "__main__":
