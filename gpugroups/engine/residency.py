@@ -315,6 +315,15 @@ class Residency:
     def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
         """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
         decision, _ = self._place(group, device_id, device_ids)
+        if device_ids is not None and list(decision.device_ids) != list(device_ids):
+            # e.g. a model with fewer layer blocks than devices: loading it on fewer devices than
+            # asked would never satisfy the request (and ``ensure`` would move it forever)
+            raise GpuGroupsError(
+                "invalid_request",
+                f"group {group.id!r} cannot be laid out over exactly devices {list(device_ids)}; "
+                f"it would span {list(decision.device_ids)}",
+                {"group_id": group.id, "device_ids": list(device_ids)},
+            )
         if len(decision.shares) > 1:
             slot = Slot(group, {s.device_id: s.bytes for s in decision.shares})
             slot.weights = {s.device_id: s.weight_bytes for s in decision.shares}

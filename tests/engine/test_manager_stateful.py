@@ -139,3 +139,34 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
     Machine.TestCase().runTest()
+
+
+def test_an_explicit_span_that_cannot_be_honoured_is_refused_not_moved_forever(stateful_setup):
+    """Found by the state machine: pinning a one-block model over three devices (the others
+    being full of pinned groups) placed it on one device, which ``ensure`` saw as "elsewhere"
+    and moved again, forever. Now placement's span must be the one asked for."""
+    make_catalog, device_bytes = stateful_setup
+    m, _ = gated_manager(devices=f"virtual:{NUM_DEVICES}x{device_bytes}B", catalog=make_catalog())
+    try:
+        m.pin("tiny", device_ids=[0, 1, 2])
+        m.pin("gpt")
+        outcome: list[BaseException | None] = []
+
+        def pin() -> None:
+            try:
+                m.pin("solo2", device_ids=[0, 1, 2])
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=pin, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "pin kept moving the group"
+        if outcome[0] is not None:  # refused (room or span), never anything else
+            assert isinstance(outcome[0], GpuGroupsError) and outcome[0].code in ("invalid_request", "insufficient_memory")
+        else:
+            solo2 = next(g for g in m.state()["groups"] if g["id"] == "solo2")
+            assert solo2["resident_on"] == [0, 1, 2]
+    finally:
+        m.close()
