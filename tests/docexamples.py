@@ -11,6 +11,8 @@ a float matches at the precision it is written with).
 from __future__ import annotations
 
 import ast
+import asyncio
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +105,12 @@ def run_file(path: Path) -> tuple[dict[str, Any], int]:
         lines = block.code.splitlines()
         for stmt in ast.parse(block.code).body:
             where = f"{path.name}:{block.line + stmt.lineno - 1}"
+            # top-level ``await`` is allowed, as in a notebook cell
             source = compile(ast.Module([stmt], []) if not isinstance(stmt, ast.Expr) else ast.Expression(stmt.value),
-                             where, "exec" if not isinstance(stmt, ast.Expr) else "eval")
+                             where, "exec" if not isinstance(stmt, ast.Expr) else "eval", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
             value = eval(source, namespace)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
             assert stmt.end_lineno is not None
             shown = shown_output(lines, stmt.end_lineno)
             if shown is None:

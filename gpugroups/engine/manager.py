@@ -118,7 +118,8 @@ class Manager:
         model_id = model.id  # the canonical spelling: the group's member
 
         def switch(slot: Slot) -> bool:
-            changed = self._res.current.get(group.id) != model_id
+            # an adopted group has no current member yet: naming one is no switch
+            changed = self._res.current.get(group.id, model_id) != model_id
             self._res.current[group.id] = model_id
             if not self._res.touch(slot) and changed:
                 self._bump()

@@ -139,8 +139,7 @@ class Residency:
                 slot.done.set_result(slot)
                 with self._lock:
                     self.slots[gid], self.measured[gid] = slot, nbytes
-                    self.warm.add(i)
-                    self.current.setdefault(gid, group.members[0])
+                    self.warm.add(i)  # no current member: the worker does not know it, so the first load names it
                     self._changed()
 
     def lose(self, device_id: int) -> None:
