@@ -79,6 +79,13 @@ class GpuGroupsHost(LoggingConfigurable):
         here, before anything reaches the host kernel. The default fits the longest prompt.""",
     ).tag(config=True)
 
+    ws_send_timeout = Float(
+        30.0,
+        help="""Seconds a WebSocket client may take to accept one message. While it has not, newer
+        events wait coalesced (latest state wins, so a client that does not read costs the server
+        one pending state, not one per change); past this the server closes the socket.""",
+    ).tag(config=True)
+
     kernel_manager = AnyTrait(help="The Jupyter server's kernel manager: host kernels are its kernels.")
 
     def __init__(self, **kwargs: Any) -> None:
