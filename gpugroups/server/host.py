@@ -6,7 +6,8 @@ The host is the kernel a notebook named with ``gg.serve()`` (its host record), o
 ``POST /system/host``, or one started here on first use (``host_kernel = "auto"``). A watchdog
 looks at the host's process and at the host record a few times a second, so requests fail with
 ``host_unavailable`` right after the host dies instead of hanging, and a new ``gg.serve()`` is
-followed within a second.
+followed within a second. A host that restarts (Jupyter's restart) stays the host: requests in
+flight answer ``host_unavailable`` and its new process is attached again, not replaced.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..protocol import get_op
 from .connection import WATCH_INTERVAL, KernelConnection, host_unavailable, kernel_pid
 
 Listener = Callable[[dict[str, Any]], None]
+#: The watchdog's reason for a host whose process changed under the same kernel id.
+RESTARTED = "the kernel restarted"
 
 
 class GpuGroupsHost(LoggingConfigurable):
@@ -98,6 +101,7 @@ class GpuGroupsHost(LoggingConfigurable):
         self._lost_pids: set[int] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._reattaching: asyncio.Future[None] | None = None
 
     # ---- what the handlers use ------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +152,8 @@ class GpuGroupsHost(LoggingConfigurable):
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
+        if self._reattaching is not None and not self._reattaching.done():
+            await asyncio.shield(self._reattaching)  # the restarted host, rather than a new one
         async with self._attach_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
@@ -239,7 +245,7 @@ class GpuGroupsHost(LoggingConfigurable):
         elif not await self.kernel_manager.get_kernel(conn.kernel_id).is_alive():
             reason = "the kernel died"
         elif conn.pid is not None and kernel_pid(conn.kernel) not in (None, conn.pid):
-            reason = "the kernel restarted"
+            reason = RESTARTED
         else:
             return
         await self._lose(conn, reason)
@@ -288,7 +294,10 @@ class GpuGroupsHost(LoggingConfigurable):
         if conn.pid is not None:
             self._lost_pids.add(conn.pid)
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
-        await self._drop(conn, reason)
+        restarted = conn.restarting or reason == RESTARTED
+        await self._drop(conn, reason, keep_kernel=restarted)
+        if was_host and restarted:
+            self._reattaching = asyncio.ensure_future(self._reattach(conn))
         if was_host:  # a kernel that fails while attaching tells its own caller instead
             self._emit(
                 {
@@ -297,9 +306,36 @@ class GpuGroupsHost(LoggingConfigurable):
                 }
             )
 
-    async def _drop(self, conn: KernelConnection, reason: str, tidy: bool = False) -> None:
-        """Detach ``conn``; a kernel this server started for the purpose is shut down with it."""
-        if conn.started_by == "server":
+    async def _reattach(self, lost: KernelConnection) -> None:
+        """A host that restarted stays the host: attach its new process (with the same label) once
+        it runs, unless another host was attached meanwhile; one that does not come back within
+        ``host_start_timeout`` is treated as dead."""
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.host_start_timeout
+            while lost.kernel_id in self.kernel_manager and loop.time() < deadline:
+                kernel = self.kernel_manager.get_kernel(lost.kernel_id)
+                if kernel_pid(kernel) not in (None, lost.pid) and await kernel.is_alive():
+                    async with self._attach_lock:
+                        if self._conn is None:
+                            await self._attach(lost.kernel_id, lost.started_by)
+                    return
+                await asyncio.sleep(WATCH_INTERVAL)
+            if lost.started_by == "server":
+                self._shut_down(lost.kernel_id)
+        except GpuGroupsError as exc:
+            self.log.warning(
+                "gpugroups: the restarted host %s could not be attached: %s", lost.kernel_id, exc
+            )
+        except Exception:  # nobody else is told: say what went wrong
+            self.log.exception("gpugroups: re-attaching the restarted host %s", lost.kernel_id)
+
+    async def _drop(
+        self, conn: KernelConnection, reason: str, tidy: bool = False, keep_kernel: bool = False
+    ) -> None:
+        """Detach ``conn``; a kernel this server started for the purpose is shut down with it
+        (unless ``keep_kernel``: it restarted and is attached again)."""
+        if conn.started_by == "server" and not keep_kernel:
             await conn.close(reason)
             self._shut_down(conn.kernel_id)
         else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from gpugroups import GpuGroupsError
 from gpugroups.protocol import API_PREFIX
 
 from .conftest import LiveServer
@@ -113,3 +116,31 @@ def test_a_websocket_that_stops_reading_costs_bounded_memory_and_is_closed(share
     assert "closing a WebSocket that does not read" in log
     assert "Task exception was never retrieved" not in log
     assert shared.client().state()["version"] > 0  # everybody else is served as before
+
+
+def test_a_host_restarted_mid_request_answers_503_and_stays_the_host(shared: LiveServer) -> None:
+    client = shared.client()
+    client.load("tiny-gpt2")
+    host = client.host()
+    kernels = shared.kernel_ids()
+    answer: dict[str, Any] = {}
+
+    def process() -> None:
+        try:
+            answer["result"] = client.process("tiny-gpt2", "hello " * 50, num_predictions=64, max_new_tokens=64)
+        except GpuGroupsError as exc:
+            answer["error"] = exc
+
+    caller = threading.Thread(target=process)
+    caller.start()
+    time.sleep(1.0)  # the request is in the host kernel now
+    assert shared.post(f"/api/kernels/{host['kernel_id']}/restart").ok
+    caller.join(60)
+    assert "error" in answer, answer
+    assert answer["error"].code == "host_unavailable", answer["error"]
+
+    # the next request is answered by the same kernel, attached again; no kernel was started or stopped
+    assert client.state()["version"] >= 0
+    assert client.host() == host
+    assert shared.kernel_ids() == kernels
+    assert client.process("tiny-gpt2", "hello", num_predictions=1, max_new_tokens=2)
