@@ -54,8 +54,7 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
         self._fetching = 0
         self._held: list[Event] = []
         self._outbox: list[Event] = []
-        self._wake = asyncio.Event()
-        self._sender = asyncio.ensure_future(self._send_loop())
+        self._sender: asyncio.Future[None] | None = None
         self.host.add_listener(self._on_event)
         IOLoop.current().spawn_callback(self._send_state)
 
@@ -74,7 +73,8 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     def on_close(self) -> None:
         self.host.remove_listener(self._on_event)
         self._outbox.clear()
-        self._sender.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
 
     async def _send_state(self) -> None:
         self._fetching += 1
@@ -105,28 +105,26 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
 
     def _write(self, message: Event) -> None:
         """Queue ``message`` for the sender; superseded ones still waiting are dropped."""
-        if self.ws_connection is None or self._sender.done():
-            return  # closed, or closing
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
         self._outbox = _coalesced(self._outbox, message)
         if len(self._outbox) > MAX_OUTBOX:
             self._give_up(f"{len(self._outbox)} messages it did not take")
-        self._wake.set()
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_outbox())
 
-    async def _send_loop(self) -> None:
+    async def _send_outbox(self) -> None:
         """Send the outbox one message at a time, each awaited (so none fails unobserved)."""
         timeout = self.host.ws_send_timeout
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._outbox:
-                message = self._outbox.pop(0)
-                try:
-                    await asyncio.wait_for(self.write_message(json.dumps(message)), timeout)
-                except TimeoutError:
-                    self._give_up(f"no message taken for {timeout:g} s")
-                    return
-                except websocket.WebSocketClosedError:
-                    return
+        while self._outbox:
+            message = self._outbox.pop(0)
+            try:
+                await asyncio.wait_for(self.write_message(json.dumps(message)), timeout)
+            except TimeoutError:
+                self._give_up(f"no message taken for {timeout:g} s")
+                return
+            except websocket.WebSocketClosedError:
+                return
 
     def _give_up(self, why: str) -> None:
         """Close a socket whose client does not read (it reconnects and gets the whole state)."""
