@@ -147,14 +147,17 @@ class _Endpoint:
         lane = op.lane if op is not None else "control"
         if lane == "inline":
             self._run(data)
-        else:
+            return
+        try:
             self.host.submit(lane, self._run, data)
+        except RuntimeError:  # the pools refuse work once the interpreter shuts down
+            self._publish(reply_message(data["id"], _stopping()))
 
     def _run(self, request: dict[str, Any]) -> None:
         try:
             outcome: Any = self._call(request.get("op"), request.get("args"))
         except Exception as exc:  # every request gets an answer, whatever went wrong
-            outcome = exc
+            outcome = exc if threading.main_thread().is_alive() else _stopping()
         reply = reply_message(request["id"], outcome)
         # Straight out from this pool thread (IOPub's socket is thread-safe): a reply never
         # waits behind a large state push, and it needs no order with the events.
@@ -186,6 +189,12 @@ class _Endpoint:
 
     def _publish(self, data: Mapping[str, Any]) -> None:
         _ipykernel.publish_comm_msg(self.host.kernel, self.comm, data, parent=self.open_msg)
+
+
+def _stopping() -> GpuGroupsError:
+    """The answer to a request the kernel cannot finish because it is shutting down or restarting
+    (its main thread has ended: whatever failed, failed for that reason)."""
+    return GpuGroupsError("host_unavailable", "the host kernel is shutting down (restart or shutdown)")
 
 
 _host: Host | None = None

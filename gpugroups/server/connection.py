@@ -5,7 +5,8 @@ A ``KernelConnection`` is a kernel client from the server's own kernel manager (
 identity of its own), a subshell created on control, and the comm opened on that subshell after
 the kernel ran ``ensure_served()``. Requests ``{id, op, args}`` go out on the subshell; replies
 ``{id, ok, result | error}`` come back on IOPub next to the pushed events, which go to ``on_data``.
-A broken channel, a closed comm or a vanished subshell goes to ``on_broken``.
+A broken channel, a closed comm, a vanished subshell or the kernel's announced shutdown goes to
+``on_broken`` (so requests in flight fail as ``host_unavailable`` before the kernel stops).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class KernelConnection:
         self.comm_id = uuid.uuid4().hex
         self.pid: int | None = None
         self.closed = False
+        #: Set when the kernel announced a restart (its ``shutdown_reply`` on IOPub).
+        self.restarting = False
         self._on_data = on_data
         self._on_broken = on_broken
         self._trust_remote_code = trust_remote_code
@@ -105,6 +108,10 @@ class KernelConnection:
             while True:
                 done, _ = await asyncio.wait({steps}, timeout=WATCH_INTERVAL)
                 if done:
+                    if self.closed:  # broken meanwhile (it announced a restart) and closed by its owner
+                        raise host_unavailable(
+                            f"kernel {self.kernel_id} stopped before it became the host ({self.step})"
+                        )
                     return steps.result()
                 if not await self.kernel.is_alive():
                     raise host_unavailable(
@@ -346,6 +353,11 @@ class KernelConnection:
                         and session.unpack(msg["content"]).get("execution_state") == "idle"
                     ):
                         waiter.set_result(None)
+                elif msg_type == "shutdown_reply":  # broadcast before the kernel stops: fail fast
+                    self.restarting = session.unpack(msg["content"]).get("restart") is True
+                    self._broken(
+                        "the kernel is restarting" if self.restarting else "the kernel is shutting down"
+                    )
                 elif msg_type in ("comm_msg", "comm_close"):
                     content = session.unpack(msg["content"])
                     if content.get("comm_id") != self.comm_id:

@@ -6,7 +6,8 @@ The host is the kernel a notebook named with ``gg.serve()`` (its host record), o
 ``POST /system/host``, or one started here on first use (``host_kernel = "auto"``). A watchdog
 looks at the host's process and at the host record a few times a second, so requests fail with
 ``host_unavailable`` right after the host dies instead of hanging, and a new ``gg.serve()`` is
-followed within a second.
+followed within a second. A host that restarts (Jupyter's restart) stays the host: requests in
+flight answer ``host_unavailable`` and its new process is attached again, not replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .connection import WATCH_INTERVAL, KernelConnection, host_unavailable, kern
 from .mirror import READS, StateMirror
 
 Listener = Callable[[dict[str, Any]], None]
+#: The watchdog's reason for a host whose process changed under the same kernel id.
+RESTARTED = "the kernel restarted"
 
 
 class GpuGroupsHost(LoggingConfigurable):
@@ -80,6 +83,13 @@ class GpuGroupsHost(LoggingConfigurable):
         here, before anything reaches the host kernel. The default fits the longest prompt.""",
     ).tag(config=True)
 
+    ws_send_timeout = Float(
+        30.0,
+        help="""Seconds a WebSocket client may take to accept one message. While it has not, newer
+        events wait coalesced (latest state wins, so a client that does not read costs the server
+        one pending state, not one per change); past this the server closes the socket.""",
+    ).tag(config=True)
+
     kernel_manager = AnyTrait(help="The Jupyter server's kernel manager: host kernels are its kernels.")
 
     def __init__(self, **kwargs: Any) -> None:
@@ -93,6 +103,7 @@ class GpuGroupsHost(LoggingConfigurable):
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._mirror = StateMirror()
+        self._reattaching: asyncio.Future[None] | None = None
 
     # ---- what the handlers use ------------------------------------------------------------
     def start(self) -> None:
@@ -157,6 +168,8 @@ class GpuGroupsHost(LoggingConfigurable):
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
+        if self._reattaching is not None and not self._reattaching.done():
+            await asyncio.shield(self._reattaching)  # the restarted host, rather than a new one
         async with self._attach_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
@@ -249,7 +262,7 @@ class GpuGroupsHost(LoggingConfigurable):
         elif not await self.kernel_manager.get_kernel(conn.kernel_id).is_alive():
             reason = "the kernel died"
         elif conn.pid is not None and kernel_pid(conn.kernel) not in (None, conn.pid):
-            reason = "the kernel restarted"
+            reason = RESTARTED
         else:
             return
         await self._lose(conn, reason)
@@ -299,7 +312,10 @@ class GpuGroupsHost(LoggingConfigurable):
         if conn.pid is not None:
             self._lost_pids.add(conn.pid)
         self.log.warning("gpugroups: lost host kernel %s: %s", conn.kernel_id, reason)
-        await self._drop(conn, reason)
+        restarted = conn.restarting or reason == RESTARTED
+        await self._drop(conn, reason, keep_kernel=restarted)
+        if was_host and restarted:
+            self._reattaching = asyncio.ensure_future(self._reattach(conn))
         if was_host:  # a kernel that fails while attaching tells its own caller instead
             self._emit(
                 {
@@ -308,9 +324,36 @@ class GpuGroupsHost(LoggingConfigurable):
                 }
             )
 
-    async def _drop(self, conn: KernelConnection, reason: str, tidy: bool = False) -> None:
-        """Detach ``conn``; a kernel this server started for the purpose is shut down with it."""
-        if conn.started_by == "server":
+    async def _reattach(self, lost: KernelConnection) -> None:
+        """A host that restarted stays the host: attach its new process (with the same label) once
+        it runs, unless another host was attached meanwhile; one that does not come back within
+        ``host_start_timeout`` is treated as dead."""
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.host_start_timeout
+            while lost.kernel_id in self.kernel_manager and loop.time() < deadline:
+                kernel = self.kernel_manager.get_kernel(lost.kernel_id)
+                if kernel_pid(kernel) not in (None, lost.pid) and await kernel.is_alive():
+                    async with self._attach_lock:
+                        if self._conn is None:
+                            await self._attach(lost.kernel_id, lost.started_by)
+                    return
+                await asyncio.sleep(WATCH_INTERVAL)
+            if lost.started_by == "server":
+                self._shut_down(lost.kernel_id)
+        except GpuGroupsError as exc:
+            self.log.warning(
+                "gpugroups: the restarted host %s could not be attached: %s", lost.kernel_id, exc
+            )
+        except Exception:  # nobody else is told: say what went wrong
+            self.log.exception("gpugroups: re-attaching the restarted host %s", lost.kernel_id)
+
+    async def _drop(
+        self, conn: KernelConnection, reason: str, tidy: bool = False, keep_kernel: bool = False
+    ) -> None:
+        """Detach ``conn``; a kernel this server started for the purpose is shut down with it
+        (unless ``keep_kernel``: it restarted and is attached again)."""
+        if conn.started_by == "server" and not keep_kernel:
             await conn.close(reason)
             self._shut_down(conn.kernel_id)
         else:

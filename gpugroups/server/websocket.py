@@ -6,10 +6,15 @@ Messages to the client: ``{"type": "system_state", "version", "state"}`` on conn
 {"code", "message"}}`` (``host_unavailable`` when the host is lost, ``invalid_request`` for a
 message it does not understand). Events that race a state fetch are held back and the ones it
 already covers dropped, so versions only go up between two ``system_state`` messages.
+
+Each socket has one message on its way at a time: the rest wait in an outbox, coalesced (latest
+state wins), so a client that stops reading costs the server one pending state, not one per change.
+A client that does not take a message within ``GpuGroupsHost.ws_send_timeout`` is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -20,6 +25,7 @@ from tornado import websocket
 from tornado.ioloop import IOLoop
 
 from ..errors import GpuGroupsError
+from ..events import Event, coalesce
 from ..protocol import API_PREFIX, LEGACY_PREFIX, parse_json
 from .handlers import AUTH_RESOURCE
 from .host import GpuGroupsHost
@@ -46,7 +52,9 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     def open(self, *args: Any, **kwargs: Any) -> None:
         super().open(*args, **kwargs)
         self._fetching = 0
-        self._held: list[dict[str, Any]] = []
+        self._held: list[Event] = []
+        self._outbox: list[Event] = []
+        self._sender: asyncio.Future[None] | None = None
         self.host.add_listener(self._on_event)
         IOLoop.current().spawn_callback(self._send_state)
 
@@ -64,6 +72,9 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
 
     def on_close(self) -> None:
         self.host.remove_listener(self._on_event)
+        self._outbox.clear()
+        if self._sender is not None:
+            self._sender.cancel()
 
     async def _send_state(self) -> None:
         self._fetching += 1
@@ -86,17 +97,51 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
                 ):
                     self._write(event)
 
-    def _on_event(self, event: dict[str, Any]) -> None:
+    def _on_event(self, event: Event) -> None:
         if self._fetching and event.get("type") != "system_state":
-            self._held.append(event)
+            self._held = _coalesced(self._held, event)
         else:
             self._write(event)
 
-    def _write(self, message: dict[str, Any]) -> None:
-        try:
-            self.write_message(json.dumps(message))
-        except websocket.WebSocketClosedError:
-            self.host.remove_listener(self._on_event)
+    def _write(self, message: Event) -> None:
+        """Queue ``message`` for the sender; superseded ones still waiting are dropped."""
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        self._outbox = _coalesced(self._outbox, message)
+        if len(self._outbox) > MAX_OUTBOX:
+            self._give_up(f"{len(self._outbox)} messages it did not take")
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        """Send the outbox one message at a time, each awaited (so none fails unobserved)."""
+        timeout = self.host.ws_send_timeout
+        while self._outbox:
+            message = self._outbox.pop(0)
+            try:
+                await asyncio.wait_for(self.write_message(json.dumps(message)), timeout)
+            except TimeoutError:
+                self._give_up(f"no message taken for {timeout:g} s")
+                return
+            except websocket.WebSocketClosedError:
+                return
+
+    def _give_up(self, why: str) -> None:
+        """Close a socket whose client does not read (it reconnects and gets the whole state)."""
+        self.log.warning("gpugroups: closing a WebSocket that does not read (%s)", why)
+        self.host.remove_listener(self._on_event)
+        self._outbox.clear()
+        self.close(1008, "too slow: reconnect for the current state")
+
+
+#: Messages a socket's outbox may hold after coalescing (events that never supersede each other,
+#: such as errors or progress of many operations) before the client counts as not reading.
+MAX_OUTBOX = 256
+
+
+def _coalesced(queue: list[Event], message: Event) -> list[Event]:
+    """``queue`` plus ``message``, less what ``message`` supersedes (latest state wins)."""
+    return coalesce([*queue, message])
 
 
 #: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).

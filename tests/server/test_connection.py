@@ -94,8 +94,10 @@ async def test_a_stale_subshell_after_a_restart_breaks_the_connection(jp_servera
         await km.restart_kernel(kernel_id)
         # the new process knows no subshell of ours: ipykernel answers on shell with an error
         pending = asyncio.ensure_future(conn.request("state", {}, 60))
-        await until(lambda: seen.broken, timeout=60)
-        assert seen.broken == ["the kernel restarted (its subshell is gone)"]
+        await until(lambda: len(seen.broken) == 2, timeout=60)
+        # first the kernel's own announcement (its shutdown_reply on IOPub), then the stale subshell
+        assert seen.broken == ["the kernel is restarting", "the kernel restarted (its subshell is gone)"]
+        assert conn.restarting
         assert not pending.done()  # the owner (the host policy) closes it and fails what waits
         await conn.close(seen.broken[0])
         with pytest.raises(GpuGroupsError) as exc:
