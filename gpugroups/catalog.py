@@ -5,6 +5,7 @@ under an allowed root, or a hub id present in the local Hugging Face cache) beco
 single-model group ``single:<id>`` when it is first loaded (a folder by its resolved path, so
 every spelling is one group; a bounded number of them). Local paths outside the allowed roots are
 ``unknown_model``: an id from a REST client never makes the kernel read an arbitrary file.
+TOML catalog files are read by ``catalog_toml`` (``Catalog.load_toml``).
 Light on purpose (no torch): the Jupyter server may import it.
 """
 
@@ -15,20 +16,17 @@ import json
 import os
 import re
 import threading
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import catalog_toml
 from .errors import GpuGroupsError
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 GROUP_KINDS = ("adapters", "models", "single")
 DTYPES = ("float32", "float16", "bfloat16")
 ROOTS_ENV = "GPUGROUPS_MODEL_ROOTS"
-
-_GROUP_KEYS = {"kind", "name", "base", "base_id", "adapters", "models", "dtype", "trust_remote_code"}
-_TOP_KEYS = {"roots", "groups"}
 
 
 @dataclass
@@ -154,68 +152,7 @@ class Catalog:
         Relative paths resolve against the file's folder, which becomes an allowed root.
         Unknown keys and duplicate ids are ``invalid_catalog`` errors naming the line.
         """
-        path = Path(path).expanduser().resolve()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise GpuGroupsError("invalid_catalog", f"cannot read catalog {path}: {exc}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            # "msg (at line L, column C)" becomes "file:L: msg (column C)", like every other catalog error.
-            found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(exc), re.S)
-            at = f"{path}:{found[2]}: {found[1]} (column {found[3]})" if found else f"{path}: {exc}"
-            raise GpuGroupsError("invalid_catalog", at) from None
-
-        def where(key: str, section: str | None = None) -> str:
-            return f"{path}:{_line_of(text, key, section)}"
-
-        for key in data:
-            if key not in _TOP_KEYS:
-                raise GpuGroupsError("invalid_catalog", f"{where(key)}: unknown key {key!r} (expected {sorted(_TOP_KEYS)})")
-        roots = data.get("roots", [])
-        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
-            raise GpuGroupsError("invalid_catalog", f"{where('roots')}: roots must be a list of paths")
-        groups = data.get("groups", {})
-        if not isinstance(groups, dict):
-            raise GpuGroupsError("invalid_catalog", f"{where('groups')}: groups must be a table of groups")
-        with self._lock:
-            added: list[GroupSpec] = []
-            try:
-                for gid, g in groups.items():
-                    added.append(self._toml_group(gid, g, where, path.parent))
-            except GpuGroupsError:
-                for group in added:  # a broken file adds nothing, so fixing it and loading again works
-                    for mid in group.members:
-                        del self.models[mid]
-                    del self.groups[group.id]
-                raise
-            self.add_roots([path.parent, *[(path.parent / Path(r).expanduser()) for r in roots]])
-            return added
-
-    def _toml_group(self, gid: str, g: Any, where: Callable[..., str], folder: Path) -> GroupSpec:
-        """Register one ``[groups.<gid>]`` table, errors naming its line."""
-        if not isinstance(g, dict):
-            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: group {gid!r} must be a table")
-        for key in g:
-            if key not in _GROUP_KEYS:
-                raise GpuGroupsError(
-                    "invalid_catalog",
-                    f"{where(key, gid)}: unknown key {key!r} in group {gid!r} (expected {sorted(_GROUP_KEYS)})",
-                )
-        kind = g.get("kind", "adapters" if "base" in g else "models")
-        if kind not in ("adapters", "models"):
-            raise GpuGroupsError("invalid_catalog", f"{where('kind', gid)}: kind must be 'adapters' or 'models', got {kind!r}")
-        if (kind == "adapters") != ("base" in g):
-            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: an adapters group needs 'base' and a models group 'models'")
-        try:
-            return self.register_group(
-                gid, base=g.get("base"), adapters=g.get("adapters"), models=g.get("models"),
-                name=g.get("name"), dtype=g.get("dtype"), base_id=g.get("base_id"),
-                trust_remote_code=bool(g.get("trust_remote_code", False)), relative_to=folder,
-            )
-        except GpuGroupsError as exc:
-            raise GpuGroupsError("invalid_catalog", f"{where(gid)}: {exc.message}") from None
+        return catalog_toml.load_toml(self, path)
 
     def add_demo(self) -> list[GroupSpec]:
         """Add the shipped demo groups (``pycode`` adapters group and its neighbour)."""
@@ -456,22 +393,6 @@ def _subdirs(root: Path, depth: int) -> list[Path]:
         out.append(c)
         out += _subdirs(c, depth - 1)
     return out
-
-
-def _line_of(text: str, key: str, section: str | None = None) -> int:
-    """Best-effort line number of ``key`` (within ``[groups.<section>]`` when given)."""
-    lines = text.splitlines()
-    start = 0
-    if section is not None:
-        for i, line in enumerate(lines):
-            if re.match(rf"\s*\[\s*groups\.\"?{re.escape(section)}\"?\s*\]", line):
-                start = i
-                break
-    pat = re.compile(rf"\s*(\[\s*groups\.)?\"?{re.escape(key)}\"?\s*(=|\])")
-    for i in range(start, len(lines)):
-        if pat.match(lines[i]):
-            return i + 1
-    return start + 1
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..errors import GpuGroupsError
-from .residency import Residency, Slot
+from .residency import Residency
+from .slot import Slot
 from .worker import Worker
 
 

@@ -1,0 +1,50 @@
+"""Devices that come with groups or go away: a worker that already holds groups (a Ray actor
+outlives the kernel that loaded into them) and a device that becomes unreachable. Part of ``Residency``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..errors import GpuGroupsError
+from .loads import Loads
+from .slot import Slot
+
+
+class Adoption(Loads):
+    """Taking over what workers hold, and letting go of what a lost device held."""
+
+    def adopt(self) -> None:
+        """Take over what the workers already hold (Ray actors outlive the kernel that loaded
+        into them) and listen for lost devices. Held groups this catalog does not know are unloaded."""
+        for i, w in enumerate(self.workers):
+            w.on_lost(functools.partial(self.lose, i))
+            for gid, nbytes in w.resident().items():
+                try:
+                    group = self.catalog.group(gid)
+                except GpuGroupsError:
+                    group = None
+                if group is None or gid in self.slots:
+                    w.unload(gid)
+                    continue
+                self.estimates.ensure(group, self.devices)
+                parts = self.estimates.peek(group, self.devices[i], False) or {}
+                slot = Slot(group, {i: nbytes + parts.get("reserve_bytes", 0)}, state="resident")
+                slot.done.set_result(slot)
+                with self._lock:
+                    self.slots[gid], self.measured[gid] = slot, nbytes
+                    self.warm.add(i)  # no current member: the worker does not know it, so the first load names it
+                    self._changed()
+
+    def lose(self, device_id: int) -> None:
+        """A device became unreachable: its resident groups leave (loads and unloads under way
+        fail on their own through the worker)."""
+        with self._lock:
+            gone = [s for s in self.slots.values() if device_id in s.shares and s.state == "resident"]
+            for s in gone:
+                del self.slots[s.group.id]
+                self.pins.pop(s.group.id, None)
+            self._changed()
+        for s in gone:
+            if not s.gone.done():
+                s.gone.set_result(None)

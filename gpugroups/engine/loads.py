@@ -1,0 +1,305 @@
+"""The load mechanism under ``Residency``: the slots, and how they are filled and emptied.
+
+``_reserve`` (under the manager's lock) asks ``placement.place`` for a device and its victims and
+reserves the estimate; a load thread then queues the victims' unloads and the group's load on that
+device's worker, admits the measured bytes against the budget, and on an out-of-memory evicts what
+it may and retries once. A sharded group's load drives its first device's worker while the others'
+are held (``Worker.pause``). ``views`` is what placement sees of each device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from ..catalog import Catalog, GroupSpec
+from ..errors import GpuGroupsError
+from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
+from .bus import EventBus
+from .devices import Device
+from .estimates import EstimateCache, folders, needed_bytes
+from .slot import Operation, Slot
+from .worker import OutOfMemory, Span, Worker
+
+
+class Loads:
+    """The slots of one manager and the mechanism that fills and empties them.
+
+    ``changed`` is called under ``lock`` after every change (the manager publishes the state).
+    """
+
+    def __init__(
+        self,
+        devices: list[Device],
+        workers: list[Worker],
+        catalog: Catalog,
+        estimates: EstimateCache,
+        lock: threading.RLock,
+        bus: EventBus,
+        changed: Callable[[], None],
+        max_groups_per_device: int | None,
+    ) -> None:
+        self.devices, self.workers, self.catalog, self.estimates = devices, workers, catalog, estimates
+        self.max_groups_per_device = max_groups_per_device
+        self.slots: dict[str, Slot] = {}
+        self.pins: dict[str, list[int]] = {}  # group id -> the devices it is pinned to
+        self.current: dict[str, str] = {}  # group id -> current member
+        self.measured: dict[str, int] = {}
+        self.warm: set[int] = set()  # devices whose context (overhead) already exists
+        self.ops: dict[str, Operation] = {}
+        self.ledger = Ledger()  # what each group is worth keeping (placement's eviction order)
+        self.closed = False
+        self._lock, self._bus, self._changed = lock, bus, changed
+        self._use_ended = threading.Condition(lock)  # notified when a hold ends (``Holds.unhold``)
+        self._op_ids = itertools.count(1)
+
+    # ---- the load path -----------------------------------------------------------------------
+    def _place(
+        self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None, in_use_evictable: bool = False
+    ) -> tuple[Decision, int]:
+        """Under the lock: placement's decision for the group, and the bytes it needs on its first device."""
+        pinned = self.pins.get(group.id)
+        if device_id is None and device_ids is None and pinned is not None:  # a pin's affinity
+            device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
+        first = device_id if device_id is not None else (device_ids[0] if device_ids else 0)
+        need = self.estimate(group, first, strict=True)
+        decision = place(
+            group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids,
+            self._layout(group),
+        )
+        return decision, need
+
+    def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
+        """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
+        decision, _ = self._place(group, device_id, device_ids)
+        if device_ids is not None and list(decision.device_ids) != list(device_ids):
+            # e.g. a model with fewer layer blocks than devices: loading it on fewer devices than
+            # asked would never satisfy the request (and ``ensure`` would move it forever)
+            raise GpuGroupsError(
+                "invalid_request",
+                f"group {group.id!r} cannot be laid out over exactly devices {list(device_ids)}; "
+                f"it would span {list(decision.device_ids)}",
+                {"group_id": group.id, "device_ids": list(device_ids)},
+            )
+        if len(decision.shares) > 1:
+            slot = Slot(group, {s.device_id: s.bytes for s in decision.shares})
+            slot.weights = {s.device_id: s.weight_bytes for s in decision.shares}
+        else:
+            slot = Slot(group, {decision.device_id: self.estimate(group, decision.device_id, strict=True)})
+        victims = [self.slots[g] for g in decision.evict]
+        for v in victims:
+            v.state = "unloading"
+            self.ledger.evicted(v.group.id)
+        self.slots[group.id] = slot
+        self.ops[group.id] = Operation(f"op-{next(self._op_ids)}", "load", group.id, decision.device_id)
+        self._changed()
+        return slot, victims
+
+    def _layout(self, group: GroupSpec) -> Layout | None:
+        """Under the lock: how the group splits over devices, for placement (None: it cannot)."""
+        blocks = self.estimates.blocks(group, self.devices[0])
+        parts = self.estimates.peek(group, self.devices[0])
+        if not blocks or parts is None or len(self.devices) < 2:
+            return None
+        weights = self.measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
+        scale = weights / sum(blocks)  # adapters sit beside their layers: spread them pro rata
+        fixed = {}
+        for d in self.devices:
+            p = self.estimates.peek(group, d) or parts
+            fixed[d.device_id] = p["reserve_bytes"] + (0 if d.device_id in self.warm else p["overhead_bytes"])
+        return Layout(tuple(int(b * scale) + 1 for b in blocks), fixed)
+
+    def _load(self, slot: Slot, victims: list[Slot]) -> None:
+        """On a load thread: drop the victims, load on the worker(s), admit; settle ``slot.done``."""
+        group, dev = slot.group, self.devices[slot.device_id]
+        try:
+            paths = folders(self.catalog, group)
+            dtype = self.estimates.dtype_for(group, dev)
+            for attempt in (1, 2):
+                try:
+                    measured = self._start_load(slot, victims if attempt == 1 else [], paths, dtype)()
+                    self._admit(slot, measured)
+                    break
+                except OutOfMemory:
+                    if attempt == 2 or not self._evict_for(slot):
+                        raise
+        except BaseException as exc:
+            with self._lock:
+                self.slots.pop(group.id, None)
+                self.ops.pop(group.id, None)
+                self._changed()
+            slot.done.set_exception(_failure(group, exc))
+            slot.gone.set_result(None)
+            return
+        with self._lock:
+            slot.state = "resident"
+            self.ops.pop(group.id, None)
+            self.current.setdefault(group.id, group.members[0])
+            self._changed()
+        slot.done.set_result(slot)
+
+    def _start_load(
+        self, slot: Slot, victims: list[Slot], paths: dict[str, Any], dtype: str
+    ) -> Callable[[], dict[int, int]]:
+        """Queue the victims' unloads and the load (with holds on a span's other devices), all
+        under the lock so every worker sees multi-device work in one order; returns a waiter
+        for the measured bytes per device."""
+        group, first = slot.group, slot.device_id
+        worker = self.workers[first]
+
+        def progress(p: float, stage: str) -> None:
+            self._progress(slot, p, stage)
+
+        with self._lock:
+            for v in victims:
+                self._drop(v)  # queued before the load on the same worker(s)
+            if len(slot.shares) == 1:
+                single = worker.load(group, paths, dtype, progress)
+                return lambda: {first: single.result()}
+            release: Future[None] = Future()
+            holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
+            last = slot.device_ids[-1]
+            weights = [slot.weights[d] for d in slot.device_ids]
+            # the last device may take what it has room for, so accelerate's own rounding never spills
+            weights[-1] = max(weights[-1], self.devices[last].memory(self.accounted(last) - slot.shares[last])["free_bytes"])
+            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), tuple(weights), holds)
+            sharded = worker.load_sharded(group, paths, dtype, progress, span)
+            sharded.add_done_callback(lambda _: release.set_result(None))
+        return lambda: dict(zip(slot.device_ids, sharded.result()))
+
+    def _admit(self, slot: Slot, measured: dict[int, int]) -> None:
+        """Account the loaded group per device; a device over its budget is an OOM (virtual devices too)."""
+        parts = self.estimates.peek(slot.group, self.devices[slot.device_id], strict=True) or {}
+        # The device overhead (CUDA context) is the device's, not the group's: NVML shows it
+        # as used from the first load on, so each share accounts weights + reserve only.
+        totals = {d: b + parts.get("reserve_bytes", 0) for d, b in measured.items()}
+        with self._lock:
+            over = []
+            for d, total in totals.items():
+                dev = self.devices[d]
+                others = sum(s.shares.get(d, 0) for s in self.slots.values() if s is not slot)
+                if dev.kind != "cuda" and others + total > dev.budget_bytes:
+                    over.append(f"device {d} has {dev.budget_bytes - others} of its {dev.budget_bytes}-byte budget left for {total}")
+            if not over:
+                slot.shares = totals
+                self.measured[slot.group.id] = sum(measured.values())
+                self.warm.update(totals)
+        if over:
+            self.workers[slot.device_id].unload(slot.group.id).result()
+            raise OutOfMemory(f"group {slot.group.id!r} takes {sum(totals.values())} bytes; " + "; ".join(over))
+
+    def _evict_for(self, slot: Slot) -> bool:
+        """After an OOM: queue the unload of every evictable group on the slot's devices; False if none."""
+        with self._lock:
+            victims = [
+                s for s in self.slots.values()
+                if set(s.shares) & set(slot.shares) and s is not slot and s.state == "resident"
+                and not s.busy and s.group.id not in self.pins
+            ]
+            for v in victims:
+                v.state = "unloading"
+            for v in victims:
+                self._drop(v)
+        return bool(victims)
+
+    def _drop(self, slot: Slot) -> Future[None]:
+        """Queue a slot's unload on its (first device's) worker; forget the slot once done. Returns ``slot.gone``."""
+
+        def forget(_: Future[None]) -> None:
+            with self._lock:
+                if self.slots.get(slot.group.id) is slot:
+                    del self.slots[slot.group.id]
+                self._changed()
+            if not slot.gone.done():
+                slot.gone.set_result(None)
+
+        self.workers[slot.device_id].unload(slot.group.id).add_done_callback(forget)
+        return slot.gone
+
+    def _progress(self, slot: Slot, progress: float, stage: str) -> None:
+        with self._lock:
+            op = self.ops.get(slot.group.id)
+            if op is None:
+                return
+            op.progress, op.stage = progress, stage
+            self._bus.emit(
+                "load_progress", operation_id=op.id, group_id=op.group_id, device_id=op.device_id,
+                progress=op.progress, stage=stage,
+            )
+
+    # ---- reading (under the lock) ------------------------------------------------------------
+    def estimate(self, group: GroupSpec, device_id: int, strict: bool = False) -> int:
+        """Bytes the group needs resident on a device; measured weights replace estimated ones once known.
+
+        Without ``strict`` an unestimable (or not yet estimated) group counts 0 for display.
+        """
+        parts = self.estimates.peek(group, self.devices[device_id], strict)
+        if parts is None:
+            return 0
+        return needed_bytes(parts, self.measured.get(group.id), device_id in self.warm)
+
+    def views(self, in_use_evictable: bool = False) -> list[DeviceView]:
+        """What ``placement.place`` sees of each device (``in_use_evictable``: as if no ``run``/``use`` held any group)."""
+        views = []
+        for d in self.devices:
+            residents = tuple(
+                ResidentView(
+                    s.group.id, s.shares[d.device_id], s.last_used, s.group.id in self.pins,
+                    s.state != "resident" or s.inflight > 0 or (s.in_use > 0 and not in_use_evictable),
+                    self.ledger.value(s.group.id),
+                )
+                for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading"
+            )
+            free = 0 if self.workers[d.device_id].status == "lost" else d.memory(self.accounted(d.device_id))["free_bytes"]
+            views.append(DeviceView(d.device_id, free, residents))
+        return views
+
+    def accounted(self, device_id: int) -> int:
+        """Bytes this manager holds or has reserved on a device."""
+        return sum(s.shares.get(device_id, 0) for s in self.slots.values())
+
+    def resident(self, device_id: int) -> list[Slot]:
+        """The device's resident slots, most recently used first."""
+        on = [s for s in self.slots.values() if device_id in s.shares and s.state == "resident"]
+        return sorted(on, key=lambda s: -s.last_used)
+
+    def touch(self, slot: Slot) -> bool:
+        """Mark a slot used now; emits (and returns True) if a device's current group changed."""
+        def current() -> list[str]:
+            return [s.group.id for d in slot.shares for s in self.resident(d)[:1]]
+
+        before = current()
+        slot.last_used = time.monotonic()
+        self.ledger.used(slot.group.id, slot.bytes)
+        if current() != before:
+            self._changed()
+            return True
+        return False
+
+    def check_device(self, device_id: int | None, required: bool = False) -> None:
+        """``unknown_device`` unless ``device_id`` names a device (or is None and not ``required``)."""
+        if device_id is None and not required:
+            return
+        if not isinstance(device_id, int) or isinstance(device_id, bool) or not 0 <= device_id < len(self.devices):
+            raise GpuGroupsError(
+                "unknown_device", f"unknown device {device_id!r}; devices are 0..{len(self.devices) - 1}"
+            )
+
+
+
+def _failure(group: GroupSpec, exc: BaseException) -> GpuGroupsError:
+    """The error a failed load reports: ``insufficient_memory``, its own code, or ``load_failed``."""
+    if isinstance(exc, OutOfMemory):
+        return GpuGroupsError(
+            "insufficient_memory", f"group {group.id!r} does not fit: {exc}", {"group_id": group.id, "cause": str(exc)}
+        )
+    if isinstance(exc, GpuGroupsError) and exc.code in ("insufficient_memory", "unknown_model", "load_failed"):
+        return exc
+    cause = exc.message if isinstance(exc, GpuGroupsError) else f"{type(exc).__name__}: {exc}"
+    return GpuGroupsError(
+        "load_failed", f"loading group {group.id!r} failed: {cause}", {"group_id": group.id, "cause": cause}
+    )
