@@ -421,8 +421,8 @@ def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser
     nb = nbformat.v4.new_notebook(
         cells=[
             nbformat.v4.new_code_cell(
-                "import copy, json\nimport gpugroups as gg\nbig = gg.Manager(devices='virtual:3x41MiB')\n"
-                "big.load('pycode-tests')\np = gg.panel(big)\np"
+                "import copy, json\nimport gpugroups as gg\nbig = gg.Manager(devices='virtual:3x128MiB')\n"
+                "big.load('pycode-tests', device_ids=[0, 1, 2])\np = gg.panel(big)\np"
             )
         ]
     )
