@@ -411,3 +411,66 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
             f"print('@@' + json.dumps([p['token'] for p in m.process('tinygpt2', {PROMPT!r}, num_predictions=3)['predictions']]))",
         )
         assert in_dom == in_python
+
+
+def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser: Any) -> None:
+    """A group sharded over three devices shows on each card with its part; then the same panel
+    given a hand-made Ray state groups cards by node, shows a lost device and an in-use group."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import copy, json\nimport gpugroups as gg\nbig = gg.Manager(devices='virtual:3x128MiB')\n"
+                "big.load('pycode-tests', device_ids=[0, 1, 2])\np = gg.panel(big)\np"
+            )
+        ]
+    )
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, lab["root"] / "sharded.ipynb")
+    with page_for(browser, "sharded") as page:
+        open_notebook(page, lab, "sharded.ipynb")
+        run_all(page)
+        panel = page.locator(".jp-OutputArea-output .gg-panel").first
+        panel.wait_for()
+        row = panel.locator("tr.gg-group-row[data-group='pycode'] .gg-resident-on")
+        page.wait_for_function(
+            "() => document.querySelector(\".gg-panel tr.gg-group-row[data-group='pycode'] .gg-resident-on\")?.textContent === 'dev 0+1+2'"
+        )
+        shards = run_cell(page, "print('@@' + json.dumps(next(g for g in big.groups() if g['id'] == 'pycode')['shards']))")
+        assert [s["device_id"] for s in shards] == [0, 1, 2], shards
+        shown = panel.locator(".gg-device .gg-resident-group[data-group='pycode']").evaluate_all(
+            "lis => lis.map(li => [li.closest('.gg-device').dataset.deviceId, Number(li.dataset.shareBytes),"
+            " li.querySelector('.gg-resident-share').textContent])"
+        )
+        assert [(int(d), b) for d, b, _ in shown] == [(s["device_id"], s["bytes"]) for s in shards]
+        assert [text.split(" · ")[0] for _, _, text in shown] == ["part 1/3", "part 2/3", "part 3/3"]
+        shot(page, panel, "sharded-panel.png")
+
+        # The same panel fed a Ray-like state: two nodes, device 2 lost, the group held by a run.
+        run_cell(
+            page,
+            "s = copy.deepcopy(big.state())\n"
+            "for d, n in zip(s['devices'], ['a1b2c3d4e5', 'a1b2c3d4e5', 'f6f7f8f9f0']):\n"
+            "    d['node'], d['host'] = n, '10.0.0.' + str(ord(n[0]) % 10)\n"
+            "s['devices'][2]['status'] = 'lost'\n"
+            "next(g for g in s['groups'] if g['id'] == 'pycode')['status'] = 'in_use'\n"
+            "s['version'] += 1\np.state = s\nprint('@@1')",
+        )
+        page.wait_for_function("() => document.querySelectorAll('.gg-panel .gg-node').length === 2")
+        layout = panel.locator(".gg-devices > *").evaluate_all(
+            "els => els.map(e => e.classList.contains('gg-node') ? 'node ' + e.dataset.node : 'dev ' + e.dataset.deviceId)"
+        )
+        assert layout == ["node a1b2c3d4e5", "dev 0", "dev 1", "node f6f7f8f9f0", "dev 2"]
+        assert "10.0.0.7" in panel.locator(".gg-node").first.inner_text()
+        lost = panel.locator(".gg-device[data-device-id='2']")
+        assert "gg-lost" in (lost.get_attribute("class") or "")
+        assert lost.locator(".gg-device-head .gg-badge").inner_text() == "lost"
+        assert lost.locator("button[data-action='clear_device']").is_disabled()
+        assert panel.locator(".gg-device[data-device-id='0'] button[data-action='clear_device']").is_enabled()
+        assert panel.locator("select.gg-device-select option[value='2']").is_disabled()
+        assert row.inner_text() == "dev 0+1+2 · in use"
+        assert panel.locator(".gg-resident-group[data-group='pycode'] .gg-badge").first.inner_text() == "in use"
+        shot(page, panel, "ray-panel.png")
+        _check_readable(page, panel, "sharded")
+        run_cell(page, "big.close()\nprint('@@1')")

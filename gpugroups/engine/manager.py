@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 from ..catalog import Catalog, GroupSpec
+from ..display import manager_html, rich_process_result
 from ..errors import GpuGroupsError
 from ..protocol import get_op
 from ..schema import (
@@ -245,10 +246,10 @@ class Manager:
             with self._lock:
                 slot.inflight -= 1
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
-        return cast(ProcessResult, {
+        return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
             "prompt": prompt, **out,
-        })
+        }))
 
     def _ensure(
         self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any], device_ids: list[int] | None = None
@@ -430,6 +431,9 @@ class Manager:
     def __repr__(self) -> str:
         s = self.state()
         return f"<gpugroups.Manager {s['num_devices']} device(s), {sum(len(d['resident_groups']) for d in s['devices'])} resident group(s)>"
+
+    def _repr_html_(self) -> str:
+        return manager_html(self.state())
 
     def _bump(self) -> None:
         """Under the lock: a change happened. Queue its ``state_update`` for the subscribers: the
