@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..catalog import GroupSpec
@@ -183,7 +183,11 @@ class RayWorker:
     def resident(self) -> dict[str, int]:
         if self._lost is not None:
             return {}
-        held: dict[str, int] = ray.get(self._actor.resident.remote(), timeout=READY_S)
+        try:
+            held: dict[str, int] = ray.get(self._actor.resident.remote(), timeout=READY_S)
+        except (GetTimeoutError, RayError):  # its node died, or is dying: nothing to adopt there
+            self._lose()
+            return {}
         return held
 
     def on_lost(self, callback: Callable[[], None]) -> None:

@@ -127,13 +127,16 @@ def test_a_host_restarted_mid_request_answers_503_and_stays_the_host(shared: Liv
 
     def process() -> None:
         try:
-            answer["result"] = client.process("tiny-gpt2", "hello " * 50, num_predictions=64, max_new_tokens=64)
+            answer["result"] = client.process("tiny-gpt2", "hello " * 50, num_predictions=100, max_new_tokens=256)
         except GpuGroupsError as exc:
             answer["error"] = exc
 
     caller = threading.Thread(target=process)
     caller.start()
-    time.sleep(1.0)  # the request is in the host kernel now
+    deadline = time.monotonic() + 30
+    while not any(d["status"] == "busy" for d in client.state()["devices"]):  # the request runs there now
+        assert time.monotonic() < deadline and caller.is_alive(), "the request never ran"
+        time.sleep(0.05)
     assert shared.post(f"/api/kernels/{host['kernel_id']}/restart").ok
     caller.join(60)
     assert "error" in answer, answer
