@@ -40,13 +40,14 @@ from .progress import LoadBar, ProgressOption, check_option
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import render, snapshot
+from .twins import AwaitableTwins
 from .worker import Request, ThreadWorker, WorkerFactory
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Manager:
+class Manager(AwaitableTwins):
     """Owns devices and the groups on them. Thread-safe; one per kernel is usual (``gg.manager()``).
 
     ``devices``: ``"auto"`` (CUDA devices, else one ``cpu``), ``"cpu"``, ``"cuda:N"``,
@@ -299,45 +300,6 @@ class Manager:
         ``invalid_request`` pointing to ``run``.
         """
         return self._research.use(model_id)
-
-    # ---- awaitable twins: the same calls in a thread, so an event loop stays free --------------
-    async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
-        """Awaitable ``load``."""
-        return await asyncio.to_thread(self.load, model_id, device_id, device_ids)
-
-    async def aload_group(
-        self, group_id: str, device_id: int | None = None, device_ids: list[int] | None = None
-    ) -> LoadResult:
-        """Awaitable ``load_group``."""
-        return await asyncio.to_thread(self.load_group, group_id, device_id, device_ids)
-
-    async def aunload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
-        """Awaitable ``unload``."""
-        return await asyncio.to_thread(self.unload, model_id, device_id)
-
-    async def aunload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
-        """Awaitable ``unload_group``."""
-        return await asyncio.to_thread(self.unload_group, group_id, device_id)
-
-    async def aclear_device(self, device_id: int) -> ClearResult:
-        """Awaitable ``clear_device``."""
-        return await asyncio.to_thread(self.clear_device, device_id)
-
-    async def apin(
-        self, group_id: str, device_id: int | None = None, pinned: bool = True, device_ids: list[int] | None = None
-    ) -> PinResult:
-        """Awaitable ``pin``."""
-        return await asyncio.to_thread(self.pin, group_id, device_id, pinned, device_ids)
-
-    async def aunpin(self, group_id: str) -> PinResult:
-        """Awaitable ``unpin``."""
-        return await asyncio.to_thread(self.unpin, group_id)
-
-    async def aprocess(
-        self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
-    ) -> ProcessResult:
-        """Awaitable ``process``."""
-        return await asyncio.to_thread(self.process, model_id, prompt, num_predictions, device_id, max_new_tokens)
 
     # ---- state and events ---------------------------------------------------------------
     @property
