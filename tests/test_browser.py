@@ -430,8 +430,10 @@ def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser
     nbformat.write(nb, lab["root"] / "sharded.ipynb")
     with page_for(browser, "sharded") as page:
         open_notebook(page, lab, "sharded.ipynb")
+        # the status bar may still show the other open notebook's idle kernel: ask the server
+        wait_kernel_idle(lab, "sharded.ipynb")
         run_all(page)
-        panel = page.locator(".jp-OutputArea-output .gg-panel").first
+        panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output .gg-panel").first
         panel.wait_for()
         row = panel.locator("tr.gg-group-row[data-group='pycode'] .gg-resident-on")
         page.wait_for_function(

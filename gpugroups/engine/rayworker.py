@@ -77,16 +77,22 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
                 num_gpus=1, num_cpus=0,  # a CPU per actor would starve small nodes of actors
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
             ).remote(kind, size, idle_timeout_s))
-    try:
-        infos = ray.get([a.info.remote() for a in actors], timeout=READY_S)
-    except GetTimeoutError as exc:
-        raise GpuGroupsError(
-            "host_unavailable",
-            f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
-            "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
-        ) from exc
+    refs = [a.info.remote() for a in actors]
+    deadline = time.monotonic() + READY_S
+    ready = []
+    for actor, ref in zip(actors, refs):
+        try:
+            ready.append((actor, ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))))
+        except GetTimeoutError as exc:
+            raise GpuGroupsError(
+                "host_unavailable",
+                f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
+                "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
+            ) from exc
+        except RayError:
+            continue  # its node is going away (still listed alive for a moment): not a device
     devices = []
-    for actor, info in zip(actors, infos):
+    for actor, info in ready:
         total = size or info["total_bytes"]
         name = f"{'virtual ' + format(size / 1024**3, '.2f') + ' GiB' if size else info['name']} on {info['host']}"
         d = Device(
