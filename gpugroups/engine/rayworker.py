@@ -89,8 +89,12 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
                 f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
                 "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
             ) from exc
-        except RayError:
-            continue  # its node is going away (still listed alive for a moment): not a device
+        except RayError:  # its node is going away (still listed alive for a moment): not a device
+            try:
+                ray.kill(actor, no_restart=True)  # nor a name left behind for the next manager
+            except Exception:
+                pass
+            continue
     devices = []
     for actor, info in ready:
         total = size or info["total_bytes"]
@@ -209,7 +213,10 @@ class RayWorker:
                 ray.get(self._actor.shutdown.remote(), timeout=60)
             except Exception:
                 pass  # gone already or stuck: the kill below ends it either way
-            ray.kill(self._actor, no_restart=True)
+        try:
+            ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
+        except Exception:
+            pass  # its node is gone, and the actor with it
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _track(self, status: str) -> Future[Any]:
