@@ -7,6 +7,7 @@ this machine is mistaken for the one that started the kernel).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,11 @@ def test_research_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.skipif(
+    os.environ.get("GPUGROUPS_RUN_CLUSTER_NOTEBOOK") != "1",
+    reason="the node-removal cell fails now and then inside nbclient (issue 11, open); "
+    "set GPUGROUPS_RUN_CLUSTER_NOTEBOOK=1 to run it. tests/engine/test_ray.py covers the same paths.",
+)
 def test_cluster_runs_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
     nb = execute("cluster.ipynb", tmp_path, monkeypatch)

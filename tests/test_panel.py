@@ -21,6 +21,7 @@ from comm.base_comm import BaseComm
 import gpugroups as gg
 from gpugroups.widgets import Panel
 from gpugroups.widgets.panel import _Relay
+from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
 
@@ -75,14 +76,6 @@ class FrontEnd(BaseComm):
                 state = data["state"]["state"]
         return state
 
-
-def wait_for(pred: Any, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return bool(pred())
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,3 @@ def gated_manager(**kwargs: Any) -> tuple[gg.Manager, list[GatedWorker]]:
 
     return gg.Manager(worker=make, **kwargs), workers
 
-
-def wait_for(pred: Any, timeout: float = 5.0) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass; its last value."""
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return bool(pred())

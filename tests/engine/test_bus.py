@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from gpugroups.engine.bus import EventBus
-from tests.engine.gated import wait_for
+from tests.waiting import wait_for
 
 
 def test_events_arrive_in_version_order_until_unsubscribed():

@@ -12,7 +12,7 @@ import torch
 import gpugroups as gg
 from gpugroups.errors import GpuGroupsError
 from gpugroups.protocol import MAX_NEW_TOKENS, MAX_NUM_PREDICTIONS
-from tests.engine.gated import wait_for
+from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
 

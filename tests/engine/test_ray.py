@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import gpugroups as gg
 from gpugroups.errors import GpuGroupsError
 from gpugroups.server.openapi import build_spec
 from tests.contract import check
+from tests.waiting import wait_for
 
 # Read when Ray is imported: keep every node, driver and actor on loopback (never the machine's
 # network address) and skip the auth token newer Ray writes for clusters of its own.
@@ -70,14 +71,6 @@ def namespace() -> str:
 def actors_in(ns: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
 
-
-def wait_for(pred: Callable[[], Any], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return bool(pred())
 
 
 def in_subprocess(cluster: Any, catalog: Path, ns: str, body: str, idle_s: float = 1800.0) -> str:

@@ -14,7 +14,7 @@ from gpugroups import protocol
 from gpugroups.engine.devices import detect
 from gpugroups.engine.worker import ThreadWorker
 from gpugroups.errors import GpuGroupsError
-from tests.engine.gated import wait_for
+from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
 

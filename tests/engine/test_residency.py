@@ -7,7 +7,8 @@ import pytest
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
-from tests.engine.gated import gated_manager, wait_for
+from tests.engine.gated import gated_manager
+from tests.waiting import wait_for
 
 GROUPS = ["g1", "g2", "g3", "g4", "g5"]
 

@@ -8,7 +8,7 @@ import pytest
 
 import gpugroups as gg
 from gpugroups.catalog import GroupSpec
-from tests.engine.gated import wait_for
+from tests.waiting import wait_for
 
 
 def test_state_json_shape_and_consistency(m):

@@ -9,7 +9,7 @@ import pytest
 from gpugroups.engine.devices import detect
 from gpugroups.engine.worker import Request, ThreadWorker, Worker
 from gpugroups.errors import GpuGroupsError
-from tests.engine.gated import wait_for
+from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
 
