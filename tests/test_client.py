@@ -90,3 +90,16 @@ def test_mypy_catches_a_wrong_call(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout + run.stderr
     assert 'Argument "device_id" to "load" of "Client"' in run.stdout
     assert '"LoadResult" has no key "secs"' in run.stdout
+
+
+def test_a_proxy_in_the_environment_when_the_client_is_made_is_used(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_address[1]}")
+    client = Client("http://gpugroups.invalid:8888")
+    monkeypatch.delenv("http_proxy")  # read once, when the client was made
+    with pytest.raises(GpuGroupsError):
+        client.state()
+    assert Recorder.requests == ["http://gpugroups.invalid:8888/api/v2/system/state"]
