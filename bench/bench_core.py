@@ -1,10 +1,12 @@
 """Speed of the manager against plain transformers/PEFT, measured in the same run.
 
 Prints, for the shipped demo ``pycode`` group (base + two LoRA adapters) on one device:
-- load: ``Manager.load_group`` vs ``from_pretrained`` + ``PeftModel`` of the same weights;
-- switch: making another member current vs reloading the group (goal: >= 20x faster),
-  and the device's used bytes before/after a switch (goal: unchanged);
-- process: ``Manager.process`` vs the raw model's forward + top-k (goal: <= 1 ms overhead, median).
+- load: ``Manager.load_group`` vs ``from_pretrained`` + ``PeftModel`` of the same weights, alternated;
+- switch: making another member current vs reloading the group, and the device's used bytes
+  before/after a switch (unchanged: a switch moves no memory);
+- process: ``Manager.process`` vs the raw model's forward + top-k (median overhead).
+
+The goals of these figures are in ``bench/goals.py``.
 
 Usage: ``python bench/bench_core.py [--devices cpu|cuda:0|virtual:...] [--repeat N]``.
 """
@@ -88,8 +90,13 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
     folders = estimate_folders(m.catalog, group)
     out: dict[str, float] = {}
 
-    loads, unloads = [], []
-    for _ in range(max(3, repeat // 20)):
+    # Manager loads alternate with plain loads of the same files, so that both see the same load
+    # on the machine and the same warm page cache; the plain model is dropped before the next.
+    loads, unloads, raws = [], [], []
+    m.load_group(GROUP, device_id=0)  # warm-up: imports and first-call setup of both paths
+    m.unload_group(GROUP)
+    raw_load(folders, dev.backing, dtype)
+    for _ in range(max(5, repeat // 10)):
         t0 = time.perf_counter()
         m.load_group(GROUP, device_id=0)
         sync()
@@ -98,12 +105,16 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
         sync()
         loads.append((t1 - t0) * 1e3)
         unloads.append((time.perf_counter() - t1) * 1e3)
+        t2 = time.perf_counter()
+        raw_load(folders, dev.backing, dtype)
+        sync()
+        raws.append((time.perf_counter() - t2) * 1e3)
     out["load_manager_ms"], out["unload_ms"] = statistics.median(loads), statistics.median(unloads)
+    out["load_raw_ms"] = statistics.median(raws)
     m.load_group(GROUP, device_id=0)
-    out["load_raw_ms"] = median_ms(lambda: raw_load(folders, dev.backing, dtype), len(loads), sync)
     out["load_overhead"] = out["load_manager_ms"] / out["load_raw_ms"]
     print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "
-          f"(ratio {out['load_manager_ms'] / out['load_raw_ms']:.2f}, goal <= 1); unload {out['unload_ms']:.1f} ms")
+          f"(ratio {out['load_manager_ms'] / out['load_raw_ms']:.2f}); unload {out['unload_ms']:.1f} ms")
 
     members = [BASE, *ADAPTERS]
     i = iter(range(10**9))
@@ -113,7 +124,7 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
     out["reload_ms"] = out["load_manager_ms"] + out["unload_ms"]
     out["switch_speedup"] = out["reload_ms"] / out["switch_ms"]
     print(f"switch : {out['switch_ms']:.3f} ms vs reload {out['reload_ms']:.1f} ms "
-          f"(reload/switch {out['reload_ms'] / out['switch_ms']:.0f}x, goal >= 20x); "
+          f"(reload/switch {out['reload_ms'] / out['switch_ms']:.0f}x); "
           f"device used bytes before/after switching: {used_before} / {used_after}")
 
     # The baseline runs the very model object the manager holds (same weights, same memory),
@@ -135,7 +146,7 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
     )
     out["process_overhead_ms"] = out["process_manager_ms"] - out["process_raw_ms"]
     print(f"process: manager {out['process_manager_ms']:.3f} ms vs raw forward+top-k {out['process_raw_ms']:.3f} ms "
-          f"(overhead {out['process_overhead_ms']:.3f} ms median, goal <= 1 ms)")
+          f"(overhead {out['process_overhead_ms']:.3f} ms median)")
     out["batching_speedup"] = batching_speedup(m, max(2, repeat // 25))
     print(f"batching: {CLIENTS} clients on mixed members, concurrent vs one after another: "
           f"{out['batching_speedup']:.2f}x")
