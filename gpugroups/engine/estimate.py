@@ -15,6 +15,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +49,8 @@ DEVICE_OVERHEAD: dict[str, int] = {"cuda": 512 * MiB, "cpu": 0, "virtual": 0}
 #: A reference batch for the runtime reserve: gpugroups batches pending prompts of a group.
 REFERENCE_BATCH = 8
 REFERENCE_SEQ = 512
+#: Longest prompt ``PassBudget.max_seq`` considers (beyond any model's context).
+MAX_SEQ = 1 << 22
 
 _MAX_HEADER = 100 * MiB  # safetensors itself refuses larger headers
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -144,7 +147,8 @@ def _model_header(folder: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def config_of(folder: Path) -> dict[str, Any]:
+    """A model folder's ``config.json`` (``invalid_model`` if it has none)."""
     if not (folder / "config.json").is_file():
         raise GpuGroupsError("invalid_model", f"model folder {folder} has no config.json")
     return read_json(folder / "config.json")
@@ -159,7 +163,7 @@ def weight_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) 
     alone) the model is built from its config on the meta device and counted there.
     """
     folder = Path(folder)
-    config = _config(folder)
+    config = config_of(folder)
     tensors = _model_header(folder)
     if not tensors:
         return meta_bytes(folder, dtype, trust_remote_code)
@@ -179,7 +183,7 @@ def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) ->
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     folder = Path(folder)
-    _config(folder)
+    config_of(folder)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         # torch's meta-device context rather than accelerate's init_empty_weights: under the
@@ -326,6 +330,51 @@ def runtime_reserve(
     return int(kv + activations + scores + logits)
 
 
+@dataclass(frozen=True)
+class PassBudget:
+    """The most one forward pass of a loaded member may take: the runtime reserve its group's
+    estimate accounted, measured against the pass's own ``runtime_reserve`` (its rows, tokens and
+    the attention the loaded model really runs). A request larger than the reserve is cut to fit
+    (rows split into several passes, a prompt shortened from the left) rather than run past it."""
+
+    config: Mapping[str, Any]
+    dtype: str
+    reserve: int
+    attention: str | None = None
+
+    def fits(self, batch: int, seq: int, new_tokens: int = 0) -> bool:
+        """Whether ``batch`` rows of ``seq`` tokens (continued by ``new_tokens``) fit the reserve."""
+        need = runtime_reserve(self.config, self.dtype, batch, max(seq, 1), new_tokens, self.attention)
+        return need <= self.reserve
+
+    def max_seq(self, new_tokens: int = 0) -> int:
+        """The longest prompt one row may have with ``new_tokens`` to follow (0: not one token)."""
+        if not self.fits(1, 1, new_tokens):
+            return 0
+        lo, hi = 1, 2
+        while hi <= MAX_SEQ and self.fits(1, hi, new_tokens):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # fits(lo) and not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.fits(1, mid, new_tokens) else (lo, mid)
+        return min(lo, MAX_SEQ)
+
+    def max_rows(self, seq: int, new_tokens: int = 0, most: int = 1 << 16) -> int:
+        """How many rows of ``seq`` tokens one pass may take (at least 1: one row always runs)."""
+        rows = 1
+        while rows < most and self.fits(rows + 1, seq, new_tokens):
+            rows += 1
+        return rows
+
+
+def group_reserve(group: GroupSpec, paths: Mapping[str, Path], dtype: str) -> int:
+    """The runtime reserve of ``group`` (member id -> folder): its base's, or its largest
+    member's (a device runs one forward pass at a time)."""
+    if group.kind == "adapters":
+        return runtime_reserve(config_of(Path(paths[group.base])), dtype)  # type: ignore[index]
+    return max(runtime_reserve(config_of(Path(p)), dtype) for p in paths.values())
+
+
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     """The language-model part of a config (multimodal configs nest it in ``text_config``)."""
     text = config.get("text_config")
@@ -370,11 +419,10 @@ def estimate_group(
             check_adapter_matches_base(a, base)
         weights = weight_bytes(base, dtype, trc)
         extra = sum(adapter_bytes(a, dtype) for a in adapters)
-        reserve = runtime_reserve(_config(base), dtype)
     else:
         weights = sum(weight_bytes(p, dtype, trc) for p in paths.values())
         extra = 0
-        reserve = max(runtime_reserve(_config(p), dtype) for p in paths.values())
+    reserve = group_reserve(group, paths, dtype)
     overhead = DEVICE_OVERHEAD.get(device_kind, 0)
     return {
         "weights_bytes": weights,

@@ -3,6 +3,9 @@
 One call of ``predict`` serves every pending request of a resident group in one forward pass:
 prompts are left-padded, positions follow the attention mask (so a padded row computes what it
 would alone), and only the last position's logits are computed where the model allows it.
+No pass takes more memory than the group's runtime reserve (the member's ``PassBudget``): a
+prompt longer than the reserve holds is cut from the left like one longer than the context, and
+rows (prompts, or the continued predictions) that do not fit one pass together run in several.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ from typing import Any
 
 import torch
 
+from ..errors import GpuGroupsError
+from .estimate import PassBudget
 from .runtime import Runtime
 from .worker import Request
 
 
 def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
-    """Answer ``requests`` (members of one batchable set of ``rt``) with one forward pass.
+    """Answer ``requests`` (members of one batchable set of ``rt``) with one forward pass, or
+    several where the rows together would not fit the member's budget.
 
     Returns, per request, ``{"predictions": [...], "prompt_tokens", "truncated", "timing"}``.
     """
@@ -28,37 +34,36 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
     tok = member.tokenizer
     rows: list[list[int]] = []
     truncated: list[bool] = []
+    budget = member.budget
     for r in requests:
         # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
         # the prompt is cut to fit just below, so the warning would only mislead the user.
         ids = list(tok(r.prompt, verbose=False)["input_ids"])
-        room = max(1, member.context_length - r.max_new_tokens - 1)
+        context_room = member.context_length - r.max_new_tokens - 1
+        # a continuation's pass holds the prompt, its first token and the tokens that follow
+        memory_room = budget.max_seq(r.max_new_tokens) - (1 if r.max_new_tokens else 0)
+        if memory_room < 1:
+            raise GpuGroupsError(
+                "invalid_request",
+                f"max_new_tokens={r.max_new_tokens} does not fit the group's runtime reserve "
+                f"({budget.reserve} bytes) even for a one-token prompt; ask for fewer new tokens",
+            )
+        room = max(1, min(context_room, memory_room))
         truncated.append(len(ids) > room)
         if truncated[-1]:
-            r.notes.append(
-                f"prompt truncated from the left: {len(ids)} tokens kept the last {room} (model context {member.context_length})"
+            why = (
+                f"model context {member.context_length}" if room == max(1, context_room)
+                else f"the group's runtime reserve holds {room} tokens in one pass"
             )
+            r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")
             ids = ids[-room:]
         rows.append(ids)
     device = torch.device(rt.device.backing)
-    width = max(len(ids) for ids in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[i, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
     t1 = time.perf_counter()
-    with torch.inference_mode(), rt.rows([r.member for r in requests]) as (model, extra):
-        kwargs = dict(extra)
-        accepted = _forward_params(model)
-        if "position_ids" in accepted:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if "logits_to_keep" in accepted:
-            kwargs["logits_to_keep"] = 1
-        logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits[:, -1, :]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    parts = []
+    for start, end in _passes([len(ids) for ids in rows], budget):
+        parts.append(_last_logprobs(rt, [r.member for r in requests[start:end]], rows[start:end], tok, device))
+    logprobs = torch.cat(parts)
     t2 = time.perf_counter()
     vocab = logprobs.shape[-1]
     results = []
@@ -90,24 +95,66 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
     return results
 
 
+def _passes(lengths: list[int], budget: PassBudget) -> list[tuple[int, int]]:
+    """Consecutive runs of rows (``[start, end)``) that each fit the budget as one pass."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < len(lengths):
+        end, width = start + 1, lengths[start]
+        while end < len(lengths) and budget.fits(end - start + 1, max(width, lengths[end])):
+            width = max(width, lengths[end])
+            end += 1
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _last_logprobs(
+    rt: Runtime, members: list[str], rows: list[list[int]], tok: Any, device: torch.device
+) -> torch.Tensor:
+    """One forward pass over left-padded ``rows``: the log-probabilities after each row's last token."""
+    width = max(len(ids) for ids in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    with torch.inference_mode(), rt.rows(members) as (model, extra):
+        kwargs = dict(extra)
+        accepted = _forward_params(model)
+        if "position_ids" in accepted:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if "logits_to_keep" in accepted:
+            kwargs["logits_to_keep"] = 1
+        logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits[:, -1, :]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
 def _continue(rt: Runtime, member: str, prompt_ids: list[int], first: list[int], n: int, device: torch.device) -> list[str]:
-    """Greedy continuation of the prompt after each of ``first`` tokens, ``n`` tokens in all."""
-    tok = rt.members[member].tokenizer
-    ids = torch.tensor([prompt_ids + [t] for t in first], dtype=torch.long, device=device)
-    with torch.inference_mode(), rt.rows([member] * len(first)) as (model, extra):
-        if n > 1:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n - 1,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                **extra,
-            )
-        else:
-            out = ids
+    """Greedy continuation of the prompt after each of ``first`` tokens, ``n`` tokens in all,
+    as many rows per pass as the member's budget holds."""
+    m = rt.members[member]
+    tok = m.tokenizer
+    out: list[list[int]] = []
+    if n > 1:
+        step = m.budget.max_rows(len(prompt_ids) + 1, n - 1, most=len(first))
+        for start in range(0, len(first), step):
+            ids = torch.tensor([prompt_ids + [t] for t in first[start:start + step]], dtype=torch.long, device=device)
+            with torch.inference_mode(), rt.rows([member] * len(ids)) as (model, extra):
+                out += model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n - 1,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    **extra,
+                ).tolist()
+    else:
+        out = [prompt_ids + [t] for t in first]
     texts = []
-    for row in out.tolist():
+    for row in out:
         first_tok, rest = row[len(prompt_ids)], row[len(prompt_ids) + 1:]
         if tok.eos_token_id in rest:  # generation stopped: what follows is padding
             rest = rest[: rest.index(tok.eos_token_id)]

@@ -25,6 +25,7 @@ import torch
 
 from ..catalog import GroupSpec
 from .devices import Device
+from .estimate import PassBudget, config_of, group_reserve
 from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
 from .worker import Progress, Span
 
@@ -38,6 +39,8 @@ class Member:
     model: Any
     tokenizer: Any
     context_length: int
+    #: What one forward pass of it may take (the group's reserve; see ``PassBudget``).
+    budget: PassBudget
     adapter: str | None = None  # adapters groups: the PEFT adapter name (None for the base)
 
 
@@ -56,6 +59,7 @@ class Runtime:
         self._peft: Any = None
         self._tuner_layers: list[Any] = []  # every LoRA layer of the PEFT model, found once at load
         self._switch_lock = threading.Lock()
+        self._reserve: int | None = None  # the group's runtime reserve, read once at load
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -106,7 +110,8 @@ class Runtime:
             base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).eval()
             tok = AutoTokenizer.from_pretrained(base_dir)
             ctx = context_length(base_dir)
-            self.members[g.base] = Member(base, tok, ctx)  # type: ignore[index]
+            budget = self._budget(base_dir, base, folders)
+            self.members[g.base] = Member(base, tok, ctx, budget)  # type: ignore[index]
             report(1 / steps, f"loaded base {g.base}")
             adapters = [m for m in g.members if m != g.base]
             if adapters:
@@ -120,8 +125,8 @@ class Runtime:
                         self._peft.load_adapter(folders[aid], adapter_name=aid, is_trainable=False)
                 self._peft.eval()
                 for aid in adapters:
-                    self.members[aid] = Member(self._peft, tok, ctx, adapter=aid)
-                self.members[g.base] = Member(self._peft, tok, ctx)  # type: ignore[index]
+                    self.members[aid] = Member(self._peft, tok, ctx, budget, adapter=aid)
+                self.members[g.base] = Member(self._peft, tok, ctx, budget)  # type: ignore[index]
                 self._peft.set_adapter(adapters[0], inference_mode=True)
                 self._tuner_layers = _tuner_layers(self._peft)
         else:
@@ -129,10 +134,19 @@ class Runtime:
                 report(i / steps, f"loading {mid}")
                 model = AutoModelForCausalLM.from_pretrained(folders[mid], **kwargs).eval()
                 tok = AutoTokenizer.from_pretrained(folders[mid])
-                self.members[mid] = Member(model, tok, context_length(folders[mid]))
+                budget = self._budget(folders[mid], model, folders)
+                self.members[mid] = Member(model, tok, context_length(folders[mid]), budget)
         for m in self.members.values():
             if m.tokenizer.pad_token_id is None:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
+
+    def _budget(self, folder: Path, model: Any, folders: dict[str, Path]) -> PassBudget:
+        """A member's pass budget: the group's reserve, against the attention the model really runs
+        (transformers may fall back to eager, which the config file does not say)."""
+        if self._reserve is None:
+            self._reserve = group_reserve(self.group, folders, self.dtype)
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return PassBudget(config_of(Path(folder)), self.dtype, self._reserve, attention)
 
     def _device_map(self, folder: Path) -> dict[str, str] | None:
         """accelerate's map over the span, by backing; None when every backing is the cpu."""
