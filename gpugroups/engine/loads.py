@@ -162,11 +162,8 @@ class Loads:
                 return lambda: {first: single.result()}
             release: Future[None] = Future()
             holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
-            last = slot.device_ids[-1]
-            weights = [slot.weights[d] for d in slot.device_ids]
-            # the last device may take what it has room for, so accelerate's own rounding never spills
-            weights[-1] = max(weights[-1], self.devices[last].memory(self.accounted(last) - slot.shares[last])["free_bytes"])
-            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), tuple(weights), holds)
+            weights = tuple(slot.weights[d] for d in slot.device_ids)
+            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), weights, holds)
             sharded = worker.load_sharded(group, paths, dtype, progress, span)
             sharded.add_done_callback(lambda _: release.set_result(None))
         return lambda: dict(zip(slot.device_ids, sharded.result()))

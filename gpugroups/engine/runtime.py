@@ -52,6 +52,7 @@ class Runtime:
         self.bytes = 0
         self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
         self._span: Span | None = None
+        self.device_map: dict[str, int] = {}  # a sharded group's modules -> span position
         self._map_split: list[int] = []
         self._peft: Any = None
         self._tuner_layers: list[Any] = []  # every LoRA layer of the PEFT model, found once at load
@@ -140,12 +141,12 @@ class Runtime:
 
         span = self._span
         assert span is not None
-        by_position, self._map_split = sharding.device_map(
+        self.device_map, self._map_split = sharding.device_map(
             sharding.meta_model(folder, self.dtype, self.group.trust_remote_code), span.weight_bytes, self.dtype
         )
         if all(b == "cpu" for b in span.backings):
             return None
-        return {name: span.backings[pos] for name, pos in by_position.items()}
+        return {name: span.backings[pos] for name, pos in self.device_map.items()}
 
     # ---- using --------------------------------------------------------------------------
     @contextlib.contextmanager

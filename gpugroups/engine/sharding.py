@@ -9,6 +9,7 @@ backing (``cpu``, or slices of one GPU) stay apart in the accounting.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,22 @@ from .torchkit import CONSTRUCTION_LOCK, torch_dtype
 
 
 def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any:
-    """The causal LM of ``folder/config.json`` on the meta device, in ``dtype``."""
+    """The causal LM of ``folder/config.json`` on the meta device, in ``dtype``.
+
+    Shared, read-only, and remembered per config file (its path and modification time): building
+    it costs about as much as loading a small model's weights, and every sharded load of the
+    group needs it again for its device map.
+    """
+    config = Path(folder) / "config.json"
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError as exc:
+        raise GpuGroupsError("invalid_model", f"cannot read {config}: {exc}") from None
+    return _meta_model(str(config.parent.resolve()), stamp, dtype, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(folder: str, stamp: int, dtype: str, trust_remote_code: bool) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -28,7 +44,7 @@ def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any
         with CONSTRUCTION_LOCK, torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype))
     except Exception as exc:
-        raise GpuGroupsError("invalid_model", f"cannot build {folder / 'config.json'} on the meta device: {exc}") from None
+        raise GpuGroupsError("invalid_model", f"cannot build {folder}/config.json on the meta device: {exc}") from None
 
 
 def blocks(model: Any) -> list[int]:
@@ -57,32 +73,35 @@ def blocks(model: Any) -> list[int]:
 
 def device_map(model: Any, max_bytes: Sequence[int], dtype: str) -> tuple[dict[str, int], list[int]]:
     """accelerate's map of ``model`` over the span (module name -> span position) and the
-    weight bytes it puts at each position; ``OutOfMemory``-free: raises ``insufficient_memory``
-    when the span cannot take the whole model.
+    weight bytes it puts at each position.
 
-    ``max_bytes`` is each position's room for weights. accelerate keeps room for the largest
-    layer on its main device (position 0) for offloading, which a group never does, so that
-    room is added back there.
+    ``max_bytes`` is each position's room for weights; the last position takes whatever the
+    others leave (placement sized the span for the whole model, and the manager checks each
+    device's measured share against its budget), so nothing is ever offloaded. accelerate keeps
+    room for the largest layer on its main device (position 0) for offloading, which a group
+    never does, so that room is added back there. Remembered per model and rooms: a group
+    reloaded with the same split skips accelerate's search (a tenth of a small model's load).
     """
+    mapping, split = _device_map(model, tuple(int(b) for b in max_bytes[:-1]), len(max_bytes), dtype)
+    return dict(mapping), list(split)
+
+
+@functools.lru_cache(maxsize=32)
+def _device_map(model: Any, rooms: tuple[int, ...], positions: int, dtype: str) -> tuple[dict[str, int], tuple[int, ...]]:
     from accelerate import infer_auto_device_map
     from accelerate.utils import compute_module_sizes, get_max_layer_size
 
     sizes = compute_module_sizes(model)
     no_split = list(model._no_split_modules or ())
     largest, _ = get_max_layer_size([(n, m) for n, m in model.named_children()], sizes, no_split)
-    room = {i: int(b) + (largest if i == 0 else 0) for i, b in enumerate(max_bytes)}
+    room = {i: b + (largest if i == 0 else 0) for i, b in enumerate(rooms)}
+    room[positions - 1] = sizes[""]
     with _quiet_accelerate():
         mapping = infer_auto_device_map(model, max_memory=room, no_split_module_classes=no_split, dtype=torch_dtype(dtype))
-    spill = sorted(k for k, v in mapping.items() if not isinstance(v, int))
-    if spill:
-        raise GpuGroupsError(
-            "insufficient_memory", f"the devices' shares cannot hold the model: {', '.join(spill)} left over",
-            {"modules": spill},
-        )
-    split = [0] * len(max_bytes)
+    split = [0] * positions
     for name, pos in mapping.items():
         split[pos] += sizes[name]
-    return dict(mapping), split
+    return mapping, tuple(split)
 
 
 @contextlib.contextmanager
