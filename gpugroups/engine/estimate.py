@@ -292,7 +292,31 @@ def runtime_reserve(
     config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None,
     new_tokens: int = 0, attention: str | None = None,
 ) -> int:
-    """Bytes a forward pass of ``batch`` rows of ``seq`` tokens needs beyond the weights.
+    """Bytes a forward pass of ``batch`` rows of ``seq`` tokens needs beyond the weights: the sum
+    of ``reserve_parts``."""
+    return sum(reserve_parts(config, dtype, batch, seq, new_tokens, attention))
+
+
+class ShardReserve(NamedTuple):
+    """A runtime reserve by where a sharded pass needs it (``reserve_parts``): ``each`` on every
+    device (a layer's activations and attention run on the layer's device), ``kv`` split by
+    decoder layers, ``logits`` on the device of the output head."""
+
+    each: int
+    kv: int
+    logits: int
+
+    def on(self, layers: int, total_layers: int, head: bool) -> int:
+        """Bytes a device holding ``layers`` of ``total_layers`` decoder layers (and the head or not) needs."""
+        kv = -(-self.kv * layers // total_layers) if total_layers else self.kv
+        return self.each + kv + (self.logits if head else 0)
+
+
+def reserve_parts(
+    config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None,
+    new_tokens: int = 0, attention: str | None = None,
+) -> ShardReserve:
+    """The runtime reserve of a forward pass of ``batch`` rows of ``seq`` tokens, by where it lives.
 
     KV cache (``2 x layers x batch x (seq + new_tokens) x kv_heads x head_dim``: a greedy
     continuation keeps growing it), live activations (``HIDDEN_LIVE`` hidden-sized and
@@ -323,7 +347,7 @@ def runtime_reserve(
     else:
         scores = batch * seq * seq
     logits = batch * vocab * 4
-    return int(kv + activations + scores + logits)
+    return ShardReserve(int(activations + scores), int(kv), int(logits))
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -357,7 +381,8 @@ def estimate_group(
     base first (a mismatch is ``invalid_model`` before anything loads). The reserve is the
     largest member's: a device runs one forward pass at a time.
     Returns ``weights_bytes``, ``adapters_bytes``, ``reserve_bytes``, ``overhead_bytes`` and
-    their sum ``total_bytes``.
+    their sum ``total_bytes``; ``kv_bytes`` and ``logits_bytes`` say how much of the reserve is
+    KV cache and logits (``ShardReserve``).
     """
     if dtype not in LOAD_ITEMSIZE:
         raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)}, got {dtype!r}")
@@ -370,16 +395,19 @@ def estimate_group(
             check_adapter_matches_base(a, base)
         weights = weight_bytes(base, dtype, trc)
         extra = sum(adapter_bytes(a, dtype) for a in adapters)
-        reserve = runtime_reserve(_config(base), dtype)
+        parts = reserve_parts(_config(base), dtype)
     else:
         weights = sum(weight_bytes(p, dtype, trc) for p in paths.values())
         extra = 0
-        reserve = max(runtime_reserve(_config(p), dtype) for p in paths.values())
+        parts = max((reserve_parts(_config(p), dtype) for p in paths.values()), key=sum)
+    reserve = sum(parts)
     overhead = DEVICE_OVERHEAD.get(device_kind, 0)
     return {
         "weights_bytes": weights,
         "adapters_bytes": extra,
         "reserve_bytes": reserve,
+        "kv_bytes": parts.kv,  # of reserve_bytes: split by layers over a sharded group's devices
+        "logits_bytes": parts.logits,  # of reserve_bytes: on a sharded group's head device only
         "overhead_bytes": overhead,
         "total_bytes": weights + extra + reserve + overhead,
     }

@@ -12,16 +12,26 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
 from . import estimate as est
 from .devices import Device
 
+if TYPE_CHECKING:
+    from .sharding import Block
+
 
 def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
     """Each member's local folder (``unknown_model`` if one cannot be found)."""
     return {m: catalog.local_path(catalog.models[m].source) for m in group.members}
+
+
+def shard_reserve(parts: dict[str, int]) -> est.ShardReserve:
+    """The group's runtime reserve by where a sharded pass needs it."""
+    kv, logits = parts["kv_bytes"], parts["logits_bytes"]
+    return est.ShardReserve(parts["reserve_bytes"] - kv - logits, kv, logits)
 
 
 def needed_bytes(parts: dict[str, int], measured: int | None, warm: bool) -> int:
@@ -45,7 +55,7 @@ class EstimateCache:
         self.catalog = catalog
         self.dtype = dtype
         self._entries: dict[tuple[str, str, str], _Entry] = {}
-        self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[int] | None]] = {}
+        self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[Block] | None]] = {}
         self._lock = threading.Lock()
 
     def dtype_for(self, group: GroupSpec, dev: Device) -> str:
@@ -109,8 +119,8 @@ class EstimateCache:
         with self._lock:
             self._blocks[key] = (group, found)
 
-    def blocks(self, group: GroupSpec, dev: Device) -> list[int] | None:
-        """The cached layer blocks' bytes in layer order (None: not computed, or not shardable)."""
+    def blocks(self, group: GroupSpec, dev: Device) -> list[Block] | None:
+        """The cached layer blocks in layer order (None: not computed, or not shardable)."""
         with self._lock:
             cached = self._blocks.get((group.id, self.dtype_for(group, dev)))
         return cached[1] if cached is not None and cached[0] == group else None

@@ -3,7 +3,8 @@
 ``adapters`` groups load the base once and every adapter onto it with PEFT; switching member
 activates that adapter (or disables adapters for the bare base) — no allocation, no copy.
 ``models`` and single groups keep each member resident. A sharded group (a ``Span``) is one
-model object laid out layer by layer over several devices with accelerate's device map; its
+model object laid out layer by layer over several devices with a device map that follows
+placement's split (``sharding.device_map``); its
 adapters land beside their base layers. Loading reports progress per stage
 (config, weights, each adapter) and unloading drops every reference, collects garbage and
 empties the CUDA cache so the memory really returns.
@@ -51,9 +52,12 @@ class Runtime:
         self.members: dict[str, Member] = {}
         self.bytes = 0
         self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
+        self.reserves: list[int] = []  # and the runtime reserve each of those devices needs
         self._span: Span | None = None
         self.device_map: dict[str, int] = {}  # a sharded group's modules -> span position
         self._map_split: list[int] = []
+        self._layers: list[int] = []  # decoder layers per span position, and the head's position
+        self._head: int | None = None
         self._peft: Any = None
         self._tuner_layers: list[Any] = []  # every LoRA layer of the PEFT model, found once at load
         self._switch_lock = threading.Lock()
@@ -88,6 +92,8 @@ class Runtime:
             total = sum(rt._map_split) or 1
             rt.shares = [rt.bytes * b // total for b in rt._map_split]
             rt.shares[-1] += rt.bytes - sum(rt.shares)
+            total_layers = sum(rt._layers)
+            rt.reserves = [span.reserve.on(n, total_layers, rt._head in (None, i)) for i, n in enumerate(rt._layers)]
         report(1.0, "ready")
         return rt
 
@@ -136,14 +142,14 @@ class Runtime:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
 
     def _device_map(self, folder: Path) -> dict[str, str] | None:
-        """accelerate's map over the span, by backing; None when every backing is the cpu."""
+        """The map over the span, by backing; None when every backing is the cpu."""
         from . import sharding
 
         span = self._span
         assert span is not None
-        self.device_map, self._map_split = sharding.device_map(
-            sharding.meta_model(folder, self.dtype, self.group.trust_remote_code), span.weight_bytes, self.dtype
-        )
+        model = sharding.meta_model(folder, self.dtype, self.group.trust_remote_code)
+        self.device_map, self._map_split = sharding.device_map(model, span.weight_bytes)
+        self._layers, self._head = sharding.layer_split(model, self.device_map, len(span.backings))
         if all(b == "cpu" for b in span.backings):
             return None
         return {name: span.backings[pos] for name, pos in self.device_map.items()}

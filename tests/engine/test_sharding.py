@@ -155,3 +155,24 @@ def test_a_sharded_pass_holds_every_spanned_device(deep):
         gate.set()
         assert done.wait(30)
         t.join()
+
+
+def test_the_gpu_checks_sharding_comparison_runs_on_cpu_backed_virtual_devices(deep):
+    from bench import gpu_check
+
+    make, _ = deep
+    out = gpu_check.sharded_equals_whole(make(), "big", "big-a", "cpu", devices(deep))
+    assert len(out["span"]) == 2 and out["max_gap"] <= gpu_check.TOLERANCE
+    with pytest.raises(RuntimeError, match="was not sharded"):  # one device that holds it all: no shard
+        gpu_check.sharded_equals_whole(make(), "big", "big-a", "cpu", devices(deep, n=1, factor=2.0))
+
+
+def test_the_gpu_check_says_it_skips_without_cuda(capsys):
+    import torch
+
+    from bench import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run for real")
+    gpu_check.main([])
+    assert "gpu check skipped: no CUDA device" in capsys.readouterr().out
