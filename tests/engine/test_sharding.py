@@ -176,3 +176,68 @@ def test_the_gpu_check_says_it_skips_without_cuda(capsys):
         pytest.skip("a CUDA device is present: the check would run for real")
     gpu_check.main([])
     assert "gpu check skipped: no CUDA device" in capsys.readouterr().out
+
+
+def _sharded_runtime(deep, group="big"):
+    """A manager sharding ``group`` over two of three devices, and the runtime its first device holds."""
+    from gpugroups.engine.worker import ThreadWorker
+
+    make, _ = deep
+    workers: list[ThreadWorker] = []
+    m = gg.Manager(devices=devices(deep), catalog=make(), worker=lambda d: workers.append(ThreadWorker(d)) or workers[-1])
+    span = m.load_group(group)["device_ids"]
+    return m, span, workers[span[0]].runtimes()[group]
+
+
+def test_each_spanned_device_reserves_at_least_what_its_part_of_a_pass_allocates(deep):
+    import torch
+
+    from bench.bench_memory import shard_peaks
+    from gpugroups.engine import estimate as est
+
+    m, span, rt = _sharded_runtime(deep)
+    with m:
+        base = rt.members["big-base"].model.get_base_model()
+        config = base.config.to_dict()
+        seq = min(est.REFERENCE_SEQ, base.config.max_position_embeddings)
+        ids = torch.randint(1, base.config.vocab_size, (est.REFERENCE_BATCH, seq))
+
+        def reference_pass() -> None:  # the batch the runtime reserve is sized for
+            with torch.inference_mode():
+                base(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+
+        reference_pass()
+        peaks = shard_peaks(base, rt.device_map, len(span), reference_pass)
+        assert all(p > 0 for p in peaks)
+        for peak, reserve in zip(peaks, rt.reserves, strict=True):
+            assert peak <= reserve
+        full = est.runtime_reserve(config, "float32")
+        assert all(r < full for r in rt.reserves)  # no device keeps the whole reserve any more
+        parts = est.reserve_parts(config, "float32")
+        layers, head = rt._layers, rt._head
+        assert sum(layers) == base.config.num_hidden_layers and head == len(span) - 1
+        assert rt.reserves[head] - rt.reserves[0] >= parts.logits - parts.kv  # the logits live with the head
+        shards = next(g for g in m.state()["groups"] if g["id"] == "big")["shards"]
+        assert [s["bytes"] for s in shards] == [w + r for w, r in zip(rt.shares, rt.reserves, strict=True)]
+
+
+def test_a_tied_head_shards_with_its_embedding_and_answers_as_unsharded(models_root, tiny_gpt2):
+    from gpugroups.engine.worker import ThreadWorker
+
+    def cat() -> Catalog:
+        c = Catalog(roots=[models_root])
+        c.register_group("g", models={"gpt": str(tiny_gpt2)})
+        return c
+
+    workers: list[ThreadWorker] = []
+    seam = lambda d: workers.append(ThreadWorker(d)) or workers[-1]  # noqa: E731
+    with gg.Manager(devices="cpu", catalog=cat()) as whole, gg.Manager(devices="virtual:2x1GiB", catalog=cat(), worker=seam) as split:
+        assert split.load_group("g", device_ids=[0, 1])["device_ids"] == [0, 1]
+        rt = workers[0].runtimes()["g"]
+        assert rt.device_map["lm_head"] == rt.device_map["transformer.wte"] == 0 and rt._head == 0
+        assert rt._layers == [1, 1] and rt.reserves[0] > rt.reserves[1]  # the logits are where the head is
+        for prompt in PROMPTS:
+            a, b = whole.process("gpt", prompt, 5)["predictions"], split.process("gpt", prompt, 5)["predictions"]
+            assert [p["token_id"] for p in a] == [p["token_id"] for p in b]
+            for x, y in zip(a, b, strict=True):
+                assert y["probability"] == pytest.approx(x["probability"], abs=1e-5)
