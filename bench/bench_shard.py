@@ -6,7 +6,9 @@ it alone, so the manager shards it over both:
   against plain ``from_pretrained(device_map=...)`` of the very map the manager used, plus the
   tokenizer, on the same files; run alternately so both see the same machine load (goal <= 1.05);
 - process: ``Manager.process`` on the sharded group against the raw sharded model's forward +
-  top-k on the same model object (p50 difference, goal <= 0.5 ms).
+  top-k on the same model object (p50 difference, goal <= 0.5 ms);
+- reserve: each spanned device's allocation peak during a pass of the reference batch
+  (``bench_memory.shard_peaks``) over the runtime reserve that device keeps (goal <= 1).
 
 Usage: ``python bench/bench_shard.py [--devices virtual:2xNB@cuda:0] [--repeat N]``; the default
 devices are two CPU-backed virtual devices of ``SLICE`` of the group's estimate each.
@@ -28,7 +30,9 @@ import torch
 
 import gpugroups as gg
 from bench.bench_core import paired_ms
+from bench.bench_memory import shard_peaks
 from gpugroups.catalog import Catalog
+from gpugroups.engine import estimate as est
 from gpugroups.engine.worker import ThreadWorker
 from tests import tinymodels
 
@@ -52,8 +56,11 @@ def raw_load(folder: Path, device_map: dict[str, str]) -> Any:
 
 
 def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> dict[str, float]:
-    """Measure and print the sharded load and process figures; ``quick`` caps ``repeat`` at 30."""
+    """Measure and print the sharded load, process and reserve figures; ``quick`` caps ``repeat`` at 30."""
+    from transformers.utils import logging as hf_logging
+
     repeat = min(repeat, 30) if quick else repeat
+    hf_logging.disable_progress_bar()  # the plain loads' bars
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp))
@@ -96,9 +103,12 @@ def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> d
                   f"{out['sharded_load_raw_ms']:.1f} ms over {span} (ratio {out['sharded_load_overhead']:.3f}, goal <= 1.05)")
 
             m.load_group(GROUP)
-            member = workers[span[0]].runtimes()[GROUP].members[GROUP]
+            rt = workers[span[0]].runtimes()[GROUP]
+            member = rt.members[GROUP]
             model, tok = member.model, member.tokenizer
             first = torch.device(backings[0])
+            if not on_cuda:
+                out["shard_reserve_peak_ratio"] = reserve_ratio(model, rt.device_map, rt.reserves)
 
             def raw_process() -> list[int]:
                 enc = tok(PROMPT, return_tensors="pt").to(first)
@@ -113,6 +123,24 @@ def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> d
             print(f"sharded process: manager {out['sharded_process_manager_ms']:.3f} ms vs raw forward+top-k "
                   f"{out['sharded_process_raw_ms']:.3f} ms (overhead {out['sharded_process_overhead_ms']:.3f} ms p50, goal <= 0.5)")
     return out
+
+
+def reserve_ratio(model: Any, device_map: dict[str, int], reserves: list[int]) -> float:
+    """The worst device's allocation peak during a pass of the reference batch (the one the
+    runtime reserve is sized for) over the reserve that device keeps."""
+    seq = min(est.REFERENCE_SEQ, model.config.max_position_embeddings)
+    ids = torch.randint(1, model.config.vocab_size, (est.REFERENCE_BATCH, seq))
+
+    def reference_pass() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+
+    reference_pass()
+    peaks = shard_peaks(model, device_map, len(reserves), reference_pass)
+    full = est.runtime_reserve(model.config.to_dict(), "float32")
+    print(f"sharded reserve: per device {[round(r / 2**20, 1) for r in reserves]} MiB (one device: {full / 2**20:.1f}), "
+          f"allocation peak of a {est.REFERENCE_BATCH} x {seq} pass {[round(p / 2**20, 1) for p in peaks]} MiB")
+    return max(p / r for p, r in zip(peaks, reserves, strict=True))
 
 
 def main() -> None:
