@@ -97,10 +97,11 @@ class EstimateCache:
         return entry.parts
 
     def ensure_blocks(self, group: GroupSpec, dev: Device) -> None:
-        """Compute the group's layer blocks for sharding (a meta-device model: call unlocked).
+        """Compute the group's blocks for sharding (file I/O, a meta-device model: call unlocked).
 
-        Only a group of one model object can be sharded (an adapters group's base, or a
-        single model); others, and models that cannot be built on the meta device, get None.
+        A group of one model object (an adapters group's base, or a single model) splits by its
+        layers; a ``models`` group of several members by whole members (``kind`` ``model``: each
+        member on one device). Models that cannot be built on the meta device get None.
         """
         key = (group.id, self.dtype_for(group, dev))
         with self._lock:
@@ -109,11 +110,13 @@ class EstimateCache:
             return
         from . import sharding
 
-        one = group.base if group.kind == "adapters" else (group.members[0] if len(group.members) == 1 else None)
+        paths, trc = folders(self.catalog, group), group.trust_remote_code
         try:
-            found = None if one is None else sharding.blocks(
-                sharding.meta_model(folders(self.catalog, group)[one], key[1], group.trust_remote_code)
-            )
+            if group.kind == "models" and len(group.members) > 1:
+                found = [sharding.Block(m, est.weight_bytes(paths[m], key[1], trc), "model") for m in group.members]
+            else:
+                one = group.base if group.kind == "adapters" else group.members[0]
+                found = sharding.blocks(sharding.meta_model(paths[one], key[1], trc))  # type: ignore[index]
         except GpuGroupsError:
             found = None
         with self._lock:

@@ -40,7 +40,7 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
             )
             ids = ids[-room:]
         rows.append(ids)
-    device = torch.device(rt.device.backing)
+    device = torch.device(member.device)
     width = max(len(ids) for ids in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -67,10 +67,24 @@ class Loads:
             device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
         first = device_id if device_id is not None else (device_ids[0] if device_ids else 0)
         need = self.estimate(group, first, strict=True)
-        decision = place(
-            group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids,
-            self._layout(group),
-        )
+        layout = self._layout(group)
+        try:
+            decision = place(
+                group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids, layout,
+            )
+        except GpuGroupsError as exc:
+            blocks = self.estimates.blocks(group, self.devices[0]) or []
+            if exc.code != "insufficient_memory" or layout is None or not any(b.kind == "model" for b in blocks):
+                raise
+            # a models group spreads whole members: say which member no device can take
+            largest = max(range(len(blocks)), key=lambda i: layout.costs()[i])
+            member_need = layout.costs()[largest] + layout.fixed_on(first)
+            raise GpuGroupsError(
+                "insufficient_memory",
+                f"{exc.message}; a models group is sharded by whole members, one device each, and its "
+                f"largest member {blocks[largest].name!r} needs {member_need / 2**20:.1f} MiB on one device",
+                {**exc.details, "largest_member": blocks[largest].name, "member_need_bytes": member_need},
+            ) from None
         return decision, need
 
     def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:

@@ -100,21 +100,11 @@ def device_map(model: Any, max_bytes: Sequence[int]) -> tuple[dict[str, int], li
     from accelerate.utils import find_tied_parameters
 
     units = _units(model)
-    total = sum(b.bytes for b in units)
-    room = sum(max_bytes) or 1
-    ends, acc = [], 0
-    for share in max_bytes:
-        acc += share
-        ends.append(total * acc / room)
-    mapping: dict[str, int] = {}
+    weighed = [b for b in units if b.bytes]
+    mapping = dict(zip((b.name for b in weighed), assign([b.bytes for b in weighed], max_bytes), strict=True))
     split = [0] * len(max_bytes)
-    start = 0
-    for b in units:
-        if b.bytes:
-            middle = start + b.bytes / 2
-            mapping[b.name] = next((i for i, end in enumerate(ends) if middle < end), len(ends) - 1)
-            split[mapping[b.name]] += b.bytes
-            start += b.bytes
+    for b in weighed:
+        split[mapping[b.name]] += b.bytes
     tied = {name: group for group in find_tied_parameters(model) for name in group}
     for b in units:
         if not b.bytes:
@@ -123,6 +113,24 @@ def device_map(model: Any, max_bytes: Sequence[int]) -> tuple[dict[str, int], li
             placed = [position(mapping, p) for p in partners]
             mapping[b.name] = next((p for p in placed if p is not None), len(max_bytes) - 1)
     return mapping, split
+
+
+def assign(sizes: Sequence[int], max_bytes: Sequence[int]) -> list[int]:
+    """The span position of each of ``sizes`` (blocks in order) when the span's positions take
+    ``max_bytes`` of them in turn: a block goes where its middle falls, so that the same blocks
+    measured a little differently (placement scales them by adapters and measured bytes) land
+    where placement put them."""
+    total, room = sum(sizes), sum(max_bytes) or 1
+    ends, acc = [], 0
+    for share in max_bytes:
+        acc += share
+        ends.append(total * acc / room)
+    out, start = [], 0
+    for size in sizes:
+        middle = start + size / 2
+        out.append(next((i for i, end in enumerate(ends) if middle < end), len(ends) - 1))
+        start += size
+    return out
 
 
 def position(mapping: dict[str, int], name: str) -> int | None:

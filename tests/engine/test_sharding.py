@@ -241,3 +241,63 @@ def test_a_tied_head_shards_with_its_embedding_and_answers_as_unsharded(models_r
             assert [p["token_id"] for p in a] == [p["token_id"] for p in b]
             for x, y in zip(a, b, strict=True):
                 assert y["probability"] == pytest.approx(x["probability"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair(deep, models_root, tiny_llama):
+    """A catalog factory with ``pair``, a models group of the deep Llama and the tiny one, and
+    devices that hold the deep one alone but not both."""
+    make, _ = deep
+
+    def make_pair() -> Catalog:
+        cat = make()
+        cat.register_group("pair", models={"deep": str(models_root / "deep-llama"), "tiny": str(tiny_llama)})
+        return cat
+
+    from gpugroups.engine.estimate import weight_bytes
+
+    with gg.Manager(devices="virtual:1GiB", catalog=make_pair()) as probe:
+        need = next(g for g in probe.groups() if g["id"] == "pair")["memory_estimate_bytes"]
+    return make_pair, f"virtual:3x{need - weight_bytes(tiny_llama, 'float32') // 2}B"
+
+
+def test_a_models_group_shards_by_whole_members_and_answers_as_unsharded(pair, models_root, tiny_llama):
+    import json
+
+    from gpugroups.engine import estimate as est
+
+    make, spec = pair
+    with gg.Manager(devices="cpu", catalog=make()) as whole, gg.Manager(devices=spec, catalog=make()) as split:
+        span = split.load_group("pair")["device_ids"]
+        assert len(span) == 2
+        devs, groups = by_id(split)
+        budget = devs[0]["memory"]["budget_bytes"]
+        assert groups["pair"]["memory_estimate_bytes"] > budget  # no one device could hold it
+        for s in groups["pair"]["shards"]:
+            assert devs[s["device_id"]]["memory"]["manager_bytes"] == s["bytes"] <= budget
+        # each member whole on one device, which keeps the group's reserve (one member's pass runs there)
+        deep = models_root / "deep-llama"
+        reserve = max(est.runtime_reserve(json.loads((f / "config.json").read_text()), "float32") for f in (deep, tiny_llama))
+        weights = [est.weight_bytes(deep, "float32"), est.weight_bytes(tiny_llama, "float32")]
+        shares = [s["bytes"] - reserve for s in groups["pair"]["shards"]]
+        assert shares == pytest.approx(weights, abs=1024)  # measured: the rotary buffers too
+        for model in ("deep", "tiny", "deep"):
+            for prompt in PROMPTS:
+                a, b = whole.process(model, prompt, 5)["predictions"], split.process(model, prompt, 5)["predictions"]
+                assert [p["token_id"] for p in a] == [p["token_id"] for p in b]
+                for x, y in zip(a, b, strict=True):
+                    assert y["probability"] == pytest.approx(x["probability"], abs=1e-5)
+        assert split.unload_group("pair")["device_ids"] == span
+        assert all(d["memory"]["manager_bytes"] == 0 for d in split.state()["devices"])
+
+
+def test_a_models_group_whose_largest_member_fits_no_device_is_refused_with_why(pair):
+    make, _ = pair
+    with gg.Manager(devices="virtual:1GiB", catalog=make()) as probe:
+        deep_alone = next(g for g in probe.groups() if g["id"] == "big")["memory_estimate_bytes"]
+    with gg.Manager(devices=f"virtual:3x{int(deep_alone * 0.7)}B", catalog=make()) as m:  # together they would hold it
+        with pytest.raises(GpuGroupsError) as e:
+            m.load_group("pair")
+        assert e.value.code == "insufficient_memory"
+        assert "sharded by whole members" in e.value.message and e.value.details["largest_member"] == "deep"
+        assert all(not d["resident_groups"] for d in m.state()["devices"])
