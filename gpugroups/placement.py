@@ -189,7 +189,8 @@ def _shard(layout: Layout, devices: Sequence[DeviceView], max_groups: int | None
 def _spread(layout: Layout, span: Sequence[DeviceView], max_groups: int | None, even: bool) -> list[Share] | None:
     """Assign the layout's blocks to ``span`` in order, with the victims each device needs, or None.
 
-    ``even`` aims at equal layer bytes per device (explicit ``device_ids``); otherwise each
+    ``even`` aims at equal layer bytes per device, each device taking one block at least
+    (explicit ``device_ids``); otherwise each
     device takes what its free room holds, evicting only for what the later devices' free room
     cannot take. Devices left without a block drop out of the span.
     """
@@ -206,12 +207,14 @@ def _spread(layout: Layout, span: Sequence[DeviceView], max_groups: int | None, 
         must = total - placed - later_free
         target = total * (i + 1) // len(span) - placed if even else None
         taken = weights = 0
+        later = len(span) - i - 1
         while blocks:
             b, w = blocks[0]
             if not last:
                 if taken + b > room:
                     break
-                if target is not None and taken + b / 2 > target:
+                # an explicit span uses every device: each takes one block at least, and leaves one for each after it
+                if target is not None and taken and (taken + b / 2 > target or len(blocks) <= later):
                     break
                 if target is None and taken + b > free and taken >= must:
                     break
