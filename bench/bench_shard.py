@@ -122,6 +122,15 @@ def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> d
             out["sharded_process_overhead_ms"] = out["sharded_process_manager_ms"] - out["sharded_process_raw_ms"]
             print(f"sharded process: manager {out['sharded_process_manager_ms']:.3f} ms vs raw forward+top-k "
                   f"{out['sharded_process_raw_ms']:.3f} ms (overhead {out['sharded_process_overhead_ms']:.3f} ms p50, goal <= 0.5)")
+            # what sharding itself adds (the holds on the other devices): the same group on one device
+            with gg.Manager(devices=backings[0] if on_cuda else "virtual:64GiB", catalog=cat) as one:
+                one.load_group(GROUP)
+                whole, split = paired_ms(
+                    lambda: one.process(GROUP, PROMPT, 3), lambda: m.process(GROUP, PROMPT, 3), repeat, sync
+                )
+            out["sharded_vs_whole_process_ms"] = split - whole
+            print(f"sharded process: {split:.3f} ms vs the same group on one device {whole:.3f} ms "
+                  f"(sharding adds {out['sharded_vs_whole_process_ms']:.3f} ms p50)")
     return out
 
 
