@@ -5,9 +5,9 @@ activates that adapter (or disables adapters for the bare base) — no allocatio
 ``models`` and single groups keep each member resident. A sharded group (a ``Span``) of one
 model object is laid out layer by layer over several devices with a device map that follows
 placement's split (``sharding.device_map``), its adapters beside their base layers; a sharded
-``models`` group of several members puts each member whole on one of the span's devices. Loading reports progress per stage
-(config, weights, each adapter) and unloading drops every reference, collects garbage and
-empties the CUDA cache so the memory really returns.
+``models`` group of several members puts each member whole on one of the span's devices.
+Loading reports progress per stage (config, weights, each adapter) and unloading drops every
+reference, collects garbage and empties the CUDA cache so the memory really returns.
 """
 
 from __future__ import annotations
