@@ -6,7 +6,10 @@
   admit (``MAX_BATCH`` rows of the model's whole context) adds, against ``runtime_reserve`` for
   that request (goal: ratio <= 1, the reserve covers it). The peak is sampled from the process's
   RSS every 0.2 ms while the pass runs (torch's CPU allocator is invisible to tracemalloc).
-  ``bench/gpu_check.py`` measures the same on a GPU with ``torch.cuda.max_memory_allocated``.
+  ``bench/gpu_check.py`` measures the same on a GPU with ``torch.cuda.max_memory_allocated``;
+- per device of a sharded pass (``shard_peaks``): torch's profiler reports every CPU allocation
+  and free; each is charged to the span position whose modules were running when it was made,
+  which is the device it would be on, and the peak of each position's live bytes is its need.
 
 Usage: ``python bench/bench_memory.py [--quick]``.
 """
@@ -14,6 +17,7 @@ Usage: ``python bench/bench_memory.py [--quick]``.
 from __future__ import annotations
 
 import ctypes
+import json
 import sys
 import tempfile
 import threading
@@ -79,6 +83,56 @@ def cuda_peak_during(fn: object) -> int:
     fn()  # type: ignore[operator]
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def shard_peaks(model: object, mapping: dict[str, int], positions: int, fn: object) -> list[int]:
+    """Peak live bytes each span position of ``mapping`` (module name -> position) allocates while
+    ``fn()`` runs ``model`` on the CPU: an allocation belongs to the position whose mapped module
+    is running (before the first, position 0; after one ends, the last position seen), and its
+    free is matched by address. The input of a position's first module is the previous device's
+    output here; on real devices a copy of it (one hidden state) also lives on the new device."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    modules = dict(model.named_modules())  # type: ignore[attr-defined]
+    open_ranges: list[object] = []
+    handles = []
+    for name, pos in mapping.items():
+        def enter(_m: object, _a: object, pos: int = pos) -> None:
+            r = record_function(f"gpugroups-shard-{pos}")
+            r.__enter__()
+            open_ranges.append(r)
+
+        def leave(_m: object, _a: object, _o: object) -> None:
+            open_ranges.pop().__exit__(None, None, None)  # type: ignore[attr-defined]
+
+        handles += [modules[name].register_forward_pre_hook(enter), modules[name].register_forward_hook(leave)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()  # type: ignore[operator]
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())
+    finally:
+        for h in handles:
+            h.remove()
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ranges = sorted(
+        (e["ts"], e["ts"] + e["dur"], int(e["name"].rsplit("-", 1)[1]))
+        for e in events if str(e.get("name", "")).startswith("gpugroups-shard-") and "dur" in e
+    )
+    live, peak, owner = [0] * positions, [0] * positions, {}
+    for e in sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), key=lambda e: e["ts"]):
+        nbytes, addr = e["args"]["Bytes"], e["args"]["Addr"]
+        if nbytes > 0:
+            pos = next((p for a, b, p in reversed(ranges) if a <= e["ts"]), 0)
+            owner[addr] = (pos, nbytes)
+            live[pos] += nbytes
+            peak[pos] = max(peak[pos], live[pos])
+        elif addr in owner:
+            pos, n = owner.pop(addr)
+            live[pos] -= n
+    return peak
 
 
 def measure(folder: Path, batch: int, device: str = "cpu", attention: str = "sdpa") -> tuple[float, float]:

@@ -39,5 +39,7 @@ GOALS = [
     Goal("lanes_unpin_ms_p99", "<=", 50, "REST unpin with 10 slow process calls in flight, p99 (ms)"),
     Goal("lanes_switch_ms_p99", "<=", 50, "REST member switch with 10 slow process calls in flight, p99 (ms)"),
     Goal("sharded_load_overhead", "<=", 1.05, "sharded load vs from_pretrained with the same device map"),
+    Goal("shard_reserve_peak_ratio", "<=", 1.0, "a sharded pass's allocation peak per device / that device's reserve, worst"),
+    Goal("sharded_process_overhead_ms", "<=", 0.5, "process on a sharded group over the raw sharded forward + top-k, p50 (ms)"),
     Goal("run_overhead_ms", "<=", 0.5, "research run over the same call made directly (ms)"),
 ]

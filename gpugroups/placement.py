@@ -79,14 +79,21 @@ class Decision:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a group splits over devices: its indivisible blocks' bytes in layer order, and the
-    bytes each spanned device adds besides its blocks (runtime reserve, device overhead)."""
+    """How a group splits over devices: its indivisible blocks' weight bytes in layer order, the
+    bytes each spanned device adds besides its blocks (the runtime reserve every device needs,
+    device overhead), and the bytes each block brings wherever it goes (``extra``: a decoder
+    layer's KV cache, the output head's logits; none when empty)."""
 
     blocks: tuple[int, ...]
     fixed: Mapping[int, int]
+    extra: tuple[int, ...] = ()
 
     def fixed_on(self, device_id: int) -> int:
         return self.fixed.get(device_id, 0)
+
+    def costs(self) -> list[int]:
+        """Each block's bytes on the device that takes it: its weights and its ``extra``."""
+        return [b + (self.extra[i] if i < len(self.extra) else 0) for i, b in enumerate(self.blocks)]
 
 
 def place(
@@ -182,11 +189,13 @@ def _shard(layout: Layout, devices: Sequence[DeviceView], max_groups: int | None
 def _spread(layout: Layout, span: Sequence[DeviceView], max_groups: int | None, even: bool) -> list[Share] | None:
     """Assign the layout's blocks to ``span`` in order, with the victims each device needs, or None.
 
-    ``even`` aims at equal layer bytes per device (explicit ``device_ids``); otherwise each
+    ``even`` aims at equal layer bytes per device, each device taking one block at least
+    (explicit ``device_ids``); otherwise each
     device takes what its free room holds, evicting only for what the later devices' free room
     cannot take. Devices left without a block drop out of the span.
     """
-    blocks, total = list(layout.blocks), sum(layout.blocks)
+    blocks = list(zip(layout.costs(), layout.blocks, strict=True))  # (bytes on its device, weight bytes)
+    total = sum(c for c, _ in blocks)
     shares: list[Share] = []
     placed = 0
     for i, d in enumerate(span):
@@ -197,25 +206,28 @@ def _spread(layout: Layout, span: Sequence[DeviceView], max_groups: int | None, 
         later_free = sum(max(0, e.free_bytes - layout.fixed_on(e.device_id)) for e in span[i + 1:])
         must = total - placed - later_free
         target = total * (i + 1) // len(span) - placed if even else None
-        taken = 0
+        taken = weights = 0
+        later = len(span) - i - 1
         while blocks:
-            b = blocks[0]
+            b, w = blocks[0]
             if not last:
                 if taken + b > room:
                     break
-                if target is not None and taken + b / 2 > target:
+                # an explicit span uses every device: each takes one block at least, and leaves one for each after it
+                if target is not None and taken and (taken + b / 2 > target or len(blocks) <= later):
                     break
                 if target is None and taken + b > free and taken >= must:
                     break
             blocks.pop(0)
             taken += b
+            weights += w
         if taken == 0:
             continue
         placed += taken
         victims = _victims(d, fixed + taken, max_groups)
         if victims is None:
             return None
-        shares.append(Share(d.device_id, fixed + taken, taken, tuple(r.group_id for r in victims)))
+        shares.append(Share(d.device_id, fixed + taken, weights, tuple(r.group_id for r in victims)))
     return shares if not blocks and shares else None
 
 
@@ -244,7 +256,7 @@ def _insufficient(
     for d in devices:
         room = {"device_id": d.device_id, "need_bytes": need, "free_bytes": d.free_bytes, "evictable_bytes": _evictable(d)}
         if layout is not None and len(devices) > 1:
-            room["shard_need_bytes"] = layout.fixed_on(d.device_id) + sum(layout.blocks) // len(devices)
+            room["shard_need_bytes"] = layout.fixed_on(d.device_id) + sum(layout.costs()) // len(devices)
         rooms.append(room)
     where = "; ".join(
         f"device {r['device_id']}: needs {_mib(r['need_bytes'])}"

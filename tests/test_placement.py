@@ -141,6 +141,15 @@ def test_explicit_device_ids_shard_evenly_in_the_given_order():
     assert d.device_ids == [2, 0] and [s.weight_bytes for s in d.shares] == [20 * MiB, 20 * MiB]
 
 
+def test_blocks_bring_their_extra_bytes_and_an_explicit_span_uses_every_device():
+    # a small embedding, two layers that each carry a large KV share, a head with its logits
+    lay = Layout((1 * MiB, 1 * MiB, 1 * MiB, 1 * MiB), {i: 2 * MiB for i in range(3)}, extra=(0, 9 * MiB, 9 * MiB, 1 * MiB))
+    d = place("x", 30 * MiB, [dev(0, 500), dev(1, 500), dev(2, 500)], device_ids=[0, 1, 2], layout=lay)
+    assert d.device_ids == [0, 1, 2]
+    assert [s.weight_bytes for s in d.shares] == [2 * MiB, 1 * MiB, 1 * MiB]
+    assert [s.bytes for s in d.shares] == [(2 + 11) * MiB, (2 + 10) * MiB, (2 + 2) * MiB]
+
+
 def test_explicit_device_ids_with_device_id_or_duplicates_are_invalid():
     for kw in ({"device_ids": [0, 1], "device_id": 0}, {"device_ids": [0, 0]}, {"device_ids": []}):
         with pytest.raises(GpuGroupsError) as e:

@@ -29,6 +29,7 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "small": (128, 4, 4, 2, 352),
     "100m": (768, 12, 12, 4, 2560),
     "deep": (256, 8, 4, 1, 1024),  # weights dominate its runtime reserve at a short context: sharding tests
+    "shard": (512, 12, 8, 2, 1536),  # ~36M parameters: loads long enough to time (bench/bench_shard.py)
 }
 
 

@@ -296,7 +296,31 @@ def runtime_reserve(
     config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None,
     new_tokens: int = 0, attention: str | None = None,
 ) -> int:
-    """Bytes a forward pass of ``batch`` rows of ``seq`` tokens needs beyond the weights.
+    """Bytes a forward pass of ``batch`` rows of ``seq`` tokens needs beyond the weights: the sum
+    of ``reserve_parts``."""
+    return sum(reserve_parts(config, dtype, batch, seq, new_tokens, attention))
+
+
+class ShardReserve(NamedTuple):
+    """A runtime reserve by where a sharded pass needs it (``reserve_parts``): ``each`` on every
+    device (a layer's activations and attention run on the layer's device), ``kv`` split by
+    decoder layers, ``logits`` on the device of the output head."""
+
+    each: int
+    kv: int
+    logits: int
+
+    def on(self, layers: int, total_layers: int, head: bool) -> int:
+        """Bytes a device holding ``layers`` of ``total_layers`` decoder layers (and the head or not) needs."""
+        kv = -(-self.kv * layers // total_layers) if total_layers else self.kv
+        return self.each + kv + (self.logits if head else 0)
+
+
+def reserve_parts(
+    config: Mapping[str, Any], dtype: str, batch: int = REFERENCE_BATCH, seq: int | None = None,
+    new_tokens: int = 0, attention: str | None = None,
+) -> ShardReserve:
+    """The runtime reserve of a forward pass of ``batch`` rows of ``seq`` tokens, by where it lives.
 
     KV cache (``2 x layers x batch x (seq + new_tokens) x kv_heads x head_dim``: a greedy
     continuation keeps growing it), live activations (``HIDDEN_LIVE`` hidden-sized and
@@ -327,25 +351,26 @@ def runtime_reserve(
     else:
         scores = batch * seq * seq
     logits = batch * vocab * 4
-    return int(kv + activations + scores + logits)
+    return ShardReserve(int(activations + scores), int(kv), int(logits))
 
 
 @dataclass(frozen=True)
 class PassBudget:
     """The most one forward pass of a loaded member may take: the runtime reserve its group's
-    estimate accounted, measured against the pass's own ``runtime_reserve`` (its rows, tokens and
-    the attention the loaded model really runs). A request larger than the reserve is cut to fit
+    estimate accounted, part by part (``ShardReserve``: a sharded group's devices each hold one
+    part's share), measured against the pass's own ``reserve_parts`` (its rows, tokens and the
+    attention the loaded model really runs). A request larger than the reserve is cut to fit
     (rows split into several passes, a prompt shortened from the left) rather than run past it."""
 
     config: Mapping[str, Any]
     dtype: str
-    reserve: int
+    reserve: ShardReserve
     attention: str | None = None
 
     def fits(self, batch: int, seq: int, new_tokens: int = 0) -> bool:
         """Whether ``batch`` rows of ``seq`` tokens (continued by ``new_tokens``) fit the reserve."""
-        need = runtime_reserve(self.config, self.dtype, batch, max(seq, 1), new_tokens, self.attention)
-        return need <= self.reserve
+        need = reserve_parts(self.config, self.dtype, batch, max(seq, 1), new_tokens, self.attention)
+        return all(n <= r for n, r in zip(need, self.reserve))
 
     def max_seq(self, new_tokens: int = 0) -> int:
         """The longest prompt one row may have with ``new_tokens`` to follow (0: not one token)."""
@@ -367,12 +392,12 @@ class PassBudget:
         return rows
 
 
-def group_reserve(group: GroupSpec, paths: Mapping[str, Path], dtype: str) -> int:
-    """The runtime reserve of ``group`` (member id -> folder): its base's, or its largest
-    member's (a device runs one forward pass at a time)."""
+def group_reserve(group: GroupSpec, paths: Mapping[str, Path], dtype: str) -> ShardReserve:
+    """The runtime reserve of ``group`` (member id -> folder), by part: its base's, or its
+    largest member's (a device runs one forward pass at a time)."""
     if group.kind == "adapters":
-        return runtime_reserve(config_of(Path(paths[group.base])), dtype)  # type: ignore[index]
-    return max(runtime_reserve(config_of(Path(p)), dtype) for p in paths.values())
+        return reserve_parts(config_of(Path(paths[group.base])), dtype)  # type: ignore[index]
+    return max((reserve_parts(config_of(Path(p)), dtype) for p in paths.values()), key=sum)
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -406,7 +431,8 @@ def estimate_group(
     base first (a mismatch is ``invalid_model`` before anything loads). The reserve is the
     largest member's: a device runs one forward pass at a time.
     Returns ``weights_bytes``, ``adapters_bytes``, ``reserve_bytes``, ``overhead_bytes`` and
-    their sum ``total_bytes``.
+    their sum ``total_bytes``; ``kv_bytes`` and ``logits_bytes`` say how much of the reserve is
+    KV cache and logits (``ShardReserve``).
     """
     if dtype not in LOAD_ITEMSIZE:
         raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)}, got {dtype!r}")
@@ -422,12 +448,15 @@ def estimate_group(
     else:
         weights = sum(weight_bytes(p, dtype, trc) for p in paths.values())
         extra = 0
-    reserve = group_reserve(group, paths, dtype)
+    parts = group_reserve(group, paths, dtype)
+    reserve = sum(parts)
     overhead = DEVICE_OVERHEAD.get(device_kind, 0)
     return {
         "weights_bytes": weights,
         "adapters_bytes": extra,
         "reserve_bytes": reserve,
+        "kv_bytes": parts.kv,  # of reserve_bytes: split by layers over a sharded group's devices
+        "logits_bytes": parts.logits,  # of reserve_bytes: on a sharded group's head device only
         "overhead_bytes": overhead,
         "total_bytes": weights + extra + reserve + overhead,
     }

@@ -12,16 +12,26 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
 from . import estimate as est
 from .devices import Device
 
+if TYPE_CHECKING:
+    from .sharding import Block
+
 
 def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
     """Each member's local folder (``unknown_model`` if one cannot be found)."""
     return {m: catalog.local_path(catalog.models[m].source) for m in group.members}
+
+
+def shard_reserve(parts: dict[str, int]) -> est.ShardReserve:
+    """The group's runtime reserve by where a sharded pass needs it."""
+    kv, logits = parts["kv_bytes"], parts["logits_bytes"]
+    return est.ShardReserve(parts["reserve_bytes"] - kv - logits, kv, logits)
 
 
 def needed_bytes(parts: dict[str, int], measured: int | None, warm: bool) -> int:
@@ -45,7 +55,7 @@ class EstimateCache:
         self.catalog = catalog
         self.dtype = dtype
         self._entries: dict[tuple[str, str, str], _Entry] = {}
-        self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[int] | None]] = {}
+        self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[Block] | None]] = {}
         self._lock = threading.Lock()
 
     def dtype_for(self, group: GroupSpec, dev: Device) -> str:
@@ -87,10 +97,11 @@ class EstimateCache:
         return entry.parts
 
     def ensure_blocks(self, group: GroupSpec, dev: Device) -> None:
-        """Compute the group's layer blocks for sharding (a meta-device model: call unlocked).
+        """Compute the group's blocks for sharding (file I/O, a meta-device model: call unlocked).
 
-        Only a group of one model object can be sharded (an adapters group's base, or a
-        single model); others, and models that cannot be built on the meta device, get None.
+        A group of one model object (an adapters group's base, or a single model) splits by its
+        layers; a ``models`` group of several members by whole members (``kind`` ``model``: each
+        member on one device). Models that cannot be built on the meta device get None.
         """
         key = (group.id, self.dtype_for(group, dev))
         with self._lock:
@@ -99,18 +110,20 @@ class EstimateCache:
             return
         from . import sharding
 
-        one = group.base if group.kind == "adapters" else (group.members[0] if len(group.members) == 1 else None)
+        paths, trc = folders(self.catalog, group), group.trust_remote_code
         try:
-            found = None if one is None else sharding.blocks(
-                sharding.meta_model(folders(self.catalog, group)[one], key[1], group.trust_remote_code)
-            )
+            if group.kind == "models" and len(group.members) > 1:
+                found = [sharding.Block(m, est.weight_bytes(paths[m], key[1], trc), "model") for m in group.members]
+            else:
+                one = group.base if group.kind == "adapters" else group.members[0]
+                found = sharding.blocks(sharding.meta_model(paths[one], key[1], trc))  # type: ignore[index]
         except GpuGroupsError:
             found = None
         with self._lock:
             self._blocks[key] = (group, found)
 
-    def blocks(self, group: GroupSpec, dev: Device) -> list[int] | None:
-        """The cached layer blocks' bytes in layer order (None: not computed, or not shardable)."""
+    def blocks(self, group: GroupSpec, dev: Device) -> list[Block] | None:
+        """The cached layer blocks in layer order (None: not computed, or not shardable)."""
         with self._lock:
             cached = self._blocks.get((group.id, self.dtype_for(group, dev)))
         return cached[1] if cached is not None and cached[0] == group else None

@@ -46,7 +46,7 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
             raise GpuGroupsError(
                 "invalid_request",
                 f"max_new_tokens={r.max_new_tokens} does not fit the group's runtime reserve "
-                f"({budget.reserve} bytes) even for a one-token prompt; ask for fewer new tokens",
+                f"({sum(budget.reserve)} bytes) even for a one-token prompt; ask for fewer new tokens",
             )
         room = max(1, min(context_room, memory_room))
         truncated.append(len(ids) > room)
@@ -58,7 +58,7 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
             r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")
             ids = ids[-room:]
         rows.append(ids)
-    device = torch.device(rt.device.backing)
+    device = torch.device(member.device)
     t1 = time.perf_counter()
     parts = []
     for start, end in _passes([len(ids) for ids in rows], budget):

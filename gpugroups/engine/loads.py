@@ -21,7 +21,7 @@ from ..errors import GpuGroupsError
 from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
 from .bus import EventBus
 from .devices import Device
-from .estimates import EstimateCache, folders, needed_bytes
+from .estimates import EstimateCache, folders, needed_bytes, shard_reserve
 from .slot import Operation, Slot
 from .worker import OutOfMemory, Span, Worker
 
@@ -67,10 +67,24 @@ class Loads:
             device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
         first = device_id if device_id is not None else (device_ids[0] if device_ids else 0)
         need = self.estimate(group, first, strict=True)
-        decision = place(
-            group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids,
-            self._layout(group),
-        )
+        layout = self._layout(group)
+        try:
+            decision = place(
+                group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids, layout,
+            )
+        except GpuGroupsError as exc:
+            blocks = self.estimates.blocks(group, self.devices[0]) or []
+            if exc.code != "insufficient_memory" or layout is None or not any(b.kind == "model" for b in blocks):
+                raise
+            # a models group spreads whole members: say which member no device can take
+            largest = max(range(len(blocks)), key=lambda i: layout.costs()[i])
+            member_need = layout.costs()[largest] + layout.fixed_on(first)
+            raise GpuGroupsError(
+                "insufficient_memory",
+                f"{exc.message}; a models group is sharded by whole members, one device each, and its "
+                f"largest member {blocks[largest].name!r} needs {member_need / 2**20:.1f} MiB on one device",
+                {**exc.details, "largest_member": blocks[largest].name, "member_need_bytes": member_need},
+            ) from None
         return decision, need
 
     def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
@@ -106,12 +120,22 @@ class Loads:
         if not blocks or parts is None or len(self.devices) < 2:
             return None
         weights = self.measured.get(group.id, parts["weights_bytes"] + parts["adapters_bytes"])
-        scale = weights / sum(blocks)  # adapters sit beside their layers: spread them pro rata
+        scale = weights / sum(b.bytes for b in blocks)  # adapters sit beside their layers: spread them pro rata
+        reserve = shard_reserve(parts)
+        layers = sum(b.kind == "layer" for b in blocks)
+        head = any(b.kind == "head" for b in blocks)
+        # each layer takes its share of the KV cache along, the head the logits (a tied head is
+        # no block: then every device keeps room for the logits)
+        extra = tuple(
+            reserve.on(1, layers, False) - reserve.each if b.kind == "layer" else reserve.logits if b.kind == "head" else 0
+            for b in blocks
+        )
         fixed = {}
         for d in self.devices:
             p = self.estimates.peek(group, d) or parts
-            fixed[d.device_id] = p["reserve_bytes"] + (0 if d.device_id in self.warm else p["overhead_bytes"])
-        return Layout(tuple(int(b * scale) + 1 for b in blocks), fixed)
+            every = shard_reserve(p).on(0, layers, not head)
+            fixed[d.device_id] = every + (0 if d.device_id in self.warm else p["overhead_bytes"])
+        return Layout(tuple(int(b.bytes * scale) + 1 for b in blocks), fixed, extra)
 
     def _load(self, slot: Slot, victims: list[Slot]) -> None:
         """On a load thread: drop the victims, load on the worker(s), admit; settle ``slot.done``."""
@@ -144,10 +168,10 @@ class Loads:
 
     def _start_load(
         self, slot: Slot, victims: list[Slot], paths: dict[str, Any], dtype: str
-    ) -> Callable[[], dict[int, int]]:
+    ) -> Callable[[], dict[int, tuple[int, int]]]:
         """Queue the victims' unloads and the load (with holds on a span's other devices), all
         under the lock so every worker sees multi-device work in one order; returns a waiter
-        for the measured bytes per device."""
+        for the measured weight bytes and the runtime reserve per device."""
         group, first = slot.group, slot.device_id
         worker = self.workers[first]
 
@@ -157,26 +181,24 @@ class Loads:
         with self._lock:
             for v in victims:
                 self._drop(v)  # queued before the load on the same worker(s)
+            parts = self.estimates.peek(group, self.devices[first], strict=True) or {}
             if len(slot.shares) == 1:
                 single = worker.load(group, paths, dtype, progress)
-                return lambda: {first: single.result()}
+                return lambda: {first: (single.result(), parts["reserve_bytes"])}
             release: Future[None] = Future()
             holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
-            last = slot.device_ids[-1]
-            weights = [slot.weights[d] for d in slot.device_ids]
-            # the last device may take what it has room for, so accelerate's own rounding never spills
-            weights[-1] = max(weights[-1], self.devices[last].memory(self.accounted(last) - slot.shares[last])["free_bytes"])
-            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), tuple(weights), holds)
+            weights = tuple(slot.weights[d] for d in slot.device_ids)
+            span = Span(tuple(self.devices[d].backing for d in slot.device_ids), weights, shard_reserve(parts), holds)
             sharded = worker.load_sharded(group, paths, dtype, progress, span)
             sharded.add_done_callback(lambda _: release.set_result(None))
         return lambda: dict(zip(slot.device_ids, sharded.result()))
 
-    def _admit(self, slot: Slot, measured: dict[int, int]) -> None:
-        """Account the loaded group per device; a device over its budget is an OOM (virtual devices too)."""
-        parts = self.estimates.peek(slot.group, self.devices[slot.device_id], strict=True) or {}
+    def _admit(self, slot: Slot, measured: dict[int, tuple[int, int]]) -> None:
+        """Account the loaded group per device (its weights and runtime reserve there); a device
+        over its budget is an OOM (virtual devices too)."""
         # The device overhead (CUDA context) is the device's, not the group's: NVML shows it
         # as used from the first load on, so each share accounts weights + reserve only.
-        totals = {d: b + parts.get("reserve_bytes", 0) for d, b in measured.items()}
+        totals = {d: w + r for d, (w, r) in measured.items()}
         with self._lock:
             over = []
             for d, total in totals.items():
@@ -186,7 +208,7 @@ class Loads:
                     over.append(f"device {d} has {dev.budget_bytes - others} of its {dev.budget_bytes}-byte budget left for {total}")
             if not over:
                 slot.shares = totals
-                self.measured[slot.group.id] = sum(measured.values())
+                self.measured[slot.group.id] = sum(w for w, _ in measured.values())
                 self.warm.update(totals)
         if over:
             self.workers[slot.device_id].unload(slot.group.id).result()

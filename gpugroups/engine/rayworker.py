@@ -164,7 +164,7 @@ class RayWorker:
 
     def load_sharded(
         self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
-    ) -> Future[list[int]]:
+    ) -> Future[list[tuple[int, int]]]:
         return self._unshardable(group.id)
 
     def pause(self, release: Future[Any]) -> Future[None]:

@@ -65,7 +65,7 @@ class Research:
             # Runs on the worker, inside the member's activation; keeps the worker until released.
             if release.is_set():  # the caller left (an interrupt) before the worker got here
                 return
-            backing = self._workers[slot.device_id].device.backing
+            backing = str(getattr(model, "device", self._workers[slot.device_id].device.backing))  # a member's own device
             handed.set_result(Handle(model, tokenizer, backing, slot.device_id, model_id, slot.group.id))
             release.wait()
 

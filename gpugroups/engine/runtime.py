@@ -2,11 +2,12 @@
 
 ``adapters`` groups load the base once and every adapter onto it with PEFT; switching member
 activates that adapter (or disables adapters for the bare base) — no allocation, no copy.
-``models`` and single groups keep each member resident. A sharded group (a ``Span``) is one
-model object laid out layer by layer over several devices with accelerate's device map; its
-adapters land beside their base layers. Loading reports progress per stage
-(config, weights, each adapter) and unloading drops every reference, collects garbage and
-empties the CUDA cache so the memory really returns.
+``models`` and single groups keep each member resident. A sharded group (a ``Span``) of one
+model object is laid out layer by layer over several devices with a device map that follows
+placement's split (``sharding.device_map``), its adapters beside their base layers; a sharded
+``models`` group of several members puts each member whole on one of the span's devices.
+Loading reports progress per stage (config, weights, each adapter) and unloading drops every
+reference, collects garbage and empties the CUDA cache so the memory really returns.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from ..catalog import GroupSpec
 from .devices import Device
-from .estimate import PassBudget, config_of, group_reserve
+from .estimate import PassBudget, ShardReserve, config_of, group_reserve
 from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
 from .worker import Progress, Span
 
@@ -39,6 +40,7 @@ class Member:
     model: Any
     tokenizer: Any
     context_length: int
+    device: str  # where its inputs go: the backing of its (first) device
     #: What one forward pass of it may take (the group's reserve; see ``PassBudget``).
     budget: PassBudget
     adapter: str | None = None  # adapters groups: the PEFT adapter name (None for the base)
@@ -54,12 +56,17 @@ class Runtime:
         self.members: dict[str, Member] = {}
         self.bytes = 0
         self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
+        self.reserves: list[int] = []  # and the runtime reserve each of those devices needs
         self._span: Span | None = None
+        self.device_map: dict[str, int] = {}  # a sharded group's modules -> span position
         self._map_split: list[int] = []
+        self._layers: list[int] = []  # decoder layers per span position, and the head's position
+        self._head: int | None = None
+        self._where: dict[str, int] = {}  # a sharded models group: member -> span position
         self._peft: Any = None
         self._tuner_layers: list[Any] = []  # every LoRA layer of the PEFT model, found once at load
         self._switch_lock = threading.Lock()
-        self._reserve: int | None = None  # the group's runtime reserve, read once at load
+        self._reserve: ShardReserve | None = None  # the group's runtime reserve, read once at load
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -73,7 +80,8 @@ class Runtime:
         span: Span | None = None,
     ) -> Runtime:
         """Load every member of ``group`` from ``folders`` (member id -> local folder) onto ``device``,
-        or, with a ``span``, its one model over the span's devices (``device`` is the first).
+        or, with a ``span``, over the span's devices (``device`` is the first): one model layer
+        by layer, several members each whole on one device.
 
         On any failure everything loaded so far is freed before the error propagates.
         """
@@ -87,12 +95,25 @@ class Runtime:
             rt.unload()
             raise
         rt.bytes = sum(measured_bytes(m) for m in {id(x.model): x.model for x in rt.members.values()}.values())
-        if span is not None:  # the map's split of what was measured (virtual devices may share a backing)
-            total = sum(rt._map_split) or 1
-            rt.shares = [rt.bytes * b // total for b in rt._map_split]
-            rt.shares[-1] += rt.bytes - sum(rt.shares)
+        if span is not None:
+            rt._split(span)
         report(1.0, "ready")
         return rt
+
+    def _split(self, span: Span) -> None:
+        """Each span device's measured bytes and runtime reserve (virtual devices may share a
+        backing, so the split comes from where the load put things, not from the backings)."""
+        if self._where:  # whole members: each device runs its own members' passes
+            self.shares = [0] * len(span.backings)
+            for mid, pos in self._where.items():
+                self.shares[pos] += measured_bytes(self.members[mid].model)
+            self.reserves = [sum(span.reserve)] * len(span.backings)
+            return
+        total = sum(self._map_split) or 1  # one model: the map's split of what was measured
+        self.shares = [self.bytes * b // total for b in self._map_split]
+        self.shares[-1] += self.bytes - sum(self.shares)
+        total_layers = sum(self._layers)
+        self.reserves = [span.reserve.on(n, total_layers, self._head in (None, i)) for i, n in enumerate(self._layers)]
 
     def _load(self, folders: dict[str, Path], report: Progress) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,18 +121,27 @@ class Runtime:
         g = self.group
         steps = len(g.members) + 1
         kwargs: dict[str, Any] = {"dtype": torch_dtype(self.dtype), "trust_remote_code": g.trust_remote_code}
-        if self._span is not None:
-            kwargs["device_map"] = self._device_map(folders[g.base if g.base is not None else g.members[0]])
-        elif self.device.backing != "cpu":
-            kwargs["device_map"] = {"": self.device.backing}
+        span = self._span
+        backing = {m: self.device.backing for m in g.members}  # where each member's inputs go
+        layered: dict[str, str] | None = None  # one model over the span: its map
+        if span is not None and g.kind == "models" and len(g.members) > 1:
+            self._where = self._spread_members(folders)
+            backing = {m: span.backings[pos] for m, pos in self._where.items()}
+        elif span is not None:
+            layered = self._device_map(folders[g.base if g.base is not None else g.members[0]])
+
+        def placed(member: str) -> dict[str, Any]:
+            if layered is not None:
+                return {**kwargs, "device_map": layered}
+            return kwargs if backing[member] == "cpu" else {**kwargs, "device_map": {"": backing[member]}}
         if g.kind == "adapters":
             base_dir = folders[g.base]  # type: ignore[index]
             report(0.0, f"loading base {g.base}")
-            base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).eval()
+            base = AutoModelForCausalLM.from_pretrained(base_dir, **placed(g.base)).eval()  # type: ignore[arg-type]
             tok = AutoTokenizer.from_pretrained(base_dir)
             ctx = context_length(base_dir)
             budget = self._budget(base_dir, base, folders)
-            self.members[g.base] = Member(base, tok, ctx, budget)  # type: ignore[index]
+            self.members[g.base] = Member(base, tok, ctx, backing[g.base], budget)  # type: ignore[index]
             report(1 / steps, f"loaded base {g.base}")
             adapters = [m for m in g.members if m != g.base]
             if adapters:
@@ -125,17 +155,17 @@ class Runtime:
                         self._peft.load_adapter(folders[aid], adapter_name=aid, is_trainable=False)
                 self._peft.eval()
                 for aid in adapters:
-                    self.members[aid] = Member(self._peft, tok, ctx, budget, adapter=aid)
-                self.members[g.base] = Member(self._peft, tok, ctx, budget)  # type: ignore[index]
+                    self.members[aid] = Member(self._peft, tok, ctx, backing[g.base], budget, adapter=aid)  # type: ignore[index]
+                self.members[g.base] = Member(self._peft, tok, ctx, backing[g.base], budget)  # type: ignore[index]
                 self._peft.set_adapter(adapters[0], inference_mode=True)
                 self._tuner_layers = _tuner_layers(self._peft)
         else:
             for i, mid in enumerate(g.members):
                 report(i / steps, f"loading {mid}")
-                model = AutoModelForCausalLM.from_pretrained(folders[mid], **kwargs).eval()
+                model = AutoModelForCausalLM.from_pretrained(folders[mid], **placed(mid)).eval()
                 tok = AutoTokenizer.from_pretrained(folders[mid])
                 budget = self._budget(folders[mid], model, folders)
-                self.members[mid] = Member(model, tok, context_length(folders[mid]), budget)
+                self.members[mid] = Member(model, tok, context_length(folders[mid]), backing[mid], budget)
         for m in self.members.values():
             if m.tokenizer.pad_token_id is None:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
@@ -148,18 +178,28 @@ class Runtime:
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         return PassBudget(config_of(Path(folder)), self.dtype, self._reserve, attention)
 
+    def _spread_members(self, folders: dict[str, Path]) -> dict[str, int]:
+        """Each member's span position: placement's shares of the members' weights, in member order."""
+        from . import sharding
+        from .estimate import weight_bytes
+
+        span = self._span
+        assert span is not None
+        sizes = [weight_bytes(folders[m], self.dtype, self.group.trust_remote_code) for m in self.group.members]
+        return dict(zip(self.group.members, sharding.assign(sizes, span.weight_bytes), strict=True))
+
     def _device_map(self, folder: Path) -> dict[str, str] | None:
-        """accelerate's map over the span, by backing; None when every backing is the cpu."""
+        """The map over the span, by backing; None when every backing is the cpu."""
         from . import sharding
 
         span = self._span
         assert span is not None
-        by_position, self._map_split = sharding.device_map(
-            sharding.meta_model(folder, self.dtype, self.group.trust_remote_code), span.weight_bytes, self.dtype
-        )
+        model = sharding.meta_model(folder, self.dtype, self.group.trust_remote_code)
+        self.device_map, self._map_split = sharding.device_map(model, span.weight_bytes)
+        self._layers, self._head = sharding.layer_split(model, self.device_map, len(span.backings))
         if all(b == "cpu" for b in span.backings):
             return None
-        return {name: span.backings[pos] for name, pos in by_position.items()}
+        return {name: span.backings[pos] for name, pos in self.device_map.items()}
 
     # ---- using --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -239,8 +279,10 @@ class Runtime:
         self._tuner_layers = []
         if any(r() is not None for r in alive):
             gc.collect()
-        if self.device.backing.startswith("cuda"):
-            torch.cuda.empty_cache()
+        for backing in {self.device.backing, *(self._span.backings if self._span else ())}:
+            if backing.startswith("cuda"):  # every device the group spans gives its cache back
+                with torch.cuda.device(backing):
+                    torch.cuda.empty_cache()
 
 
 def _tuner_layers(peft: Any) -> list[Any]:

@@ -1,25 +1,40 @@
-"""Sharding a model over devices: its layer blocks before loading, and accelerate's device map.
+"""Sharding a model over devices: its layer blocks before loading, and the device map it loads with.
 
 Both work on the model built from its config on the meta device (no weights read). ``blocks``
-feeds placement's ``Layout``; ``device_map`` turns placement's per-device shares into the map
-``from_pretrained`` loads with, keyed by span position so that several virtual devices on one
-backing (``cpu``, or slices of one GPU) stay apart in the accounting.
+feeds placement's ``Layout``; ``device_map`` turns placement's per-device shares of those same
+blocks into the map ``from_pretrained`` loads with (accelerate's format), keyed by span position
+so that several virtual devices on one backing (``cpu``, or slices of one GPU) stay apart in the
+accounting; ``layer_split`` says where the map put the decoder layers and the head.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import GpuGroupsError
 from .torchkit import CONSTRUCTION_LOCK, torch_dtype
 
 
 def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any:
-    """The causal LM of ``folder/config.json`` on the meta device, in ``dtype``."""
+    """The causal LM of ``folder/config.json`` on the meta device, in ``dtype``.
+
+    Shared, read-only, and remembered per config file (its path and modification time): building
+    it costs about as much as loading a small model's weights, and every sharded load of the
+    group needs it again for its device map.
+    """
+    config = Path(folder) / "config.json"
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError as exc:
+        raise GpuGroupsError("invalid_model", f"cannot read {config}: {exc}") from None
+    return _meta_model(str(config.parent.resolve()), stamp, dtype, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(folder: str, stamp: int, dtype: str, trust_remote_code: bool) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -28,71 +43,118 @@ def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any
         with CONSTRUCTION_LOCK, torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype))
     except Exception as exc:
-        raise GpuGroupsError("invalid_model", f"cannot build {folder / 'config.json'} on the meta device: {exc}") from None
+        raise GpuGroupsError("invalid_model", f"cannot build {folder}/config.json on the meta device: {exc}") from None
 
 
-def blocks(model: Any) -> list[int]:
-    """Bytes of the model's indivisible blocks in layer order: no-split modules (decoder layers)
-    whole, other modules down to their own parameters, as accelerate splits them."""
+class Block(NamedTuple):
+    """An indivisible block of a model: the name a device map gives it, its weight bytes, and
+    what it is (``layer``: a decoder layer, with its share of the KV cache; ``head``: the output
+    head, with the logits; ``other``)."""
+
+    name: str
+    bytes: int
+    kind: str
+
+
+def blocks(model: Any) -> list[Block]:
+    """The model's indivisible blocks with weights, in layer order (``_units``). A head tied to
+    the embedding has no weights of its own and is no block."""
+    return [b for b in _units(model) if b.bytes > 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _units(model: Any) -> tuple[Block, ...]:
+    """Every unit a device map places, in layer order: no-split modules (decoder layers) whole,
+    other modules down to their leaves, a module's own parameters by their names."""
     from accelerate.utils import compute_module_sizes
 
     sizes = compute_module_sizes(model)
     no_split = set(model._no_split_modules or ())
-    out: list[int] = []
+    head = model.get_output_embeddings()
+    out: list[Block] = []
 
-    def walk(name: str, module: Any) -> None:
+    def walk(prefix: str, module: Any) -> None:
         children = list(module.named_children())
-        own = sum(sizes.get(f"{name}{n}", 0) for n, _ in module.named_parameters(recurse=False))
         if type(module).__name__ in no_split or not children:
-            out.append(sizes.get(name.rstrip("."), 0))
+            kind = "layer" if type(module).__name__ in no_split else "head" if module is head else "other"
+            out.append(Block(prefix.rstrip("."), sizes.get(prefix.rstrip("."), 0), kind))
             return
-        if own:
-            out.append(own)
+        for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            out.append(Block(f"{prefix}{n}", sizes.get(f"{prefix}{n}", 0), "other"))
         for n, child in children:
-            walk(f"{name}{n}.", child)
+            walk(f"{prefix}{n}.", child)
 
     walk("", model)
-    return [b for b in out if b > 0]
+    return tuple(out)
 
 
-def device_map(model: Any, max_bytes: Sequence[int], dtype: str) -> tuple[dict[str, int], list[int]]:
-    """accelerate's map of ``model`` over the span (module name -> span position) and the
-    weight bytes it puts at each position; ``OutOfMemory``-free: raises ``insufficient_memory``
-    when the span cannot take the whole model.
+def device_map(model: Any, max_bytes: Sequence[int]) -> tuple[dict[str, int], list[int]]:
+    """The map of ``model`` over the span (unit name -> span position) and the weight bytes it
+    puts at each position.
 
-    ``max_bytes`` is each position's room for weights. accelerate keeps room for the largest
-    layer on its main device (position 0) for offloading, which a group never does, so that
-    room is added back there.
+    ``max_bytes`` is the weight bytes placement gave each position, from the same blocks (scaled
+    for adapters or measured bytes); a block goes to the position whose part of the whole its
+    middle falls in, so the map follows placement's split exactly. A unit without weights of its
+    own (a head tied to the embedding) goes where the weights it shares live.
     """
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import compute_module_sizes, get_max_layer_size
+    from accelerate.utils import find_tied_parameters
 
-    sizes = compute_module_sizes(model)
-    no_split = list(model._no_split_modules or ())
-    largest, _ = get_max_layer_size([(n, m) for n, m in model.named_children()], sizes, no_split)
-    room = {i: int(b) + (largest if i == 0 else 0) for i, b in enumerate(max_bytes)}
-    with _quiet_accelerate():
-        mapping = infer_auto_device_map(model, max_memory=room, no_split_module_classes=no_split, dtype=torch_dtype(dtype))
-    spill = sorted(k for k, v in mapping.items() if not isinstance(v, int))
-    if spill:
-        raise GpuGroupsError(
-            "insufficient_memory", f"the devices' shares cannot hold the model: {', '.join(spill)} left over",
-            {"modules": spill},
-        )
+    units = _units(model)
+    weighed = [b for b in units if b.bytes]
+    mapping = dict(zip((b.name for b in weighed), assign([b.bytes for b in weighed], max_bytes), strict=True))
     split = [0] * len(max_bytes)
-    for name, pos in mapping.items():
-        split[pos] += sizes[name]
-    return dict(mapping), split
+    for b in weighed:
+        split[mapping[b.name]] += b.bytes
+    tied = {name: group for group in find_tied_parameters(model) for name in group}
+    for b in units:
+        if not b.bytes:
+            shared = [n for n, _ in model.get_submodule(b.name).named_parameters(prefix=b.name, remove_duplicate=False)]
+            partners = [p for n in shared for p in tied.get(n, ()) if not p.startswith(f"{b.name}.")]
+            placed = [position(mapping, p) for p in partners]
+            mapping[b.name] = next((p for p in placed if p is not None), len(max_bytes) - 1)
+    return mapping, split
 
 
-@contextlib.contextmanager
-def _quiet_accelerate() -> Iterator[None]:
-    """accelerate logs "Device N is not available" for span positions with no CUDA device behind
-    them (virtual devices on cpu); the positions are ours, not CUDA ordinals."""
-    log = logging.getLogger("accelerate.utils.modeling")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+def assign(sizes: Sequence[int], max_bytes: Sequence[int]) -> list[int]:
+    """The span position of each of ``sizes`` (blocks in order) when the span's positions take
+    ``max_bytes`` of them in turn: a block goes where its middle falls, so that the same blocks
+    measured a little differently (placement scales them by adapters and measured bytes) land
+    where placement put them."""
+    total, room = sum(sizes), sum(max_bytes) or 1
+    ends, acc = [], 0
+    for share in max_bytes:
+        acc += share
+        ends.append(total * acc / room)
+    out, start = [], 0
+    for size in sizes:
+        middle = start + size / 2
+        out.append(next((i for i, end in enumerate(ends) if middle < end), len(ends) - 1))
+        start += size
+    return out
+
+
+def position(mapping: dict[str, int], name: str) -> int | None:
+    """The span position of a module or parameter ``name`` under ``mapping`` (its closest mapped ancestor)."""
+    while True:
+        if name in mapping:
+            return mapping[name]
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+
+
+def layer_split(model: Any, mapping: dict[str, int], positions: int) -> tuple[list[int], int | None]:
+    """The decoder layers at each span position of ``mapping``, and the position of the output
+    head (None when the model has none)."""
+    no_split = set(model._no_split_modules or ())
+    head = model.get_output_embeddings()
+    layers = [0] * positions
+    head_at = None
+    for name, module in model.named_modules():
+        if type(module).__name__ in no_split:
+            at = position(mapping, name)
+            if at is not None:
+                layers[at] += 1
+        elif module is head and head is not None:
+            head_at = position(mapping, name)
+    return layers, head_at

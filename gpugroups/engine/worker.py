@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
+from .estimate import ShardReserve
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -48,10 +49,12 @@ class Request:
 @dataclass(frozen=True)
 class Span:
     """Where a sharded group's layers go, in layer order: each device's tensor backing and the
-    weight bytes placement gave it. ``after``: the holds on the other devices, to wait for first."""
+    weight bytes placement gave it. ``after``: the holds on the other devices, to wait for first;
+    ``reserve``: the group's runtime reserve, which the load splits as its map puts the layers."""
 
     backings: tuple[str, ...]
     weight_bytes: tuple[int, ...]
+    reserve: ShardReserve
     after: tuple[Future[None], ...] = ()
 
 
@@ -69,7 +72,7 @@ class Worker(Protocol):
     ``{"predictions", "prompt_tokens", "truncated", "notes", "timing"}`` for one request; a
     worker may serve queued requests of one group in one forward pass (``timing.batch_size``).
     A sharded group is driven by the worker of its first device: ``load_sharded`` lays it out
-    over the ``Span`` and answers each device's bytes; ``pause`` holds the other devices' workers
+    over the ``Span`` and answers each device's weight bytes and runtime reserve; ``pause`` holds the other devices' workers
     meanwhile, so nothing else runs on them between a sharded load or forward pass's start and end.
 
     ``run`` calls ``fn(model, tokenizer, *args, **kwargs)`` where the group lives, with
@@ -99,7 +102,7 @@ class Worker(Protocol):
 
     def load_sharded(
         self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
-    ) -> Future[list[int]]: ...
+    ) -> Future[list[tuple[int, int]]]: ...
 
     def pause(self, release: Future[Any]) -> Future[None]:
         """Pause this worker after what is queued until ``release`` is done; the answer is done
@@ -170,7 +173,7 @@ class ThreadWorker:
 
     def load_sharded(
         self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
-    ) -> Future[list[int]]:
+    ) -> Future[list[tuple[int, int]]]:
         return self.call(functools.partial(self._load, group, dict(folders), dtype, progress, span), "loading")
 
     def pause(self, release: Future[Any]) -> Future[None]:
@@ -236,7 +239,7 @@ class ThreadWorker:
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(str(exc)) from exc
         self._runtimes[group.id] = rt
-        return rt.shares if span else rt.bytes
+        return list(zip(rt.shares, rt.reserves)) if span else rt.bytes
 
     def _unload(self, group_id: str) -> None:
         rt = self._runtimes.pop(group_id, None)

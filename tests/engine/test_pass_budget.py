@@ -12,7 +12,7 @@ import torch
 
 from gpugroups.catalog import GroupSpec
 from gpugroups.engine.devices import Device
-from gpugroups.engine.estimate import PassBudget, config_of, runtime_reserve
+from gpugroups.engine.estimate import PassBudget, config_of, reserve_parts
 from gpugroups.engine.inference import predict
 from gpugroups.engine.runtime import Runtime
 from gpugroups.engine.worker import Request
@@ -53,7 +53,7 @@ def _prompt(runtime: Any, tokens: int, seed: int = 0) -> str:
 
 def test_a_budget_admits_exactly_what_fits(eager_model: Path) -> None:
     config = config_of(eager_model)
-    reserve = runtime_reserve(config, "float32")
+    reserve = reserve_parts(config, "float32")
     eager = PassBudget(config, "float32", reserve, "eager")
     sdpa = PassBudget(config, "float32", reserve, "sdpa")
     n = eager.max_seq()

@@ -155,3 +155,149 @@ def test_a_sharded_pass_holds_every_spanned_device(deep):
         gate.set()
         assert done.wait(30)
         t.join()
+
+
+def test_the_gpu_checks_sharding_comparison_runs_on_cpu_backed_virtual_devices(deep):
+    from bench import gpu_check
+
+    make, _ = deep
+    out = gpu_check.sharded_equals_whole(make(), "big", "big-a", "cpu", devices(deep))
+    assert len(out["span"]) == 2 and out["max_gap"] <= gpu_check.TOLERANCE
+    with pytest.raises(RuntimeError, match="was not sharded"):  # one device that holds it all: no shard
+        gpu_check.sharded_equals_whole(make(), "big", "big-a", "cpu", devices(deep, n=1, factor=2.0))
+
+
+def test_the_gpu_check_says_it_skips_without_cuda(capsys):
+    import torch
+
+    from bench import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run for real")
+    gpu_check.main([])
+    assert "gpu check skipped: no CUDA device" in capsys.readouterr().out
+
+
+def _sharded_runtime(deep, group="big"):
+    """A manager sharding ``group`` over two of three devices, and the runtime its first device holds."""
+    from gpugroups.engine.worker import ThreadWorker
+
+    make, _ = deep
+    workers: list[ThreadWorker] = []
+    m = gg.Manager(devices=devices(deep), catalog=make(), worker=lambda d: workers.append(ThreadWorker(d)) or workers[-1])
+    span = m.load_group(group)["device_ids"]
+    return m, span, workers[span[0]].runtimes()[group]
+
+
+def test_each_spanned_device_reserves_at_least_what_its_part_of_a_pass_allocates(deep):
+    import torch
+
+    from bench.bench_memory import shard_peaks
+    from gpugroups.engine import estimate as est
+
+    m, span, rt = _sharded_runtime(deep)
+    with m:
+        base = rt.members["big-base"].model.get_base_model()
+        config = base.config.to_dict()
+        seq = min(est.REFERENCE_SEQ, base.config.max_position_embeddings)
+        ids = torch.randint(1, base.config.vocab_size, (est.REFERENCE_BATCH, seq))
+
+        def reference_pass() -> None:  # the batch the runtime reserve is sized for
+            with torch.inference_mode():
+                base(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+
+        reference_pass()
+        peaks = shard_peaks(base, rt.device_map, len(span), reference_pass)
+        assert all(p > 0 for p in peaks)
+        for peak, reserve in zip(peaks, rt.reserves, strict=True):
+            assert peak <= reserve
+        full = est.runtime_reserve(config, "float32")
+        assert all(r < full for r in rt.reserves)  # no device keeps the whole reserve any more
+        parts = est.reserve_parts(config, "float32")
+        layers, head = rt._layers, rt._head
+        assert sum(layers) == base.config.num_hidden_layers and head == len(span) - 1
+        assert rt.reserves[head] - rt.reserves[0] >= parts.logits - parts.kv  # the logits live with the head
+        shards = next(g for g in m.state()["groups"] if g["id"] == "big")["shards"]
+        assert [s["bytes"] for s in shards] == [w + r for w, r in zip(rt.shares, rt.reserves, strict=True)]
+
+
+def test_a_tied_head_shards_with_its_embedding_and_answers_as_unsharded(models_root, tiny_gpt2):
+    from gpugroups.engine.worker import ThreadWorker
+
+    def cat() -> Catalog:
+        c = Catalog(roots=[models_root])
+        c.register_group("g", models={"gpt": str(tiny_gpt2)})
+        return c
+
+    workers: list[ThreadWorker] = []
+    seam = lambda d: workers.append(ThreadWorker(d)) or workers[-1]  # noqa: E731
+    with gg.Manager(devices="cpu", catalog=cat()) as whole, gg.Manager(devices="virtual:2x1GiB", catalog=cat(), worker=seam) as split:
+        assert split.load_group("g", device_ids=[0, 1])["device_ids"] == [0, 1]
+        rt = workers[0].runtimes()["g"]
+        assert rt.device_map["lm_head"] == rt.device_map["transformer.wte"] == 0 and rt._head == 0
+        assert rt._layers == [1, 1] and rt.reserves[0] > rt.reserves[1]  # the logits are where the head is
+        for prompt in PROMPTS:
+            a, b = whole.process("gpt", prompt, 5)["predictions"], split.process("gpt", prompt, 5)["predictions"]
+            assert [p["token_id"] for p in a] == [p["token_id"] for p in b]
+            for x, y in zip(a, b, strict=True):
+                assert y["probability"] == pytest.approx(x["probability"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair(deep, models_root, tiny_llama):
+    """A catalog factory with ``pair``, a models group of the deep Llama and the tiny one, and
+    devices that hold the deep one alone but not both."""
+    make, _ = deep
+
+    def make_pair() -> Catalog:
+        cat = make()
+        cat.register_group("pair", models={"deep": str(models_root / "deep-llama"), "tiny": str(tiny_llama)})
+        return cat
+
+    from gpugroups.engine.estimate import weight_bytes
+
+    with gg.Manager(devices="virtual:1GiB", catalog=make_pair()) as probe:
+        need = next(g for g in probe.groups() if g["id"] == "pair")["memory_estimate_bytes"]
+    return make_pair, f"virtual:3x{need - weight_bytes(tiny_llama, 'float32') // 2}B"
+
+
+def test_a_models_group_shards_by_whole_members_and_answers_as_unsharded(pair, models_root, tiny_llama):
+    import json
+
+    from gpugroups.engine import estimate as est
+
+    make, spec = pair
+    with gg.Manager(devices="cpu", catalog=make()) as whole, gg.Manager(devices=spec, catalog=make()) as split:
+        span = split.load_group("pair")["device_ids"]
+        assert len(span) == 2
+        devs, groups = by_id(split)
+        budget = devs[0]["memory"]["budget_bytes"]
+        assert groups["pair"]["memory_estimate_bytes"] > budget  # no one device could hold it
+        for s in groups["pair"]["shards"]:
+            assert devs[s["device_id"]]["memory"]["manager_bytes"] == s["bytes"] <= budget
+        # each member whole on one device, which keeps the group's reserve (one member's pass runs there)
+        deep = models_root / "deep-llama"
+        reserve = max(est.runtime_reserve(json.loads((f / "config.json").read_text()), "float32") for f in (deep, tiny_llama))
+        weights = [est.weight_bytes(deep, "float32"), est.weight_bytes(tiny_llama, "float32")]
+        shares = [s["bytes"] - reserve for s in groups["pair"]["shards"]]
+        assert shares == pytest.approx(weights, abs=1024)  # measured: the rotary buffers too
+        for model in ("deep", "tiny", "deep"):
+            for prompt in PROMPTS:
+                a, b = whole.process(model, prompt, 5)["predictions"], split.process(model, prompt, 5)["predictions"]
+                assert [p["token_id"] for p in a] == [p["token_id"] for p in b]
+                for x, y in zip(a, b, strict=True):
+                    assert y["probability"] == pytest.approx(x["probability"], abs=1e-5)
+        assert split.unload_group("pair")["device_ids"] == span
+        assert all(d["memory"]["manager_bytes"] == 0 for d in split.state()["devices"])
+
+
+def test_a_models_group_whose_largest_member_fits_no_device_is_refused_with_why(pair):
+    make, _ = pair
+    with gg.Manager(devices="virtual:1GiB", catalog=make()) as probe:
+        deep_alone = next(g for g in probe.groups() if g["id"] == "big")["memory_estimate_bytes"]
+    with gg.Manager(devices=f"virtual:3x{int(deep_alone * 0.7)}B", catalog=make()) as m:  # together they would hold it
+        with pytest.raises(GpuGroupsError) as e:
+            m.load_group("pair")
+        assert e.value.code == "insufficient_memory"
+        assert "sharded by whole members" in e.value.message and e.value.details["largest_member"] == "deep"
+        assert all(not d["resident_groups"] for d in m.state()["devices"])
