@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import GpuGroupsError
-from .schema import BridgeRequest, ErrorInfo, Hello, OpenData, Reply
+from .schema import BridgeCancel, BridgeRequest, ErrorInfo, Hello, OpenData, Reply
 
 API_PREFIX = "/api/v2"
 LEGACY_PREFIX = "/api/v1"
@@ -35,6 +35,25 @@ MAX_PROMPT_CHARS = 100_000
 CAP_RULE = "Above {cap} it is lowered to {cap} and the result's notes say so."
 #: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
 MAX_ID_CHARS = 4096
+#: Default of ``Manager(max_request_work=...)``: the token positions of one forward pass of the
+#: reference batch the runtime reserve is sized for (``engine.estimate``: 8 rows of 512 tokens; a
+#: test keeps them equal), so a request within it also fits the memory placement set aside for it.
+MAX_REQUEST_WORK = 8 * 512
+#: The one rule for a request's cost (``request_work``), quoted by the OpenAPI document.
+WORK_RULE = (
+    "A request's work is the token positions the device computes: prompt_tokens (after truncation "
+    "to the model's context), plus num_predictions × (prompt_tokens + max_new_tokens) when it "
+    "generates (max_new_tokens > 0). Above the host manager's max_request_work (default {limit}) "
+    "it is refused with invalid_request naming both."
+).format(limit=MAX_REQUEST_WORK)
+
+
+def request_work(prompt_tokens: int, num_predictions: int, max_new_tokens: int) -> int:
+    """A ``process`` request's work (``WORK_RULE``): the first pass over the prompt, and each
+    prediction's greedy continuation over the prompt and its new tokens."""
+    if max_new_tokens <= 0:
+        return prompt_tokens
+    return prompt_tokens + num_predictions * (prompt_tokens + max_new_tokens)
 
 ParamType = Literal["string", "integer", "boolean", "integer_list"]
 _A = {"string": "a string", "integer": "an integer", "boolean": "a boolean", "integer_list": "a list of integers"}
@@ -154,11 +173,19 @@ class Op:
     method: str = ""  # Manager method; defaults to ``name``
     ok_status: int = 200
     errors: tuple[str, ...] = field(default=("invalid_request",))
+    #: What else the op's callers must know (its limits), for the OpenAPI description.
+    notes: str = ""
 
     @property
     def manager_method(self) -> str:
         """The name of the ``Manager`` method this op calls."""
         return self.method or self.name
+
+    @property
+    def cancellable(self) -> bool:
+        """A caller that goes away (a REST timeout or disconnect) cancels it: a forward pass that
+        nobody will read must not hold the device (``Manager.cancel``)."""
+        return self.device_bound
 
     @property
     def lane(self) -> Literal["inline", "device", "control"]:
@@ -265,7 +292,7 @@ OPS: dict[str, Op] = {
                Param("max_new_tokens", "integer", required=False, default=0, minimum=0, cap=MAX_NEW_TOKENS,
                      description="Continue each prediction greedily this many tokens."),
            ),
-           may_load=True, device_bound=True, errors=_LOAD_ERRORS),
+           may_load=True, device_bound=True, errors=(*_LOAD_ERRORS, "cancelled"), notes=WORK_RULE),
         Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
            "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
            changes_residency=True, errors=("invalid_request", "unknown_device")),
@@ -310,6 +337,11 @@ def open_data(trust_remote_code: bool) -> OpenData:
 def request_message(request_id: str, op: str, args: dict[str, Any]) -> BridgeRequest:
     """A request from the server: run ``op`` with ``args``."""
     return {"id": request_id, "op": op, "args": args}
+
+
+def cancel_message(request_id: str) -> BridgeCancel:
+    """The server's word that the caller of ``request_id`` went away: stop that request."""
+    return {"cancel": request_id}
 
 
 def reply_message(request_id: str, outcome: Any) -> Reply:

@@ -9,6 +9,7 @@ answers like ``/api/v2/...`` with ``Deprecation`` and ``Link: rel="successor-ver
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -110,7 +111,13 @@ class OpHandler(GpuGroupsHandler):
     def initialize(self, ops: dict[str, Op], deprecated: bool = False) -> None:  # type: ignore[override]
         self.ops = ops
         self.SUPPORTED_METHODS = (*ops, "OPTIONS")  # others: 405
+        self._waiting: asyncio.Future[Any] | None = None
         super().initialize(deprecated)
+
+    def on_connection_close(self) -> None:
+        """The client went away: stop waiting, which cancels its request in the host (if it can be)."""
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     @web.authenticated
     @authorized
@@ -130,7 +137,12 @@ class OpHandler(GpuGroupsHandler):
             if clash:
                 raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
             args.update({k: _path_value(op, k, v) for k, v in path_args.items()})
-        self.answer(await self.host.request(op.name, args), op.ok_status)
+        self._waiting = asyncio.ensure_future(self.host.request(op.name, args))
+        try:
+            result = await self._waiting
+        except asyncio.CancelledError:
+            return  # nobody to answer
+        self.answer(result, op.ok_status)
 
 
 class HostHandler(GpuGroupsHandler):
