@@ -175,6 +175,8 @@ class Op:
     errors: tuple[str, ...] = field(default=("invalid_request",))
     #: What else the op's callers must know (its limits), for the OpenAPI description.
     notes: str = ""
+    #: Params of which at most one may be given (not null) in one request.
+    exclusive: tuple[str, ...] = ()
 
     @property
     def manager_method(self) -> str:
@@ -219,6 +221,9 @@ class Op:
                 out[p.name] = p.check(self.name, args[p.name])
             elif p.required:
                 raise _invalid(self.name, f"'{p.name}' is required")
+        given = [name for name in self.exclusive if name in out]
+        if len(given) > 1:
+            raise _invalid(self.name, f"give {' or '.join(given)}, not both")
         return out
 
     def apply_caps(self, kwargs: dict[str, Any]) -> list[str]:
@@ -253,6 +258,8 @@ _DEVICE_IDS = Param(
 _DEVICE_OPT = Param(
     "device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent."
 )
+#: One device, or a span of devices: not both.
+_PLACES = ("device_id", "device_ids")
 #: A load may also meet a group pinned to another device (``conflict``).
 _LOAD_ERRORS = ("invalid_request", "unknown_model", "unknown_device", "conflict", "insufficient_memory", "load_failed")
 _GROUP_LOAD_ERRORS = ("invalid_request", "unknown_group", "unknown_device", "conflict", "insufficient_memory", "load_failed")
@@ -265,12 +272,14 @@ OPS: dict[str, Op] = {
         Op("models", "GET", "/models", "The catalog's models.", "ModelList", slow=False, errors=()),
         Op("groups", "GET", "/groups", "The catalog's groups.", "GroupList", slow=False, errors=()),
         Op("load", "POST", "/models/load", "Make a model current: load its group if needed, switch member.",
-           "LoadResult", (_MODEL, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_LOAD_ERRORS),
+           "LoadResult", (_MODEL, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_LOAD_ERRORS,
+           exclusive=_PLACES),
         Op("unload", "POST", "/models/unload", "Unload the group that holds a model.", "UnloadResult",
            (_MODEL, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_model", "unknown_device")),
         Op("load_group", "POST", "/groups/load", "Load a whole group.", "LoadResult",
-           (_GROUP, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+           (_GROUP, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS,
+           exclusive=_PLACES),
         Op("unload_group", "POST", "/groups/unload", "Unload a group.", "UnloadResult",
            (_GROUP, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_group", "unknown_device")),
@@ -278,7 +287,7 @@ OPS: dict[str, Op] = {
            "PinResult",
            (_GROUP, _DEVICE_OPT,
             Param("pinned", "boolean", required=False, default=True, description="false unpins."), _DEVICE_IDS),
-           may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+           may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS, exclusive=_PLACES),
         Op("unpin", "POST", "/groups/unpin", "Unpin a group; it stays resident but may be evicted.", "PinResult",
            (_GROUP,), changes_residency=True, errors=("invalid_request", "unknown_group")),
         Op("process", "POST", "/models/process", "Top-N next-token predictions for a prompt.", "ProcessResult",

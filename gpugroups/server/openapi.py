@@ -20,7 +20,10 @@ from ..typeschema import components
 #: Codes any route that reaches the host kernel may answer with, beside its op's own.
 BRIDGE_ERRORS = ("host_unavailable", "timeout", "internal_error")
 #: Refusals raised by Jupyter before a handler runs, with the codes ``handlers.py`` gives them.
-REFUSALS = {403: "forbidden: not authenticated, not authorized, or a cookie POST without XSRF token"}
+REFUSALS = {
+    403: "forbidden: not authenticated, not authorized, or a cookie POST without XSRF token",
+    404: "not_found: a cookie request from a page of another origin (as every Jupyter REST API answers it)",
+}
 
 _REF = "#/components/schemas/"
 #: The WebSocket's messages to a client.
@@ -62,7 +65,8 @@ def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
         for status, cs in sorted(by_status.items())
     }
     for status, why in REFUSALS.items():
-        out[str(status)] = {"description": why, "content": _json("Error")}
+        known = out.get(str(status), {}).get("description")
+        out[str(status)] = {"description": f"{known}; {why}" if known else why, "content": _json("Error")}
     return out
 
 
@@ -74,7 +78,11 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": op.name + ("_v1" if deprecated else ""),
         "summary": op.summary,
-        "description": f"Calls `Manager.{op.manager_method}` in the host kernel.",
+        "description": " ".join(filter(None, (
+            f"Calls `Manager.{op.manager_method}` in the host kernel.", op.notes,
+            f"Give {' or '.join(op.exclusive)}, not both." if op.exclusive else "",
+            "A caller that goes away (disconnects, or gets 504) cancels it in the host." if op.cancellable else "",
+        ))),
         "responses": {
             str(op.ok_status): {
                 "description": "OK",
@@ -93,18 +101,20 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
             {"name": p.name, "in": "path", "required": True, "schema": _param_schema(p)} for p in path_params
         ]
     if body_params:
+        body: dict[str, Any] = {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [p.name for p in body_params if p.required],
+            "properties": {p.name: _param_schema(p) for p in body_params},
+        }
+        if op.exclusive:  # at most one of them given as a value (null is the same as absent)
+            body["not"] = {
+                "required": list(op.exclusive),
+                "properties": {name: {"not": {"type": "null"}} for name in op.exclusive},
+            }
         operation["requestBody"] = {
             "required": any(p.required for p in body_params),
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": [p.name for p in body_params if p.required],
-                        "properties": {p.name: _param_schema(p) for p in body_params},
-                    }
-                }
-            },
+            "content": {"application/json": {"schema": body}},
         }
     return operation
 
@@ -160,7 +170,12 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
                 "description": "Server messages: system_state, state_update, load_progress, error "
                 '(each described by `x-server-messages`). A client may send {"type": "get_state"}.',
                 "x-server-messages": {"oneOf": [{"$ref": _REF + name} for name in _EVENTS]},
-                "responses": {"101": {"description": "Switching protocols"}, **_errors([])},
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_errors(["invalid_request"]),  # a request that is not a WebSocket upgrade
+                    "403": {"description": f"{REFUSALS[403]}, or a cookie from a page of another origin",
+                            "content": _json("Error")},
+                },
             }
         },
     }
