@@ -40,4 +40,5 @@ GOALS = [
     Goal("lanes_switch_ms_p99", "<=", 50, "REST member switch with 10 slow process calls in flight, p99 (ms)"),
     Goal("sharded_load_overhead", "<=", 1.05, "sharded load vs from_pretrained with the same device map"),
     Goal("run_overhead_ms", "<=", 0.5, "research run over the same call made directly (ms)"),
+    Goal("fair_wait_jobs_p99", "<=", 1.2, "B's 1-token p99 while A runs maximal jobs, less B alone, in A jobs"),
 ]
