@@ -43,9 +43,9 @@ MAX_REQUEST_WORK = 8 * 512
 WORK_RULE = (
     "A request's work is the token positions the device computes: prompt_tokens (after truncation "
     "to the model's context), plus num_predictions × (prompt_tokens + max_new_tokens) when it "
-    "generates (max_new_tokens > 0). Above the host manager's max_request_work (default {limit}) "
+    f"generates (max_new_tokens > 0). Above the host manager's max_request_work (default {MAX_REQUEST_WORK}) "
     "it is refused with invalid_request naming both."
-).format(limit=MAX_REQUEST_WORK)
+)
 
 
 def request_work(prompt_tokens: int, num_predictions: int, max_new_tokens: int) -> int:

@@ -34,7 +34,7 @@ from .conftest import LiveServer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 #: Examples per operation and phase: enough to reach every check, few enough for the suite.
-EXAMPLES = 5
+EXAMPLES = 20
 #: The host's manager: two small virtual devices, the tiny catalog, a small work budget.
 HOST = """
 import gpugroups as gg

@@ -22,7 +22,6 @@ import pytest
 
 from gpugroups import GpuGroupsError
 from gpugroups.protocol import API_PREFIX
-
 from tests.waiting import wait_for
 
 from .conftest import LiveServer
