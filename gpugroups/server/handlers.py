@@ -21,7 +21,7 @@ from tornado import web
 from ..errors import GpuGroupsError
 from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, parse_json
 from .host import GpuGroupsHost
-from .openapi import build_spec
+from .openapi import ServerLimits, build_spec
 
 AUTH_RESOURCE = "gpugroups"
 #: When /api/v1 was deprecated (RFC 9745 ``Deprecation: @<epoch seconds>``): the day /api/v2
@@ -182,7 +182,9 @@ class OpenAPIHandler(GpuGroupsHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.answer(build_spec(self.base_url))
+        host = self.host
+        limits = ServerLimits(host.max_body_bytes, host.request_timeout, host.ws_send_timeout)
+        self.answer(build_spec(self.base_url, limits))
 
 
 class NotFoundHandler(GpuGroupsHandler):

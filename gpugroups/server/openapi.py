@@ -10,7 +10,7 @@ the bridge's (``host_unavailable``, ``timeout``, ``internal_error``) and Jupyter
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import __version__, schema
 from ..errors import HTTP_STATUS
@@ -181,9 +181,28 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
     }
 
 
+class ServerLimits(NamedTuple):
+    """The limits a server enforces by its settings (``GpuGroupsHost``), stated in the document."""
+
+    max_body_bytes: int
+    request_timeout: float
+    ws_send_timeout: float
+
+    def describe(self) -> str:
+        return (
+            f"Limits of this server: a request body of at most {self.max_body_bytes} bytes "
+            f"(GpuGroupsHost.max_body_bytes; larger: 400 invalid_request); an answer from the host kernel "
+            f"within {self.request_timeout:g} s (GpuGroupsHost.request_timeout; then 504 timeout, and a "
+            f"process request is cancelled there, as when its client disconnects); a WebSocket client "
+            f"takes each message within {self.ws_send_timeout:g} s or is closed (1008; "
+            "GpuGroupsHost.ws_send_timeout). Each param's limits are in its schema."
+        )
+
+
 @lru_cache(maxsize=8)
-def build_spec(base_url: str = "/") -> dict[str, Any]:
-    """The OpenAPI document for a server mounted at ``base_url`` (cached: it never changes)."""
+def build_spec(base_url: str = "/", limits: ServerLimits | None = None) -> dict[str, Any]:
+    """The OpenAPI document for a server mounted at ``base_url`` with these ``limits`` (cached: it
+    never changes for them)."""
     paths: dict[str, dict[str, Any]] = {}
     for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
         for op in OPS.values():
@@ -204,7 +223,7 @@ def build_spec(base_url: str = "/") -> dict[str, Any]:
             "version": __version__,
             "description": "Devices, groups and models of the manager in the host kernel, "
             "behind Jupyter's authentication. "
-            "/api/v1 routes are deprecated aliases of /api/v2.",
+            "/api/v1 routes are deprecated aliases of /api/v2." + (f" {limits.describe()}" if limits else ""),
         },
         "servers": [{"url": base_url.rstrip("/") or "/"}],
         "security": [{"token": []}],
