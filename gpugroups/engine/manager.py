@@ -15,7 +15,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -35,6 +34,7 @@ from ..schema import (
     UnloadResult,
 )
 from .bus import EventBus, Subscriber
+from .cancels import Cancels
 from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
@@ -43,10 +43,7 @@ from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import render, snapshot
 from .twins import AwaitableTwins
-from .worker import Request, ThreadWorker, WorkerFactory, cancelled
-
-#: Ids cancelled before their request reached a worker, remembered so it never starts (bounded).
-EARLY_CANCELS = 1024
+from .worker import Request, ThreadWorker, WorkerFactory
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -107,8 +104,7 @@ class Manager(AwaitableTwins):
         self.dtype = dtype
         self.progress = check_option(progress)
         self._lock = threading.RLock()
-        self._requests: dict[str, int] = {}  # process request id -> the device whose worker has it
-        self._early_cancels: OrderedDict[str, None] = OrderedDict()
+        self._cancels = Cancels()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
         self._workers = [worker(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
@@ -254,10 +250,7 @@ class Manager(AwaitableTwins):
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             self._res.guard(slot.device_id)
-            if rid in self._early_cancels:
-                del self._early_cancels[rid]
-                raise cancelled(rid)
-            self._requests[rid] = slot.device_id
+            self._cancels.queued(rid, slot.device_id)
             slot.inflight += 1
             self._res.touch(slot)
             if len(slot.shares) == 1:
@@ -281,7 +274,7 @@ class Manager(AwaitableTwins):
         finally:
             with self._lock:
                 slot.inflight -= 1
-                self._requests.pop(rid, None)
+                self._cancels.done(rid)
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
@@ -294,13 +287,9 @@ class Manager(AwaitableTwins):
         ``cancelled``. One that has not reached its device yet (it waits for a load) never starts;
         an unknown or finished one is left alone."""
         with self._lock:
-            device_id = self._requests.get(request_id)
-            if device_id is None:
-                self._early_cancels[request_id] = None
-                while len(self._early_cancels) > EARLY_CANCELS:
-                    self._early_cancels.popitem(last=False)
-                return
-        self._workers[device_id].cancel(request_id)
+            device_id = self._cancels.cancel(request_id)
+        if device_id is not None:
+            self._workers[device_id].cancel(request_id)
 
     def _ensure(
         self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any], device_ids: list[int] | None = None
