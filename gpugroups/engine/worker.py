@@ -3,8 +3,9 @@
 ``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
 ``ThreadWorker`` is the in-process implementation (one thread per device, queued ``process``
-requests of a group batched into one forward pass, groups served in turn). Another implementation (a worker process,
-a Ray actor) satisfies the same protocol and is chosen with ``Manager(worker=...)``.
+requests of a group batched into one forward pass, groups served in turn). Another
+implementation (a worker process, a Ray actor) satisfies the same protocol and is chosen with
+``Manager(worker=...)``.
 Light: torch is imported only by ``ThreadWorker`` when it loads or predicts.
 """
 
