@@ -42,4 +42,5 @@ GOALS = [
     Goal("shard_reserve_peak_ratio", "<=", 1.0, "a sharded pass's allocation peak per device / that device's reserve, worst"),
     Goal("sharded_process_overhead_ms", "<=", 0.5, "process on a sharded group over the raw sharded forward + top-k, p50 (ms)"),
     Goal("run_overhead_ms", "<=", 0.5, "research run over the same call made directly (ms)"),
+    Goal("fair_wait_jobs_p99", "<=", 1.2, "B's 1-token p99 while A runs maximal jobs, less B alone, in A jobs"),
 ]

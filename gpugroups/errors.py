@@ -30,6 +30,9 @@ HTTP_STATUS: dict[str, int] = {
     "timeout": 504,
     "insufficient_memory": 507,
     "internal_error": 500,
+    #: The request was cancelled because its caller went away (nginx's "client closed request"):
+    #: REST answers it only to a caller that is no longer there.
+    "cancelled": 499,
 }
 
 

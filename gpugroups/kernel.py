@@ -4,7 +4,8 @@ the Jupyter server extension (``/api/v2``) through a comm (``gpugroups.v2``) on 
 The server opens the comm and sends ``{id, op, args}``; each request runs in its op's lane
 (``Op.lane``): snapshot reads on the subshell itself, forward passes on the ``device`` pool, every
 other op on the ``control`` pool, so callers waiting on the device never hold up a switch, pin,
-unpin or unload. Each is answered ``{id, ok, result | error}``. Manager
+unpin or unload. Each is answered ``{id, ok, result | error}``. ``{cancel: id}`` (the server's
+caller of that request went away) is handled on the subshell at once: ``Manager.cancel``. Manager
 events are pushed on the same comm by one sender thread per comm, which coalesces bursts. All of
 it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``
 (see ``_ipykernel`` for why, and for the other ipykernel workarounds used here).
@@ -140,6 +141,9 @@ class _Endpoint:
         here, so they never queue behind loads; everything else goes to its lane's pool (an unknown
         op to ``control``, which answers its error)."""
         data = msg["content"].get("data")
+        if isinstance(data, dict) and isinstance(data.get("cancel"), str):
+            self.host.manager.cancel(data["cancel"])
+            return
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             return  # not a bridge request: nobody to answer
         name = data.get("op")
@@ -155,7 +159,7 @@ class _Endpoint:
 
     def _run(self, request: dict[str, Any]) -> None:
         try:
-            outcome: Any = self._call(request.get("op"), request.get("args"))
+            outcome: Any = self._call(request["id"], request.get("op"), request.get("args"))
         except Exception as exc:  # every request gets an answer, whatever went wrong
             outcome = exc if threading.main_thread().is_alive() else _stopping()
         reply = reply_message(request["id"], outcome)
@@ -163,11 +167,13 @@ class _Endpoint:
         # waits behind a large state push, and it needs no order with the events.
         self._publish(reply)
 
-    def _call(self, op_name: Any, args: Any) -> Any:
+    def _call(self, request_id: str, op_name: Any, args: Any) -> Any:
         op = get_op(op_name)
         kwargs = op.validate(args)
         if op.may_load and not self.trust_remote_code:
             self._refuse_remote_code(kwargs)
+        if op.cancellable:  # the bridge's id names it to a later ``{cancel: id}``
+            kwargs["request_id"] = request_id
         return getattr(self.host.manager, op.manager_method)(**kwargs)
 
     def _refuse_remote_code(self, kwargs: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import GpuGroupsError
-from .schema import BridgeRequest, ErrorInfo, Hello, OpenData, Reply
+from .schema import BridgeCancel, BridgeRequest, ErrorInfo, Hello, OpenData, Reply
 
 API_PREFIX = "/api/v2"
 LEGACY_PREFIX = "/api/v1"
@@ -35,6 +35,25 @@ MAX_PROMPT_CHARS = 100_000
 CAP_RULE = "Above {cap} it is lowered to {cap} and the result's notes say so."
 #: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
 MAX_ID_CHARS = 4096
+#: Default of ``Manager(max_request_work=...)``: the token positions of one forward pass of the
+#: reference batch the runtime reserve is sized for (``engine.estimate``: 8 rows of 512 tokens; a
+#: test keeps them equal), so a request within it also fits the memory placement set aside for it.
+MAX_REQUEST_WORK = 8 * 512
+#: The one rule for a request's cost (``request_work``), quoted by the OpenAPI document.
+WORK_RULE = (
+    "A request's work is the token positions the device computes: prompt_tokens (after truncation "
+    "to the model's context), plus num_predictions × (prompt_tokens + max_new_tokens) when it "
+    f"generates (max_new_tokens > 0). Above the host manager's max_request_work (default {MAX_REQUEST_WORK}) "
+    "it is refused with invalid_request naming both."
+)
+
+
+def request_work(prompt_tokens: int, num_predictions: int, max_new_tokens: int) -> int:
+    """A ``process`` request's work (``WORK_RULE``): the first pass over the prompt, and each
+    prediction's greedy continuation over the prompt and its new tokens."""
+    if max_new_tokens <= 0:
+        return prompt_tokens
+    return prompt_tokens + num_predictions * (prompt_tokens + max_new_tokens)
 
 ParamType = Literal["string", "integer", "boolean", "integer_list"]
 _A = {"string": "a string", "integer": "an integer", "boolean": "a boolean", "integer_list": "a list of integers"}
@@ -154,11 +173,21 @@ class Op:
     method: str = ""  # Manager method; defaults to ``name``
     ok_status: int = 200
     errors: tuple[str, ...] = field(default=("invalid_request",))
+    #: What else the op's callers must know (its limits), for the OpenAPI description.
+    notes: str = ""
+    #: Params of which at most one may be given (not null) in one request.
+    exclusive: tuple[str, ...] = ()
 
     @property
     def manager_method(self) -> str:
         """The name of the ``Manager`` method this op calls."""
         return self.method or self.name
+
+    @property
+    def cancellable(self) -> bool:
+        """A caller that goes away (a REST timeout or disconnect) cancels it: a forward pass that
+        nobody will read must not hold the device (``Manager.cancel``)."""
+        return self.device_bound
 
     @property
     def lane(self) -> Literal["inline", "device", "control"]:
@@ -192,6 +221,9 @@ class Op:
                 out[p.name] = p.check(self.name, args[p.name])
             elif p.required:
                 raise _invalid(self.name, f"'{p.name}' is required")
+        given = [name for name in self.exclusive if name in out]
+        if len(given) > 1:
+            raise _invalid(self.name, f"give {' or '.join(given)}, not both")
         return out
 
     def apply_caps(self, kwargs: dict[str, Any]) -> list[str]:
@@ -226,6 +258,8 @@ _DEVICE_IDS = Param(
 _DEVICE_OPT = Param(
     "device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent."
 )
+#: One device, or a span of devices: not both.
+_PLACES = ("device_id", "device_ids")
 #: A load may also meet a group pinned to another device (``conflict``).
 _LOAD_ERRORS = ("invalid_request", "unknown_model", "unknown_device", "conflict", "insufficient_memory", "load_failed")
 _GROUP_LOAD_ERRORS = ("invalid_request", "unknown_group", "unknown_device", "conflict", "insufficient_memory", "load_failed")
@@ -238,12 +272,14 @@ OPS: dict[str, Op] = {
         Op("models", "GET", "/models", "The catalog's models.", "ModelList", slow=False, errors=()),
         Op("groups", "GET", "/groups", "The catalog's groups.", "GroupList", slow=False, errors=()),
         Op("load", "POST", "/models/load", "Make a model current: load its group if needed, switch member.",
-           "LoadResult", (_MODEL, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_LOAD_ERRORS),
+           "LoadResult", (_MODEL, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_LOAD_ERRORS,
+           exclusive=_PLACES),
         Op("unload", "POST", "/models/unload", "Unload the group that holds a model.", "UnloadResult",
            (_MODEL, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_model", "unknown_device")),
         Op("load_group", "POST", "/groups/load", "Load a whole group.", "LoadResult",
-           (_GROUP, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+           (_GROUP, _DEVICE_OPT, _DEVICE_IDS), may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS,
+           exclusive=_PLACES),
         Op("unload_group", "POST", "/groups/unload", "Unload a group.", "UnloadResult",
            (_GROUP, _DEVICE_OPT), changes_residency=True,
            errors=("invalid_request", "unknown_group", "unknown_device")),
@@ -251,7 +287,7 @@ OPS: dict[str, Op] = {
            "PinResult",
            (_GROUP, _DEVICE_OPT,
             Param("pinned", "boolean", required=False, default=True, description="false unpins."), _DEVICE_IDS),
-           may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS),
+           may_load=True, changes_residency=True, errors=_GROUP_LOAD_ERRORS, exclusive=_PLACES),
         Op("unpin", "POST", "/groups/unpin", "Unpin a group; it stays resident but may be evicted.", "PinResult",
            (_GROUP,), changes_residency=True, errors=("invalid_request", "unknown_group")),
         Op("process", "POST", "/models/process", "Top-N next-token predictions for a prompt.", "ProcessResult",
@@ -265,7 +301,7 @@ OPS: dict[str, Op] = {
                Param("max_new_tokens", "integer", required=False, default=0, minimum=0, cap=MAX_NEW_TOKENS,
                      description="Continue each prediction greedily this many tokens."),
            ),
-           may_load=True, device_bound=True, errors=_LOAD_ERRORS),
+           may_load=True, device_bound=True, errors=(*_LOAD_ERRORS, "cancelled"), notes=WORK_RULE),
         Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
            "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
            changes_residency=True, errors=("invalid_request", "unknown_device")),
@@ -310,6 +346,11 @@ def open_data(trust_remote_code: bool) -> OpenData:
 def request_message(request_id: str, op: str, args: dict[str, Any]) -> BridgeRequest:
     """A request from the server: run ``op`` with ``args``."""
     return {"id": request_id, "op": op, "args": args}
+
+
+def cancel_message(request_id: str) -> BridgeCancel:
+    """The server's word that the caller of ``request_id`` went away: stop that request."""
+    return {"cancel": request_id}
 
 
 def reply_message(request_id: str, outcome: Any) -> Reply:

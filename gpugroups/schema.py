@@ -197,7 +197,7 @@ class ProcessResult(TypedDict):
 ErrorCode = Literal[
     "invalid_request", "invalid_catalog", "invalid_model", "unknown_model", "unknown_group",
     "unknown_device", "unknown_kernel", "forbidden", "method_not_allowed", "not_found", "conflict",
-    "load_failed", "host_unavailable", "timeout", "insufficient_memory", "internal_error",
+    "load_failed", "host_unavailable", "timeout", "insufficient_memory", "internal_error", "cancelled",
 ]
 
 
@@ -280,6 +280,13 @@ class BridgeRequest(TypedDict):
     args: dict[str, Any]
 
 
+class BridgeCancel(TypedDict):
+    """From the server: the caller of request ``cancel`` went away (timed out or disconnected);
+    stop it if it has not finished. No answer comes back for it."""
+
+    cancel: str
+
+
 class ReplyOk(TypedDict):
     """The host's answer to a request that succeeded."""
 
@@ -323,6 +330,6 @@ COMPONENTS: dict[str, Any] = {
         LoadResult, UnloadResult, PinResult, ClearResult, Prediction, Timing, ProcessResult,
         ErrorInfo, Error, Host,
         SystemStateEvent, StateUpdateEvent, LoadProgressEvent, ErrorEvent,
-        OpenData, BridgeRequest, ReplyOk, ReplyError, Hello, Batch,
+        OpenData, BridgeRequest, BridgeCancel, ReplyOk, ReplyError, Hello, Batch,
     )
 } | {"ModelList": ModelList, "GroupList": GroupList}

@@ -108,11 +108,16 @@ def test_no_place_misses_an_op() -> None:
 
 @pytest.mark.parametrize("op", list(OPS.values()), ids=list(OPS))
 def test_client_manager_and_table_agree_on_signatures(op: Any) -> None:
-    """Same parameter names, order and defaults in the Manager, the Client and the ops table."""
+    """Same parameter names, order and defaults in the Manager, the Client and the ops table.
+    Keyword-only parameters are for callers in the kernel (``process(request_id=...)``), not wire
+    parameters."""
 
     def params(cls: type) -> list[tuple[str, Any]]:
         signature = inspect.signature(getattr(cls, op.manager_method))
-        return [(p.name, p.default) for p in signature.parameters.values() if p.name != "self"]
+        return [
+            (p.name, p.default) for p in signature.parameters.values()
+            if p.name != "self" and p.kind != inspect.Parameter.KEYWORD_ONLY
+        ]
 
     table = [(p.name, inspect.Parameter.empty if p.required else p.default) for p in op.params]
     assert params(gg.Manager) == params(gg.Client) == table

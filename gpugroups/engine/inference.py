@@ -2,66 +2,109 @@
 
 One call of ``predict`` serves every pending request of a resident group in one forward pass:
 prompts are left-padded, positions follow the attention mask (so a padded row computes what it
-would alone), and only the last position's logits are computed where the model allows it.
-No pass takes more memory than the group's runtime reserve (the member's ``PassBudget``): a
-prompt longer than the reserve holds is cut from the left like one longer than the context, and
-rows (prompts, or the continued predictions) that do not fit one pass together run in several.
+would alone), and only the last position's logits are computed where the model allows it. A
+request over its work budget is refused once its prompt is tokenized, and a generation stops
+between steps when its request is cancelled. No pass takes more memory than the group's runtime
+reserve (the member's ``PassBudget``): a prompt longer than the reserve holds is cut from the
+left like one longer than the context, and rows (prompts, or the continued predictions) that do
+not fit one pass together run in several.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import GpuGroupsError
+from ..protocol import request_work
 from .estimate import PassBudget
 from .runtime import Runtime
 from .worker import Request
 
 
-def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
+def predict(
+    rt: Runtime, requests: list[Request], stopped: Callable[[Request], bool] = lambda r: False
+) -> list[dict[str, Any] | GpuGroupsError]:
     """Answer ``requests`` (members of one batchable set of ``rt``) with one forward pass, or
     several where the rows together would not fit the member's budget.
 
-    Returns, per request, ``{"predictions": [...], "prompt_tokens", "truncated", "timing"}``.
+    Returns, per request, ``{"predictions": [...], "prompt_tokens", "truncated", "timing"}``, or
+    the ``invalid_request`` of a request over its work budget (it takes no part in the pass). A
+    request for which ``stopped`` turns true gets no more generation steps.
     """
     t0 = time.perf_counter()
+    outcomes: list[dict[str, Any] | GpuGroupsError | None] = []
+    encoded: list[tuple[Request, list[int], bool]] = []
+    for r in requests:
+        try:
+            ids, cut = _encode(rt, r)
+        except GpuGroupsError as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)  # answered by the forward pass below
+            encoded.append((r, ids, cut))
+    answers = iter(_forward(rt, encoded, stopped, t0) if encoded else [])
+    return [next(answers) if o is None else o for o in outcomes]
+
+
+def _encode(rt: Runtime, r: Request) -> tuple[list[int], bool]:
+    """The prompt's token ids, cut from the left to fit the context and the member's pass budget,
+    and whether they were cut; ``invalid_request`` if the request's work (``protocol.request_work``)
+    is over its budget, or its continuation alone would not fit the memory reserve."""
+    member = rt.members[r.member]
+    budget = member.budget
+    # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
+    # the prompt is cut to fit just below, so the warning would only mislead the user.
+    ids = list(member.tokenizer(r.prompt, verbose=False)["input_ids"])
+    context_room = member.context_length - r.max_new_tokens - 1
+    # a continuation's pass holds the prompt, its first token and the tokens that follow
+    memory_room = budget.max_seq(r.max_new_tokens) - (1 if r.max_new_tokens else 0)
+    if memory_room < 1:
+        raise GpuGroupsError(
+            "invalid_request",
+            f"max_new_tokens={r.max_new_tokens} does not fit the group's runtime reserve "
+            f"({sum(budget.reserve)} bytes) even for a one-token prompt; ask for fewer new tokens",
+        )
+    room = max(1, min(context_room, memory_room))
+    cut = len(ids) > room
+    if cut:
+        why = (
+            f"model context {member.context_length}" if room == max(1, context_room)
+            else f"the group's runtime reserve holds {room} tokens in one pass"
+        )
+        r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")
+        ids = ids[-room:]
+    work = request_work(len(ids), r.num_predictions, r.max_new_tokens)
+    if r.max_work is not None and work > r.max_work:
+        raise GpuGroupsError(
+            "invalid_request",
+            f"process: this request costs {work} units of work (prompt {len(ids)} tokens, num_predictions "
+            f"{r.num_predictions}, max_new_tokens {r.max_new_tokens}); the limit is {r.max_work} "
+            "(Manager(max_request_work=...)): ask for fewer predictions, fewer new tokens or a shorter prompt",
+            {"work": work, "max_request_work": r.max_work, "prompt_tokens": len(ids)},
+        )
+    return ids, cut
+
+
+def _forward(
+    rt: Runtime, encoded: list[tuple[Request, list[int], bool]], stopped: Callable[[Request], bool], t0: float
+) -> list[dict[str, Any]]:
+    requests = [r for r, _, _ in encoded]
+    rows = [ids for _, ids, _ in encoded]
+    truncated = [cut for _, _, cut in encoded]
     member = rt.members[requests[0].member]
     tok = member.tokenizer
-    rows: list[list[int]] = []
-    truncated: list[bool] = []
-    budget = member.budget
-    for r in requests:
-        # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
-        # the prompt is cut to fit just below, so the warning would only mislead the user.
-        ids = list(tok(r.prompt, verbose=False)["input_ids"])
-        context_room = member.context_length - r.max_new_tokens - 1
-        # a continuation's pass holds the prompt, its first token and the tokens that follow
-        memory_room = budget.max_seq(r.max_new_tokens) - (1 if r.max_new_tokens else 0)
-        if memory_room < 1:
-            raise GpuGroupsError(
-                "invalid_request",
-                f"max_new_tokens={r.max_new_tokens} does not fit the group's runtime reserve "
-                f"({sum(budget.reserve)} bytes) even for a one-token prompt; ask for fewer new tokens",
-            )
-        room = max(1, min(context_room, memory_room))
-        truncated.append(len(ids) > room)
-        if truncated[-1]:
-            why = (
-                f"model context {member.context_length}" if room == max(1, context_room)
-                else f"the group's runtime reserve holds {room} tokens in one pass"
-            )
-            r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")
-            ids = ids[-room:]
-        rows.append(ids)
     device = torch.device(member.device)
     t1 = time.perf_counter()
     parts = []
-    for start, end in _passes([len(ids) for ids in rows], budget):
+    for start, end in _passes([len(ids) for ids in rows], member.budget):
         parts.append(_last_logprobs(rt, [r.member for r in requests[start:end]], rows[start:end], tok, device))
     logprobs = torch.cat(parts)
     t2 = time.perf_counter()
@@ -75,8 +118,9 @@ def predict(rt: Runtime, requests: list[Request]) -> list[dict[str, Any]]:
             {"token": tok.decode([t]), "token_id": t, "probability": math.exp(lp), "logprob": lp}
             for t, lp in zip(top_ids, top_lp)
         ]
-        if r.max_new_tokens > 0:
-            for p, text in zip(preds, _continue(rt, r.member, rows[i], top_ids, r.max_new_tokens, device)):
+        if r.max_new_tokens > 0 and not stopped(r):
+            stop = functools.partial(stopped, r)
+            for p, text in zip(preds, _continue(rt, r.member, rows[i], top_ids, r.max_new_tokens, device, stop)):
                 p["text"] = text
         results.append(
             {
@@ -132,15 +176,21 @@ def _last_logprobs(
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _continue(rt: Runtime, member: str, prompt_ids: list[int], first: list[int], n: int, device: torch.device) -> list[str]:
-    """Greedy continuation of the prompt after each of ``first`` tokens, ``n`` tokens in all,
-    as many rows per pass as the member's budget holds."""
+def _continue(
+    rt: Runtime, member: str, prompt_ids: list[int], first: list[int], n: int, device: torch.device,
+    stop: Callable[[], bool],
+) -> list[str]:
+    """Greedy continuation of the prompt after each of ``first`` tokens, ``n`` tokens in all (fewer
+    once ``stop()`` is true: it is asked after every step), as many rows per pass as the member's
+    budget holds."""
     m = rt.members[member]
     tok = m.tokenizer
     out: list[list[int]] = []
     if n > 1:
         step = m.budget.max_rows(len(prompt_ids) + 1, n - 1, most=len(first))
         for start in range(0, len(first), step):
+            if out and stop():
+                break  # cancelled between passes: the rest get no continuation
             ids = torch.tensor([prompt_ids + [t] for t in first[start:start + step]], dtype=torch.long, device=device)
             with torch.inference_mode(), rt.rows([member] * len(ids)) as (model, extra):
                 out += model.generate(
@@ -149,6 +199,7 @@ def _continue(rt: Runtime, member: str, prompt_ids: list[int], first: list[int],
                     max_new_tokens=n - 1,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                     **extra,
                 ).tolist()
     else:
@@ -160,6 +211,16 @@ def _continue(rt: Runtime, member: str, prompt_ids: list[int], first: list[int],
             rest = rest[: rest.index(tok.eos_token_id)]
         texts.append(tok.decode([first_tok, *rest]))
     return texts
+
+
+class _Stop(StoppingCriteria):
+    """Ends a generation between two steps once its request is cancelled."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 _PARAMS: dict[type, frozenset[str]] = {}

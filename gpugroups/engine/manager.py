@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -21,7 +22,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 from ..catalog import Catalog, GroupSpec
 from ..display import manager_html, rich_process_result
 from ..errors import GpuGroupsError
-from ..protocol import get_op
+from ..protocol import MAX_REQUEST_WORK, get_op
 from ..schema import (
     ClearResult,
     GroupList,
@@ -33,6 +34,7 @@ from ..schema import (
     UnloadResult,
 )
 from .bus import EventBus, Subscriber
+from .cancels import Cancels
 from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
@@ -59,7 +61,10 @@ class Manager(AwaitableTwins):
     ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
     in this process); any ``engine.worker.Worker`` implementation fits. ``max_adhoc_groups`` bounds
     the ``single:`` groups that loading uncatalogued ids creates (default: the catalog's, 64); the
-    oldest one neither resident nor pinned is forgotten first.
+    oldest one neither resident nor pinned is forgotten first. ``max_request_work`` is the most work
+    one ``process`` request may cost (``protocol.WORK_RULE``: token positions computed; default
+    ``protocol.MAX_REQUEST_WORK``, one forward pass of the reference batch; None: no limit); a
+    request over it is refused with ``invalid_request`` naming both.
     Ray devices (``"ray"``,
     ``"ray:virtual:SIZE"``) are actors named in ``ray_namespace``, which a later manager in that
     namespace adopts with their groups; with no manager attached for ``ray_idle_timeout_s`` they
@@ -80,9 +85,15 @@ class Manager(AwaitableTwins):
         ray_namespace: str = "gpugroups",
         ray_idle_timeout_s: float = 1800.0,
         progress: ProgressOption = None,
+        max_request_work: int | None = MAX_REQUEST_WORK,
     ) -> None:
         if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
             raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
+        if max_request_work is not None and (
+            not isinstance(max_request_work, int) or isinstance(max_request_work, bool) or max_request_work < 1
+        ):
+            raise GpuGroupsError("invalid_request", "max_request_work must be a positive integer or None")
+        self.max_request_work = max_request_work
         self.catalog = make_catalog(catalog)
         if max_adhoc_groups is not None:
             if not isinstance(max_adhoc_groups, int) or max_adhoc_groups < 1:
@@ -93,6 +104,7 @@ class Manager(AwaitableTwins):
         self.dtype = dtype
         self.progress = check_option(progress)
         self._lock = threading.RLock()
+        self._cancels = Cancels()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
         self._workers = [worker(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
@@ -206,6 +218,8 @@ class Manager(AwaitableTwins):
         num_predictions: int = 3,
         device_id: int | None = None,
         max_new_tokens: int = 0,
+        *,
+        request_id: str | None = None,
     ) -> ProcessResult:
         """Top-N next-token predictions for ``prompt`` from ``model_id``, most likely first.
 
@@ -213,7 +227,12 @@ class Manager(AwaitableTwins):
         prediction is continued greedily and carries its ``text``. Arguments follow the ops
         table's rules (``protocol.OPS["process"]``): ``num_predictions`` or ``max_new_tokens`` above
         its cap is lowered and the result's ``notes`` say so; a prompt longer than the model's
-        context is truncated from the left, ``truncated`` is true and ``notes`` say so.
+        context is truncated from the left, ``truncated`` is true and ``notes`` say so; a request
+        whose work is over ``max_request_work`` is refused with ``invalid_request``.
+
+        ``request_id`` (unique; default a fresh one) lets another thread ``cancel`` the request.
+        An interrupted caller (Ctrl-C while it waits) cancels its own request: it leaves the
+        device's queue, or stops between generation steps if it runs.
         """
         t0 = time.perf_counter()
         op = get_op("process")
@@ -223,10 +242,15 @@ class Manager(AwaitableTwins):
         })
         notes = op.apply_caps(kwargs)
         model, group = self.catalog.resolve(model_id)
-        request = Request(model.id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes)
+        request = Request(
+            model.id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes,
+            request_id=request_id or uuid.uuid4().hex, max_work=self.max_request_work,
+        )
+        rid = request.request_id
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
             self._res.guard(slot.device_id)
+            self._cancels.queued(rid, slot.device_id)
             slot.inflight += 1
             self._res.touch(slot)
             if len(slot.shares) == 1:
@@ -243,14 +267,29 @@ class Manager(AwaitableTwins):
         t1 = time.perf_counter()
         try:
             out = fut.result()
+        except BaseException:
+            if not fut.done():  # interrupted while waiting: nobody will read the answer
+                self.cancel(rid)
+            raise
         finally:
             with self._lock:
                 slot.inflight -= 1
+                self._cancels.done(rid)
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
             "prompt": prompt, **out,
         }))
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel the ``process`` request made with ``request_id``: it leaves its device's queue if
+        it has not started, or stops between generation steps if it runs, and fails with
+        ``cancelled``. One that has not reached its device yet (it waits for a load) never starts;
+        an unknown or finished one is left alone."""
+        with self._lock:
+            device_id = self._cancels.cancel(request_id)
+        if device_id is not None:
+            self._workers[device_id].cancel(request_id)
 
     def _ensure(
         self, group: GroupSpec, device_id: int | None, then: Callable[[Slot], Any], device_ids: list[int] | None = None

@@ -91,6 +91,10 @@ class DeviceActor:
         self._seen = time.monotonic()
         return await self._run(self._worker.process(group_id, request))
 
+    def cancel(self, request_id: str) -> None:
+        """Cancel a ``process`` request queued or running here (``Worker.cancel``)."""
+        self._worker.cancel(request_id)
+
     async def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Outcome:

@@ -190,6 +190,11 @@ class RayWorker:
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
         return self._call("busy", lambda: self._actor.process.remote(group_id, request))
 
+    def cancel(self, request_id: str) -> None:
+        """Forwarded to the actor at once (it runs beside the request it cancels); nothing to wait for."""
+        if self._lost is None and not self._closed:
+            self._actor.cancel.remote(request_id)
+
     def resident(self) -> dict[str, int]:
         if self._lost is not None:
             return {}

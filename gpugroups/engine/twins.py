@@ -7,6 +7,7 @@ while a load or a forward pass runs; a test keeps this list in step with the ops
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ class AwaitableTwins:
     pin: Callable[..., PinResult]
     unpin: Callable[..., PinResult]
     process: Callable[..., ProcessResult]
+    cancel: Callable[[str], None]
 
     async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
         """Awaitable ``load``."""
@@ -62,6 +64,13 @@ class AwaitableTwins:
     async def aprocess(
         self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
     ) -> ProcessResult:
-        """Awaitable ``process``."""
-        return await asyncio.to_thread(self.process, model_id, prompt, num_predictions, device_id, max_new_tokens)
+        """Awaitable ``process``; cancelling the awaitable cancels the request (``Manager.cancel``)."""
+        request_id = uuid.uuid4().hex
+        try:
+            return await asyncio.to_thread(
+                self.process, model_id, prompt, num_predictions, device_id, max_new_tokens, request_id=request_id
+            )
+        except asyncio.CancelledError:
+            self.cancel(request_id)
+            raise
 

@@ -3,8 +3,9 @@
 ``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
 ``ThreadWorker`` is the in-process implementation (one thread per device, queued ``process``
-requests of a group batched into one forward pass). Another implementation (a worker process,
-a Ray actor) satisfies the same protocol and is chosen with ``Manager(worker=...)``.
+requests of a group batched into one forward pass, groups served in turn). Another
+implementation (a worker process, a Ray actor) satisfies the same protocol and is chosen with
+``Manager(worker=...)``.
 Light: torch is imported only by ``ThreadWorker`` when it loads or predicts.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -35,7 +37,11 @@ MAX_BATCH = 32
 
 @dataclass
 class Request:
-    """One ``process`` call as the worker sees it: which member, which prompt, how many predictions."""
+    """One ``process`` call as the worker sees it: which member, which prompt, how many predictions.
+
+    ``request_id`` is unique and names the request to ``Worker.cancel``; ``max_work`` is the most
+    work (``protocol.request_work``) it may cost, checked once its prompt is tokenized.
+    """
 
     member: str
     prompt: str
@@ -44,6 +50,13 @@ class Request:
     notes: list[str] = field(default_factory=list)
     #: A sharded group's forward pass starts once these are done: the holds on its other devices.
     after: tuple[Future[None], ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    max_work: int | None = None
+
+
+def cancelled(request_id: str) -> GpuGroupsError:
+    """What the future of a cancelled request fails with."""
+    return GpuGroupsError("cancelled", f"request {request_id} was cancelled (its caller went away)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,9 @@ class Worker(Protocol):
     A sharded group is driven by the worker of its first device: ``load_sharded`` lays it out
     over the ``Span`` and answers each device's weight bytes and runtime reserve; ``pause`` holds the other devices' workers
     meanwhile, so nothing else runs on them between a sharded load or forward pass's start and end.
+    ``cancel`` takes a queued request out of the queue, or stops a running one between generation
+    steps; its future then fails with ``cancelled`` (``worker.cancelled``). Queued requests of
+    different groups are served in turn, so one group's backlog does not starve another's request.
 
     ``run`` calls ``fn(model, tokenizer, *args, **kwargs)`` where the group lives, with
     ``member_id`` active (its adapter on, or adapters disabled for the bare base) for the duration
@@ -112,6 +128,11 @@ class Worker(Protocol):
     def unload(self, group_id: str) -> Future[None]: ...
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]: ...
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel the ``process`` request with this ``request_id``: out of the queue if it has not
+        started, stopped between generation steps if it runs; a no-op if unknown or finished."""
+        ...
 
     def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -157,6 +178,10 @@ class ThreadWorker:
         self._cv = threading.Condition()
         self._stop = False
         self._running = 0
+        self._running_ids: set[str] = set()
+        self._stopping: set[str] = set()  # running requests asked to stop
+        self._served: dict[str, int] = {}  # group -> the turn it was last served (fair queueing)
+        self._turn = 0
         self._thread = threading.Thread(target=self._loop, name=f"gpugroups-{device.device}", daemon=True)
         self._thread.start()
 
@@ -197,6 +222,16 @@ class ThreadWorker:
         fut: Future[dict[str, Any]] = Future()
         self._put(_Task(fut, group_id=group_id, request=request))
         return fut
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            queued = next((t for t in self._tasks if t.request is not None and t.request.request_id == request_id), None)
+            if queued is not None:
+                self._tasks.remove(queued)
+            elif request_id in self._running_ids:
+                self._stopping.add(request_id)
+        if queued is not None:  # outside the lock: the future's callbacks may queue work here
+            queued.future.set_exception(cancelled(request_id))
 
     def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -243,6 +278,7 @@ class ThreadWorker:
 
     def _unload(self, group_id: str) -> None:
         rt = self._runtimes.pop(group_id, None)
+        self._served.pop(group_id, None)
         if rt is not None:
             rt.unload()
 
@@ -273,26 +309,49 @@ class ThreadWorker:
                 self._cv.wait()
             if self._stop and not self._tasks:
                 return None
-            first = self._tasks.popleft()
+            first = self._next()
             batch = [first]
             rt = self._runtimes.get(first.group_id)
             # A sharded group's pass holds its other devices until it ends; a later request's
-            # hold waits behind this one's there, so sharded requests run one per pass.
-            if first.request is not None and rt is not None and not first.request.after:
+            # hold waits behind this one's there, so sharded requests run one per pass. A request
+            # that generates runs alone: continuations run one after another, and a batch of them
+            # would hold the device (and other groups' requests) for their sum.
+            if first.request is not None and rt is not None and not first.request.after and not first.request.max_new_tokens:
                 keep: deque[_Task] = deque()
                 while self._tasks and len(batch) < MAX_BATCH:
                     t = self._tasks.popleft()
                     if t.request is None:  # never reorder past a load or unload
                         keep.append(t)
                         break
-                    if t.group_id == first.group_id and not t.request.after and rt.can_share_batch(first.request.member, t.request.member):
+                    if (
+                        t.group_id == first.group_id and not t.request.after and not t.request.max_new_tokens
+                        and rt.can_share_batch(first.request.member, t.request.member)
+                    ):
                         batch.append(t)
                     else:
                         keep.append(t)
                 keep.extend(self._tasks)
                 self._tasks = keep
+            if first.request is not None:
+                self._turn += 1
+                self._served[first.group_id] = self._turn
             self._running = len(batch)
+            self._running_ids = {t.request.request_id for t in batch if t.request is not None}
             return batch
+
+    def _next(self) -> _Task:
+        """Under the lock: the task to run next. A call (load, unload, pause, research) runs in its
+        turn; of the requests queued before the first call, the group served longest ago goes first
+        (round robin between groups), its oldest request first."""
+        best = 0
+        for i, t in enumerate(self._tasks):
+            if t.request is None:
+                break
+            if self._served.get(t.group_id, 0) < self._served.get(self._tasks[best].group_id, 0):
+                best = i
+        task = self._tasks[best]
+        del self._tasks[best]
+        return task
 
     def _loop(self) -> None:
         while True:
@@ -307,24 +366,36 @@ class ThreadWorker:
                     self._status = "busy"
                     self._predict(batch)
             finally:
-                self._running = 0
+                with self._cv:
+                    self._running = 0
+                    self._running_ids = set()
+                    self._stopping.clear()
                 self._status = "idle"
 
     def _predict(self, batch: list[_Task]) -> None:
         from .inference import predict
+
+        def stopped(request: Request) -> bool:
+            return request.request_id in self._stopping
 
         try:
             rt = self._runtime(batch[0].group_id)
             for t in batch:
                 for f in t.request.after if t.request else ():
                     f.result()  # a sharded group's other devices are paused for this pass
-            results = predict(rt, [t.request for t in batch if t.request is not None])
+            outcomes = predict(rt, [t.request for t in batch if t.request is not None], stopped)
         except BaseException as exc:  # one bad batch fails its callers, not the worker
             for t in batch:
                 t.future.set_exception(exc)
-        else:
-            for t, r in zip(batch, results):
-                t.future.set_result(r)
+            return
+        for t, outcome in zip(batch, outcomes):
+            assert t.request is not None
+            if stopped(t.request):
+                t.future.set_exception(cancelled(t.request.request_id))
+            elif isinstance(outcome, BaseException):
+                t.future.set_exception(outcome)
+            else:
+                t.future.set_result(outcome)
 
 
 def _quietly(fut: Future[Any]) -> None:

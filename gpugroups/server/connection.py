@@ -26,7 +26,16 @@ from .._ipykernel import (
     client_with_own_identity,
 )
 from ..errors import GpuGroupsError
-from ..protocol import BRIDGE_PROTOCOL, COMM_TARGET, is_reply, open_data, request_message, unbatch
+from ..protocol import (
+    BRIDGE_PROTOCOL,
+    COMM_TARGET,
+    cancel_message,
+    get_op,
+    is_reply,
+    open_data,
+    request_message,
+    unbatch,
+)
 
 #: Run in a kernel to make it the host; idempotent, and it leaves no names in the user's namespace.
 SERVE_CODE = "__import__('gpugroups.kernel').kernel.ensure_served()"
@@ -222,7 +231,10 @@ class KernelConnection:
 
     # ---- requests -------------------------------------------------------------------------
     async def request(self, op: str, args: dict[str, Any], timeout: float) -> Any:
-        """Run ``op`` in the host's manager; its errors come back as the same ``GpuGroupsError``."""
+        """Run ``op`` in the host's manager; its errors come back as the same ``GpuGroupsError``.
+
+        A cancellable op (``Op.cancellable``) whose caller stops waiting (``timeout``, or this
+        coroutine cancelled because the HTTP client went away) is cancelled in the host too."""
         if self.closed:
             raise host_unavailable(f"host kernel {self.kernel_id} is gone")
         rid = uuid.uuid4().hex
@@ -233,14 +245,24 @@ class KernelConnection:
             )
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
+            self._cancel(op, rid)
             raise GpuGroupsError(
-                "timeout", f"{op}: no answer from the host kernel within {timeout:g} s (it goes on there)"
+                "timeout", f"{op}: no answer from the host kernel within {timeout:g} s"
+                + (" (cancelled there)" if get_op(op).cancellable else " (it goes on there)"),
             ) from None
+        except asyncio.CancelledError:
+            self._cancel(op, rid)
+            raise
         finally:
             self._pending.pop(rid, None)
         if reply.get("ok"):
             return reply.get("result")
         raise GpuGroupsError.from_json(reply.get("error") or {})
+
+    def _cancel(self, op: str, rid: str) -> None:
+        """Tell the host that nobody waits for request ``rid`` any more (if its op can be cancelled)."""
+        if get_op(op).cancellable and not self.closed:
+            self._send_shell("comm_msg", {"comm_id": self.comm_id, "data": cancel_message(rid)})
 
     async def close(self, reason: str, tidy: bool = False) -> None:
         """Fail pending requests with ``host_unavailable`` and stop the channels. ``tidy`` (for a

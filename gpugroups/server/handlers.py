@@ -1,26 +1,27 @@
 """REST handlers: parse, authorize, ask the host policy, write JSON. Routes come from the ops table.
 
 Every verb is ``@web.authenticated`` + ``@authorized`` on resource ``gpugroups``; cookie POSTs need
-XSRF (jupyter_server's ``APIHandler`` checks it). Verbs raise; ``write_error`` renders every
-failure once, as a JSON body ``{"error": {"code", "message"}}`` with the code's status, never an
-HTML page: a ``GpuGroupsError`` with its own code, tornado's and jupyter_server's refusals by status. ``/api/v1/...``
+XSRF (jupyter_server's ``APIHandler`` checks it). Verbs raise; ``JsonErrors.write_error`` renders
+every failure once, as a JSON body ``{"error": {"code", "message"}}`` with the code's status, never
+an HTML page (the WebSocket's refusals too). ``/api/v1/...``
 answers like ``/api/v2/...`` with ``Deprecation`` and ``Link: rel="successor-version"`` headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from jupyter_server.auth.decorator import authorized
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..errors import GpuGroupsError
 from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, parse_json
 from .host import GpuGroupsHost
-from .openapi import build_spec
+from .openapi import ServerLimits, build_spec
 
 AUTH_RESOURCE = "gpugroups"
 #: When /api/v1 was deprecated (RFC 9745 ``Deprecation: @<epoch seconds>``): the day /api/v2
@@ -31,7 +32,49 @@ V1_DEPRECATED_AT = 1795651200  # 2026-11-26T00:00:00Z
 _CODE_BY_STATUS = {400: "invalid_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
 
-class GpuGroupsHandler(APIHandler):
+class JsonErrors:
+    """Every failure of a gpugroups route (REST or the WebSocket's upgrade) as ``{"error": {"code",
+    "message"}}`` with the code's status, never an HTML page: a ``GpuGroupsError`` with its own
+    code, tornado's and jupyter_server's refusals by their status (a cross-origin cookie request is
+    refused with 404, as every Jupyter REST API does, and the message says why), anything else as
+    ``internal_error`` (its traceback goes to the server log). Mixed into tornado handlers."""
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        """A ``GpuGroupsError`` that a verb raised is answered with its code's status, not 500."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GpuGroupsError):
+            status_code = exc.http_status
+        super().send_error(status_code, **kwargs)  # type: ignore[misc]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        handler = cast(JupyterHandler, self)
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GpuGroupsError):
+            error = exc
+        elif isinstance(exc, web.HTTPError):
+            code = _CODE_BY_STATUS.get(status_code, "internal_error")
+            error = GpuGroupsError(code, exc.log_message or exc.reason or handler._reason)
+            if status_code == 404 and not handler.check_origin():
+                origin = handler.request.headers.get("Origin", "")
+                error = GpuGroupsError(
+                    "not_found", f"cross-origin request from {origin} refused (not in ServerApp.allow_origin); "
+                    "Jupyter answers such requests with 404",
+                )
+        else:
+            error = GpuGroupsError("internal_error", "unexpected server error (see the server log)")
+        handler.set_header("Content-Type", "application/json; charset=UTF-8")
+        handler.finish(json.dumps({"error": error.to_json()}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A ``GpuGroupsError`` is an answer, not a server fault: one line, no traceback."""
+        if isinstance(value, GpuGroupsError):
+            handler = cast(JupyterHandler, self)
+            handler.log.debug("%d %s: %s", value.http_status, handler._request_summary(), value)
+        else:
+            super().log_exception(typ, value, tb)  # type: ignore[misc]
+
+
+class GpuGroupsHandler(JsonErrors, APIHandler):
     """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``."""
 
     auth_resource = AUTH_RESOURCE
@@ -58,34 +101,6 @@ class GpuGroupsHandler(APIHandler):
         self.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
         self.set_header("Link", f'<{successor}>; rel="successor-version"')
 
-    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
-        """A ``GpuGroupsError`` that a verb raised is answered with its code's status, not 500."""
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, GpuGroupsError):
-            status_code = exc.http_status
-        super().send_error(status_code, **kwargs)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Every failure in our error shape: a verb's ``GpuGroupsError`` as it is, a refusal by
-        tornado or jupyter_server (auth, XSRF, origin, method) by its status, anything else as
-        ``internal_error`` (its traceback went to the server log)."""
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, GpuGroupsError):
-            error = exc
-        elif isinstance(exc, web.HTTPError):
-            code = _CODE_BY_STATUS.get(status_code, "internal_error")
-            error = GpuGroupsError(code, exc.log_message or exc.reason or self._reason)
-        else:
-            error = GpuGroupsError("internal_error", "unexpected server error (see the server log)")
-        self.finish(json.dumps({"error": error.to_json()}))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """A ``GpuGroupsError`` is an answer, not a server fault: one line, no traceback."""
-        if isinstance(value, GpuGroupsError):
-            self.log.debug("%d %s: %s", value.http_status, self._request_summary(), value)
-        else:
-            super().log_exception(typ, value, tb)
-
     def answer(self, result: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(result))
@@ -110,7 +125,13 @@ class OpHandler(GpuGroupsHandler):
     def initialize(self, ops: dict[str, Op], deprecated: bool = False) -> None:  # type: ignore[override]
         self.ops = ops
         self.SUPPORTED_METHODS = (*ops, "OPTIONS")  # others: 405
+        self._waiting: asyncio.Future[Any] | None = None
         super().initialize(deprecated)
+
+    def on_connection_close(self) -> None:
+        """The client went away: stop waiting, which cancels its request in the host (if it can be)."""
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     @web.authenticated
     @authorized
@@ -130,7 +151,12 @@ class OpHandler(GpuGroupsHandler):
             if clash:
                 raise GpuGroupsError("invalid_request", f"{op.name}: {', '.join(clash)} is given by the path")
             args.update({k: _path_value(op, k, v) for k, v in path_args.items()})
-        self.answer(await self.host.request(op.name, args), op.ok_status)
+        self._waiting = asyncio.ensure_future(self.host.request(op.name, args))
+        try:
+            result = await self._waiting
+        except asyncio.CancelledError:
+            return  # nobody to answer
+        self.answer(result, op.ok_status)
 
 
 class HostHandler(GpuGroupsHandler):
@@ -156,7 +182,9 @@ class OpenAPIHandler(GpuGroupsHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.answer(build_spec(self.base_url))
+        host = self.host
+        limits = ServerLimits(host.max_body_bytes, host.request_timeout, host.ws_send_timeout)
+        self.answer(build_spec(self.base_url, limits))
 
 
 class NotFoundHandler(GpuGroupsHandler):

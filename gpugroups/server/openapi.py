@@ -10,7 +10,7 @@ the bridge's (``host_unavailable``, ``timeout``, ``internal_error``) and Jupyter
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import __version__, schema
 from ..errors import HTTP_STATUS
@@ -20,7 +20,10 @@ from ..typeschema import components
 #: Codes any route that reaches the host kernel may answer with, beside its op's own.
 BRIDGE_ERRORS = ("host_unavailable", "timeout", "internal_error")
 #: Refusals raised by Jupyter before a handler runs, with the codes ``handlers.py`` gives them.
-REFUSALS = {403: "forbidden: not authenticated, not authorized, or a cookie POST without XSRF token"}
+REFUSALS = {
+    403: "forbidden: not authenticated, not authorized, or a cookie POST without XSRF token",
+    404: "not_found: a cookie request from a page of another origin (as every Jupyter REST API answers it)",
+}
 
 _REF = "#/components/schemas/"
 #: The WebSocket's messages to a client.
@@ -62,7 +65,8 @@ def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
         for status, cs in sorted(by_status.items())
     }
     for status, why in REFUSALS.items():
-        out[str(status)] = {"description": why, "content": _json("Error")}
+        known = out.get(str(status), {}).get("description")
+        out[str(status)] = {"description": f"{known}; {why}" if known else why, "content": _json("Error")}
     return out
 
 
@@ -74,7 +78,11 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": op.name + ("_v1" if deprecated else ""),
         "summary": op.summary,
-        "description": f"Calls `Manager.{op.manager_method}` in the host kernel.",
+        "description": " ".join(filter(None, (
+            f"Calls `Manager.{op.manager_method}` in the host kernel.", op.notes,
+            f"Give {' or '.join(op.exclusive)}, not both." if op.exclusive else "",
+            "A caller that goes away (disconnects, or gets 504) cancels it in the host." if op.cancellable else "",
+        ))),
         "responses": {
             str(op.ok_status): {
                 "description": "OK",
@@ -93,18 +101,20 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
             {"name": p.name, "in": "path", "required": True, "schema": _param_schema(p)} for p in path_params
         ]
     if body_params:
+        body: dict[str, Any] = {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [p.name for p in body_params if p.required],
+            "properties": {p.name: _param_schema(p) for p in body_params},
+        }
+        if op.exclusive:  # at most one of them given as a value (null is the same as absent)
+            body["not"] = {
+                "required": list(op.exclusive),
+                "properties": {name: {"not": {"type": "null"}} for name in op.exclusive},
+            }
         operation["requestBody"] = {
             "required": any(p.required for p in body_params),
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": [p.name for p in body_params if p.required],
-                        "properties": {p.name: _param_schema(p) for p in body_params},
-                    }
-                }
-            },
+            "content": {"application/json": {"schema": body}},
         }
     return operation
 
@@ -160,15 +170,39 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
                 "description": "Server messages: system_state, state_update, load_progress, error "
                 '(each described by `x-server-messages`). A client may send {"type": "get_state"}.',
                 "x-server-messages": {"oneOf": [{"$ref": _REF + name} for name in _EVENTS]},
-                "responses": {"101": {"description": "Switching protocols"}, **_errors([])},
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_errors(["invalid_request"]),  # a request that is not a WebSocket upgrade
+                    "403": {"description": f"{REFUSALS[403]}, or a cookie from a page of another origin",
+                            "content": _json("Error")},
+                },
             }
         },
     }
 
 
+class ServerLimits(NamedTuple):
+    """The limits a server enforces by its settings (``GpuGroupsHost``), stated in the document."""
+
+    max_body_bytes: int
+    request_timeout: float
+    ws_send_timeout: float
+
+    def describe(self) -> str:
+        return (
+            f"Limits of this server: a request body of at most {self.max_body_bytes} bytes "
+            f"(GpuGroupsHost.max_body_bytes; larger: 400 invalid_request); an answer from the host kernel "
+            f"within {self.request_timeout:g} s (GpuGroupsHost.request_timeout; then 504 timeout, and a "
+            f"process request is cancelled there, as when its client disconnects); a WebSocket client "
+            f"takes each message within {self.ws_send_timeout:g} s or is closed (1008; "
+            "GpuGroupsHost.ws_send_timeout). Each param's limits are in its schema."
+        )
+
+
 @lru_cache(maxsize=8)
-def build_spec(base_url: str = "/") -> dict[str, Any]:
-    """The OpenAPI document for a server mounted at ``base_url`` (cached: it never changes)."""
+def build_spec(base_url: str = "/", limits: ServerLimits | None = None) -> dict[str, Any]:
+    """The OpenAPI document for a server mounted at ``base_url`` with these ``limits`` (cached: it
+    never changes for them)."""
     paths: dict[str, dict[str, Any]] = {}
     for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
         for op in OPS.values():
@@ -189,7 +223,7 @@ def build_spec(base_url: str = "/") -> dict[str, Any]:
             "version": __version__,
             "description": "Devices, groups and models of the manager in the host kernel, "
             "behind Jupyter's authentication. "
-            "/api/v1 routes are deprecated aliases of /api/v2.",
+            "/api/v1 routes are deprecated aliases of /api/v2." + (f" {limits.describe()}" if limits else ""),
         },
         "servers": [{"url": base_url.rstrip("/") or "/"}],
         "security": [{"token": []}],

@@ -27,12 +27,14 @@ from tornado.ioloop import IOLoop
 from ..errors import GpuGroupsError
 from ..events import Event, coalesce
 from ..protocol import API_PREFIX, LEGACY_PREFIX, parse_json
-from .handlers import AUTH_RESOURCE
+from .handlers import AUTH_RESOURCE, JsonErrors
 from .host import GpuGroupsHost
 
 
-class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
-    """One client's event stream (origin-checked by ``WebSocketMixin``)."""
+class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
+    """One client's event stream (origin-checked by ``WebSocketMixin``). A refused upgrade (no
+    token: 403; a foreign page's cookie: 403; not a WebSocket request: 400) answers the JSON error
+    of the REST routes, not tornado's text or Jupyter's HTML page."""
 
     auth_resource = AUTH_RESOURCE
 
@@ -47,6 +49,11 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     @ws_authenticated
     @authorized
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            raise GpuGroupsError("invalid_request", f"{self.request.path} takes WebSocket upgrades only")
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            raise GpuGroupsError("forbidden", f"cross-origin WebSocket from {origin} refused (not in ServerApp.allow_origin)")
         await super().get(*args, **kwargs)
 
     def open(self, *args: Any, **kwargs: Any) -> None:

@@ -192,6 +192,27 @@ class TestOneManager:
             rm.run("tiny-a", boom)
         assert rm.process("tiny-a", "the cat", 2)["predictions"]  # the device still answers
 
+    def test_a_cancel_reaches_the_request_on_the_node(self, rm: gg.Manager) -> None:
+        device = rm.load("tiny-gpt2")["device_id"]
+        outcomes: dict[str, Any] = {}
+
+        def call(rid: str) -> None:
+            try:
+                outcomes[rid] = rm.process("tiny-gpt2", "def f(", 1, max_new_tokens=256, request_id=rid)
+            except GpuGroupsError as exc:
+                outcomes[rid] = exc
+
+        callers = [threading.Thread(target=call, args=(rid,)) for rid in ("first", "second")]
+        callers[0].start()
+        assert wait_for(lambda: rm.state()["devices"][device]["queue_depth"] == 1)
+        callers[1].start()
+        assert wait_for(lambda: rm.state()["devices"][device]["queue_depth"] == 2)
+        rm.cancel("second")  # queued behind the first (or, if that ended, stopped between steps)
+        for c in callers:
+            c.join(60)
+        assert isinstance(outcomes["second"], GpuGroupsError) and outcomes["second"].code == "cancelled"
+        assert wait_for(lambda: rm.state()["devices"][device]["queue_depth"] == 0)
+
 
 def test_a_new_manager_adopts_the_groups_of_a_killed_one(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
     ns = namespace()

@@ -75,3 +75,44 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(held):
     for a, b in zip(alone, results):
         assert [p["token_id"] for p in a["predictions"]] == [p["token_id"] for p in b["predictions"]]
         assert [p["logprob"] for p in b["predictions"]] == pytest.approx([p["logprob"] for p in a["predictions"]], abs=1e-5)
+
+
+def _queue(worker, order: list[str], label: str, group: str, member: str, new_tokens: int = 1):
+    fut = worker.process(group, Request(member, PROMPT, 1, new_tokens))
+    fut.add_done_callback(lambda f: order.append(f"{label}:{f.result()['timing']['batch_size']}"))
+    return fut
+
+
+def test_groups_take_turns_so_a_backlog_does_not_starve_another_group(held):
+    """Group tiny has three generating requests queued before one of gpt: gpt's runs second."""
+    m, worker = held
+    m.load_group("tiny")
+    m.load_group("gpt")
+    order: list[str] = []
+    gate = worker.hold()
+    futs = [_queue(worker, order, f"A{i}", "tiny", "tiny-a") for i in range(3)]
+    futs.append(_queue(worker, order, "B", "gpt", "tiny-gpt2"))
+    gate.set()
+    for f in futs:
+        f.result(60)
+    assert order == ["A0:1", "B:1", "A1:1", "A2:1"]
+
+
+def test_turns_keep_batching_and_never_pass_a_call(held):
+    """Requests that do not generate still share a pass per group; a call (here a marker, as a
+    load or unload would be) runs in its place, after the requests queued before it; after it, the
+    group served longest ago (tiny) goes first although gpt's request is older."""
+    m, worker = held
+    m.load_group("tiny")
+    m.load_group("gpt")
+    order: list[str] = []
+    gate = worker.hold()
+    futs = [_queue(worker, order, "A", "tiny", member, 0) for member in ("tiny-a", "tiny-b", "tiny-base")]
+    futs.append(_queue(worker, order, "B", "gpt", "tiny-gpt2", 0))
+    futs.append(worker.call(lambda: order.append("call")))
+    futs.append(_queue(worker, order, "C", "gpt", "tiny-gpt2", 0))
+    futs.append(_queue(worker, order, "D", "tiny", "tiny-a", 0))
+    gate.set()
+    for f in futs:
+        f.result(60)
+    assert order == ["A:3", "A:3", "A:3", "B:1", "call", "D:1", "C:1"]

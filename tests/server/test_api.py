@@ -39,6 +39,26 @@ async def test_openapi_lists_every_route_and_method(jp_serverapp: Any, jp_fetch:
     assert refs <= set(served["components"]["schemas"])
 
 
+async def test_the_served_document_states_every_limit(jp_serverapp: Any, jp_fetch: Any) -> None:
+    """The server's own settings (with their configured values), each param's limits and caps, the
+    work budget and the exclusive params: all in the document a client reads."""
+    from gpugroups.protocol import MAX_NEW_TOKENS, MAX_NUM_PREDICTIONS, MAX_PROMPT_CHARS, MAX_REQUEST_WORK
+
+    served = json.loads((await fetch(jp_fetch, API_PREFIX + "/openapi.json")).body)
+    host = jp_serverapp.web_app.settings["gpugroups_host"]
+    info = served["info"]["description"]
+    for setting in ("max_body_bytes", "request_timeout", "ws_send_timeout"):
+        assert f"GpuGroupsHost.{setting}" in info and f" {getattr(host, setting):.15g} " in info
+    process = served["paths"][API_PREFIX + "/models/process"]["post"]
+    body = process["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert body["prompt"]["maxLength"] == MAX_PROMPT_CHARS
+    assert str(MAX_NUM_PREDICTIONS) in body["num_predictions"]["description"]
+    assert str(MAX_NEW_TOKENS) in body["max_new_tokens"]["description"]
+    assert "max_request_work" in process["description"] and str(MAX_REQUEST_WORK) in process["description"]
+    load = served["paths"][API_PREFIX + "/models/load"]["post"]
+    assert load["requestBody"]["content"]["application/json"]["schema"]["not"]["required"] == ["device_id", "device_ids"]
+
+
 def test_openapi_lists_each_ops_errors(spec: dict[str, Any]) -> None:
     from gpugroups.errors import HTTP_STATUS
 

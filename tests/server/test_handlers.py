@@ -57,6 +57,22 @@ async def test_cookie_posts_need_xsrf(jp_serverapp: Any, jp_fetch: Any) -> None:
     assert r.code == 400 and error_of(r)["code"] == "invalid_request"
 
 
+async def test_a_cookie_request_from_a_foreign_page_is_a_json_404_as_in_jupyter(
+    jp_serverapp: Any, jp_fetch: Any, spec: dict[str, Any]
+) -> None:
+    """Jupyter answers a cookie request whose Origin is not allowed with 404 on every REST API
+    (``/api/kernels`` too); gpugroups' routes do the same, in their JSON shape, saying why."""
+    cookie_only, xsrf = await browser_login(jp_serverapp, jp_fetch)
+    foreign = {**cookie_only, "X-XSRFToken": xsrf, "Origin": "http://evil.example"}
+    assert (await fetch(jp_fetch, "/api/kernels", headers=foreign)).code == 404
+    for path, method in ((API_PREFIX + "/system/state", "GET"), (API_PREFIX + "/models/unload", "POST")):
+        r = await fetch(jp_fetch, path, method, {"model_id": "x"} if method == "POST" else None, headers=foreign)
+        assert r.code == 404, (path, r.code)
+        error = error_of(r)
+        assert error["code"] == "not_found" and "cross-origin" in error["message"]
+        assert_documented(spec, path, method, 404)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "needle"),
     [

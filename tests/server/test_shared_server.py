@@ -1,11 +1,14 @@
 """A shared server against clients that misbehave, end to end through a real ``jupyter server``
-process and its host kernel: a WebSocket client that stops reading, and a host restarted in the
-middle of a request. One server for the module, with a short ``ws_send_timeout``.
+process and its host kernel: a WebSocket client that stops reading, REST callers that time out or
+hang up in the middle of a long generation, and a host restarted in the middle of a request. One
+server for the module, with a short ``ws_send_timeout`` and ``request_timeout``.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import os
 import socket
 import threading
@@ -19,6 +22,7 @@ import pytest
 
 from gpugroups import GpuGroupsError
 from gpugroups.protocol import API_PREFIX
+from tests.waiting import wait_for
 
 from .conftest import LiveServer
 
@@ -26,6 +30,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Seconds the server waits for a client to take one message (short, so the test sees the close).
 SEND_TIMEOUT = 3
+#: Seconds a REST request waits for the host (short, so a test sees a 504).
+REQUEST_TIMEOUT = 10
+#: Run in the host kernel: every forward pass of tiny-gpt2 sleeps ``{pause}`` s (so a generation of
+#: 256 steps takes long) and is counted in ``steps``.
+SLOW_STEPS = """
+import time, gpugroups as gg
+steps = [0]
+def _slow(*_):
+    steps[0] += 1
+    time.sleep({pause})
+gg.manager().load("tiny-gpt2")
+slow_hook = gg.manager().run("tiny-gpt2", lambda model, tok: model.register_forward_hook(_slow))
+"""
+#: A request of 256 generation steps, within the work budget.
+LONG_JOB = {"model_id": "tiny-gpt2", "prompt": "def f(", "num_predictions": 2, "max_new_tokens": 256}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +52,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) ->
     server = LiveServer(
         tmp_path_factory.mktemp("shared"),
         tiny_catalog_toml,
-        ["--GpuGroupsHost.host_kernel=auto", f"--GpuGroupsHost.ws_send_timeout={SEND_TIMEOUT}"],
+        [
+            "--GpuGroupsHost.host_kernel=auto",
+            f"--GpuGroupsHost.ws_send_timeout={SEND_TIMEOUT}",
+            f"--GpuGroupsHost.request_timeout={REQUEST_TIMEOUT}",
+        ],
     )
     yield server
     server.stop()
@@ -118,6 +141,48 @@ def test_a_websocket_that_stops_reading_costs_bounded_memory_and_is_closed(share
     assert shared.client().state()["version"] > 0  # everybody else is served as before
 
 
+def queue_depth(live: LiveServer) -> int:
+    return sum(d["queue_depth"] for d in live.client().state()["devices"])
+
+
+def test_a_caller_that_hangs_up_mid_generation_cancels_it(shared: LiveServer) -> None:
+    kernel = host_kernel(shared)
+    try:
+        kernel.run(SLOW_STEPS.replace("{pause}", "0.1"))
+        conn = http.client.HTTPConnection("127.0.0.1", shared.port, timeout=60)
+        headers = {**shared.headers, "Content-Type": "application/json"}
+        conn.request("POST", f"{API_PREFIX}/models/process", json.dumps(LONG_JOB), headers)
+        assert wait_for(lambda: kernel.run("out = steps[0]") >= 3, timeout=60)  # it runs
+        conn.close()  # the caller goes away without reading the answer
+        assert wait_for(lambda: queue_depth(shared) == 0, timeout=30)
+        assert kernel.run("out = steps[0]") < 100  # stopped, long before its 256 steps
+        assert shared.client().process("tiny-gpt2", "x", num_predictions=1)["predictions"]
+    finally:
+        kernel.run("slow_hook.remove()")
+        kernel.close()
+
+
+def test_a_request_that_times_out_is_cancelled_and_the_queue_empties(shared: LiveServer) -> None:
+    kernel = host_kernel(shared)
+    try:
+        kernel.run(SLOW_STEPS.replace("{pause}", "0.1"))
+        callers = [threading.Thread(target=lambda: shared.post(f"{API_PREFIX}/models/process", LONG_JOB)) for _ in range(3)]
+        answers = []
+        for caller in callers:  # one runs, two wait in the device's queue
+            caller.start()
+        assert wait_for(lambda: queue_depth(shared) == 3, timeout=30)
+        answers.append(shared.post(f"{API_PREFIX}/models/process", LONG_JOB))  # a fourth, timed out too
+        assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "timeout"
+        assert "cancelled there" in answers[0].json()["error"]["message"]
+        assert wait_for(lambda: queue_depth(shared) == 0, timeout=30)
+        for caller in callers:
+            caller.join(30)
+        assert kernel.run("out = steps[0]") < 256  # not even one job ran to its end
+    finally:
+        kernel.run("slow_hook.remove()")
+        kernel.close()
+
+
 def test_a_host_restarted_mid_request_answers_503_and_stays_the_host(shared: LiveServer) -> None:
     client = shared.client()
     client.load("tiny-gpt2")
@@ -127,10 +192,13 @@ def test_a_host_restarted_mid_request_answers_503_and_stays_the_host(shared: Liv
 
     def process() -> None:
         try:
-            answer["result"] = client.process("tiny-gpt2", "hello " * 50, num_predictions=100, max_new_tokens=256)
+            answer["result"] = client.process(**LONG_JOB)
         except GpuGroupsError as exc:
             answer["error"] = exc
 
+    kernel = host_kernel(shared)
+    kernel.run(SLOW_STEPS.replace("{pause}", "0.1"))  # gone with the restart
+    kernel.close()
     caller = threading.Thread(target=process)
     caller.start()
     deadline = time.monotonic() + 30

@@ -24,6 +24,9 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
         with pytest.raises(HTTPClientError) as exc:
             await jp_ws_fetch(API_PREFIX, "ws", headers=headers)
         assert exc.value.code == 403
+        assert exc.value.response is not None
+        assert exc.value.response.headers["Content-Type"].startswith("application/json")
+        assert json.loads(exc.value.response.body)["error"]["code"] == "forbidden"
     # a browser session (cookie) from a foreign page is refused; from the server's own origin it is not
     cookie_only, _ = await browser_login(jp_serverapp, jp_fetch)
     # the login cookie is named after the host the login went to: jp_fetch's 127.0.0.1
@@ -32,8 +35,18 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
     with pytest.raises(HTTPClientError) as exc:
         await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": "http://evil.example"}))
     assert exc.value.code == 403
+    assert exc.value.response is not None
+    error = json.loads(exc.value.response.body)["error"]
+    assert error["code"] == "forbidden" and "evil.example" in error["message"]
     ws = await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": own}))
     ws.close()
+
+
+async def test_a_plain_get_of_the_websocket_route_is_a_json_400(jp_fetch: Any) -> None:
+    with pytest.raises(HTTPClientError) as exc:
+        await jp_fetch(API_PREFIX.lstrip("/"), "ws")
+    assert exc.value.code == 400 and exc.value.response is not None
+    assert json.loads(exc.value.response.body)["error"]["code"] == "invalid_request"
 
 
 async def test_websocket_reports_no_host_then_answers_get_state(jp_ws_fetch: Any) -> None:
