@@ -17,14 +17,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
+from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
 from .remote import Outcome, outcome, run_outcome
-from .worker import ThreadWorker
+from .worker import Request, Span, ThreadWorker
 
 #: ``Device`` fields a worker process is made from (the rest belong to the parent: NVML, locks).
 DEVICE_FIELDS = ("device_id", "device", "kind", "name", "total_bytes", "budget_bytes", "backing", "supports_bf16")
@@ -59,7 +61,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt (Ctrl-C, a kernel's) is for the parent
     conn = Connection(int(sys.argv[1]))
     fields, path = conn.recv()
-    sys.path[:0] = [p for p in path if p not in sys.path]  # fn pickled by reference imports from there
+    sys.path[:] = path + [p for p in sys.path if p not in path]  # fn pickled by reference imports from there
     _Host(conn, Device(**fields)).serve()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -105,18 +107,17 @@ class _Host:
     def _error(self, exc: BaseException) -> GpuGroupsError:
         return GpuGroupsError("internal_error", f"{self._where}: {type(exc).__name__}: {exc}")
 
-    def _load(self, call_id: int, *args: Any) -> None:
+    def _load(self, call_id: int, group: GroupSpec, folders: dict[str, Path], dtype: str, span: Span | None = None) -> None:
         def progress(fraction: float, stage: str) -> None:
             self._send(("progress", call_id, fraction, stage))
 
-        group, folders, dtype, *span = args
         w = self._worker
-        self._answer(call_id, w.load_sharded(group, folders, dtype, progress, *span) if span else w.load(group, folders, dtype, progress))
+        self._answer(call_id, w.load(group, folders, dtype, progress) if span is None else w.load_sharded(group, folders, dtype, progress, span))
 
     def _unload(self, call_id: int, group_id: str) -> None:
         self._answer(call_id, self._worker.unload(group_id))
 
-    def _process(self, call_id: int, group_id: str, request: Any) -> None:
+    def _process(self, call_id: int, group_id: str, request: Request) -> None:
         self._answer(call_id, self._worker.process(group_id, request))
 
     def _run(self, call_id: int, group_id: str, member_id: str, blob: bytes) -> None:

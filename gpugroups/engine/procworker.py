@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import multiprocessing
-import os
 import subprocess
 import sys
 import threading
@@ -37,11 +36,8 @@ from .worker import Progress, Request, Span
 #: How long a worker process may take to answer ``resident`` (it starts Python first) or to stop.
 ANSWER_S = 60.0
 _NO_AFTER: tuple[Future[Any], ...] = ()
-
-
-def _package_path() -> str:
-    """``PYTHONPATH`` for a worker process: this process's gpugroups first, then what was there."""
-    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+#: The worker process's program: this gpugroups (``argv[2]``, where the interpreter would not find it), then serve.
+_BOOT = "import sys; sys.argv[2] in sys.path or sys.path.insert(0, sys.argv[2]); import gpugroups.engine.prochost as h; h.main()"
 
 
 @dataclass
@@ -66,10 +62,8 @@ class ProcessWorker(RemoteCalls):
         # A fresh interpreter (never a fork of this one, with its CUDA state and held locks), started
         # by hand rather than by multiprocessing's spawn, which would import this process's
         # ``__main__`` again there: a script without a ``__main__`` guard would run once per device.
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from gpugroups.engine.prochost import main; main()", str(there.fileno())],
-            pass_fds=(there.fileno(),), env={**os.environ, "PYTHONPATH": _package_path()},
-        )
+        root = str(Path(__file__).resolve().parents[2])  # where this gpugroups is imported from
+        self._proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(there.fileno()), root], pass_fds=(there.fileno(),))
         there.close()
         # first message: what to serve, and where this process finds modules (fn by reference)
         self._conn.send(({f: getattr(device, f) for f in DEVICE_FIELDS}, sys.path))
