@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpugroups as gg
-from bench.bench_core import PROMPT, _demo, paired_ms
+from bench.bench_core import PROMPT, _demo, process_overhead
 from bench.bench_rest import pct
 
 MEMBER = "pycode-tests"
@@ -184,14 +184,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             print(f"prompts on device 1, load in {phase:<17}: p50 {pct(v, 50):7.2f} ms  p99 {pct(v, 99):7.2f} ms  ({len(v)} prompts)")
         print(f"isolation: p99 with the load in the manager / in another process: process workers "
               f"{out['isolation_vs_external']:.2f}x (goal <= 1.1), thread workers {out['isolation_thread_vs_external']:.2f}x")
-        out["procworker_process_ms"], out["threadworker_process_ms"] = paired_ms(
-            lambda: managers["process"].process(TINY, PROMPT, 3), lambda: managers["thread"].process(TINY, PROMPT, 3),
-            repeat, lambda: None,
-        )
-        out["procworker_process_overhead_ms"] = out["procworker_process_ms"] - out["threadworker_process_ms"]
-        print(f"process: through a worker process {out['procworker_process_ms']:.3f} ms vs a thread "
-              f"{out['threadworker_process_ms']:.3f} ms (overhead {out['procworker_process_overhead_ms']:.3f} ms p50, goal <= 0.5)")
-        return out
+        return out | process_overhead(("procworker", managers["process"]), ("threadworker", managers["thread"]), TINY, repeat, 0.5)
     finally:
         external.close()
         for m in managers.values():
