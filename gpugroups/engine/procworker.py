@@ -3,7 +3,7 @@
 Why: the interpreter lock. A load in the kernel's process (module construction, PEFT wiring,
 all Python) holds it for long stretches, and prompts served by another device's thread in that
 process wait for it: up to 25x at p99, against about 1.1x when the same load runs in another
-process. So each device gets a spawned process (``prochost``) running its ``ThreadWorker``, which
+process. So each device gets a process of its own (``prochost``) running its ``ThreadWorker``, which
 orders and batches its calls as it would here; this side is the ``Worker`` protocol over a pipe.
 Calls travel in the order made. What a call must wait for in this process (``Span.after``,
 ``Request.after``: holds on other devices) is waited for here, before the call is sent, by the
