@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 import gpugroups as gg
 from gpugroups.engine.devices import Device, detect
 from gpugroups.engine.procworker import ProcessWorker
-from gpugroups.engine.worker import ThreadWorker, Worker, worker_factory
+from gpugroups.engine.worker import Request, ThreadWorker, Worker, worker_factory
 from gpugroups.errors import GpuGroupsError
 from tests.waiting import wait_for
 
@@ -200,6 +201,30 @@ def test_a_group_sharded_over_two_worker_processes_equals_it_unsharded(pair) -> 
         pm.unload_group("big")
         tm.unload_group("big")
     assert "big" not in workers[0].resident()
+
+
+def test_pauses_and_holds_on_other_devices_keep_the_calls_in_order(pair) -> None:
+    pm, _, workers = pair
+    pm.load_group("gpt", device_id=1)
+    w = workers[1]
+    release: Future[None] = Future()
+    begun = w.pause(release)
+    behind = w.unload("not-loaded")
+    begun.result(30)
+    with pytest.raises(TimeoutError):
+        behind.result(0.3)  # the worker process is paused until the release
+    release.set_result(None)
+    behind.result(30)
+    early: Future[None] = Future()
+    early.set_result(None)  # a release sent before its pause: the pause ends as it begins
+    w.pause(early).result(30)
+    hold: Future[None] = Future()  # a hold on another device, as a sharded pass waits for
+    first = w.process("gpt", Request("tiny-gpt2", "def", 2, after=(hold,)))
+    second = w.unload("not-loaded")
+    with pytest.raises(TimeoutError):
+        second.result(0.3)  # sent only after the call ahead of it
+    hold.set_result(None)
+    assert first.result(30)["predictions"] and second.result(30) is None
 
 
 def test_a_killed_worker_process_loses_its_device_and_close_leaves_no_process(tiny_catalog_toml: Path) -> None:
