@@ -59,6 +59,23 @@ def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Cal
     return statistics.median(ta), statistics.median(tb)
 
 
+def process_overhead(
+    far: tuple[str, gg.Manager], near: tuple[str, gg.Manager], model_id: str, repeat: int, goal_ms: float
+) -> dict[str, float]:
+    """The same ``process`` request on two managers (named), alternated: the median ms of each,
+    ``{name}_process_ms``, and ``{far}_process_overhead_ms``, far's minus near's."""
+    (far_name, far_m), (near_name, near_m) = far, near
+    a, b = f"{far_name}_process_ms", f"{near_name}_process_ms"
+    out: dict[str, float] = {}
+    out[a], out[b] = paired_ms(
+        lambda: far_m.process(model_id, PROMPT, 3), lambda: near_m.process(model_id, PROMPT, 3), repeat, lambda: None
+    )
+    out[f"{far_name}_process_overhead_ms"] = out[a] - out[b]
+    print(f"process: {far_name} {out[a]:.3f} ms vs {near_name} {out[b]:.3f} ms "
+          f"(overhead {out[a] - out[b]:.3f} ms median, goal <= {goal_ms:g} ms)")
+    return out
+
+
 def raw_load(folders: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     """The same group loaded the plain way: tokenizer, ``from_pretrained``, ``PeftModel``, ``load_adapter``."""
     from peft import PeftModel

@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 
 import gpugroups as gg
-from bench.bench_core import GROUP, PROMPT, _demo, paired_ms
+from bench.bench_core import GROUP, _demo, process_overhead
 
 SIZE = "2GiB"
 
@@ -54,13 +54,7 @@ def run(repeat: int = 200, address: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"ray_load_s": load_s(remote), "local_load_s": load_s(local)}
         print(f"load: over Ray {out['ray_load_s']:.3f} s vs local {out['local_load_s']:.3f} s")
         member = local.catalog.group(GROUP).members[1]
-        out["ray_process_ms"], out["local_process_ms"] = paired_ms(
-            lambda: remote.process(member, PROMPT, 3), lambda: local.process(member, PROMPT, 3), repeat, lambda: None
-        )
-        out["ray_process_overhead_ms"] = out["ray_process_ms"] - out["local_process_ms"]
-        print(f"process: over Ray {out['ray_process_ms']:.3f} ms vs local {out['local_process_ms']:.3f} ms "
-              f"(overhead {out['ray_process_overhead_ms']:.3f} ms median, goal <= 2 ms)")
-        return out
+        return out | process_overhead(("ray", remote), ("local", local), member, repeat, 2.0)
     finally:
         remote.close()
         local.close()

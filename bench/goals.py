@@ -35,6 +35,7 @@ GOALS = [
     Goal("placement_vs_lru", "<=", 1.0, "loads on the reference traces vs plain LRU"),
     Goal("estimate_max_error_pct", "<=", 5.0, "weights estimate vs loaded bytes, worst architecture (%)"),
     Goal("reserve_peak_ratio", "<=", 1.0, "activation peak of the largest request / runtime reserve"),
+    Goal("procworker_process_overhead_ms", "<=", 0.5, "process through a worker process over the thread worker, p50 (ms)"),
     Goal("ray_process_overhead_ms", "<=", 2.0, "process through a Ray worker over the thread worker, p50 (ms)"),
     Goal("lanes_unpin_ms_p99", "<=", 50, "REST unpin with 10 slow process calls in flight, p99 (ms)"),
     Goal("lanes_switch_ms_p99", "<=", 50, "REST member switch with 10 slow process calls in flight, p99 (ms)"),

@@ -43,6 +43,16 @@ def tiny_gpt2(models_root: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_llama(models_root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """A deeper tiny Llama (8 layers, whose weights outweigh its runtime reserve: sharding tests)
+    and a LoRA adapter for it."""
+    base = tinymodels.build_causal_lm(
+        models_root / "deep-llama", "llama", "deep", tokenizer_dir=tokenizer_dir, seed=7, context=32
+    )
+    return base, tinymodels.build_lora_adapter(models_root / "deep-a", base, seed=5)
+
+
+@pytest.fixture(scope="session")
 def tiny_catalog_toml(models_root: Path, tiny_llama: Path, tiny_adapters: dict[str, Path], tiny_gpt2: Path) -> Path:
     """A catalog file: adapters group ``tiny`` (``tiny-base``, ``tiny-a``, ``tiny-b``), models group ``gpt`` (``tiny-gpt2``)."""
     return tinymodels.catalog_toml(

@@ -14,7 +14,8 @@ LIGHT = [
     "gpugroups.client", "gpugroups.catalog", "gpugroups.catalog_toml", "gpugroups.placement", "gpugroups.events", "gpugroups.hostrecord",
     "gpugroups.kernel", "gpugroups._ipykernel",
     # the engine package itself and the worker seam stay light too (an out-of-process worker imports them)
-    "gpugroups.engine", "gpugroups.engine.worker",
+    "gpugroups.engine", "gpugroups.engine.worker", "gpugroups.engine.remote", "gpugroups.engine.procworker",
+    "gpugroups.engine.prochost",
 ]
 
 # Runs in a fresh interpreter: this test process has long imported torch itself. Besides

@@ -43,7 +43,7 @@ from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import render, snapshot
 from .twins import AwaitableTwins
-from .worker import Request, ThreadWorker, WorkerFactory
+from .worker import Request, WorkerChoice, worker_factory
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -58,8 +58,11 @@ class Manager(AwaitableTwins):
     ``$GPUGROUPS_CATALOG`` or ``./gpugroups.toml`` when present). ``max_groups_per_device=1``
     keeps one current group per device. ``dtype`` overrides the load dtype of every group
     (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
-    ``worker`` makes each device's worker from its ``Device`` (default ``ThreadWorker``, a thread
-    in this process); any ``engine.worker.Worker`` implementation fits. ``max_adhoc_groups`` bounds
+    ``worker``: ``"process"`` runs each device's models in a worker process of its own (a load on
+    one device then never slows prompts on another through the interpreter lock; ``use`` is not
+    available there, ``run`` is), ``"thread"`` in a thread of this process, ``"auto"`` (default)
+    chooses processes for two or more CUDA devices and threads otherwise; or a factory that makes
+    a device's ``engine.worker.Worker`` from its ``Device``. ``max_adhoc_groups`` bounds
     the ``single:`` groups that loading uncatalogued ids creates (default: the catalog's, 64); the
     oldest one neither resident nor pinned is forgotten first. ``max_request_work`` is the most work
     one ``process`` request may cost (``protocol.WORK_RULE``: token positions computed; default
@@ -80,7 +83,7 @@ class Manager(AwaitableTwins):
         catalog: Catalog | str | os.PathLike[str] | Iterable[Mapping[str, Any]] | None = None,
         max_groups_per_device: int | None = None,
         dtype: str | None = None,
-        worker: WorkerFactory = ThreadWorker,
+        worker: WorkerChoice = "auto",
         max_adhoc_groups: int | None = None,
         ray_namespace: str = "gpugroups",
         ray_idle_timeout_s: float = 1800.0,
@@ -107,7 +110,8 @@ class Manager(AwaitableTwins):
         self._cancels = Cancels()
         self._bus = EventBus()
         self._estimates = EstimateCache(self.catalog, dtype)
-        self._workers = [worker(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
+        make = worker_factory(worker, self.devices)
+        self._workers = [make(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
         self._res = Residency(
             self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
             max_groups_per_device,

@@ -22,10 +22,8 @@ import ray
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, detect
-from .worker import OutOfMemory, Request, ThreadWorker
-
-#: What one call answers: ``("ok", value)``, ``("error", GpuGroupsError JSON)`` or ``("oom", message)``.
-Outcome = tuple[str, Any]
+from .remote import Outcome, outcome, run_outcome
+from .worker import Request, ThreadWorker
 
 
 class DeviceActor:
@@ -82,7 +80,7 @@ class DeviceActor:
         done.add_done_callback(lambda _: items.put_nowait(None))  # after every progress item
         while (item := await items.get()) is not None:
             yield item
-        yield _outcome(done, lambda exc: self._load_error(group, f"{type(exc).__name__}: {exc}"))
+        yield outcome(done, lambda exc: self._load_error(group, f"{type(exc).__name__}: {exc}"))
 
     async def unload(self, group_id: str) -> Outcome:
         return await self._run(self._worker.unload(group_id))
@@ -101,13 +99,7 @@ class DeviceActor:
         """``fn(model, tokenizer, *args, **kwargs)`` here, on the node; what it returns comes back
         with its tensors on the CPU, what it raises comes back as itself (``("raised", exc)``)."""
         self._seen = time.monotonic()
-        try:
-            result = await asyncio.wrap_future(self._worker.run(group_id, member_id, fn, args, kwargs))
-        except GpuGroupsError as exc:
-            return ("error", exc.to_json())
-        except Exception as exc:  # the caller's own code failed: hand its exception back
-            return ("raised", exc)
-        return ("ok", _on_cpu(result))
+        return run_outcome(await _finished(self._worker.run(group_id, member_id, fn, args, kwargs)))
 
     async def shutdown(self) -> None:
         """Unload everything and stop the worker (the manager then kills the actor)."""
@@ -116,12 +108,7 @@ class DeviceActor:
         self._worker.stop()
 
     async def _run(self, fut: Future[Any]) -> Outcome:
-        wrapped = asyncio.wrap_future(fut)
-        try:
-            await wrapped
-        except Exception:
-            pass  # _outcome reads it
-        return _outcome(wrapped, self._error)
+        return outcome(await _finished(fut), self._error)
 
     def _error(self, exc: BaseException) -> GpuGroupsError:
         return GpuGroupsError("internal_error", f"on Ray node {self.host} ({self.node[:8]}): {type(exc).__name__}: {exc}")
@@ -146,24 +133,8 @@ class DeviceActor:
         ray.kill(self._me, no_restart=True)
 
 
-def _on_cpu(value: Any) -> Any:
-    """``value`` with every torch tensor in it (in lists, tuples and dicts) moved to the CPU."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    return value
-
-
-def _outcome(fut: asyncio.Future[Any], wrap: Callable[[BaseException], GpuGroupsError]) -> Outcome:
-    """A finished call as plain data (exceptions do not travel well between processes)."""
-    exc = fut.exception()
-    if exc is None:
-        return ("ok", fut.result())
-    if isinstance(exc, OutOfMemory):
-        return ("oom", str(exc))
-    return ("error", (exc if isinstance(exc, GpuGroupsError) else wrap(exc)).to_json())
+async def _finished(fut: Future[Any]) -> asyncio.Future[Any]:
+    """``fut`` as an asyncio future, once it is done (its outcome is read from it, not raised here)."""
+    wrapped = asyncio.wrap_future(fut)
+    await asyncio.wait([wrapped])
+    return wrapped

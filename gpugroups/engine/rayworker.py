@@ -27,8 +27,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, parse_size
-from .rayactor import DeviceActor, Outcome
-from .worker import OutOfMemory, Progress, Request, Span
+from .rayactor import DeviceActor
+from .remote import Outcome, RemoteCalls
+from .worker import Progress, Request, Span
 
 #: How often a worker pings its actor (also the actor's sign that a manager is attached).
 PING_S = 1.0
@@ -108,7 +109,7 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
     return devices
 
 
-class RayWorker:
+class RayWorker(RemoteCalls):
     """The ``Worker`` of a Ray device: its ``DeviceActor`` on the node does the work.
 
     One actor holds one GPU, so a group is never sharded over Ray devices: ``load_sharded`` and
@@ -116,30 +117,12 @@ class RayWorker:
     node by Ray's pickling (cloudpickle) and brings the result back with its tensors on the CPU.
     """
 
-    in_process = False
-
     def __init__(self, device: Device, actor: Any, idle_timeout_s: float) -> None:
-        self.device = device
+        super().__init__(device)
         self._actor = actor
         self._idle = idle_timeout_s
-        self._lock = threading.Lock()
-        self._pending: dict[Future[Any], str] = {}  # call -> status it stands for, oldest first
-        self._lost: GpuGroupsError | None = None
-        self._closed = False
-        self._callbacks: list[Callable[[], None]] = []
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
-
-    @property
-    def status(self) -> str:
-        if self._lost is not None:
-            return "lost"
-        with self._lock:
-            return next(iter(self._pending.values()), "idle")
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         fut = self._track("loading")
@@ -205,9 +188,6 @@ class RayWorker:
             return {}
         return held
 
-    def on_lost(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
-
     def stop(self) -> None:
         """Unload what the actor holds and end it (the manager is closing)."""
         self._stopping.set()
@@ -224,17 +204,6 @@ class RayWorker:
             pass  # its node is gone, and the actor with it
 
     # ---- plumbing ---------------------------------------------------------------------------
-    def _track(self, status: str) -> Future[Any]:
-        fut: Future[Any] = Future()
-        with self._lock:
-            if self._closed:
-                fut.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
-            elif self._lost is not None:
-                fut.set_exception(self._lost)
-            else:
-                self._pending[fut] = status
-        return fut
-
     def _call(self, status: str, submit: Callable[[], Any]) -> Future[Any]:
         fut = self._track(status)
         if not fut.done():
@@ -256,23 +225,9 @@ class RayWorker:
         ))
         return fut
 
-    def _settle(self, fut: Future[Any], outcome: Outcome | BaseException) -> None:
-        """Answer a call from the actor's outcome, or from the Ray error that replaced it."""
-        with self._lock:
-            if self._pending.pop(fut, None) is None:
-                return  # failed already (lost)
-        if isinstance(outcome, RayActorError):
-            fut.set_exception(self._unavailable(outcome))
-        elif isinstance(outcome, BaseException):
-            fut.set_exception(outcome)
-        elif outcome[0] == "ok":
-            fut.set_result(outcome[1])
-        elif outcome[0] == "raised":
-            fut.set_exception(outcome[1])
-        elif outcome[0] == "oom":
-            fut.set_exception(OutOfMemory(outcome[1]))
-        else:
-            fut.set_exception(GpuGroupsError.from_json(outcome[1]))
+    def _settle(self, fut: Future[Any], result: Outcome | BaseException) -> None:
+        """As ``RemoteCalls._settle``; a Ray error saying the actor is gone fails the call ``host_unavailable``."""
+        super()._settle(fut, self._unavailable(result) if isinstance(result, RayActorError) else result)
 
     def _unavailable(self, cause: BaseException | None = None) -> GpuGroupsError:
         d = self.device
@@ -307,15 +262,3 @@ class RayWorker:
                 continue
             self._lose()
             return
-
-    def _lose(self) -> None:
-        err = self._unavailable()
-        with self._lock:
-            if self._closed:
-                return
-            self._lost = err
-            pending, self._pending = list(self._pending), {}
-        for fut in pending:
-            fut.set_exception(err)
-        for cb in self._callbacks:
-            cb()

@@ -3,9 +3,9 @@
 ``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
 ``ThreadWorker`` is the in-process implementation (one thread per device, queued ``process``
-requests of a group batched into one forward pass, groups served in turn). Another
-implementation (a worker process, a Ray actor) satisfies the same protocol and is chosen with
-``Manager(worker=...)``.
+requests of a group batched into one forward pass, groups served in turn). Other implementations (``ProcessWorker``, a
+worker process per device; ``RayWorker``, a Ray actor) satisfy the same protocol;
+``Manager(worker=...)`` chooses one through ``worker_factory``.
 Light: torch is imported only by ``ThreadWorker`` when it loads or predicts.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
@@ -152,8 +152,32 @@ class Worker(Protocol):
         ...
 
 
-#: Makes the worker of one device; ``Manager(worker=...)`` takes one (default ``ThreadWorker``).
+#: Makes the worker of one device; ``Manager(worker=...)`` takes one, or a name (``worker_factory``).
 WorkerFactory = Callable[[Device], Worker]
+WorkerChoice = WorkerFactory | Literal["auto", "thread", "process"]
+
+
+def worker_factory(choice: WorkerChoice, devices: list[Device]) -> WorkerFactory:
+    """The factory ``Manager(worker=choice)`` makes its devices' workers with (Ray devices bring their own).
+
+    ``"thread"``: ``ThreadWorker``. ``"process"``: ``ProcessWorker``, a worker process per device,
+    so that what one device does in Python (a load, above all) never holds the interpreter lock
+    that another device's prompts need. ``"auto"``: processes where two or more CUDA devices are
+    this machine's, threads for one device and for cpu or virtual devices (nothing to keep apart
+    there, and a thread costs no process start). A factory is used as it is.
+    """
+    if callable(choice):
+        return choice
+    if choice == "auto":
+        local_gpus = [d for d in devices if d.kind == "cuda" and d.remote_worker is None]
+        choice = "process" if len(local_gpus) >= 2 else "thread"
+    if choice == "thread":
+        return ThreadWorker
+    if choice == "process":
+        from .procworker import ProcessWorker  # it imports this module
+
+        return ProcessWorker
+    raise GpuGroupsError("invalid_request", f"worker must be 'auto', 'thread', 'process' or a factory, not {choice!r}")
 
 
 @dataclass

@@ -8,23 +8,19 @@ import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.engine.worker import OutOfMemory
 from gpugroups.errors import GpuGroupsError
-from tests import tinymodels
 from tests.engine.gated import GatedWorker, gated_manager
 
 PROMPTS = ["def add(a, b):", "import os"]
 
 
 @pytest.fixture(scope="module")
-def deep(models_root, tokenizer_dir, tiny_llama):
+def deep(models_root, deep_llama, tiny_llama):
     """A catalog factory (adapters group ``big``, single groups ``s1``/``s2``) and ``big``'s estimate."""
-    base = models_root / "deep-llama"
-    if not base.exists():
-        tinymodels.build_causal_lm(base, "llama", "deep", tokenizer_dir=tokenizer_dir, seed=7, context=32)
-        tinymodels.build_lora_adapter(models_root / "deep-a", base, seed=5)
+    base, adapter = deep_llama
 
     def make() -> Catalog:
         cat = Catalog(roots=[models_root])
-        cat.register_group("big", base=str(base), adapters={"big-a": str(models_root / "deep-a")}, base_id="big-base")
+        cat.register_group("big", base=str(base), adapters={"big-a": str(adapter)}, base_id="big-base")
         cat.register_group("s1", models={"solo-1": str(tiny_llama)})
         cat.register_group("s2", models={"solo-2": str(tiny_llama)})
         return cat

@@ -1,0 +1,177 @@
+"""The far side of a ``ProcessWorker``: a process of its own that runs one device's ``ThreadWorker``.
+
+``main`` reads calls from its pipe and hands them to the worker, which orders and batches them as
+in any process; each call's outcome (``remote.Outcome``) and a load's progress go back on the same
+pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
+ends when the parent says ``stop`` (after everything queued) or when its pipe closes (the parent is
+gone). This module also fixes how ``run``'s payloads travel: by value, as cloudpickle bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from ..catalog import GroupSpec
+from ..errors import GpuGroupsError
+from .devices import Device
+from .remote import Outcome, outcome, run_outcome
+from .worker import Request, Span, ThreadWorker
+
+#: ``Device`` fields a worker process is made from (the rest belong to the parent: NVML, locks).
+DEVICE_FIELDS = ("device_id", "device", "kind", "name", "total_bytes", "budget_bytes", "backing", "supports_bf16")
+#: What the payload of a ``run`` outcome is, by its kind (the other kinds carry plain data).
+_PACKED = {"ok": "fn's result", "raised": "fn's exception"}
+
+
+def pack(value: Any, what: str) -> bytes:
+    """``run``'s fn and arguments, or its result, as bytes for the other process. By value through
+    cloudpickle: fn may be a lambda or a notebook function, and tensors travel as bytes (the pipe's
+    own pickler would hand them over in shared memory). ``invalid_request`` naming ``what`` if not."""
+    try:
+        blob: bytes = cloudpickle.dumps(value)
+    except Exception as exc:
+        raise GpuGroupsError("invalid_request", f"run: {what} cannot be pickled ({type(exc).__name__}: {exc})") from None
+    return blob
+
+
+def unpack(blob: bytes, what: str) -> Any:
+    """What ``pack`` sent; ``invalid_request`` naming ``what`` if this process cannot rebuild it."""
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        raise GpuGroupsError(
+            "invalid_request", f"run: {what} cannot be unpickled in this process ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def main() -> None:
+    """The worker process: serve calls from the pipe whose descriptor is ``argv[1]`` until ``stop``
+    or until the pipe closes. Its first message says which device and the parent's ``sys.path``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt (Ctrl-C, a kernel's) is for the parent
+    conn = Connection(int(sys.argv[1]))
+    fields, path = conn.recv()
+    sys.path[:] = path + [p for p in sys.path if p not in path]  # fn pickled by reference imports from there
+    _Host(conn, Device(**fields)).serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # everything is answered; tearing down torch's modules only makes the parent wait
+
+
+class _Host:
+    """One device's ``ThreadWorker`` behind a pipe: ``(call_id, op, args)`` in (a ``release`` names
+    its pause's call id, a ``cancel`` none), ``("done", call_id, outcome)`` and ``("progress",
+    call_id, fraction, stage)`` out."""
+
+    def __init__(self, conn: Connection, device: Device) -> None:
+        self._conn = conn
+        self._worker = ThreadWorker(device)
+        self._send_lock = threading.Lock()
+        self._releases: dict[int, Future[None]] = {}  # pause call id -> its release, whichever came first
+        self._releases_lock = threading.Lock()
+        self._where = f"in the worker process of device {device.device_id} ({device.device})"
+
+    def serve(self) -> None:
+        ops: dict[str, Callable[..., None]] = {
+            "load": self._load, "load_sharded": self._load, "unload": self._unload, "process": self._process,
+            "run": self._run, "pause": self._pause, "release": self._release, "resident": self._resident,
+            "cancel": self._cancel, "stop": self._stop,
+        }
+        while True:
+            try:
+                call_id, op, args = self._conn.recv()
+            except (EOFError, OSError):
+                return  # the parent is gone (or closed the pipe after ``stop``): nothing to answer
+            ops[op](call_id, *args)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                pass  # the parent is gone; ``serve`` ends on the closed pipe
+
+    def _answer(self, call_id: int, fut: Future[Any]) -> None:
+        fut.add_done_callback(lambda f: self._send(("done", call_id, outcome(f, self._error))))
+
+    def _error(self, exc: BaseException) -> GpuGroupsError:
+        return GpuGroupsError("internal_error", f"{self._where}: {type(exc).__name__}: {exc}")
+
+    def _load(self, call_id: int, group: GroupSpec, folders: dict[str, Path], dtype: str, span: Span | None = None) -> None:
+        def progress(fraction: float, stage: str) -> None:
+            self._send(("progress", call_id, fraction, stage))
+
+        w = self._worker
+        self._answer(call_id, w.load(group, folders, dtype, progress) if span is None else w.load_sharded(group, folders, dtype, progress, span))
+
+    def _unload(self, call_id: int, group_id: str) -> None:
+        self._answer(call_id, self._worker.unload(group_id))
+
+    def _process(self, call_id: int, group_id: str, request: Request) -> None:
+        self._answer(call_id, self._worker.process(group_id, request))
+
+    def _run(self, call_id: int, group_id: str, member_id: str, blob: bytes) -> None:
+        def reply(f: Future[Any]) -> None:
+            kind, value = run_outcome(f)
+            if kind in _PACKED:
+                try:
+                    value = pack(value, _PACKED[kind])
+                except GpuGroupsError as exc:
+                    kind, value = "error", exc.to_json()
+            self._send(("done", call_id, (kind, value)))
+
+        try:
+            fn, args, kwargs = unpack(blob, "fn or its arguments")
+        except GpuGroupsError as exc:
+            self._send(("done", call_id, ("error", exc.to_json())))
+            return
+        self._worker.run(group_id, member_id, fn, args, kwargs).add_done_callback(reply)
+
+    def _gate(self, pause_id: int) -> Future[None]:
+        """The release of pause ``pause_id``: made by its pause or its release, whichever comes first,
+        and forgotten by the other (the release overtakes the queue, so it may come first)."""
+        with self._releases_lock:
+            gate = self._releases.pop(pause_id, None)
+            if gate is None:
+                gate = self._releases[pause_id] = Future()
+        return gate
+
+    def _pause(self, call_id: int) -> None:
+        self._answer(call_id, self._worker.pause(self._gate(call_id)))
+
+    def _release(self, call_id: int) -> None:
+        self._gate(call_id).set_result(None)
+
+    def _resident(self, call_id: int) -> None:
+        self._send(("done", call_id, ("ok", self._worker.resident())))
+
+    def _cancel(self, call_id: int, request_id: str) -> None:
+        self._worker.cancel(request_id)
+
+    def _stop(self, call_id: int) -> None:
+        def stop() -> None:
+            self._worker.stop()  # after what is queued
+            self._send(("done", call_id, ("ok", None)))
+
+        # on its own thread: a pause still queued may wait for a release that this loop must read
+        threading.Thread(target=stop, name="gpugroups-stop", daemon=True).start()
+
+
+def result_of(kind: str, value: Any) -> Outcome:
+    """A ``run`` outcome as sent by ``_Host._run``, its payload unpacked in this process."""
+    if kind in _PACKED:
+        try:
+            return (kind, unpack(value, _PACKED[kind]))
+        except GpuGroupsError as exc:
+            return ("error", exc.to_json())
+    return (kind, value)

@@ -1,0 +1,147 @@
+"""What every worker that runs elsewhere (a worker process, a Ray actor) shares with the others.
+
+The far side answers each call as plain data, an ``Outcome`` (``outcome``, ``run_outcome``, tensors
+moved to the CPU by ``on_cpu``); the near side, ``RemoteCalls``, keeps the calls pending as
+``concurrent.futures.Future``s, settles them from those outcomes, and turns the device ``"lost"``
+when the far side is gone. Light: torch is imported only to move a result's tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from ..errors import GpuGroupsError
+from .devices import Device
+from .worker import OutOfMemory
+
+#: What one call answers: ``("ok", value)``, ``("error", GpuGroupsError JSON)``, ``("oom", message)``,
+#: or for ``run`` ``("raised", exception)``: fn's own exception, handed back as itself.
+Outcome = tuple[str, Any]
+
+
+class Done(Protocol):
+    """A finished future (``concurrent.futures`` or ``asyncio``): all ``outcome`` reads of it."""
+
+    def exception(self) -> BaseException | None: ...
+
+    def result(self) -> Any: ...
+
+
+def outcome(fut: Done, wrap: Callable[[BaseException], GpuGroupsError]) -> Outcome:
+    """A finished call as plain data (exceptions other than ours do not travel well between
+    processes): ``wrap`` turns a foreign exception into the ``GpuGroupsError`` that stands for it."""
+    exc = fut.exception()
+    if exc is None:
+        return ("ok", fut.result())
+    if isinstance(exc, OutOfMemory):
+        return ("oom", str(exc))
+    return ("error", (exc if isinstance(exc, GpuGroupsError) else wrap(exc)).to_json())
+
+
+def run_outcome(fut: Done) -> Outcome:
+    """A finished ``run``: its result with tensors on the CPU, our error as JSON, or fn's own exception."""
+    exc = fut.exception()
+    if exc is None:
+        return ("ok", on_cpu(fut.result()))
+    if isinstance(exc, GpuGroupsError):
+        return ("error", exc.to_json())
+    return ("raised", exc)
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` with every torch tensor in it (in lists, tuples and dicts) moved to the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    return value
+
+
+class RemoteCalls:
+    """The near side of a worker that runs elsewhere: its pending calls, their outcomes, its loss.
+
+    A subclass sends the calls and says what an unreachable far side is (``_unavailable``); this
+    answers ``status``, ``queue_depth`` and ``on_lost`` of the ``Worker`` protocol from the calls
+    it tracks.
+    """
+
+    in_process = False
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._pending: dict[Future[Any], str] = {}  # call -> status it stands for, oldest first
+        self._lost: GpuGroupsError | None = None
+        self._closed = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def status(self) -> str:
+        if self._lost is not None:
+            return "lost"
+        with self._lock:
+            return next(iter(self._pending.values()), "idle")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _unavailable(self, cause: BaseException | None = None) -> GpuGroupsError:
+        """The ``host_unavailable`` error of this device's calls once its far side is gone."""
+        raise NotImplementedError
+
+    def _track(self, status: str) -> Future[Any]:
+        """A new pending call standing for ``status``; failed at once if closed or lost."""
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                fut.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
+            elif self._lost is not None:
+                fut.set_exception(self._lost)
+            else:
+                self._pending[fut] = status
+        return fut
+
+    def _settle(self, fut: Future[Any], result: Outcome | BaseException) -> None:
+        """Answer a call from the far side's outcome, or from the exception that replaced it."""
+        with self._lock:
+            if self._pending.pop(fut, None) is None:
+                return  # failed already (lost)
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        elif result[0] == "ok":
+            fut.set_result(result[1])
+        elif result[0] == "raised":
+            fut.set_exception(result[1])
+        elif result[0] == "oom":
+            fut.set_exception(OutOfMemory(result[1]))
+        else:
+            fut.set_exception(GpuGroupsError.from_json(result[1]))
+
+    def _fail_pending(self, err: GpuGroupsError) -> None:
+        """Fail every pending call with ``err`` (the far side will not answer them)."""
+        with self._lock:
+            pending, self._pending = list(self._pending), {}
+        for fut in pending:
+            fut.set_exception(err)
+
+    def _lose(self) -> None:
+        """The far side is gone: fail what is pending, turn ``"lost"``, tell the callbacks once."""
+        err = self._unavailable()
+        with self._lock:
+            if self._closed or self._lost is not None:
+                return
+            self._lost = err
+        self._fail_pending(err)
+        for cb in self._callbacks:
+            cb()
