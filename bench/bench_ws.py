@@ -39,19 +39,36 @@ from gpugroups.protocol import API_PREFIX  # noqa: E402
 
 GROUP, MODEL = "pycode", "pycode-tests"
 #: The first ``"version": N`` of an event; reading it this way keeps the clients' own cost low.
-VERBOSE = False
 _VERSION = re.compile(rb'"version":\s*(\d+)')
 
 
+class Round:
+    """One change: when each client first received a version above ``before``; done when all have."""
+
+    def __init__(self, before: int, clients: int) -> None:
+        self.before = before
+        self.clients = clients
+        self.heard: dict[int, float] = {}
+        self.done = asyncio.get_running_loop().create_future()
+
+    def hear(self, client: int, version: int, when: float) -> None:
+        if version > self.before and client not in self.heard:
+            self.heard[client] = when
+            if len(self.heard) == self.clients and not self.done.done():
+                self.done.set_result(None)
+
+
 class Client:
-    """One WebSocket client: the versions it received, each with when (``perf_counter``).
+    """One WebSocket client: the newest version it received, told to the round in progress.
 
-    Messages are taken in tornado's message callback, with no reader task or queue per message,
-    to keep the clients' own share of the CPUs small."""
+    Messages are taken in tornado's message callback, with no reader task or queue per message
+    and no polling, to keep the clients' own share of the CPUs small."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.conn: WebSocketClientConnection | None = None
-        self.received: list[tuple[int, float]] = []
+        self.newest = -1
+        self.round: Round | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
     def on_message(self, message: str | bytes | None) -> None:
@@ -63,14 +80,9 @@ class Client:
         raw = message.encode() if isinstance(message, str) else message
         found = _VERSION.search(raw, 0, 200)
         if found is not None:
-            self.received.append((int(found[1]), now))
-
-    def first_after(self, version: int) -> float | None:
-        """When this client first received a version above ``version``, if it did."""
-        return next((t for v, t in self.received if v > version), None)
-
-    def newest(self) -> int:
-        return self.received[-1][0] if self.received else -1
+            self.newest = max(self.newest, int(found[1]))
+            if self.round is not None:
+                self.round.hear(self.index, self.newest, now)
 
 
 async def connect(server: Server, n: int) -> list[Client]:
@@ -78,35 +90,37 @@ async def connect(server: Server, n: int) -> list[Client]:
     url = server.url.replace("http", "ws", 1) + API_PREFIX + "/ws"
     clients: list[Client] = []
     for start in range(0, n, 50):  # in batches: the server's accept backlog is finite
+        batch = [Client(i) for i in range(start, min(n, start + 50))]
         # one request each: the client writes its own handshake key into the request's headers
-        batch = [Client() for _ in range(start, min(n, start + 50))]
         conns = await asyncio.gather(
             *(websocket_connect(HTTPRequest(url, headers=server.headers), on_message_callback=c.on_message) for c in batch)
         )
         for client, conn in zip(batch, conns, strict=True):
             client.conn = conn
         clients += batch
-    while any(c.newest() < 0 for c in clients):
+    while any(c.newest < 0 for c in clients):
         await asyncio.sleep(0.01)
     return clients
 
 
-async def changes(server: Server, clients: list[Client], count: int) -> list[float]:
+async def changes(server: Server, clients: list[Client], count: int, verbose: bool = False) -> list[float]:
     """Latencies (ms) of every client for ``count`` pin/unpin changes made one at a time over REST."""
     http = AsyncHTTPClient()
     latencies: list[float] = []
     for i in range(count):
-        before = max(c.newest() for c in clients)
-        path, body = ("/groups/pin", {"group_id": GROUP}) if i % 2 == 0 else ("/groups/unpin", {"group_id": GROUP})
+        change = Round(max(c.newest for c in clients), len(clients))
+        for c in clients:
+            c.round = change
+        path = "/groups/pin" if i % 2 == 0 else "/groups/unpin"
         t0 = time.perf_counter()
-        await http.fetch(server.url + API_PREFIX + path, method="POST", body=json.dumps(body), headers=server.headers)
-        deadline = time.perf_counter() + 30
-        while any(c.first_after(before) is None for c in clients):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"change {i}: not every client heard of it within 30 s")
-            await asyncio.sleep(0.002)
-        these = sorted((c.first_after(before) - t0) * 1e3 for c in clients)  # type: ignore[operator]
-        if VERBOSE:
+        await http.fetch(server.url + API_PREFIX + path, method="POST", body=json.dumps({"group_id": GROUP}),
+                         headers=server.headers)  # fmt: skip
+        try:
+            await asyncio.wait_for(asyncio.shield(change.done), 30)
+        except TimeoutError:
+            raise TimeoutError(f"change {i}: {len(change.heard)} of {len(clients)} clients heard of it in 30 s") from None
+        these = sorted((t - t0) * 1e3 for t in change.heard.values())
+        if verbose:
             print(f"    change {i}: first {these[0]:.1f}  median {these[len(these) // 2]:.1f}  last {these[-1]:.1f} ms")
         latencies += these
         await asyncio.sleep(0.05)  # one change at a time: let the sockets drain
@@ -119,7 +133,7 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(server: Server, n: int, count: int) -> tuple[list[float], float, float]:
+async def measure(server: Server, n: int, count: int, verbose: bool = False) -> tuple[list[float], float, float]:
     """Latencies (ms) of ``n`` clients over ``count`` changes, and the CPU ms per change of the
     server process and of this one (the clients) while they ran."""
     clients = await connect(server, n)
@@ -129,7 +143,7 @@ async def measure(server: Server, n: int, count: int) -> tuple[list[float], floa
         gc.collect()
         gc.disable()
         server_cpu, own_cpu = cpu_ms(server.proc.pid), time.process_time() * 1e3
-        latencies = await changes(server, clients, count)
+        latencies = await changes(server, clients, count, verbose)
         server_cpu, own_cpu = cpu_ms(server.proc.pid) - server_cpu, time.process_time() * 1e3 - own_cpu
         return latencies, server_cpu / count, own_cpu / count
     finally:
@@ -152,7 +166,7 @@ def report(label: str, values: list[float]) -> None:
     print(f"  {label:<22} p50 {pct(values, 50):7.1f} ms   p99 {pct(values, 99):7.1f} ms   max {max(values):7.1f} ms   (n={len(values)})")
 
 
-def run(quick: bool = False, clients: int = 500, changes_: int = 40) -> dict[str, float]:
+def run(quick: bool = False, clients: int = 500, changes_: int = 40, verbose: bool = False) -> dict[str, float]:
     """p50/p99 (ms) from a REST change to each of ``clients`` WebSocket clients receiving it."""
     count = 15 if quick else changes_
     raise_fd_limit(4 * clients + 256)
@@ -166,8 +180,8 @@ def run(quick: bool = False, clients: int = 500, changes_: int = 40) -> dict[str
                           headers=server.headers, timeout=300).raise_for_status()  # fmt: skip
             requests.post(server.url + API_PREFIX + "/models/load", json={"model_id": MODEL},
                           headers=server.headers, timeout=300).raise_for_status()  # fmt: skip
-            one, one_server, one_own = asyncio.run(measure(server, 1, count))
-            many, many_server, many_own = asyncio.run(measure(server, clients, count))
+            one, one_server, one_own = asyncio.run(measure(server, 1, count, verbose))
+            many, many_server, many_own = asyncio.run(measure(server, clients, count, verbose))
         finally:
             server.stop()
     print(f"{count} state changes (pin / unpin over REST), from the call to each client's receipt:")
@@ -189,9 +203,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=40)
     parser.add_argument("--verbose", action="store_true", help="print first / median / last receipt of each change")
     args = parser.parse_args()
-    global VERBOSE
-    VERBOSE = args.verbose
-    run(clients=args.clients, changes_=args.changes)
+    run(clients=args.clients, changes_=args.changes, verbose=args.verbose)
 
 
 if __name__ == "__main__":

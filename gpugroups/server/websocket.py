@@ -111,14 +111,13 @@ class EventsSocket(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
         """Queue ``message`` for sending; superseded ones still waiting are dropped."""
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
-        if not self._outbox and self._in_flight is None:  # the usual case: straight to the socket
+        if self._outbox or self._in_flight is not None:  # behind others: coalesce with them
+            self._outbox = _coalesced(self._outbox, message)
+            if len(self._outbox) > MAX_OUTBOX:
+                self._give_up(f"{len(self._outbox)} messages it did not take")
+                return
+        else:  # the usual case in a fan-out, kept cheap
             self._outbox.append(message)
-            self._pump()
-            return
-        self._outbox = _coalesced(self._outbox, message)
-        if len(self._outbox) > MAX_OUTBOX:
-            self._give_up(f"{len(self._outbox)} messages it did not take")
-            return
         self._pump()
 
     def _pump(self) -> None:
