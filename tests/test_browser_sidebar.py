@@ -49,8 +49,9 @@ _ON_TOP = """(el) => {
 
 
 def test_panel_in_the_right_side_panel(lab: dict[str, Any], browser: Any) -> None:
-    """Opened in JupyterLab's right side area, in view after scrolling, and a click there switches member."""
-    write_notebook(lab, "sidebar.ipynb", SETUP + "gg.panel(m, sidebar=True)", NOTES, "print('end of the notes')")
+    """Opened in JupyterLab's right side area, in view after scrolling, a click there switches member,
+    and closing the panel closes its tab."""
+    write_notebook(lab, "sidebar.ipynb", SETUP + "p = gg.panel(m, sidebar=True)\np", NOTES, "print('end of the notes')")
     with page_for(browser, "sidebar") as page:
         open_notebook(page, lab, "sidebar.ipynb")
         wait_kernel_idle(lab, "sidebar.ipynb")
@@ -100,6 +101,11 @@ def test_panel_in_the_right_side_panel(lab: dict[str, Any], browser: Any) -> Non
         # Readable at the side panel's own width.
         assert not panel_checks.low_contrast(side)
         assert panel_checks.layout_problems(side) == {"outside": [], "cut": [], "scrolls": False}
+
+        # Closing the panel closes its tab.
+        run_cell(page, "p.close()\nprint('@@1')")
+        page.wait_for_function("() => !document.querySelector('#jp-right-stack .jupyterlab-sidecar')")
+        assert tab.count() == 0
 
 
 def test_sidebar_in_notebook7_shows_the_panel_in_the_cell(lab: dict[str, Any], browser: Any) -> None:
