@@ -29,11 +29,15 @@ def manager(**kwargs: Any) -> Manager:
     return default_manager(**kwargs)
 
 
-def panel(m: Manager | None = None) -> Any:
-    """The live widget for ``m`` (default: this kernel's manager)."""
+def panel(m: Manager | None = None, *, sidebar: bool = False) -> Any:
+    """The live widget for ``m`` (default: this kernel's manager).
+
+    ``sidebar=True`` also opens it in JupyterLab's right side panel, where it stays in view while
+    the notebook scrolls; shown in a cell too, it is then a one-line pointer there.
+    """
     from .widgets import Panel
 
-    return Panel(m or manager())
+    return Panel(m or manager(), sidebar=sidebar)
 
 
 def serve(m: Manager | None = None) -> Any:

@@ -8,6 +8,9 @@ import pytest
 
 from tests import tinymodels
 
+#: The browser tests' ``lab`` and ``browser`` fixtures (one JupyterLab per test module that asks).
+pytest_plugins = ["tests.labdriver"]
+
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -90,11 +90,17 @@ def low_contrast(panel: Any) -> list[dict[str, Any]]:
     return [f for f in found if f["ratio"] < MIN_CONTRAST]
 
 
+def layout_problems(panel: Any) -> dict[str, Any]:
+    """``{outside, cut, scrolls}``: what sticks out of the panel as laid out now, names cut, sideways scrolling."""
+    found: dict[str, Any] = panel.evaluate(_WIDTH_JS.replace("NAMES", repr(NAMES)))
+    return found
+
+
 def at_width(page: Any, panel: Any, width: int, screenshot: Path) -> dict[str, Any]:
     """Lay the panel out ``width`` px wide (as in a side panel), screenshot it, measure, restore."""
     panel.evaluate("(el, w) => { el.style.width = w + 'px'; el.scrollIntoView(); }", width)
     page.wait_for_timeout(100)  # one layout pass
     panel.screenshot(path=str(screenshot))
-    found = panel.evaluate(_WIDTH_JS.replace("NAMES", repr(NAMES)))
+    found = layout_problems(panel)
     panel.evaluate("el => { el.style.width = ''; }")
     return found

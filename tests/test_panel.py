@@ -282,6 +282,19 @@ def test_a_closed_managers_panel_says_so_and_refuses_calmly(tiny_catalog_toml, f
         panel.close()
 
 
+def test_sidebar_outside_a_kernel_is_refused_and_leaves_nothing_behind(m, front_ends):
+    """Plain Python has no side panel: ``gg.panel(sidebar=True)`` says so, and the half-made
+    panel lets go of the manager (the side panel itself is browser-tested)."""
+    def relays() -> int:
+        return sum(t.name == "gpugroups-panel-relay" for t in threading.enumerate())
+
+    relays_before = relays()
+    with pytest.raises(gg.GpuGroupsError) as err:
+        gg.panel(m, sidebar=True)
+    assert err.value.code == "invalid_request" and "JupyterLab" in str(err.value)
+    assert relays() == relays_before
+
+
 def test_relay_keeps_the_newest_state_and_drops_finished_progress():
     published: list[tuple[Any, dict[str, Any]]] = []
     relay = _Relay(lambda state, progress: published.append((state, progress)))

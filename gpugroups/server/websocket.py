@@ -10,12 +10,16 @@ already covers dropped, so versions only go up between two ``system_state`` mess
 Each socket has one message on its way at a time: the rest wait in an outbox, coalesced (latest
 state wins), so a client that stops reading costs the server one pending state, not one per change.
 A client that does not take a message within ``GpuGroupsHost.ws_send_timeout`` is closed.
+
+Fan-out is the hot path (one event, hundreds of sockets): an event is encoded once for all of them,
+and a write is followed by a done-callback and a timer, not by a task of its own per socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized, ws_authenticated
@@ -61,7 +65,8 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
         self._fetching = 0
         self._held: list[Event] = []
         self._outbox: list[Event] = []
-        self._sender: asyncio.Future[None] | None = None
+        self._in_flight: asyncio.Future[None] | None = None
+        self._deadline: object | None = None
         self.host.add_listener(self._on_event)
         IOLoop.current().spawn_callback(self._send_state)
 
@@ -80,8 +85,7 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
     def on_close(self) -> None:
         self.host.remove_listener(self._on_event)
         self._outbox.clear()
-        if self._sender is not None:
-            self._sender.cancel()
+        self._stop_deadline()
 
     async def _send_state(self) -> None:
         self._fetching += 1
@@ -111,33 +115,55 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
             self._write(event)
 
     def _write(self, message: Event) -> None:
-        """Queue ``message`` for the sender; superseded ones still waiting are dropped."""
+        """Queue ``message`` for sending; superseded ones still waiting are dropped."""
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
-        self._outbox = _coalesced(self._outbox, message)
-        if len(self._outbox) > MAX_OUTBOX:
-            self._give_up(f"{len(self._outbox)} messages it did not take")
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.ensure_future(self._send_outbox())
+        if self._outbox or self._in_flight is not None:  # behind others: coalesce with them
+            self._outbox = _coalesced(self._outbox, message)
+            if len(self._outbox) > MAX_OUTBOX:
+                self._give_up(f"{len(self._outbox)} messages it did not take")
+                return
+        else:  # the usual case in a fan-out, kept cheap
+            self._outbox.append(message)
+        self._pump()
 
-    async def _send_outbox(self) -> None:
-        """Send the outbox one message at a time, each awaited (so none fails unobserved)."""
-        timeout = self.host.ws_send_timeout
-        while self._outbox:
-            message = self._outbox.pop(0)
-            try:
-                await asyncio.wait_for(self.write_message(json.dumps(message)), timeout)
-            except TimeoutError:
-                self._give_up(f"no message taken for {timeout:g} s")
-                return
-            except websocket.WebSocketClosedError:
-                return
+    def _pump(self) -> None:
+        """Hand the next message to the socket unless one is still on its way."""
+        if self._in_flight is not None or not self._outbox:
+            return
+        message = self._outbox.pop(0)
+        try:
+            sent = self.write_message(_encoded(message))
+        except websocket.WebSocketClosedError:
+            return
+        self._in_flight = sent
+        loop = IOLoop.current()
+        self._deadline = loop.call_later(self.host.ws_send_timeout, self._too_slow, sent)
+        sent.add_done_callback(self._sent)
+
+    def _sent(self, sent: asyncio.Future[None]) -> None:
+        # Reading the exception marks it seen; a failed write means closed, and on_close clears up.
+        failed = sent.cancelled() or sent.exception() is not None
+        self._in_flight = None
+        self._stop_deadline()
+        if not failed:
+            self._pump()
+
+    def _too_slow(self, sent: asyncio.Future[None]) -> None:
+        if sent is self._in_flight and not sent.done():
+            self._give_up(f"no message taken for {self.host.ws_send_timeout:g} s")
+
+    def _stop_deadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None:
+            IOLoop.current().remove_timeout(deadline)
 
     def _give_up(self, why: str) -> None:
         """Close a socket whose client does not read (it reconnects and gets the whole state)."""
         self.log.warning("gpugroups: closing a WebSocket that does not read (%s)", why)
         self.host.remove_listener(self._on_event)
         self._outbox.clear()
+        self._stop_deadline()
         self.close(1008, "too slow: reconnect for the current state")
 
 
@@ -149,6 +175,22 @@ MAX_OUTBOX = 256
 def _coalesced(queue: list[Event], message: Event) -> list[Event]:
     """``queue`` plus ``message``, less what ``message`` supersedes (latest state wins)."""
     return coalesce([*queue, message])
+
+
+#: The last few messages sent and their JSON. The host hands the same event object to every
+#: socket, one after the other, so all but the first find it here; held by reference and matched
+#: by identity, so an entry can never stand for another object.
+_RECENT: deque[tuple[Event, str]] = deque(maxlen=4)
+
+
+def _encoded(message: Event) -> str:
+    """``message`` as JSON text, encoded once however many sockets send it."""
+    for sent, text in _RECENT:
+        if sent is message:
+            return text
+    text = json.dumps(message)
+    _RECENT.append((message, text))
+    return text
 
 
 #: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).

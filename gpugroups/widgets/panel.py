@@ -4,6 +4,8 @@ The front end (``panel.js``) reads the ``state`` trait (the state JSON of ``Mana
 ``progress`` (the latest ``load_progress`` per running operation) and ``spec`` (the ops table's
 facts: each op's nature and its params' limits, from ``protocol``), and acts by custom
 messages ``{"action": OP, "request_id": ..., **args}`` where OP is an op of the ops table.
+``sidebar_view`` marks the panel's view in JupyterLab's side panel, when it was opened there
+(``sidebar.py``).
 Actions run on a small thread pool, so a load never blocks the kernel's comm handling; manager
 events arrive on the manager's threads and are coalesced before they reach the comm.
 
@@ -28,6 +30,7 @@ from .. import protocol
 from .._ipykernel import route_by_header
 from ..errors import GpuGroupsError
 from ..events import Coalescer
+from .sidebar import open_in_sidebar
 
 if TYPE_CHECKING:
     from ..engine.manager import Manager
@@ -54,8 +57,11 @@ class Panel(anywidget.AnyWidget):
     progress = traitlets.Dict().tag(sync=True)
     #: ``{"ops": protocol.ops_json()}``: the limits and op flags the front end uses.
     spec = traitlets.Dict().tag(sync=True)
+    #: The mark of its view in JupyterLab's right side panel (its model id); "" when not opened there.
+    sidebar_view = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, manager: Manager, **kwargs: Any) -> None:
+    def __init__(self, manager: Manager, *, sidebar: bool = False, **kwargs: Any) -> None:
+        """A panel on ``manager``; ``sidebar=True`` also opens it in JupyterLab's right side panel."""
         super().__init__(state=manager.state(), spec={"ops": protocol.ops_json()}, **kwargs)
         self._manager = manager
         self._pool = ThreadPoolExecutor(ACTION_WORKERS, thread_name_prefix="gpugroups-panel")
@@ -68,6 +74,13 @@ class Panel(anywidget.AnyWidget):
         self._unsubscribe: Callable[[], None] | None = manager.subscribe(self._relay.offer)
         self._relay.offer_snapshot(manager.state())
         self._relay.flush()
+        self._sidecar: Any = None
+        if sidebar:
+            try:
+                self._sidecar = open_in_sidebar(self)
+            except Exception:
+                self.close()
+                raise
 
     @property
     def manager(self) -> Manager:
@@ -75,7 +88,10 @@ class Panel(anywidget.AnyWidget):
         return self._manager
 
     def close(self) -> None:
-        """Detach from the manager, stop the relay and the action pool, close the comm."""
+        """Detach from the manager, stop the relay and the action pool, close the comm (and its side-panel tab)."""
+        sidecar, self._sidecar = getattr(self, "_sidecar", None), None
+        if sidecar is not None:
+            sidecar.close()
         unsubscribe, self._unsubscribe = getattr(self, "_unsubscribe", None), None
         if unsubscribe is not None:
             unsubscribe()
