@@ -73,13 +73,29 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
     actors = []
     for n in nodes:
         for k in range(int(n["Resources"]["GPU"])):
-            actors.append((n["NodeID"], _actor_class().options(
+            actors.append(_actor_class().options(
                 name=f"{kind}-{n['NodeID'][:16]}-{k}", namespace=namespace, lifetime="detached", get_if_exists=True,
                 num_gpus=1, num_cpus=0,  # a CPU per actor would starve small nodes of actors
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-            ).remote(kind, size, idle_timeout_s)))
-    infos = _wait_ready(actors)
-    ready = [(actor, infos[i]) for i, (_, actor) in enumerate(actors) if i in infos]
+            ).remote(kind, size, idle_timeout_s))
+    refs = [a.info.remote() for a in actors]
+    deadline = time.monotonic() + READY_S
+    ready = []
+    for actor, ref in zip(actors, refs):
+        try:
+            ready.append((actor, ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))))
+        except GetTimeoutError as exc:
+            raise GpuGroupsError(
+                "host_unavailable",
+                f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
+                "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
+            ) from exc
+        except RayError:  # its node is going away (still listed alive for a moment): not a device
+            try:
+                ray.kill(actor, no_restart=True)  # nor a name left behind for the next manager
+            except Exception:
+                pass
+            continue
     devices = []
     for actor, info in ready:
         total = size or info["total_bytes"]
@@ -91,44 +107,6 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
         d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s)
         devices.append(d)
     return devices
-
-
-def _wait_ready(actors: list[tuple[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The ``info()`` of each ``(node id, actor)`` that starts, by index. An actor on a node that
-    dies meanwhile is no device: Ray lists a crashed node as alive until its health checks fail
-    (seconds), and an actor placed there would never start, so the node's liveness is read again
-    while waiting instead of waiting out ``READY_S`` for it."""
-    pending = {actor.info.remote(): (i, node, actor) for i, (node, actor) in enumerate(actors)}
-    infos: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + READY_S
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise GpuGroupsError(
-                "host_unavailable",
-                f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
-                "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
-            )
-        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(PING_S, left))
-        gone: list[Any] = []
-        for ref in done:
-            i, _, actor = pending.pop(ref)
-            try:
-                infos[i] = ray.get(ref)
-            except RayError:  # its node is going away (still listed alive for a moment)
-                gone.append(actor)
-        if pending:
-            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            for ref, (_, node, actor) in list(pending.items()):
-                if node not in alive:
-                    del pending[ref]
-                    gone.append(actor)
-        for actor in gone:
-            try:
-                ray.kill(actor, no_restart=True)  # nor a name left behind for the next manager
-            except Exception:
-                pass
-    return infos
 
 
 class RayWorker:
