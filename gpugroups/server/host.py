@@ -76,7 +76,7 @@ class GpuGroupsHost(LoggingConfigurable):
     ray_address = Unicode(
         "",
         help=f"""The Ray cluster the auto-started host kernel joins for Ray devices, passed as
-        ${RAY_ADDRESS_ENV}. Empty: the kernel's own ${RAY_ADDRESS_ENV}, else ray.init(address="auto").""",
+        ${RAY_ADDRESS_ENV}. Empty: the server's own ${RAY_ADDRESS_ENV} if set, else ray.init(address="auto").""",
     ).tag(config=True)
 
     ray_namespace = Unicode(
