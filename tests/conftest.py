@@ -1,12 +1,14 @@
-"""Session fixtures: tiny real models, adapters and a catalog built once per test session."""
+"""Session fixtures: tiny real models, adapters and a catalog built once per test session, and
+the local Ray cluster every Ray test shares."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import tinymodels
+from tests import raycluster, tinymodels
 
 #: The browser tests' ``lab`` and ``browser`` fixtures (one JupyterLab per test module that asks).
 pytest_plugins = ["tests.labdriver"]
@@ -61,3 +63,10 @@ def tiny_catalog_toml(models_root: Path, tiny_llama: Path, tiny_adapters: dict[s
     return tinymodels.catalog_toml(
         models_root / "gpugroups.toml", tiny_llama, tiny_adapters, {"tiny-gpt2": tiny_gpt2}
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[raycluster.RayCluster]:
+    """Two nodes of two simulated GPUs on 127.0.0.1, started on first use, shared by the session."""
+    pytest.importorskip("ray")
+    yield from raycluster.start()

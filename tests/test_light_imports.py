@@ -12,6 +12,7 @@ HEAVY = ("torch", "transformers", "peft")
 LIGHT = [
     "gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.schema", "gpugroups.typeschema",
     "gpugroups.client", "gpugroups.catalog", "gpugroups.catalog_toml", "gpugroups.placement", "gpugroups.events", "gpugroups.hostrecord",
+    "gpugroups.kernelenv",
     "gpugroups.kernel", "gpugroups._ipykernel",
     # the engine package itself and the worker seam stay light too (an out-of-process worker imports them)
     "gpugroups.engine", "gpugroups.engine.worker", "gpugroups.engine.remote", "gpugroups.engine.procworker",

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
+from ..kernelenv import RAY_ADDRESS_ENV
 from .devices import Device, parse_size
 from .rayactor import DeviceActor
 from .remote import Outcome, RemoteCalls
@@ -42,7 +43,7 @@ READY_S = 60.0
 def connect() -> None:
     """Join the running cluster: ``$GPUGROUPS_RAY_ADDRESS``, else ``auto``; nothing if Ray is up already."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("GPUGROUPS_RAY_ADDRESS") or "auto", log_to_driver=False)
+        ray.init(address=os.environ.get(RAY_ADDRESS_ENV) or "auto", log_to_driver=False)
 
 
 @functools.cache

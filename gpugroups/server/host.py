@@ -24,6 +24,7 @@ from traitlets.config import LoggingConfigurable
 from ..catalog import ROOTS_ENV
 from ..errors import GpuGroupsError
 from ..hostrecord import host_record_path, read_host_record
+from ..kernelenv import DEVICES_ENV, RAY_ADDRESS_ENV, RAY_NAMESPACE_ENV, kernel_env
 from ..protocol import get_op
 from .connection import WATCH_INTERVAL, KernelConnection, host_unavailable, kernel_pid
 from .mirror import READS, StateMirror
@@ -63,6 +64,25 @@ class GpuGroupsHost(LoggingConfigurable):
         Unicode(),
         help=f"""Extra folders under which local model paths may be loaded by id, passed to the
         auto-started host kernel as ${ROOTS_ENV}. Paths outside the allowed roots are unknown_model.""",
+    ).tag(config=True)
+
+    devices = List(
+        Unicode(),
+        help=f"""Device specs of the auto-started host kernel's manager (e.g. ["ray"],
+        ["ray:virtual:8GiB"], ["cuda:0", "cuda:1"]), passed to it as ${DEVICES_ENV}. Empty: the
+        manager's default ("auto": every CUDA device, else the cpu).""",
+    ).tag(config=True)
+
+    ray_address = Unicode(
+        "",
+        help=f"""The Ray cluster the auto-started host kernel joins for Ray devices, passed as
+        ${RAY_ADDRESS_ENV}. Empty: the server's own ${RAY_ADDRESS_ENV} if set, else ray.init(address="auto").""",
+    ).tag(config=True)
+
+    ray_namespace = Unicode(
+        "",
+        help=f"""Ray namespace of the auto-started host kernel's device actors, passed as
+        ${RAY_NAMESPACE_ENV}; a restarted host adopts the groups its actors hold. Empty: "gpugroups".""",
     ).tag(config=True)
 
     trust_remote_code = Bool(
@@ -385,8 +405,9 @@ class GpuGroupsHost(LoggingConfigurable):
                 self.log.exception("gpugroups: event listener failed")
 
     def _kernel_env(self) -> dict[str, str]:
-        """The auto-started host's environment: the server's, plus ``model_roots``."""
-        env = dict(os.environ)
+        """The auto-started host's environment: the server's, plus ``model_roots`` and the
+        manager's settings (``devices``, ``ray_address``, ``ray_namespace``)."""
+        env = {**os.environ, **kernel_env(self.devices, self.ray_address, self.ray_namespace)}
         if self.model_roots:
             roots = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots]
             inherited = os.environ.get(ROOTS_ENV)

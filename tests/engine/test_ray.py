@@ -1,8 +1,8 @@
 """Ray devices on a real local Ray cluster: two nodes of two simulated GPUs each, all on 127.0.0.1.
 
-One cluster serves the whole module (``cluster``); each manager uses its own namespace and is
-closed before the next starts, since every manager holds every GPU resource. The node-loss test
-runs last: it removes the second node.
+The session's cluster (``ray_cluster``, ``tests/raycluster.py``) serves these tests and the
+server's; each manager uses its own namespace and is closed before the next starts, since every
+manager holds every GPU resource. The node-loss test removes a node it added itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,62 +23,23 @@ import pytest
 
 import gpugroups as gg
 from gpugroups.errors import GpuGroupsError
+from gpugroups.kernelenv import RAY_ADDRESS_ENV
 from gpugroups.server.openapi import build_spec
 from tests.contract import check
+from tests.raycluster import SPEC, RayCluster, actors_in, namespace
 from tests.waiting import wait_for
 
-# Read when Ray is imported: keep every node, driver and actor on loopback (never the machine's
-# network address) and skip the auth token newer Ray writes for clusters of its own.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
-SPEC = "ray:virtual:512MiB"
-STORE = 80 * 1024**2  # bytes of object store per node; Ray's default takes 30 % of RAM
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[Any, Any]]:
-    """``(cluster, second node)``; this process is connected to it as a driver."""
-    from ray.cluster_utils import Cluster
-
-    tmp = tempfile.mkdtemp(prefix="gg-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # nothing under the shared /tmp/ray (its ray_current_cluster file)
-    node_args = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 2, "object_store_memory": STORE}
-    c = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    second = c.add_node(**node_args)
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c, second
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def namespace() -> str:
-    return f"gg-test-{uuid.uuid4().hex[:8]}"
-
-
-def actors_in(ns: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
-
-
-
-def in_subprocess(cluster: Any, catalog: Path, ns: str, body: str, idle_s: float = 1800.0) -> str:
+def in_subprocess(cluster: RayCluster, catalog: Path, ns: str, body: str, idle_s: float = 1800.0) -> str:
     """Run ``body`` with a manager ``m`` on the cluster in another process that then dies abruptly."""
     code = textwrap.dedent(f"""
         import os, signal, gpugroups as gg
         m = gg.Manager(devices={SPEC!r}, catalog={str(catalog)!r}, ray_namespace={ns!r}, ray_idle_timeout_s={idle_s})
     """) + textwrap.dedent(body) + "\nprint('done', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
-    env = {**os.environ, "GPUGROUPS_RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, RAY_ADDRESS_ENV: cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert "done" in out.stdout, out.stderr[-3000:]
     return out.stdout
@@ -90,14 +50,14 @@ class TestOneManager:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def rm(cls, cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> Iterator[gg.Manager]:
+    def rm(cls, ray_cluster: RayCluster, tiny_catalog_toml: Path) -> Iterator[gg.Manager]:
         ns = namespace()
         m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
         yield m
         m.close()
         assert actors_in(ns) == []  # close() leaves no actor behind
 
-    def test_four_devices_over_two_nodes_in_one_state(self, rm: gg.Manager, cluster: tuple[Any, Any]) -> None:
+    def test_four_devices_over_two_nodes_in_one_state(self, rm: gg.Manager, ray_cluster: RayCluster) -> None:
         state = rm.state()
         check(build_spec("/"), "State", state)
         devices = state["devices"]
@@ -106,7 +66,7 @@ class TestOneManager:
         assert {d["host"] for d in devices} == {"127.0.0.1"}
         nodes = [d["node"] for d in devices]
         assert len(set(nodes)) == 2 and nodes.count(nodes[0]) == 2
-        assert cluster[1].node_id in nodes
+        assert ray_cluster.second.node_id in nodes
         assert all(d["memory"]["budget_bytes"] == 512 * 1024**2 for d in devices)
 
     def test_placement_across_nodes_and_results_equal_a_local_device(self, rm: gg.Manager, tiny_catalog_toml: Path) -> None:
@@ -214,9 +174,9 @@ class TestOneManager:
         assert wait_for(lambda: rm.state()["devices"][device]["queue_depth"] == 0)
 
 
-def test_a_new_manager_adopts_the_groups_of_a_killed_one(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
+def test_a_new_manager_adopts_the_groups_of_a_killed_one(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     ns = namespace()
-    out = in_subprocess(cluster[0], tiny_catalog_toml, ns, """
+    out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, """
         print(m.load("tiny-a", device_id=1)["status"])
         print("expect", m.process("tiny-b", "adopt me", 3)["predictions"][0]["token_id"])
     """)
@@ -237,15 +197,15 @@ def test_a_new_manager_adopts_the_groups_of_a_killed_one(cluster: tuple[Any, Any
     assert wait_for(lambda: actors_in(ns) == [], 10)
 
 
-def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
+def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     ns = namespace()
-    out = in_subprocess(cluster[0], tiny_catalog_toml, ns, 'print(m.load_group("gpt")["status"])', idle_s=5)
+    out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, 'print(m.load_group("gpt")["status"])', idle_s=5)
     assert "loaded" in out  # the actors existed and held a group when their manager died
     assert wait_for(lambda: actors_in(ns) == [], 30)
 
 
-def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(cluster: tuple[Any, Any], tiny_catalog_toml: Path) -> None:
-    c, second = cluster
+def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
+    second = ray_cluster.add_node()  # the shared nodes stay for the tests after this one
     m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=namespace())
     try:
         lost = [d["device_id"] for d in m.state()["devices"] if d["node"] == second.node_id]
@@ -265,7 +225,7 @@ def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(cluster:
         for t in threads:
             t.start()
         time.sleep(0.5)
-        c.remove_node(second, allow_graceful=False)
+        ray_cluster.cluster.remove_node(second, allow_graceful=False)
         assert wait_for(lambda: all(m.state()["devices"][i]["status"] == "lost" for i in lost), 10)
         for t in threads:
             t.join(30)
