@@ -50,11 +50,15 @@ def coalesce(events: list[Event]) -> list[Event]:
 
 class Coalescer:
     """Collect events from any thread; deliver them coalesced to ``sink``, in order, one batch at a
-    time, from a daemon thread ``delay`` seconds after the first event of a burst."""
+    time, from a daemon thread ``delay`` seconds after the first event of a burst, and at least
+    ``interval`` seconds after the batch before (a lone event goes at once; a long burst goes as a
+    bounded rate of batches, each with the newest state, so a slow reader is never flooded)."""
 
-    def __init__(self, sink: Sink, delay: float = 0.0, name: str = "gpugroups-coalesce") -> None:
+    def __init__(self, sink: Sink, delay: float = 0.0, name: str = "gpugroups-coalesce", interval: float = 0.0) -> None:
         self._sink = sink
         self._delay = delay
+        self._interval = interval
+        self._last = 0.0  # monotonic time of the last delivery from the thread
         self._cond = threading.Condition()
         self._delivering = threading.Lock()  # keeps flushes from two threads in order
         self._pending: list[Event] = []
@@ -99,8 +103,11 @@ class Coalescer:
                 while not self._pending and not self._stopped:
                     self._cond.wait()
                 stopped = self._stopped
-            if not stopped and self._delay:
-                time.sleep(self._delay)  # let the rest of the burst arrive
+            if not stopped:
+                wait = max(self._delay, self._last + self._interval - time.monotonic())
+                if wait > 0:
+                    time.sleep(wait)  # let the rest of the burst arrive
             self.flush()
+            self._last = time.monotonic()
             if stopped:
                 return

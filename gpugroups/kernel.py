@@ -33,6 +33,8 @@ from .protocol import COMM_TARGET, OPS, batch_message, get_op, hello_message, re
 
 #: Threads per lane: requests beyond them queue in their lane only.
 LANE_WORKERS = {"device": 16, "control": 16}
+#: Least seconds between two pushes of events to the server (a lone change goes at once).
+PUSH_INTERVAL = 0.01
 
 
 class Host:
@@ -116,7 +118,9 @@ class _Endpoint:
         self.open_msg = open_msg
         self.trust_remote_code = trust_remote_code
         # One sender per comm sends the events, bursts coalesced (trap 4: keep chatter low).
-        self._out = Coalescer(self._send_events, name="gpugroups-bridge-send")
+        # at most one batch of events per PUSH_INTERVAL: a burst of state changes (each carries
+        # the whole state) must not queue up faster than the server reads IOPub
+        self._out = Coalescer(self._send_events, name="gpugroups-bridge-send", interval=PUSH_INTERVAL)
         self._unsubscribe: Any = None
 
     def start(self) -> None:

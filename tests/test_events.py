@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from gpugroups.events import Coalescer, coalesce
@@ -46,6 +47,22 @@ def test_coalescer_delivers_each_burst_once_and_in_order():
         assert len(versions) < 10  # the burst was coalesced, not sent event by event
     finally:
         c.stop()
+
+
+def test_a_long_burst_goes_out_at_a_bounded_rate_and_ends_with_the_newest_state():
+    batches: list[list[dict[str, Any]]] = []
+    c = Coalescer(batches.append, interval=0.1)
+    try:
+        t0 = time.monotonic()
+        for v in range(1, 301):  # a burst as long as several intervals
+            c.offer(_state(v))
+            time.sleep(0.001)
+        elapsed = time.monotonic() - t0
+        c.stop(flush=True)
+    finally:
+        c.stop()
+    assert len(batches) <= elapsed / 0.1 + 2  # one batch per interval at most
+    assert batches[-1][-1] == _state(300)
 
 
 def test_a_failing_sink_does_not_stop_later_deliveries():
