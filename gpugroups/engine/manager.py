@@ -91,17 +91,15 @@ class Manager(AwaitableTwins):
         progress: ProgressOption = None,
         max_request_work: int | None = MAX_REQUEST_WORK,
     ) -> None:
-        if max_groups_per_device is not None and (not isinstance(max_groups_per_device, int) or max_groups_per_device < 1):
-            raise GpuGroupsError("invalid_request", "max_groups_per_device must be a positive integer or None")
-        if max_request_work is not None and (
-            not isinstance(max_request_work, int) or isinstance(max_request_work, bool) or max_request_work < 1
+        for name, limit in (
+            ("max_groups_per_device", max_groups_per_device), ("max_request_work", max_request_work),
+            ("max_adhoc_groups", max_adhoc_groups),
         ):
-            raise GpuGroupsError("invalid_request", "max_request_work must be a positive integer or None")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                raise GpuGroupsError("invalid_request", f"{name} must be a positive integer or None")
         self.max_request_work = max_request_work
         self.catalog = make_catalog(catalog)
         if max_adhoc_groups is not None:
-            if not isinstance(max_adhoc_groups, int) or max_adhoc_groups < 1:
-                raise GpuGroupsError("invalid_request", "max_adhoc_groups must be a positive integer or None")
             self.catalog.max_adhoc_groups = max_adhoc_groups
         self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         self.max_groups_per_device = max_groups_per_device
@@ -258,15 +256,7 @@ class Manager(AwaitableTwins):
             self._cancels.queued(rid, slot.device_id)
             slot.inflight += 1
             self._res.touch(slot)
-            if len(slot.shares) == 1:
-                return self._workers[slot.device_id].process(group.id, request)
-            # A sharded pass runs on the first device's worker while the others are held; this
-            # runs under the lock, so every worker sees multi-device work in the same order.
-            release: Future[None] = Future()
-            request.after = tuple(self._workers[d].pause(release) for d in slot.device_ids[1:])
-            fut = self._workers[slot.device_id].process(group.id, request)
-            fut.add_done_callback(lambda _: release.set_result(None))
-            return fut
+            return self._res.queue_process(slot, group.id, request)
 
         slot, _, fut = self._ensure(group, device_id, queue)
         t1 = time.perf_counter()

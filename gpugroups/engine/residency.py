@@ -25,6 +25,7 @@ from ..errors import GpuGroupsError
 from .adoption import Adoption
 from .holds import Holds
 from .slot import Slot
+from .worker import Request
 
 __all__ = ["Residency", "Slot"]  # Slot re-exported: the manager imports it from here
 
@@ -118,6 +119,19 @@ class Residency(Holds, Adoption):
             _wait(wait_for)
         gone.result()
         return slot.device_ids
+
+    def queue_process(self, slot: Slot, group_id: str, request: Request) -> Future[dict[str, Any]]:
+        """Under the lock: queue a request on a resident slot's first device. A sharded pass runs
+        there while the slot's other devices are held, queued now, under the lock, so that every
+        worker sees multi-device work in the same order."""
+        first = self.workers[slot.device_id]
+        if len(slot.shares) == 1:
+            return first.process(group_id, request)
+        release: Future[None] = Future()
+        request.after = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
+        fut = first.process(group_id, request)
+        fut.add_done_callback(lambda _: release.set_result(None))
+        return fut
 
     def queue_unload(self, slot: Slot) -> Future[None]:
         """Under the lock: mark a resident slot unloading and queue its unload after its requests."""
