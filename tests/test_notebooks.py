@@ -7,6 +7,7 @@ this machine is mistaken for the one that started the kernel).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def panels(nb: nbformat.NotebookNode) -> int:
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "multi_device.ipynb", "research.ipynb", "cluster.ipynb"])
 def test_notebook_is_committed_clean(name: str) -> None:
+    raw = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+    assert all("id" in cell for cell in raw["cells"]), f"{name} has cells without an id"
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata["kernelspec"]["name"] == "python3"
