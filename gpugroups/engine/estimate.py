@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -366,6 +366,8 @@ class PassBudget:
     dtype: str
     reserve: ShardReserve
     attention: str | None = None
+    #: ``max_seq`` by ``new_tokens``: asked for every request, answered once (a binary search).
+    _longest: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def fits(self, batch: int, seq: int, new_tokens: int = 0) -> bool:
         """Whether ``batch`` rows of ``seq`` tokens (continued by ``new_tokens``) fit the reserve."""
@@ -374,15 +376,17 @@ class PassBudget:
 
     def max_seq(self, new_tokens: int = 0) -> int:
         """The longest prompt one row may have with ``new_tokens`` to follow (0: not one token)."""
-        if not self.fits(1, 1, new_tokens):
-            return 0
-        lo, hi = 1, 2
+        known = self._longest.get(new_tokens)
+        if known is not None:
+            return known
+        lo, hi = 0, 1
         while hi <= MAX_SEQ and self.fits(1, hi, new_tokens):
             lo, hi = hi, hi * 2
-        while hi - lo > 1:  # fits(lo) and not fits(hi)
+        while hi - lo > 1 and lo:  # fits(lo) and not fits(hi)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.fits(1, mid, new_tokens) else (lo, mid)
-        return min(lo, MAX_SEQ)
+        self._longest[new_tokens] = min(lo, MAX_SEQ)
+        return self._longest[new_tokens]
 
     def max_rows(self, seq: int, new_tokens: int = 0, most: int = 1 << 16) -> int:
         """How many rows of ``seq`` tokens one pass may take (at least 1: one row always runs)."""
