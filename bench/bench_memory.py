@@ -2,11 +2,13 @@
 
 - weights: ``estimate.weight_bytes`` against the loaded model's measured bytes, every tiny
   architecture of ``tests/tinymodels.py`` (goal: within 5 %);
-- activation reserve: the peak resident memory a forward pass of the largest request the limits
-  admit (``MAX_BATCH`` rows of the model's whole context) adds, against ``runtime_reserve`` for
-  that request (goal: ratio <= 1, the reserve covers it). The peak is sampled from the process's
-  RSS every 0.2 ms while the pass runs (torch's CPU allocator is invisible to tracemalloc).
-  ``bench/gpu_check.py`` measures the same on a GPU with ``torch.cuda.max_memory_allocated``;
+- activation reserve: the peak of the bytes torch holds allocated while a forward pass of the
+  largest request the limits admit (``MAX_BATCH`` rows of the model's whole context) runs, above
+  what it held before, against ``runtime_reserve`` for that request (goal: ratio <= 1, the reserve
+  covers it). On the CPU the allocations and frees come from torch's profiler (``alloc_peak_during``),
+  the same quantity ``torch.cuda.max_memory_allocated`` gives on a GPU (``bench/gpu_check.py``).
+  The process's RSS is not used: the C allocator's arenas make it jump by several MiB between two
+  runs of the same pass (0.6-1.3x the reserve for one model), which says nothing of the tensors;
 - per device of a sharded pass (``shard_peaks``): torch's profiler reports every CPU allocation
   and free; each is charged to the span position whose modules were running when it was made,
   which is the device it would be on, and the peak of each position's live bytes is its need.
@@ -16,17 +18,13 @@ Usage: ``python bench/bench_memory.py``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil
 import torch
 
 from gpugroups.engine import estimate as est
@@ -43,36 +41,9 @@ CASES = [
 ]
 
 
-def rss_peak_during(fn: object) -> int:
-    """Bytes the process's RSS rose above its level before ``fn()`` at its highest while ``fn`` ran."""
-    proc = psutil.Process()
-    _trim()
-    base = proc.memory_info().rss
-    peak = base
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.0002)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
-        fn()  # type: ignore[operator]
-    finally:
-        done.set()
-        t.join()
-    return max(0, peak - base)
-
-
-def _trim() -> None:
-    """Give freed heap back to the system so that the next pass's growth shows in RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+def alloc_peak_during(model: object, fn: object) -> int:
+    """Peak bytes of CPU tensors allocated while ``fn()`` runs ``model`` and still live at that point."""
+    return shard_peaks(model, {}, 1, fn)[0]
 
 
 def cuda_peak_during(fn: object) -> int:
@@ -149,8 +120,10 @@ def measure(folder: Path, batch: int, device: str = "cpu", attention: str = "sdp
             model(input_ids=ids, logits_to_keep=1)
 
     forward()  # warm: one-time allocations are not the request's
-    peak_during = cuda_peak_during if device.startswith("cuda") else rss_peak_during
-    peak = min(peak_during(forward) for _ in range(2))
+    if device.startswith("cuda"):
+        peak = min(cuda_peak_during(forward) for _ in range(2))
+    else:
+        peak = alloc_peak_during(model, forward)
     reserve = est.runtime_reserve(model.config.to_dict(), "float32", batch=batch, seq=CONTEXT, attention=attention)
     return error, peak / reserve
 
