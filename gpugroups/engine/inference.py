@@ -24,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import GpuGroupsError
 from ..protocol import request_work
-from .estimate import PassBudget
+from .budget import PassBudget
 from .runtime import Runtime
 from .worker import Request
 

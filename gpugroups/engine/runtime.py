@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ..catalog import GroupSpec
+from .budget import PassBudget
 from .devices import Device
-from .estimate import PassBudget, ShardReserve, config_of, group_reserve
+from .estimate import ShardReserve, config_of, group_reserve
 from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
 from .worker import Progress, Span
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gpugroups.catalog import GroupSpec
+from gpugroups.engine.budget import PassBudget
 from gpugroups.engine.devices import Device
-from gpugroups.engine.estimate import PassBudget, config_of, reserve_parts
+from gpugroups.engine.estimate import config_of, reserve_parts
 from gpugroups.engine.inference import predict
 from gpugroups.engine.runtime import Runtime
 from gpugroups.engine.worker import Request
