@@ -2,7 +2,8 @@
 
 Prints, for the shipped demo ``pycode`` group on a ``ray:virtual`` device and on a local
 ``virtual`` device of the same size, in the same run:
-- process: ``Manager.process`` over Ray vs locally (goal: <= +2 ms median);
+- process: ``Manager.process`` over Ray vs locally, torch on as many threads locally as the actor
+  has (goal in ``bench/goals.py``);
 - load: ``load_group`` over Ray vs locally (each after one warm-up load, so the actor's torch
   import is not counted).
 
@@ -23,6 +24,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
+import torch
 
 import gpugroups as gg
 from bench.bench_core import GROUP, _demo, process_overhead
@@ -36,6 +38,13 @@ def load_s(m: gg.Manager) -> float:
     m.unload_group(GROUP)
     seconds: float = m.load_group(GROUP, device_id=0)["seconds"]
     return seconds
+
+
+def _torch_threads(model: Any, tokenizer: Any) -> int:
+    """How many threads torch uses where the model lives (sent to the Ray node by ``run``)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run(repeat: int = 200, address: str | None = None) -> dict[str, Any]:
@@ -54,7 +63,14 @@ def run(repeat: int = 200, address: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"ray_load_s": load_s(remote), "local_load_s": load_s(local)}
         print(f"load: over Ray {out['ray_load_s']:.3f} s vs local {out['local_load_s']:.3f} s")
         member = local.catalog.group(GROUP).members[1]
-        return out | process_overhead(("ray", remote), ("local", local), member, repeat, 2.0)
+        # The actor's torch runs on as many threads as Ray gives it (one, for an actor that asks
+        # for no CPU); the local forward pass gets the same, so that only the trip is compared.
+        threads, before = remote.run(member, _torch_threads), torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return out | process_overhead(("ray", remote), ("local", local), member, repeat, 2.0)
+        finally:
+            torch.set_num_threads(before)
     finally:
         remote.close()
         local.close()
