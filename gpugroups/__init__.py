@@ -24,7 +24,7 @@ _LAZY = {"Manager": ".engine.manager", "Client": ".client"}
 
 def manager(**kwargs: Any) -> Manager:
     """This kernel's manager, created on first call (``kwargs`` go to ``Manager`` then)."""
-    from .engine.manager import default_manager
+    from .engine.default import default_manager
 
     return default_manager(**kwargs)
 

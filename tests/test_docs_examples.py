@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import gpugroups as gg
-from gpugroups.engine import manager as manager_module
+from gpugroups.engine import default as default_module
 from tests.docexamples import blocks, mismatch, run_file, shown_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +17,8 @@ FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def _close_default() -> None:
     """The examples use ``gg.manager()``: each file starts and ends without one."""
-    if manager_module._default is not None:
-        manager_module._default.close()
+    if default_module._default is not None:
+        default_module._default.close()
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 from ..catalog import Catalog, GroupSpec
 from ..display import manager_html, rich_process_result
 from ..errors import GpuGroupsError
-from ..kernelenv import manager_options
 from ..protocol import MAX_REQUEST_WORK, get_op
 from ..schema import (
     ClearResult,
@@ -437,18 +436,3 @@ class Manager(AwaitableTwins):
         snap = snapshot(self._res, self._bus.version + 1)
         self._bus.emit("state_update", build=lambda: {"state": render(snap)})
 
-
-_default: Manager | None = None
-_default_lock = threading.Lock()
-
-
-def default_manager(**kwargs: Any) -> Manager:
-    """This process's manager, created on the first call with ``kwargs`` over what the environment
-    asks for (``$GPUGROUPS_DEVICES``, ``$GPUGROUPS_RAY_NAMESPACE``: see ``kernelenv``)."""
-    global _default
-    with _default_lock:
-        if _default is None or _default.closed:
-            _default = Manager(**{**manager_options(), **kwargs})
-        elif kwargs:
-            raise GpuGroupsError("invalid_request", "gg.manager() already exists; pass options on its first call only")
-        return _default
