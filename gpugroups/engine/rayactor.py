@@ -107,10 +107,11 @@ class DeviceActor:
             done = self._worker.unload(group_id)
         return self._answer(done)
 
-    def process(self, caller: str, number: int, group_id: str, request: Request) -> Outcome:
+    def process(self, caller: str, number: int, group_id: str, request: Request | list[Any]) -> Outcome:
         self._seen = time.monotonic()
+        wanted: Request = fetched(request)
         with self._order.turn(caller, number):
-            done, here = self._worker.process_here(group_id, request)
+            done, here = self._worker.process_here(group_id, wanted)
         if here is not None:
             here()  # the device was idle: the pass runs in this thread, after the gate
         return self._answer(done)
@@ -120,13 +121,15 @@ class DeviceActor:
         with self._order.turn(caller, number):
             self._worker.cancel(request_id)
 
-    def run(self, caller: str, number: int, group_id: str, member_id: str, blob: bytes) -> Outcome:
+    def run(self, caller: str, number: int, group_id: str, member_id: str, blob: bytes | list[Any]) -> Outcome:
         """``fn(model, tokenizer, *args, **kwargs)`` here, on the node, from ``remote.pack``'s bytes
         of ``(fn, args, kwargs)``; what it returns comes back with its tensors on the CPU, what it
         raises comes back as itself, both packed (``run_outcome``)."""
         self._seen = time.monotonic()
         try:
-            call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | GpuGroupsError = unpack(blob, "fn or its arguments")
+            call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | GpuGroupsError = unpack(
+                fetched(blob), "fn or its arguments"
+            )
         except GpuGroupsError as exc:
             call = exc
         with self._order.turn(caller, number):  # its turn passes even when there is nothing to run
@@ -170,6 +173,12 @@ class DeviceActor:
             self._worker.unload(gid).result()
         self._worker.stop()
         ray.kill(self._me, no_restart=True)
+
+
+def fetched(payload: Any) -> Any:
+    """A payload the worker sent by reference (``[ref]``, ``rayworker.INLINE_BYTES``), fetched here
+    before the call's turn; any other payload as it is."""
+    return ray.get(payload[0]) if isinstance(payload, list) else payload
 
 
 class _InOrder:

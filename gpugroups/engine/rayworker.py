@@ -4,9 +4,9 @@
 (so a new manager in the namespace adopts what an earlier one left); ``RayWorker`` implements the
 ``Worker`` protocol over that actor: calls go as Ray tasks, numbered in the order sent (the actor
 keeps that order), their ``ObjectRef``s come back as ``concurrent.futures.Future``s, load progress
-streams back from the node. Ray does the transport,
-scheduling and failure detection: a worker whose actor stops answering (its node died) turns
-``"lost"``, fails what it had pending with ``host_unavailable`` naming the node, and tells residency.
+streams back from the node. Ray does the transport, scheduling and failure detection: a worker
+whose actor stops answering (its node died) turns ``"lost"``, fails what it had pending with
+``host_unavailable`` naming the node, and tells residency.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ PING_S = 1.0
 LOST_AFTER_S = 5.0
 #: How long the actors may take to start (a GPU held by another namespace's actor never frees).
 READY_S = 60.0
+#: Ray hands an argument bigger than its inline limit (100 KiB) to the actor through its object
+#: store, and that call starts only once the actor has fetched it, after calls sent later: they
+#: would hold the actor's threads at its gate meanwhile, all of them in a flood. A payload bigger
+#: than this goes as a reference in a list instead, which Ray leaves alone and the call fetches
+#: itself (``rayactor.fetched``).
+INLINE_BYTES = 64 * 1024
 
 
 def connect() -> None:
@@ -168,13 +174,15 @@ class RayWorker(RemoteCalls):
             refused: Future[Any] = Future()
             refused.set_exception(exc)
             return refused
-        return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, blob), packed=True)
+        return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, _inline(blob, len(blob))), packed=True)
 
     def unload(self, group_id: str) -> Future[None]:
         return self._call("unloading", lambda: self._send(self._actor.unload, group_id))
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
-        return self._call("busy", lambda: self._send(self._actor.process, group_id, request))
+        # 4: the most bytes a character takes in UTF-8
+        light = _inline(request, 4 * len(request.prompt))
+        return self._call("busy", lambda: self._send(self._actor.process, group_id, light))
 
     def cancel(self, request_id: str) -> None:
         """Forwarded to the actor at once, after the request it cancels; nothing to wait for."""
@@ -281,6 +289,11 @@ class RayWorker(RemoteCalls):
                 continue
             self._lose()
             return
+
+
+def _inline(payload: Any, size: int) -> Any:
+    """``payload`` as an argument of a call that Ray starts in the order sent (``INLINE_BYTES``)."""
+    return payload if size <= INLINE_BYTES else [ray.put(payload)]
 
 
 class _Reply(Future[Any]):

@@ -22,7 +22,8 @@ from .devices import Device
 from .worker import OutOfMemory
 
 #: What one call answers: ``("ok", value)``, ``("error", GpuGroupsError JSON)``, ``("oom", message)``,
-#: or for ``run`` ``("raised", exception)``: fn's own exception, handed back as itself.
+#: or for ``run`` ``("raised", exception)``: fn's own exception, handed back as itself (a ``run``
+#: outcome's value travels packed: ``run_outcome`` packs it, ``result_of`` unpacks it).
 Outcome = tuple[str, Any]
 #: What the payload of a ``run`` outcome is, by its kind (the other kinds carry plain data).
 _PACKED = {"ok": "fn's result", "raised": "fn's exception"}

@@ -208,6 +208,38 @@ def test_the_actor_takes_each_callers_calls_in_the_order_they_were_numbered(ray_
         ray.kill(actor, no_restart=True)
 
 
+def test_an_unload_sent_right_after_a_prompt_too_big_to_travel_inline_runs_after_it(
+    ray_cluster: RayCluster, tiny_catalog_toml: Path
+) -> None:
+    """Ray passes an argument over 100 KiB through its object store and starts that call only once
+    the node has fetched it, after calls sent later; the request still runs before the unload sent
+    right behind it, and answers as a local device does."""
+    from gpugroups.catalog import Catalog
+    from gpugroups.engine.estimates import folders
+    from gpugroups.engine.rayworker import ray_devices
+    from gpugroups.engine.worker import Request
+
+    prompt = "the cät sät on the mät. " * 4000  # 96,000 characters, 108,000 bytes in UTF-8
+    with gg.Manager(devices="virtual:512MiB", catalog=tiny_catalog_toml) as local:
+        expected = [p["token_id"] for p in local.process("tiny-a", prompt, 3)["predictions"]]
+    catalog = Catalog()
+    catalog.load_toml(tiny_catalog_toml)
+    group = catalog.group("tiny")
+    workers = [d.remote_worker(d) for d in ray_devices(SPEC, namespace()) if d.remote_worker]
+    try:
+        w = workers[0]
+        for _ in range(5):  # Ray alone starts the unload first about half the time
+            w.load(group, folders(catalog, group), "float32", lambda fraction, stage: None).result(60)
+            asked = w.process("tiny", Request("tiny-a", prompt, 3))
+            gone = w.unload("tiny")
+            answer = asked.result(60)
+            gone.result(60)
+            assert answer["truncated"] and [p["token_id"] for p in answer["predictions"]] == expected
+    finally:
+        for w in workers:
+            w.stop()
+
+
 def test_a_new_manager_adopts_the_groups_of_a_killed_one(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     ns = namespace()
     out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, """
