@@ -414,7 +414,8 @@ class ThreadWorker:
                 self._running_ids = set()
                 self._stopping.clear()
                 self._status = "idle"
-                self._cv.notify()  # the device's thread waits while a caller's thread has the device
+                if self._tasks or self._stop:  # the device's thread waited for a caller's thread
+                    self._cv.notify()
 
     def _predict(self, batch: list[_Task]) -> None:
         from .inference import predict
