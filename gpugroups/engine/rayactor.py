@@ -11,14 +11,17 @@ call that finds the device idle runs its forward pass in that thread (``ThreadWo
 instead of handing it to the device's thread and back. Ray starts such calls in no set order, so the
 worker's calls carry their caller's numbering and pass ``_InOrder`` in it; the small calls that need
 no order (``info``, ``ping``, ``resident``) have a thread of their own, never queued behind requests.
+This module also fixes how the worker's calls travel: one sealed argument each (``seal``), answers
+pickled.
 """
 
 from __future__ import annotations
 
+import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,21 +32,47 @@ import ray
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, detect
-from .remote import Outcome, outcome, run_outcome, unpack
-from .worker import MAX_BATCH, Request, ThreadWorker
+from .remote import outcome, run_outcome, unpack
+from .worker import MAX_BATCH, ThreadWorker
 
 #: The concurrency group of the calls that must answer while requests wait (the manager's ping).
 CONTROL = "control"
 #: How ``ray.remote`` makes the actor: threads for two full batches of waiting requests (one
 #: running, the next queued behind it), one more for ``CONTROL``.
 ACTOR_OPTIONS: dict[str, Any] = {"max_concurrency": 2 * MAX_BATCH, "concurrency_groups": {CONTROL: 1}}
+#: Ray hands an argument bigger than its inline limit (100 KiB) to the actor through its object
+#: store, and that call starts only once the actor has fetched it, after calls sent later: they
+#: would hold the actor's threads at its gate meanwhile, all of them in a flood. A sealed call
+#: bigger than this goes as a reference in a list instead, which Ray leaves alone and ``unseal``
+#: fetches in the call's own thread.
+INLINE_BYTES = 64 * 1024
+
+#: A call as it travels: ``seal``'s bytes, or a reference to them in a list.
+Sealed = bytes | list[Any]
+
+
+def seal(caller: str, number: int, *args: Any) -> Sealed:
+    """A worker's call to the actor as its one argument: ``(caller, number, *args)`` pickled. Ray
+    passes bytes as they are, where it would run its own serializer over every argument (and over
+    the answer, which comes back pickled too): a tenth of a millisecond or more a call, measured."""
+    blob = pickle.dumps((caller, number, *args), protocol=pickle.HIGHEST_PROTOCOL)
+    return blob if len(blob) <= INLINE_BYTES else [ray.put(blob)]
+
+
+def unseal(call: Sealed) -> tuple[Any, ...]:
+    """What ``seal`` sealed: ``(caller, number, *args)``."""
+    if isinstance(call, list):
+        ref: ray.ObjectRef[bytes] = call[0]
+        return tuple(pickle.loads(ray.get(ref)))
+    return tuple(pickle.loads(call))
 
 
 class DeviceActor:
     """One GPU of this node (``kind="cuda"``) or a virtual device of ``size`` bytes on its CPU.
 
-    The calls that reach the worker take ``caller`` and ``number`` first: the caller's id and the
-    call's place among the calls it sent (0, 1, ...)."""
+    The calls that reach the worker take one argument, ``seal(caller, number, *args)``: the
+    caller's id, the call's place among the calls it sent (0, 1, ...), and the arguments named in
+    the method's docstring. Their answers are pickled (``pickle.loads`` reads them)."""
 
     def __init__(self, kind: str, size: int, idle_timeout_s: float) -> None:
         ctx = ray.get_runtime_context()
@@ -83,9 +112,11 @@ class DeviceActor:
         """The groups held here and their measured bytes."""
         return self._worker.resident()
 
-    def load(self, caller: str, number: int, group: GroupSpec, folders: Mapping[str, Path], dtype: str) -> Iterator[Any]:
-        """A streaming call: ``("progress", fraction, stage)`` items, then the load's outcome."""
+    def load(self, call: Sealed) -> Iterator[Any]:
+        """``(group, folders, dtype)``. A streaming call: ``("progress", fraction, stage)`` items, then
+        the load's outcome (as they are: a load is not a call to shave microseconds off)."""
         self._seen = time.monotonic()
+        caller, number, group, folders, dtype = unseal(call)
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         def progress(fraction: float, stage: str) -> None:
@@ -102,55 +133,59 @@ class DeviceActor:
             yield item
         yield outcome(done, lambda exc: self._load_error(group, f"{type(exc).__name__}: {exc}"))
 
-    def unload(self, caller: str, number: int, group_id: str) -> Outcome:
+    def unload(self, call: Sealed) -> bytes:
+        """``(group_id)``."""
+        caller, number, group_id = unseal(call)
         with self._order.turn(caller, number):
             done = self._worker.unload(group_id)
         return self._answer(done)
 
-    def process(self, caller: str, number: int, group_id: str, request: Request | list[Any]) -> Outcome:
+    def process(self, call: Sealed) -> bytes:
+        """``(group_id, request)``."""
         self._seen = time.monotonic()
-        wanted: Request = fetched(request)
+        caller, number, group_id, request = unseal(call)
         with self._order.turn(caller, number):
-            done, here = self._worker.process_here(group_id, wanted)
+            done, here = self._worker.process_here(group_id, request)
         if here is not None:
             here()  # the device was idle: the pass runs in this thread, after the gate
         return self._answer(done)
 
-    def cancel(self, caller: str, number: int, request_id: str) -> None:
-        """Cancel a ``process`` request queued or running here (``Worker.cancel``)."""
+    def cancel(self, call: Sealed) -> None:
+        """``(request_id)``: cancel a ``process`` request queued or running here (``Worker.cancel``)."""
+        caller, number, request_id = unseal(call)
         with self._order.turn(caller, number):
             self._worker.cancel(request_id)
 
-    def run(self, caller: str, number: int, group_id: str, member_id: str, blob: bytes | list[Any]) -> Outcome:
-        """``fn(model, tokenizer, *args, **kwargs)`` here, on the node, from ``remote.pack``'s bytes
-        of ``(fn, args, kwargs)``; what it returns comes back with its tensors on the CPU, what it
-        raises comes back as itself, both packed (``run_outcome``)."""
+    def run(self, call: Sealed) -> bytes:
+        """``(group_id, member_id, blob)``: ``fn(model, tokenizer, *args, **kwargs)`` here, on the
+        node, from ``remote.pack``'s bytes of ``(fn, args, kwargs)``; what it returns comes back with
+        its tensors on the CPU, what it raises comes back as itself, both packed (``run_outcome``)."""
         self._seen = time.monotonic()
+        caller, number, group_id, member_id, blob = unseal(call)
         try:
-            call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | GpuGroupsError = unpack(
-                fetched(blob), "fn or its arguments"
-            )
+            fn: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | GpuGroupsError = unpack(blob, "fn or its arguments")
         except GpuGroupsError as exc:
-            call = exc
+            fn = exc
         with self._order.turn(caller, number):  # its turn passes even when there is nothing to run
-            if isinstance(call, GpuGroupsError):
-                return ("error", call.to_json())
-            done = self._worker.run(group_id, member_id, *call)
+            if isinstance(fn, GpuGroupsError):
+                return pickle.dumps(("error", fn.to_json()))
+            done = self._worker.run(group_id, member_id, *fn)
         done.exception()  # waits for it
-        return run_outcome(done)
+        return pickle.dumps(run_outcome(done))
 
-    def shutdown(self, caller: str, number: int) -> None:
-        """Unload everything and stop the worker (the manager then kills the actor)."""
+    def shutdown(self, call: Sealed) -> None:
+        """``()``: unload everything and stop the worker (the manager then kills the actor)."""
+        caller, number = unseal(call)
         with self._order.turn(caller, number):
             unloads = [self._worker.unload(gid) for gid in self._worker.resident()]
         for done in unloads:
             done.exception()
         self._worker.stop()
 
-    def _answer(self, done: Future[Any]) -> Outcome:
-        """``done``'s outcome once it is done (``exception()`` waits for it without raising)."""
+    def _answer(self, done: Future[Any]) -> bytes:
+        """``done``'s outcome, pickled, once it is done (``exception()`` waits for it without raising)."""
         done.exception()
-        return outcome(done, self._error)
+        return pickle.dumps(outcome(done, self._error))
 
     def _error(self, exc: BaseException) -> GpuGroupsError:
         return GpuGroupsError("internal_error", f"on Ray node {self.host} ({self.node[:8]}): {type(exc).__name__}: {exc}")
@@ -173,12 +208,6 @@ class DeviceActor:
             self._worker.unload(gid).result()
         self._worker.stop()
         ray.kill(self._me, no_restart=True)
-
-
-def fetched(payload: Any) -> Any:
-    """A payload the worker sent by reference (``[ref]``, ``rayworker.INLINE_BYTES``), fetched here
-    before the call's turn; any other payload as it is."""
-    return ray.get(payload[0]) if isinstance(payload, list) else payload
 
 
 class _InOrder:

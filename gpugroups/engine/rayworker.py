@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 import threading
 import time
@@ -30,7 +31,7 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from ..kernelenv import RAY_ADDRESS_ENV
 from .devices import Device, parse_size
-from .rayactor import ACTOR_OPTIONS, DeviceActor
+from .rayactor import ACTOR_OPTIONS, DeviceActor, seal
 from .remote import Outcome, RemoteCalls, pack, result_of
 from .worker import Progress, Request, Span
 
@@ -40,12 +41,6 @@ PING_S = 1.0
 LOST_AFTER_S = 5.0
 #: How long the actors may take to start (a GPU held by another namespace's actor never frees).
 READY_S = 60.0
-#: Ray hands an argument bigger than its inline limit (100 KiB) to the actor through its object
-#: store, and that call starts only once the actor has fetched it, after calls sent later: they
-#: would hold the actor's threads at its gate meanwhile, all of them in a flood. A payload bigger
-#: than this goes as a reference in a list instead, which Ray leaves alone and the call fetches
-#: itself (``rayactor.fetched``).
-INLINE_BYTES = 64 * 1024
 
 
 def connect() -> None:
@@ -174,15 +169,13 @@ class RayWorker(RemoteCalls):
             refused: Future[Any] = Future()
             refused.set_exception(exc)
             return refused
-        return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, _inline(blob, len(blob))), packed=True)
+        return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, blob), packed=True)
 
     def unload(self, group_id: str) -> Future[None]:
         return self._call("unloading", lambda: self._send(self._actor.unload, group_id))
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
-        # 4: the most bytes a character takes in UTF-8
-        light = _inline(request, 4 * len(request.prompt))
-        return self._call("busy", lambda: self._send(self._actor.process, group_id, light))
+        return self._call("busy", lambda: self._send(self._actor.process, group_id, request))
 
     def cancel(self, request_id: str) -> None:
         """Forwarded to the actor at once, after the request it cancels; nothing to wait for."""
@@ -216,10 +209,10 @@ class RayWorker(RemoteCalls):
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:
-        """``method.remote(caller, number, *args)``: numbered and sent as one step, so the numbers
-        follow the order sent; a call that fails to go takes no number."""
+        """``method.remote(seal(caller, number, *args))``: numbered and sent as one step, so the
+        numbers follow the order sent; a call that fails to go takes no number."""
         with self._sending:
-            ref = method.remote(self._caller, self._sent, *args)
+            ref = method.remote(seal(self._caller, self._sent, *args))
             self._sent += 1
         return ref
 
@@ -237,10 +230,16 @@ class RayWorker(RemoteCalls):
             reply.ref.future().add_done_callback(lambda r: self._answer(reply, r.exception() or r.result(), packed))
         return reply
 
-    def _answer(self, fut: Future[Any], got: Outcome | BaseException, packed: bool) -> None:
-        """Settle a call from what Ray gave for it, once (a ``run`` outcome's payload unpacked here)."""
-        if not fut.done():
-            self._settle(fut, got if isinstance(got, BaseException) or not packed else result_of(*got))
+    def _answer(self, fut: Future[Any], got: bytes | BaseException, packed: bool) -> None:
+        """Settle a call from what Ray gave for it (the actor's pickled outcome, or Ray's error), once
+        (a ``run`` outcome's payload unpacked here)."""
+        if fut.done():
+            return
+        if isinstance(got, BaseException):
+            self._settle(fut, got)
+        else:
+            answer = pickle.loads(got)
+            self._settle(fut, result_of(*answer) if packed else answer)
 
     def _unshardable(self, group_id: str | None) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -291,18 +290,13 @@ class RayWorker(RemoteCalls):
             return
 
 
-def _inline(payload: Any, size: int) -> Any:
-    """``payload`` as an argument of a call that Ray starts in the order sent (``INLINE_BYTES``)."""
-    return payload if size <= INLINE_BYTES else [ray.put(payload)]
-
-
 class _Reply(Future[Any]):
     """The future of one call to the actor. A thread that waits on it (``result``, ``exception``)
     waits in ``ray.get`` and settles it from there: Ray wakes that thread itself once the answer is
     in, a thread hand-off sooner than its completion callback (which costs up to a millisecond a
     call on a busy machine). The callback still settles the calls nobody waits on."""
 
-    def __init__(self, answer: Callable[[Outcome | BaseException], None]) -> None:
+    def __init__(self, answer: Callable[[bytes | BaseException], None]) -> None:
         super().__init__()
         self.ref: Any = None  # the task's ObjectRef, once sent
         self._answer = answer

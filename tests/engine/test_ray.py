@@ -195,14 +195,14 @@ class TestOneManager:
 def test_the_actor_takes_each_callers_calls_in_the_order_they_were_numbered(ray_cluster: RayCluster) -> None:
     """Ray starts a threaded actor's calls in no set order: a call numbered after one that has not
     arrived waits for it; another caller's calls do not wait."""
-    from gpugroups.engine.rayactor import ACTOR_OPTIONS, DeviceActor
+    from gpugroups.engine.rayactor import ACTOR_OPTIONS, DeviceActor, seal
 
     actor = ray.remote(**ACTOR_OPTIONS)(DeviceActor).options(num_cpus=0).remote("virtual", 2**20, 60.0)
     try:
-        second = actor.cancel.remote("a", 1, "no-such-request")
-        assert ray.get(actor.cancel.remote("b", 0, "no-such-request"), timeout=60) is None
+        second = actor.cancel.remote(seal("a", 1, "no-such-request"))
+        assert ray.get(actor.cancel.remote(seal("b", 0, "no-such-request")), timeout=60) is None
         assert ray.wait([second], timeout=1.0)[0] == []  # still waits for a's call 0
-        first = actor.cancel.remote("a", 0, "no-such-request")
+        first = actor.cancel.remote(seal("a", 0, "no-such-request"))
         assert ray.get([first, second], timeout=30) == [None, None]
     finally:
         ray.kill(actor, no_restart=True)
