@@ -46,8 +46,11 @@ def free_port() -> int:
 class Server:
     """A ``jupyter server`` subprocess with the extension (no host yet), in its own temp dirs."""
 
-    def __init__(self, tmp: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-        """``launcher`` replaces ``python -m jupyter_server`` (same arguments); ``env`` adds variables."""
+    def __init__(
+        self, tmp: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None, *options: str
+    ) -> None:
+        """``launcher`` replaces ``python -m jupyter_server`` (same arguments); ``env`` adds variables;
+        ``options`` are more command-line settings."""
         self.token, self.port = "bench", free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.runtime = tmp / "runtime"
@@ -63,7 +66,7 @@ class Server:
                 *(launcher or [sys.executable, "-m", "jupyter_server"]), "--allow-root", "--no-browser", "--ip=127.0.0.1",
                 f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.jpserver_extensions={'gpugroups': True}",
-                "--GpuGroupsHost.host_kernel=none",
+                "--GpuGroupsHost.host_kernel=none", *options,
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -169,6 +172,9 @@ def main() -> None:
         help="torch.set_num_threads in the host kernel (default: torch's own); on a small CPU box its "
         "spinning intra-op threads compete with the kernel's messaging threads",
     )
+    parser.add_argument(
+        "--comm", action="store_true", help="requests on the bridge comm, not its direct line (to compare)"
+    )
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -180,7 +186,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         catalog = tiny_catalog(tmp / "models") if args.tiny else None
         model = args.model or ("tiny-a" if args.tiny else "pycode-tests")
-        server = Server(tmp / "server")
+        server = Server(tmp / "server", None, None, *(["--GpuGroupsHost.direct_line=False"] if args.comm else []))
         try:
             measure(server, catalog, model, args.prompt, args.calls, args.rounds, args.torch_threads)
         finally:
