@@ -161,6 +161,7 @@ class ServerLine:
     def __init__(self, session: Any, address: str, on_data: Callable[[Any], None]) -> None:
         self._session = session
         self._on_data = on_data
+        self.address = address
         self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._socket.linger = 0
         self._socket.connect(address)
