@@ -275,8 +275,8 @@ def measure(
         paced += in_kernel(timed_loop(f"m.process({model!r}, {prompt!r})", n, gap), "lat")  # type: ignore[operator]
     state_kernel: list[float] = in_kernel(timed_loop("m.state()", n), "lat")  # type: ignore[assignment]
     state_rest = timed_calls(client.state, n)
-    # Jupyter's own status route through the same HTTP session: HTTP, auth and tornado, no kernel
-    status = timed_calls(lambda: client._http.get(f"{server.url}/api/status").raise_for_status(), n)
+    # Jupyter's own status route through the same connection pool: HTTP, auth and tornado, no kernel
+    status = timed_calls(lambda: client._http.request("GET", f"{server.url}/api/status", headers=server.headers), n)
     host.close()
 
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {rounds} alternating rounds")
