@@ -27,7 +27,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -72,8 +72,8 @@ class KernelLine:
     ) -> None:
         self._session = session
         self._handle = handle
-        self._socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self._socket.linger = 0
+        self._socket: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
         where = _address(ip, transport)
         if transport == "ipc":
             self._socket.bind(where)
@@ -181,9 +181,10 @@ class ServerLine:
     def send(self, data: Mapping[str, Any]) -> None:
         """Send ``data`` to the kernel (queued by zmq; never blocks the event loop). Raises
         ``zmq.Again`` when a thousand messages already wait for a kernel that reads none."""
-        sent = self._socket.send_multipart(_frames(self._session, data), zmq.NOBLOCK)
-        if sent.done() and sent.exception() is not None:
-            raise sent.exception()  # type: ignore[misc]
+        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(_frames(self._session, data), zmq.NOBLOCK))
+        failed = sent.exception() if sent.done() else None
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
         self._reader.cancel()
