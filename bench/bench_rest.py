@@ -217,7 +217,9 @@ class HostKernel:
         ).json()["id"]
         self.kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
         self.kc.load_connection_file()
-        self.kc.start_channels()
+        # No heartbeat: a client made from a connection file calls a kernel "dead" when its first
+        # heartbeat goes unanswered for a second, which a kernel still starting on a loaded machine is
+        self.kc.start_channels(hb=False)
         self.kc.wait_for_ready(timeout=60)
         make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
         threads = f"import torch; torch.set_num_threads({torch_threads})\n" if torch_threads else ""
