@@ -9,6 +9,9 @@ offline optimum: the fewest loads of any schedule that knows the whole trace, fo
 shortest path over residency states (each group on one device or none). ``reference_traces`` are
 the traces the project's goals are stated on: Zipf-skewed requests over 8 groups of different
 sizes on 2 devices that hold about 3 groups each, several seeds and skews, plus a scan-heavy trace.
+For scale: a policy that knows each trace's true request frequencies and minimises the expected
+loads for them (an average-cost Markov decision process over the same states) makes 1.16 to 1.28
+times the optimum's loads on these traces; one that must learn the frequencies can expect no better.
 
 Usage: ``python bench/placement_trace.py`` prints loads per policy and the ratios.
 """
