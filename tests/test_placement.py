@@ -26,8 +26,8 @@ def test_resident_group_stays_where_it_is():
     assert (d.device_id, d.resident, d.evict) == (0, True, ())
 
 
-def test_a_fitting_group_goes_where_it_fits_most_tightly():
-    assert place("a", 10 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20), dev(3, 5)]).device_id == 2
+def test_a_fitting_group_goes_where_most_room_is_free():
+    assert place("a", 10 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20), dev(3, 5)]).device_id == 1
     assert place("b", 60 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20)]).device_id == 1  # the only one it fits
 
 
