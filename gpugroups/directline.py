@@ -60,16 +60,18 @@ def _address(ip: str, transport: str) -> str:
     return f"tcp://{ip}"
 
 
+#: What a kernel line calls with each message: its data, and a function that answers its sender.
+Handler = Callable[[Any, Callable[[Mapping[str, Any]], None]], None]
+
+
 class KernelLine:
     """The kernel's end: a ROUTER bound next to the kernel's channels, served by one thread.
 
-    ``handle`` gets each request's data on that thread; it must hand slow work to other threads,
-    which answer with ``send`` (safe from any thread: the data is queued and the line's thread
-    sends it)."""
+    ``handle(data, answer)`` gets each message on that thread; it must hand slow work to other
+    threads. ``answer(reply)`` sends the reply to that message's sender, from any thread (it is
+    queued, and the line's thread sends it)."""
 
-    def __init__(
-        self, session: Any, handle: Callable[[Any], None], ip: str = "127.0.0.1", transport: str = "tcp"
-    ) -> None:
+    def __init__(self, session: Any, handle: Handler, ip: str = "127.0.0.1", transport: str = "tcp") -> None:
         self._session = session
         self._handle = handle
         self._socket: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
@@ -80,8 +82,7 @@ class KernelLine:
             self.address = where
         else:
             self.address = f"{where}:{self._socket.bind_to_random_port(where)}"
-        self._peer: bytes | None = None
-        self._outbox: deque[Any] = deque()
+        self._outbox: deque[tuple[bytes, Mapping[str, Any]]] = deque()
         self._wake_in, self._wake_out = socket.socketpair()
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
@@ -89,10 +90,12 @@ class KernelLine:
         self._thread = threading.Thread(target=self._serve, name="gpugroups-direct-line", daemon=True)
         self._thread.start()
 
-    def send(self, data: Mapping[str, Any]) -> None:
-        """Send ``data`` to the server (from any thread)."""
-        self._outbox.append(data)
-        self._wake()
+    def _answerer(self, peer: bytes) -> Callable[[Mapping[str, Any]], None]:
+        def answer(data: Mapping[str, Any]) -> None:
+            self._outbox.append((peer, data))
+            self._wake()
+
+        return answer
 
     def stop(self) -> None:
         """Stop the thread and close the socket (what is queued is dropped: the server is gone)."""
@@ -133,12 +136,12 @@ class KernelLine:
             if data is None:
                 log.warning("gpugroups: dropped an unsigned or malformed message on the direct line")
                 continue
-            self._peer = frames[0]
+            answer = self._answerer(frames[0])
             if isinstance(data, dict) and "ping" in data:
-                self.send({"pong": data["ping"]})
+                answer({"pong": data["ping"]})
                 continue
             try:
-                self._handle(data)
+                self._handle(data, answer)
             except Exception:  # the line outlives any one request
                 log.exception("gpugroups: the direct line's handler failed")
 
@@ -150,8 +153,9 @@ class KernelLine:
             pass
 
     def _flush(self) -> None:
-        while self._outbox and self._peer is not None:
-            self._socket.send_multipart([self._peer, *_frames(self._session, self._outbox.popleft())])
+        while self._outbox:
+            peer, data = self._outbox.popleft()
+            self._socket.send_multipart([peer, *_frames(self._session, data)])
 
 
 class ServerLine:

@@ -137,7 +137,7 @@ class _Endpoint:
         # the whole state) must not queue up faster than the server reads IOPub
         self._out = Coalescer(self._send_events, name="gpugroups-bridge-send", interval=PUSH_INTERVAL)
         self._unsubscribe: Any = None
-        self._line = KernelLine(host.kernel.session, self._from_line, *host.interface) if direct else None
+        self._line = KernelLine(host.kernel.session, self.handle, *host.interface) if direct else None
 
     def start(self) -> None:
         self._unsubscribe = self.host.manager.subscribe(self._out.offer)
@@ -162,11 +162,6 @@ class _Endpoint:
     def handle_msg(self, msg: dict[str, Any]) -> None:
         """A comm message from the server (on the subshell): answered on the comm."""
         self.handle(msg["content"].get("data"), self.publish)
-
-    def _from_line(self, data: Any) -> None:
-        """A message on the direct line (on its thread): answered on the line."""
-        assert self._line is not None
-        self.handle(data, self._line.send)
 
     def handle(self, data: Any, answer: Callable[[Mapping[str, Any]], None]) -> None:
         """A request from the server, on the thread it came in on (the subshell, or the direct

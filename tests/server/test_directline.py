@@ -5,6 +5,7 @@ the comm. Real kernels from pytest-jupyter's in-process server, real ZeroMQ sock
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,12 @@ async def test_only_messages_signed_with_the_kernels_key_are_served(jp_serverapp
         assert await _ask(address, Session(key=key), load, sign=False) is None
         state = await conn.request("state", {}, 60)
         assert not any(g["resident_on"] for g in state["groups"])  # neither load ran
-        reply = await _ask(address, Session(key=key), request_message("x2", "groups", {}))
+        # a second signed peer and the server at once: each reply goes to whoever asked
+        reply, state = await asyncio.gather(
+            _ask(address, Session(key=key), request_message("x2", "groups", {})), conn.request("state", {}, 60)
+        )
         assert reply["id"] == "x2" and reply["ok"] and any(g["id"] == "tiny" for g in reply["result"])
+        assert "devices" in state
         assert (await conn.request("load", {"model_id": "tiny-b"}, 120))["status"] == "loaded"  # still served
     finally:
         await conn.close("the test is over")
