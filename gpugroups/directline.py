@@ -203,5 +203,8 @@ class ServerLine:
             if "pong" in data:
                 if self._pong is not None and not self._pong.done():
                     self._pong.set_result(None)
-            else:
+                continue
+            try:
                 self._on_data(data)
+            except Exception:  # the reader outlives any one message
+                log.exception("gpugroups: a message on the direct line failed")
