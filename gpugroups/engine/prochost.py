@@ -4,13 +4,12 @@
 in any process; each call's outcome (``remote.Outcome``) and a load's progress go back on the same
 pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
 ends when the parent says ``stop`` (after everything queued) or when its pipe closes (the parent is
-gone). This module also fixes how ``run``'s payloads travel: by value, as cloudpickle bytes.
+gone). ``run``'s payloads travel packed (``remote.pack``).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -20,39 +19,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
-from .remote import Outcome, outcome, run_outcome
+from .remote import outcome, run_outcome, unpack
 from .worker import Request, Span, ThreadWorker
 
 #: ``Device`` fields a worker process is made from (the rest belong to the parent: NVML, locks).
 DEVICE_FIELDS = ("device_id", "device", "kind", "name", "total_bytes", "budget_bytes", "backing", "supports_bf16")
-#: What the payload of a ``run`` outcome is, by its kind (the other kinds carry plain data).
-_PACKED = {"ok": "fn's result", "raised": "fn's exception"}
-
-
-def pack(value: Any, what: str) -> bytes:
-    """``run``'s fn and arguments, or its result, as bytes for the other process. By value through
-    cloudpickle: fn may be a lambda or a notebook function, and tensors travel as bytes (the pipe's
-    own pickler would hand them over in shared memory). ``invalid_request`` naming ``what`` if not."""
-    try:
-        blob: bytes = cloudpickle.dumps(value)
-    except Exception as exc:
-        raise GpuGroupsError("invalid_request", f"run: {what} cannot be pickled ({type(exc).__name__}: {exc})") from None
-    return blob
-
-
-def unpack(blob: bytes, what: str) -> Any:
-    """What ``pack`` sent; ``invalid_request`` naming ``what`` if this process cannot rebuild it."""
-    try:
-        return pickle.loads(blob)
-    except Exception as exc:
-        raise GpuGroupsError(
-            "invalid_request", f"run: {what} cannot be unpickled in this process ({type(exc).__name__}: {exc})"
-        ) from None
 
 
 def main() -> None:
@@ -122,13 +96,7 @@ class _Host:
 
     def _run(self, call_id: int, group_id: str, member_id: str, blob: bytes) -> None:
         def reply(f: Future[Any]) -> None:
-            kind, value = run_outcome(f)
-            if kind in _PACKED:
-                try:
-                    value = pack(value, _PACKED[kind])
-                except GpuGroupsError as exc:
-                    kind, value = "error", exc.to_json()
-            self._send(("done", call_id, (kind, value)))
+            self._send(("done", call_id, run_outcome(f)))
 
         try:
             fn, args, kwargs = unpack(blob, "fn or its arguments")
@@ -165,13 +133,3 @@ class _Host:
 
         # on its own thread: a pause still queued may wait for a release that this loop must read
         threading.Thread(target=stop, name="gpugroups-stop", daemon=True).start()
-
-
-def result_of(kind: str, value: Any) -> Outcome:
-    """A ``run`` outcome as sent by ``_Host._run``, its payload unpacked in this process."""
-    if kind in _PACKED:
-        try:
-            return (kind, unpack(value, _PACKED[kind]))
-        except GpuGroupsError as exc:
-            return ("error", exc.to_json())
-    return (kind, value)

@@ -29,8 +29,8 @@ from typing import Any
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
-from .prochost import DEVICE_FIELDS, pack, result_of
-from .remote import RemoteCalls
+from .prochost import DEVICE_FIELDS
+from .remote import RemoteCalls, pack, result_of
 from .worker import Progress, Request, Span, cancelled
 
 #: How long a worker process may take to answer ``resident`` (it starts Python first) or to stop.

@@ -2,8 +2,9 @@
 
 ``ray_devices`` joins the cluster and gets or creates one detached, named actor per GPU resource
 (so a new manager in the namespace adopts what an earlier one left); ``RayWorker`` implements the
-``Worker`` protocol over that actor: calls go as Ray tasks, their ``ObjectRef``s come back as
-``concurrent.futures.Future``s, load progress streams back from the node. Ray does the transport,
+``Worker`` protocol over that actor: calls go as Ray tasks, numbered in the order sent (the actor
+keeps that order), their ``ObjectRef``s come back as ``concurrent.futures.Future``s, load progress
+streams back from the node. Ray does the transport,
 scheduling and failure detection: a worker whose actor stops answering (its node died) turns
 ``"lost"``, fails what it had pending with ``host_unavailable`` naming the node, and tells residency.
 """
@@ -15,6 +16,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,8 +30,8 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from ..kernelenv import RAY_ADDRESS_ENV
 from .devices import Device, parse_size
-from .rayactor import DeviceActor
-from .remote import Outcome, RemoteCalls
+from .rayactor import ACTOR_OPTIONS, DeviceActor
+from .remote import Outcome, RemoteCalls, pack, result_of
 from .worker import Progress, Request, Span
 
 #: How often a worker pings its actor (also the actor's sign that a manager is attached).
@@ -48,8 +50,7 @@ def connect() -> None:
 
 @functools.cache
 def _actor_class() -> Any:
-    # max_concurrency: enough waiting ``process`` calls that the worker can batch them
-    return ray.remote(max_concurrency=256)(DeviceActor)  # type: ignore[call-overload]
+    return ray.remote(**ACTOR_OPTIONS)(DeviceActor)
 
 
 def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float = 1800.0) -> list[Device]:
@@ -115,13 +116,16 @@ class RayWorker(RemoteCalls):
 
     One actor holds one GPU, so a group is never sharded over Ray devices: ``load_sharded`` and
     ``pause`` refuse with ``insufficient_memory``. ``run`` sends ``fn`` and its arguments to the
-    node by Ray's pickling (cloudpickle) and brings the result back with its tensors on the CPU.
+    node packed (``remote.pack``: cloudpickle) and brings the result back with its tensors on the CPU.
     """
 
     def __init__(self, device: Device, actor: Any, idle_timeout_s: float) -> None:
         super().__init__(device)
         self._actor = actor
         self._idle = idle_timeout_s
+        self._caller = uuid.uuid4().hex  # this worker's calls are numbered apart from another manager's
+        self._sent = 0
+        self._sending = threading.Lock()
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
 
@@ -130,7 +134,7 @@ class RayWorker(RemoteCalls):
         if fut.done():
             return fut
         # submitted here, so it keeps its place among this worker's calls
-        stream = self._actor.load.options(num_returns="streaming").remote(group, dict(folders), dtype)
+        stream = self._send(self._actor.load.options(num_returns="streaming"), group, dict(folders), dtype)
 
         def consume() -> None:
             try:
@@ -157,27 +161,25 @@ class RayWorker(RemoteCalls):
     def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Future[Any]:
-        def submit() -> Any:
-            try:
-                return self._actor.run.remote(group_id, member_id, fn, args, dict(kwargs))
-            except Exception as exc:  # Ray pickles fn and its arguments here
-                raise GpuGroupsError(
-                    "invalid_request", f"run on Ray device {self.device.device_id}: cannot send fn or its arguments "
-                    f"to the node ({type(exc).__name__}: {exc})",
-                ) from None
-
-        return self._call("busy", submit)
+        try:
+            # bytes: a payload the node cannot rebuild fails there as our error, after its turn
+            blob = pack((fn, args, dict(kwargs)), "fn or its arguments")
+        except GpuGroupsError as exc:
+            refused: Future[Any] = Future()
+            refused.set_exception(exc)
+            return refused
+        return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, blob), packed=True)
 
     def unload(self, group_id: str) -> Future[None]:
-        return self._call("unloading", lambda: self._actor.unload.remote(group_id))
+        return self._call("unloading", lambda: self._send(self._actor.unload, group_id))
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
-        return self._call("busy", lambda: self._actor.process.remote(group_id, request))
+        return self._call("busy", lambda: self._send(self._actor.process, group_id, request))
 
     def cancel(self, request_id: str) -> None:
-        """Forwarded to the actor at once (it runs beside the request it cancels); nothing to wait for."""
+        """Forwarded to the actor at once, after the request it cancels; nothing to wait for."""
         if self._lost is None and not self._closed:
-            self._actor.cancel.remote(request_id)
+            self._send(self._actor.cancel, request_id)
 
     def resident(self) -> dict[str, int]:
         if self._lost is not None:
@@ -196,7 +198,7 @@ class RayWorker(RemoteCalls):
             self._closed = True
         if self._lost is None:
             try:
-                ray.get(self._actor.shutdown.remote(), timeout=60)
+                ray.get(self._send(self._actor.shutdown), timeout=60)
             except Exception:
                 pass  # gone already or stuck: the kill below ends it either way
         try:
@@ -205,16 +207,32 @@ class RayWorker(RemoteCalls):
             pass  # its node is gone, and the actor with it
 
     # ---- plumbing ---------------------------------------------------------------------------
-    def _call(self, status: str, submit: Callable[[], Any]) -> Future[Any]:
-        fut = self._track(status)
-        if not fut.done():
+    def _send(self, method: Any, *args: Any) -> Any:
+        """``method.remote(caller, number, *args)``: numbered and sent as one step, so the numbers
+        follow the order sent; a call that fails to go takes no number."""
+        with self._sending:
+            ref = method.remote(self._caller, self._sent, *args)
+            self._sent += 1
+        return ref
+
+    def _call(self, status: str, submit: Callable[[], Any], packed: bool = False) -> Future[Any]:
+        """A pending call standing for ``status``, settled from the outcome of the task ``submit``
+        sends (``packed``: a ``run`` outcome) by whichever comes first: its waiter or Ray's callback."""
+        reply = _Reply(lambda got: self._answer(reply, got, packed))
+        self._track(status, reply)
+        if not reply.done():
             try:
-                ref = submit()
-            except GpuGroupsError as exc:
-                self._settle(fut, exc)
-                return fut
-            ref.future().add_done_callback(lambda r: self._settle(fut, r.exception() or r.result()))
-        return fut
+                reply.ref = submit()
+            except Exception as exc:  # the actor handle is unusable (Ray left, or the actor is gone)
+                self._settle(reply, exc)
+                return reply
+            reply.ref.future().add_done_callback(lambda r: self._answer(reply, r.exception() or r.result(), packed))
+        return reply
+
+    def _answer(self, fut: Future[Any], got: Outcome | BaseException, packed: bool) -> None:
+        """Settle a call from what Ray gave for it, once (a ``run`` outcome's payload unpacked here)."""
+        if not fut.done():
+            self._settle(fut, got if isinstance(got, BaseException) or not packed else result_of(*got))
 
     def _unshardable(self, group_id: str | None) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -263,3 +281,38 @@ class RayWorker(RemoteCalls):
                 continue
             self._lose()
             return
+
+
+class _Reply(Future[Any]):
+    """The future of one call to the actor. A thread that waits on it (``result``, ``exception``)
+    waits in ``ray.get`` and settles it from there: Ray wakes that thread itself once the answer is
+    in, a thread hand-off sooner than its completion callback (which costs up to a millisecond a
+    call on a busy machine). The callback still settles the calls nobody waits on."""
+
+    def __init__(self, answer: Callable[[Outcome | BaseException], None]) -> None:
+        super().__init__()
+        self.ref: Any = None  # the task's ObjectRef, once sent
+        self._answer = answer
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._fetch(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._fetch(timeout))
+
+    def _fetch(self, timeout: float | None) -> float | None:
+        """Wait in Ray for the answer and settle with it; in slices of ``PING_S``, so that a loss
+        declared meanwhile (it fails the future) ends the wait. Answers what is left of ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done() and self.ref is not None and ray.is_initialized():  # else ray.get would start a Ray
+            left = PING_S if deadline is None else min(PING_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            try:
+                got = ray.get(self.ref, timeout=left)
+            except GetTimeoutError:
+                continue
+            except RayError as exc:  # the actor is gone, or the answer could not be read
+                got = exc
+            self._answer(got)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())

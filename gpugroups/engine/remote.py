@@ -3,15 +3,19 @@
 The far side answers each call as plain data, an ``Outcome`` (``outcome``, ``run_outcome``, tensors
 moved to the CPU by ``on_cpu``); the near side, ``RemoteCalls``, keeps the calls pending as
 ``concurrent.futures.Future``s, settles them from those outcomes, and turns the device ``"lost"``
-when the far side is gone. Light: torch is imported only to move a result's tensors.
+when the far side is gone. ``run``'s payloads travel by value, as cloudpickle bytes (``pack``,
+``unpack``, ``result_of``). Light: torch is imported only to move a result's tensors.
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
+
+import cloudpickle
 
 from ..errors import GpuGroupsError
 from .devices import Device
@@ -20,6 +24,8 @@ from .worker import OutOfMemory
 #: What one call answers: ``("ok", value)``, ``("error", GpuGroupsError JSON)``, ``("oom", message)``,
 #: or for ``run`` ``("raised", exception)``: fn's own exception, handed back as itself.
 Outcome = tuple[str, Any]
+#: What the payload of a ``run`` outcome is, by its kind (the other kinds carry plain data).
+_PACKED = {"ok": "fn's result", "raised": "fn's exception"}
 
 
 class Done(Protocol):
@@ -42,13 +48,49 @@ def outcome(fut: Done, wrap: Callable[[BaseException], GpuGroupsError]) -> Outco
 
 
 def run_outcome(fut: Done) -> Outcome:
-    """A finished ``run``: its result with tensors on the CPU, our error as JSON, or fn's own exception."""
+    """A finished ``run``: its result with tensors on the CPU, or fn's own exception, packed
+    (``result_of`` unpacks them); our error as JSON, also when the payload cannot be pickled."""
     exc = fut.exception()
-    if exc is None:
-        return ("ok", on_cpu(fut.result()))
     if isinstance(exc, GpuGroupsError):
         return ("error", exc.to_json())
-    return ("raised", exc)
+    kind, value = ("ok", on_cpu(fut.result())) if exc is None else ("raised", exc)
+    try:
+        return (kind, pack(value, _PACKED[kind]))
+    except GpuGroupsError as err:
+        return ("error", err.to_json())
+
+
+def result_of(kind: str, value: Any) -> Outcome:
+    """A ``run`` outcome as ``run_outcome`` made it, its payload unpacked in this process."""
+    if kind in _PACKED:
+        try:
+            return (kind, unpack(value, _PACKED[kind]))
+        except GpuGroupsError as exc:
+            return ("error", exc.to_json())
+    return (kind, value)
+
+
+def pack(value: Any, what: str) -> bytes:
+    """``run``'s fn and arguments, or its result, as bytes for the other side. By value through
+    cloudpickle: fn may be a lambda or a notebook function, and tensors travel as bytes (a pipe's
+    own pickler would hand them over in shared memory). Bytes also pass a transport untouched, so
+    a payload that cannot be rebuilt there fails in ``unpack``, as our error, not in the transport.
+    ``invalid_request`` naming ``what`` if it cannot be pickled."""
+    try:
+        blob: bytes = cloudpickle.dumps(value)
+    except Exception as exc:
+        raise GpuGroupsError("invalid_request", f"run: {what} cannot be pickled ({type(exc).__name__}: {exc})") from None
+    return blob
+
+
+def unpack(blob: bytes, what: str) -> Any:
+    """What ``pack`` sent; ``invalid_request`` naming ``what`` if this process cannot rebuild it."""
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        raise GpuGroupsError(
+            "invalid_request", f"run: {what} cannot be unpickled in this process ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def on_cpu(value: Any) -> Any:
@@ -100,9 +142,10 @@ class RemoteCalls:
         """The ``host_unavailable`` error of this device's calls once its far side is gone."""
         raise NotImplementedError
 
-    def _track(self, status: str) -> Future[Any]:
-        """A new pending call standing for ``status``; failed at once if closed or lost."""
-        fut: Future[Any] = Future()
+    def _track(self, status: str, fut: Future[Any] | None = None) -> Future[Any]:
+        """A new pending call standing for ``status`` (``fut``, else a plain future); failed at
+        once if closed or lost."""
+        fut = Future() if fut is None else fut
         with self._lock:
             if self._closed:
                 fut.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))

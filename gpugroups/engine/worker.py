@@ -247,6 +247,20 @@ class ThreadWorker:
         self._put(_Task(fut, group_id=group_id, request=request))
         return fut
 
+    def process_here(self, group_id: str, request: Request) -> tuple[Future[dict[str, Any]], Callable[[], None] | None]:
+        """As ``process``, for a caller with a thread to lend (the Ray actor): on an idle device with
+        nothing queued the request takes the device and comes back with its pass, which the caller
+        must run in its thread (it settles the future and frees the device), sparing two thread
+        hand-offs; otherwise it is queued as by ``process`` and comes back with None."""
+        task = _Task(Future(), group_id=group_id, request=request)
+        with self._cv:
+            here = not self._tasks and not self._running and not self._stop
+            if here:
+                self._claim([task])
+        if not here:
+            self._put(task)
+        return task.future, functools.partial(self._serve, [task]) if here else None
+
     def cancel(self, request_id: str) -> None:
         with self._cv:
             queued = next((t for t in self._tasks if t.request is not None and t.request.request_id == request_id), None)
@@ -329,7 +343,7 @@ class ThreadWorker:
 
     def _take(self) -> list[_Task] | None:
         with self._cv:
-            while not self._tasks and not self._stop:
+            while (not self._tasks and not self._stop) or self._running:  # running: in a caller's thread
                 self._cv.wait()
             if self._stop and not self._tasks:
                 return None
@@ -356,12 +370,18 @@ class ThreadWorker:
                         keep.append(t)
                 keep.extend(self._tasks)
                 self._tasks = keep
-            if first.request is not None:
-                self._turn += 1
-                self._served[first.group_id] = self._turn
-            self._running = len(batch)
-            self._running_ids = {t.request.request_id for t in batch if t.request is not None}
+            self._claim(batch)
             return batch
+
+    def _claim(self, batch: list[_Task]) -> None:
+        """Under the lock: ``batch`` has the device (its group's turn is counted) until ``_serve`` ends."""
+        first = batch[0]
+        if first.request is not None:
+            self._turn += 1
+            self._served[first.group_id] = self._turn
+        self._running = len(batch)
+        self._running_ids = {t.request.request_id for t in batch if t.request is not None}
+        self._status = first.status
 
     def _next(self) -> _Task:
         """Under the lock: the task to run next. A call (load, unload, pause, research) runs in its
@@ -378,23 +398,23 @@ class ThreadWorker:
         return task
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                if batch[0].fn is not None:
-                    self._status = batch[0].status
-                    _settle(batch[0].future, batch[0].fn)
-                else:
-                    self._status = "busy"
-                    self._predict(batch)
-            finally:
-                with self._cv:
-                    self._running = 0
-                    self._running_ids = set()
-                    self._stopping.clear()
+        while (batch := self._take()) is not None:
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Task]) -> None:
+        """Run a claimed batch (a call, or requests of one group), then free the device."""
+        try:
+            if batch[0].fn is not None:
+                _settle(batch[0].future, batch[0].fn)
+            else:
+                self._predict(batch)
+        finally:
+            with self._cv:
+                self._running = 0
+                self._running_ids = set()
+                self._stopping.clear()
                 self._status = "idle"
+                self._cv.notify()  # the device's thread waits while a caller's thread has the device
 
     def _predict(self, batch: list[_Task]) -> None:
         from .inference import predict

@@ -7,6 +7,7 @@ manager holds every GPU resource. The node-loss test removes a node it added its
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -152,6 +153,23 @@ class TestOneManager:
             rm.run("tiny-a", boom)
         assert rm.process("tiny-a", "the cat", 2)["predictions"]  # the device still answers
 
+    def test_a_run_the_node_cannot_rebuild_is_refused_there_and_later_calls_still_pass(
+        self, rm: gg.Manager, tmp_path: Path
+    ) -> None:
+        """fn comes from a module only this process can import: the node fails to rebuild it, as our
+        error, in its turn among the device's calls, so the calls after it still reach the device."""
+        (tmp_path / "gg_only_here.py").write_text("def fn(model, tokenizer):\n    return 1\n")
+        sys.path.insert(0, str(tmp_path))
+        try:
+            fn = importlib.import_module("gg_only_here").fn  # pickled by reference: the node must import it
+            with pytest.raises(GpuGroupsError) as err:
+                rm.run("tiny-a", fn)
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("gg_only_here", None)
+        assert err.value.code == "invalid_request" and "cannot be unpickled" in err.value.message
+        assert rm.process("tiny-a", "the cat", 2)["predictions"]
+
     def test_a_cancel_reaches_the_request_on_the_node(self, rm: gg.Manager) -> None:
         device = rm.load("tiny-gpt2")["device_id"]
         outcomes: dict[str, Any] = {}
@@ -172,6 +190,22 @@ class TestOneManager:
             c.join(60)
         assert isinstance(outcomes["second"], GpuGroupsError) and outcomes["second"].code == "cancelled"
         assert wait_for(lambda: rm.state()["devices"][device]["queue_depth"] == 0)
+
+
+def test_the_actor_takes_each_callers_calls_in_the_order_they_were_numbered(ray_cluster: RayCluster) -> None:
+    """Ray starts a threaded actor's calls in no set order: a call numbered after one that has not
+    arrived waits for it; another caller's calls do not wait."""
+    from gpugroups.engine.rayactor import ACTOR_OPTIONS, DeviceActor
+
+    actor = ray.remote(**ACTOR_OPTIONS)(DeviceActor).options(num_cpus=0).remote("virtual", 2**20, 60.0)
+    try:
+        second = actor.cancel.remote("a", 1, "no-such-request")
+        assert ray.get(actor.cancel.remote("b", 0, "no-such-request"), timeout=60) is None
+        assert ray.wait([second], timeout=1.0)[0] == []  # still waits for a's call 0
+        first = actor.cancel.remote("a", 0, "no-such-request")
+        assert ray.get([first, second], timeout=30) == [None, None]
+    finally:
+        ray.kill(actor, no_restart=True)
 
 
 def test_a_new_manager_adopts_the_groups_of_a_killed_one(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:

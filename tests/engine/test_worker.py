@@ -116,3 +116,24 @@ def test_turns_keep_batching_and_never_pass_a_call(held):
     for f in futs:
         f.result(60)
     assert order == ["A:3", "A:3", "A:3", "B:1", "call", "D:1", "C:1"]
+
+
+def test_process_here_lends_the_callers_thread_only_on_an_idle_device(held):
+    """On an idle device the request takes the device and its pass runs in the caller's thread; a
+    call queued meanwhile waits for that pass. On a busy device the request is queued as usual."""
+    m, worker = held
+    m.load_group("tiny")
+    order: list[str] = []
+    me = threading.current_thread()
+    fut, here = worker.process_here("tiny", Request("tiny-a", PROMPT, 2))
+    assert here is not None and not fut.done() and worker.status == "busy" and worker.queue_depth == 1
+    later = worker.call(lambda: order.append("call"))
+    fut.add_done_callback(lambda f: order.append(f"pass in {'caller' if threading.current_thread() is me else 'other'}"))
+    here()
+    later.result(10)
+    assert order == ["pass in caller", "call"] and worker.queue_depth == 0
+    gate = worker.hold()
+    queued, none = worker.process_here("tiny", Request("tiny-a", PROMPT, 2))
+    assert none is None
+    gate.set()
+    assert queued.result(30)["predictions"] == fut.result()["predictions"]
