@@ -3,12 +3,13 @@
 One call of ``predict`` serves every pending request of a resident group in one forward pass:
 prompts are tokenized in one call, left-padded, positions follow the attention mask (so a padded
 row computes what it would alone), and only the last position's logits are computed where the
-model allows it. A request over its work budget is refused once its prompt is tokenized, and a
-generation stops between steps when its request is cancelled. No pass takes more memory than the
-group's runtime reserve (the member's ``PassBudget``): a prompt longer than the reserve holds is
-cut from the left like one longer than the context, and rows (prompts, or the continued
-predictions) that do not fit one pass together run in several, shortest rows first so that long
-ones share the splits and short ones are not padded to them.
+model allows it, with no KV cache (nothing continues from that pass). A request over its work
+budget is refused once its prompt is tokenized, and a generation stops between steps when its
+request is cancelled. No pass takes more memory than the group's runtime reserve (the member's
+``PassBudget``): a prompt longer than the reserve holds is cut from the left like one longer
+than the context, and rows (prompts, or the continued predictions) that do not fit one pass
+together run in several, shortest rows first so that long ones share the splits and short ones
+are not padded to them.
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ def _last_logprobs(
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if "logits_to_keep" in accepted:
             kwargs["logits_to_keep"] = 1
+        if "use_cache" in accepted:  # nothing continues from this pass: building its KV cache is waste
+            kwargs["use_cache"] = False
         logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits[:, -1, :]
         return torch.log_softmax(logits.float(), dim=-1)
 
