@@ -33,7 +33,6 @@ from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_d
 from .worker import Progress, Span
 
 
-
 @dataclass
 class Member:
     """What a member needs for a forward pass: its model object, tokenizer and context length."""
