@@ -30,7 +30,8 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, detect
 from .remote import Outcome, outcome, run_outcome, unpack
-from .worker import MAX_BATCH, Request, ThreadWorker
+from .turns import MAX_BATCH
+from .worker import Request, ThreadWorker
 
 #: The concurrency group of the calls that must answer while requests wait (the manager's ping).
 CONTROL = "control"
