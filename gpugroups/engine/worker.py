@@ -236,6 +236,7 @@ class ThreadWorker:
         hand-offs; otherwise it is queued as by ``process`` and comes back with None."""
         task = Task(Future(), group_id=group_id, request=request)
         if self._turns.claim_idle(task):
+            self._status = "busy"
             return task.future, functools.partial(self._serve, [task])
         self._put(task)
         return task.future, None
