@@ -154,7 +154,7 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
     def raw_process() -> list[int]:
         enc = tok(PROMPT, return_tensors="pt").to(target)
         with torch.inference_mode():
-            logits = peft_model(**enc, logits_to_keep=1).logits[0, -1]
+            logits = peft_model(**enc, logits_to_keep=1, use_cache=False).logits[0, -1]
             lp = torch.log_softmax(logits.float(), -1)
             return torch.topk(lp, 3).indices.tolist()
 

@@ -29,7 +29,7 @@ import torch
 
 from gpugroups.engine import estimate as est
 from gpugroups.engine.torchkit import measured_bytes
-from gpugroups.engine.worker import MAX_BATCH
+from gpugroups.engine.turns import MAX_BATCH
 from tests import tinymodels
 
 CONTEXT = 256  # positions of the models built here: the largest prompt the limits admit

@@ -46,8 +46,11 @@ def free_port() -> int:
 class Server:
     """A ``jupyter server`` subprocess with the extension (no host yet), in its own temp dirs."""
 
-    def __init__(self, tmp: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-        """``launcher`` replaces ``python -m jupyter_server`` (same arguments); ``env`` adds variables."""
+    def __init__(
+        self, tmp: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None, *options: str
+    ) -> None:
+        """``launcher`` replaces ``python -m jupyter_server`` (same arguments); ``env`` adds variables;
+        ``options`` are more command-line settings."""
         self.token, self.port = "bench", free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.runtime = tmp / "runtime"
@@ -63,7 +66,7 @@ class Server:
                 *(launcher or [sys.executable, "-m", "jupyter_server"]), "--allow-root", "--no-browser", "--ip=127.0.0.1",
                 f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.jpserver_extensions={'gpugroups': True}",
-                "--GpuGroupsHost.host_kernel=none",
+                "--GpuGroupsHost.host_kernel=none", *options,
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -169,6 +172,9 @@ def main() -> None:
         help="torch.set_num_threads in the host kernel (default: torch's own); on a small CPU box its "
         "spinning intra-op threads compete with the kernel's messaging threads",
     )
+    parser.add_argument(
+        "--comm", action="store_true", help="requests on the bridge comm, not its direct line (to compare)"
+    )
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -180,7 +186,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         catalog = tiny_catalog(tmp / "models") if args.tiny else None
         model = args.model or ("tiny-a" if args.tiny else "pycode-tests")
-        server = Server(tmp / "server")
+        server = Server(tmp / "server", None, None, *(["--GpuGroupsHost.direct_line=False"] if args.comm else []))
         try:
             measure(server, catalog, model, args.prompt, args.calls, args.rounds, args.torch_threads)
         finally:
@@ -211,7 +217,9 @@ class HostKernel:
         ).json()["id"]
         self.kc = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
         self.kc.load_connection_file()
-        self.kc.start_channels()
+        # No heartbeat: a client made from a connection file calls a kernel "dead" when its first
+        # heartbeat goes unanswered for a second, which a kernel still starting on a loaded machine is
+        self.kc.start_channels(hb=False)
         self.kc.wait_for_ready(timeout=60)
         make = f"gg.Manager(catalog={str(catalog)!r})" if catalog else "gg.manager()"
         threads = f"import torch; torch.set_num_threads({torch_threads})\n" if torch_threads else ""
@@ -269,8 +277,8 @@ def measure(
         paced += in_kernel(timed_loop(f"m.process({model!r}, {prompt!r})", n, gap), "lat")  # type: ignore[operator]
     state_kernel: list[float] = in_kernel(timed_loop("m.state()", n), "lat")  # type: ignore[assignment]
     state_rest = timed_calls(client.state, n)
-    # Jupyter's own status route through the same HTTP session: HTTP, auth and tornado, no kernel
-    status = timed_calls(lambda: client._http.get(f"{server.url}/api/status").raise_for_status(), n)
+    # Jupyter's own status route through the same connection pool: HTTP, auth and tornado, no kernel
+    status = timed_calls(lambda: client._http.request("GET", f"{server.url}/api/status", headers=server.headers), n)
     host.close()
 
     print(f"process({model!r}, {prompt!r}) on {len(rest)} calls per path, {rounds} alternating rounds")

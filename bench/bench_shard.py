@@ -113,7 +113,7 @@ def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> d
             def raw_process() -> list[int]:
                 enc = tok(PROMPT, return_tensors="pt").to(first)
                 with torch.inference_mode():
-                    logits = model(**enc, logits_to_keep=1).logits[0, -1]
+                    logits = model(**enc, logits_to_keep=1, use_cache=False).logits[0, -1]
                     return torch.topk(torch.log_softmax(logits.float(), -1), 3).indices.tolist()
 
             out["sharded_process_raw_ms"], out["sharded_process_manager_ms"] = paired_ms(

@@ -36,12 +36,11 @@ stamps = {"http": []}
 def stamp(rid, key):
     stamps.setdefault(rid, {})[key] = time.perf_counter()
 
-send = connection.KernelConnection._send_shell
-def _send_shell(self, msg_type, content):
-    data = content.get("data")
-    if isinstance(data, dict) and "id" in data:
+send = connection.KernelConnection._send
+def _send(self, data):
+    if "id" in data:
         stamp(data["id"], "server_sent")
-    return send(self, msg_type, content)
+    return send(self, data)
 
 receive = connection.KernelConnection._receive
 def _receive(self, data):
@@ -56,7 +55,7 @@ async def _run(self, path_args):
     await handle(self, path_args)
     stamps["http"].append((t, time.perf_counter()))
 
-connection.KernelConnection._send_shell = _send_shell
+connection.KernelConnection._send = _send
 connection.KernelConnection._receive = _receive
 handlers.OpHandler._run = _run
 signal.signal(signal.SIGUSR2, lambda *_: json.dump(stamps, open(os.environ["GPUGROUPS_STAGES_OUT"], "w")))
@@ -64,8 +63,9 @@ from jupyter_server.serverapp import main
 sys.exit(main())
 """
 
-#: Run in the host kernel before it serves: stamps when a request reaches the subshell, when it
-#: starts to run (on the subshell for reads, on the pool otherwise) and around its reply's send.
+#: Run in the host kernel before it serves: stamps when a request reaches the kernel (the direct
+#: line's thread, or the subshell), when it starts to run (there for reads, on the pool otherwise)
+#: and around its reply's send.
 KERNEL = """
 import time
 from gpugroups import kernel as _k
@@ -75,23 +75,19 @@ def _stamp(rid, key):
     stage_stamps.setdefault(rid, {})[key] = time.perf_counter()
 
 def _patch():
-    handle, run, publish = _k._Endpoint.handle_msg, _k._Endpoint._run, _k._Endpoint._publish
-    def handle_msg(self, msg):
-        data = msg["content"].get("data")
+    handle, run = _k._Endpoint.handle, _k._Endpoint._run
+    def handle_(self, data, answer):
         if isinstance(data, dict) and "id" in data:
             _stamp(data["id"], "kernel_received")
-        return handle(self, msg)
-    def _run(self, request):
+        return handle(self, data, answer)
+    def _run(self, request, answer):
         _stamp(request["id"], "kernel_started")
-        return run(self, request)
-    def _publish(self, data):
-        reply = "id" in data and "ok" in data
-        if reply:
-            _stamp(data["id"], "kernel_replying")
-        publish(self, data)
-        if reply:
-            _stamp(data["id"], "kernel_replied")
-    _k._Endpoint.handle_msg, _k._Endpoint._run, _k._Endpoint._publish = handle_msg, _run, _publish
+        def answer_(reply):
+            _stamp(reply["id"], "kernel_replying")
+            answer(reply)
+            _stamp(reply["id"], "kernel_replied")
+        return run(self, request, answer_)
+    _k._Endpoint.handle, _k._Endpoint._run = handle_, _run
 
 _patch()
 """
@@ -100,11 +96,11 @@ _patch()
 STAGES = [
     ("client -> REST handler (HTTP, auth)", "client_start", "handler_start"),
     ("handler -> bridge send (validate)", "handler_start", "server_sent"),
-    ("bridge send -> kernel subshell", "server_sent", "kernel_received"),
-    ("subshell -> op starts (pool hop)", "kernel_received", "kernel_started"),
+    ("bridge send -> kernel", "server_sent", "kernel_received"),
+    ("kernel -> op starts (pool hop)", "kernel_received", "kernel_started"),
     ("the op in the kernel", "kernel_started", "kernel_replying"),
-    ("sending the reply (to IOPub)", "kernel_replying", "kernel_replied"),
-    ("reply -> server (IOPub)", "kernel_replying", "server_received"),
+    ("sending the reply", "kernel_replying", "kernel_replied"),
+    ("reply -> server", "kernel_replying", "server_received"),
     ("server -> REST handler done", "server_received", "handler_end"),
     ("the REST handler, all of it", "handler_start", "handler_end"),
     ("handler done -> client", "handler_end", "client_end"),
@@ -160,6 +156,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="def test_")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads in the host kernel")
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument(
+        "--comm", action="store_true", help="requests on the bridge comm, not its direct line (to compare)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -168,7 +167,8 @@ def main() -> None:
         catalog = tiny_catalog(tmp / "models") if args.tiny else None
         model = "tiny-a" if args.tiny else "pycode-tests"
         server = Server(
-            tmp / "server", launcher=[sys.executable, "-c", SERVER], env={"GPUGROUPS_STAGES_OUT": str(out)}
+            tmp / "server", [sys.executable, "-c", SERVER], {"GPUGROUPS_STAGES_OUT": str(out)},
+            *(["--GpuGroupsHost.direct_line=False"] if args.comm else []),
         )
         try:
             host = HostKernel(server, catalog, model, args.torch_threads, setup=KERNEL)

@@ -10,11 +10,13 @@ messages. Light: no torch, so it also runs where no model ever will.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
+import urllib3
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
 
 from .errors import GpuGroupsError
 from .protocol import API_PREFIX, get_op
@@ -39,7 +41,11 @@ class Client:
     ``token`` is the Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every
     request in seconds (None: wait as long as the server does). Proxies and the CA bundle come
     from the environment as it is when the client is made (``HTTP(S)_PROXY``, ``NO_PROXY``,
-    ``REQUESTS_CA_BUNDLE``), as with ``requests``.
+    ``REQUESTS_CA_BUNDLE``), as with ``requests``. A server that cannot be reached raises
+    ``host_unavailable``, one that does not answer within ``timeout`` raises ``timeout``.
+
+    It speaks HTTP through urllib3's connection pool directly: ``requests`` on top of it costs
+    about 0.6 ms a call, a tenth of a REST ``process`` on loopback.
     """
 
     def __init__(
@@ -48,15 +54,10 @@ class Client:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._http = requests.Session()
-        # The environment's proxies and CA bundle, read once here rather than on every call
-        # (requests looks them up per request: a third of a loopback call's client time).
-        env = self._http.merge_environment_settings(self.url, {}, None, None, None)
-        self._http.proxies.update(env["proxies"])
-        self._http.verify, self._http.cert = env["verify"], env["cert"]
-        self._http.trust_env = False
+        self._headers = {"Content-Type": "application/json"}
         if token:
-            self._http.headers["Authorization"] = f"token {token}"
+            self._headers["Authorization"] = f"token {token}"
+        self._http = _pool(self.url)
 
     # ---- the non-op routes ----------------------------------------------------------------
     # ---- the ops (see protocol.OPS for routes and limits) -----------------------------------
@@ -150,8 +151,8 @@ class Client:
         return EventStream(self._ws_url(), self.token, timeout)
 
     def close(self) -> None:
-        """Close the HTTP session."""
-        self._http.close()
+        """Close the HTTP connections."""
+        self._http.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -173,30 +174,50 @@ class Client:
         return self._send(op.http_method, path, args if op.http_method == "POST" else None)
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self._http.request(
-            method,
-            self.url + API_PREFIX + path,
-            data=None if body is None else json.dumps(body),
-            timeout=self.timeout,
-        )
+        url = self.url + API_PREFIX + path
         try:
-            payload = response.json()
+            response = self._http.request(
+                method,
+                url,
+                body=None if body is None else json.dumps(body),
+                headers=self._headers,
+                timeout=urllib3.Timeout(total=self.timeout),
+                retries=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            # (urllib3 counts a refused connection as a TimeoutError too)
+            if isinstance(exc, urllib3.exceptions.TimeoutError) and not isinstance(
+                exc, urllib3.exceptions.NewConnectionError
+            ):
+                raise GpuGroupsError("timeout", f"{method} {url}: no answer within {self.timeout} s") from None
+            raise GpuGroupsError("host_unavailable", f"cannot reach the Jupyter server at {self.url}: {exc}") from None
+        try:
+            payload = json.loads(response.data)
         except ValueError:
             payload = None
-        if response.ok:
+        if response.status < 400:
             return payload
         error = payload.get("error") if isinstance(payload, dict) else None
         if not isinstance(error, dict):
-            error = {
-                "code": "internal_error",
-                "message": f"HTTP {response.status_code}: {response.text[:200]}",
-            }
+            text = response.data[:200].decode("utf-8", "replace")
+            error = {"code": "internal_error", "message": f"HTTP {response.status}: {text}"}
         raise GpuGroupsError.from_json(error)
 
     def _ws_url(self) -> str:
         parts = urlsplit(self.url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         return urlunsplit((scheme, parts.netloc, parts.path + API_PREFIX + "/ws", "", ""))
+
+
+def _pool(url: str) -> urllib3.PoolManager:
+    """Connections to ``url``'s server: through the environment's proxy for it, if any, checking
+    TLS certificates against the environment's CA bundle (else certifi's, as ``requests`` does)."""
+    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or DEFAULT_CA_BUNDLE_PATH
+    proxies = get_environ_proxies(url)
+    proxy = proxies.get(urlsplit(url).scheme) or proxies.get("all")
+    if proxy:
+        return urllib3.ProxyManager(proxy, ca_certs=ca)
+    return urllib3.PoolManager(ca_certs=ca)
 
 
 class EventStream:

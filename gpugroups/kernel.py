@@ -5,10 +5,13 @@ The server opens the comm and sends ``{id, op, args}``; each request runs in its
 (``Op.lane``): snapshot reads on the subshell itself, forward passes on the ``device`` pool, every
 other op on the ``control`` pool, so callers waiting on the device never hold up a switch, pin,
 unpin or unload. Each is answered ``{id, ok, result | error}``. ``{cancel: id}`` (the server's
-caller of that request went away) is handled on the subshell at once: ``Manager.cancel``. Manager
-events are pushed on the same comm by one sender thread per comm, which coalesces bursts. All of
-it goes straight onto IOPub with a fixed parent (the ``comm_open``), never through ``Comm.send``
-(see ``_ipykernel`` for why, and for the other ipykernel workarounds used here).
+caller of that request went away) is handled at once: ``Manager.cancel``. When the server asks
+for it, requests and replies take the comm's direct line instead (``directline``: a socket of
+their own, two trips through ipykernel's channels shorter); a reply always goes back the way its
+request came. Manager events are pushed on the comm by one sender thread per comm, which
+coalesces bursts. Everything on the comm goes straight onto IOPub with a fixed parent (the
+``comm_open``), never through ``Comm.send`` (see ``_ipykernel`` for why, and for the other
+ipykernel workarounds used here).
 
 ``serve()`` also writes the host record (``hostrecord``) that the extension watches, so a notebook
 becomes the host without anybody typing a kernel id. Light at import (no torch).
@@ -20,12 +23,13 @@ import atexit
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from . import _ipykernel
+from .directline import KernelLine
 from .errors import GpuGroupsError
 from .events import Coalescer
 from .hostrecord import host_record_path, remove_host_record, write_host_record
@@ -45,6 +49,8 @@ class Host:
         self.manager = manager
         self.record_path = host_record_path()
         self.connection_file = _connection_file()
+        #: Where a direct line binds: the interface and transport of the kernel's own channels.
+        self.interface = _interface(self.connection_file)
         self._endpoints: dict[str, _Endpoint] = {}
         self._lock = threading.Lock()
         self._lanes = {
@@ -54,7 +60,13 @@ class Host:
     def open(self, comm: Any, open_msg: dict[str, Any]) -> None:
         """Comm target: a server connected. Runs on the subshell the server opened the comm on."""
         options = open_msg["content"].get("data") or {}
-        endpoint = _Endpoint(self, comm, open_msg, trust_remote_code=options.get("trust_remote_code") is True)
+        endpoint = _Endpoint(
+            self,
+            comm,
+            open_msg,
+            trust_remote_code=options.get("trust_remote_code") is True,
+            direct=options.get("direct") is True,
+        )
         with self._lock:
             self._endpoints[comm.comm_id] = endpoint
         _ipykernel.take_comm_messages(comm, endpoint.handle_msg)
@@ -94,6 +106,7 @@ class Host:
             return len(self._endpoints)
 
     def submit(self, lane: str, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on a thread of ``lane``'s pool."""
         self._lanes[lane].submit(fn, *args)
 
     def _closed(self, comm_id: str) -> None:
@@ -112,7 +125,9 @@ class Host:
 class _Endpoint:
     """One server's comm: runs its requests, pushes the manager's events, sends with a fixed parent."""
 
-    def __init__(self, host: Host, comm: Any, open_msg: dict[str, Any], trust_remote_code: bool) -> None:
+    def __init__(
+        self, host: Host, comm: Any, open_msg: dict[str, Any], trust_remote_code: bool, direct: bool
+    ) -> None:
         self.host = host
         self.comm = comm
         self.open_msg = open_msg
@@ -122,11 +137,13 @@ class _Endpoint:
         # the whole state) must not queue up faster than the server reads IOPub
         self._out = Coalescer(self._send_events, name="gpugroups-bridge-send", interval=PUSH_INTERVAL)
         self._unsubscribe: Any = None
+        self._line = KernelLine(host.kernel.session, self.handle, *host.interface) if direct else None
 
     def start(self) -> None:
         self._unsubscribe = self.host.manager.subscribe(self._out.offer)
         header = self.open_msg["header"]
-        self._out.offer(hello_message(os.getpid(), header.get("subshell_id")))
+        line = self._line.address if self._line else None
+        self._out.offer(hello_message(os.getpid(), header.get("subshell_id"), line))
 
     def follow(self, manager: Any) -> None:
         """Push ``manager``'s events instead of the previous one's, starting with its whole state."""
@@ -139,12 +156,18 @@ class _Endpoint:
         if self._unsubscribe:
             self._unsubscribe()
         self._out.stop(flush=True)
+        if self._line:
+            self._line.stop()
 
     def handle_msg(self, msg: dict[str, Any]) -> None:
-        """A request from the server, on the subshell thread: reads (quick snapshots) are answered
-        here, so they never queue behind loads; everything else goes to its lane's pool (an unknown
-        op to ``control``, which answers its error)."""
-        data = msg["content"].get("data")
+        """A comm message from the server (on the subshell): answered on the comm."""
+        self.handle(msg["content"].get("data"), self.publish)
+
+    def handle(self, data: Any, answer: Callable[[Mapping[str, Any]], None]) -> None:
+        """A request from the server, on the thread it came in on (the subshell, or the direct
+        line's): reads (quick snapshots) are answered there, so they never queue behind loads;
+        everything else goes to its lane's pool (an unknown op to ``control``, which answers its
+        error). ``answer`` sends the reply back the way the request came."""
         if isinstance(data, dict) and isinstance(data.get("cancel"), str):
             self.host.manager.cancel(data["cancel"])
             return
@@ -154,22 +177,22 @@ class _Endpoint:
         op = OPS.get(name) if isinstance(name, str) else None
         lane = op.lane if op is not None else "control"
         if lane == "inline":
-            self._run(data)
+            self._run(data, answer)
             return
         try:
-            self.host.submit(lane, self._run, data)
+            self.host.submit(lane, self._run, data, answer)
         except RuntimeError:  # the pools refuse work once the interpreter shuts down
-            self._publish(reply_message(data["id"], _stopping()))
+            answer(reply_message(data["id"], _stopping()))
 
-    def _run(self, request: dict[str, Any]) -> None:
+    def _run(self, request: dict[str, Any], answer: Callable[[Mapping[str, Any]], None]) -> None:
         try:
             outcome: Any = self._call(request["id"], request.get("op"), request.get("args"))
         except Exception as exc:  # every request gets an answer, whatever went wrong
             outcome = exc if threading.main_thread().is_alive() else _stopping()
-        reply = reply_message(request["id"], outcome)
-        # Straight out from this pool thread (IOPub's socket is thread-safe): a reply never
-        # waits behind a large state push, and it needs no order with the events.
-        self._publish(reply)
+        # Straight out from this pool thread (IOPub's socket is thread-safe; the direct line
+        # queues it for its thread): a reply never waits behind a large state push, and it
+        # needs no order with the events.
+        answer(reply_message(request["id"], outcome))
 
     def _call(self, request_id: str, op_name: Any, args: Any) -> Any:
         op = get_op(op_name)
@@ -195,9 +218,10 @@ class _Endpoint:
             )
 
     def _send_events(self, items: list[Mapping[str, Any]]) -> None:
-        self._publish(batch_message(items))
+        self.publish(batch_message(items))
 
-    def _publish(self, data: Mapping[str, Any]) -> None:
+    def publish(self, data: Mapping[str, Any]) -> None:
+        """Send ``data`` on the comm (IOPub), from any thread."""
         _ipykernel.publish_comm_msg(self.host.kernel, self.comm, data, parent=self.open_msg)
 
 
@@ -251,6 +275,14 @@ def _current_kernel() -> Any:
     if not Kernel.initialized():
         raise outside
     return Kernel.instance()
+
+
+def _interface(connection_file: str) -> tuple[str, str]:
+    """The (ip, transport) of the kernel's channels, from its connection file."""
+    from ipykernel.connect import get_connection_info
+
+    info: Any = get_connection_info(connection_file, unpack=True)
+    return str(info.get("ip") or "127.0.0.1"), str(info.get("transport") or "tcp")
 
 
 def _connection_file() -> str:

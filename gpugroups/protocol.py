@@ -23,7 +23,7 @@ API_PREFIX = "/api/v2"
 LEGACY_PREFIX = "/api/v1"
 COMM_TARGET = "gpugroups.v2"
 #: Version of the bridge messages; the server refuses a host that speaks another one.
-BRIDGE_PROTOCOL = 1
+BRIDGE_PROTOCOL = 2
 #: The host record's file name in the Jupyter runtime dir (written by ``gg.serve()``, watched by the server).
 HOST_RECORD = "gpugroups-host.json"
 
@@ -338,9 +338,10 @@ def error_json(exc: BaseException) -> ErrorInfo:
 
 
 # ---- bridge envelopes: what the server and the host kernel say on the comm ---------------------
-def open_data(trust_remote_code: bool) -> OpenData:
-    """The server's ``comm_open`` data: the protocol it speaks and what it allows."""
-    return {"protocol": BRIDGE_PROTOCOL, "trust_remote_code": trust_remote_code}
+def open_data(trust_remote_code: bool, direct: bool) -> OpenData:
+    """The server's ``comm_open`` data: the protocol it speaks, what it allows, and whether it
+    wants requests on a direct line (``directline``)."""
+    return {"protocol": BRIDGE_PROTOCOL, "trust_remote_code": trust_remote_code, "direct": direct}
 
 
 def request_message(request_id: str, op: str, args: dict[str, Any]) -> BridgeRequest:
@@ -360,9 +361,10 @@ def reply_message(request_id: str, outcome: Any) -> Reply:
     return {"id": request_id, "ok": True, "result": outcome}
 
 
-def hello_message(pid: int, subshell_id: str | None) -> Hello:
-    """The host's first message on a new comm: its protocol, process and subshell."""
-    return {"type": "hello", "protocol": BRIDGE_PROTOCOL, "pid": pid, "subshell_id": subshell_id}
+def hello_message(pid: int, subshell_id: str | None, line: str | None) -> Hello:
+    """The host's first message on a new comm: its protocol, process, subshell and the address of
+    its direct line (None when the server did not ask for one)."""
+    return {"type": "hello", "protocol": BRIDGE_PROTOCOL, "pid": pid, "subshell_id": subshell_id, "line": line}
 
 
 def batch_message(items: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:

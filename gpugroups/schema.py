@@ -270,6 +270,7 @@ class OpenData(TypedDict):
 
     protocol: int
     trust_remote_code: bool
+    direct: bool
 
 
 class BridgeRequest(TypedDict):
@@ -310,6 +311,7 @@ class Hello(TypedDict):
     protocol: int
     pid: int
     subshell_id: str | None
+    line: str | None
 
 
 Reply = ReplyOk | ReplyError

@@ -4,6 +4,7 @@ turns any error answer into a ``GpuGroupsError``, and type-checks as a user woul
 from __future__ import annotations
 
 import http.server
+import socket
 import subprocess
 import sys
 import threading
@@ -103,3 +104,21 @@ def test_a_proxy_in_the_environment_when_the_client_is_made_is_used(
     with pytest.raises(GpuGroupsError):
         client.state()
     assert Recorder.requests == ["http://gpugroups.invalid:8888/api/v2/system/state"]
+
+
+def test_a_server_that_cannot_be_reached_is_host_unavailable() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(GpuGroupsError) as exc:
+        Client(f"http://127.0.0.1:{port}").state()
+    assert exc.value.code == "host_unavailable" and str(port) in exc.value.message
+
+
+def test_a_server_that_does_not_answer_within_the_timeout_is_a_timeout() -> None:
+    with socket.socket() as s:  # accepts connections (the kernel's backlog) and never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(GpuGroupsError) as exc:
+            Client(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=0.3).state()
+    assert exc.value.code == "timeout" and "0.3 s" in exc.value.message

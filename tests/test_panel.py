@@ -20,7 +20,7 @@ from comm.base_comm import BaseComm
 
 import gpugroups as gg
 from gpugroups.widgets import Panel
-from gpugroups.widgets.panel import _Relay
+from gpugroups.widgets.panel import CSS_PARTS, FRONT_DIR, JS_PARTS, _Relay
 from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
@@ -262,7 +262,7 @@ def test_close_detaches_from_the_manager(m, front_ends):
 
 def test_a_closed_managers_panel_says_so_and_refuses_calmly(tiny_catalog_toml, front_ends):
     """``m.close()`` ends with a last event: the panel's state says closed, with nothing loaded
-    and every device idle, so the front end can turn its controls off (panel.js: renderClosed)."""
+    and every device idle, so the front end can turn its controls off (front/view.js: renderClosed)."""
     own = gg.Manager(devices="virtual:2x512MiB", catalog=tiny_catalog_toml)
     panel = Panel(own)
     fe = panel.comm
@@ -293,6 +293,16 @@ def test_sidebar_outside_a_kernel_is_refused_and_leaves_nothing_behind(m, front_
         gg.panel(m, sidebar=True)
     assert err.value.code == "invalid_request" and "JupyterLab" in str(err.value)
     assert relays() == relays_before
+
+
+def test_the_front_end_is_every_part_of_front_joined_in_order():
+    """A file of ``front/`` left out of the lists would silently not reach the browser; the parts
+    share one module, whose ``export default`` (what anywidget calls) is in the last part only."""
+    assert sorted(JS_PARTS + CSS_PARTS) == sorted(p.name for p in FRONT_DIR.iterdir())
+    for joined, parts in ((Panel._esm, JS_PARTS), (Panel._css, CSS_PARTS)):
+        starts = [joined.index(f"/* {name} */\n{(FRONT_DIR / name).read_text()}") for name in parts]
+        assert starts == sorted(starts)
+    assert [name for name in JS_PARTS if "export default" in (FRONT_DIR / name).read_text()] == [JS_PARTS[-1]]
 
 
 def test_relay_keeps_the_newest_state_and_drops_finished_progress():

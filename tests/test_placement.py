@@ -1,8 +1,12 @@
 """The placement policy as a pure function of a state snapshot."""
 
+import functools
+import itertools
+import random
+
 import pytest
 
-from bench.placement_trace import reference_traces, simulate
+from bench.placement_trace import Trace, optimum, reference_traces, simulate
 from gpugroups.errors import GpuGroupsError
 from gpugroups.placement import DeviceView, Layout, Ledger, ResidentView, place
 
@@ -22,8 +26,9 @@ def test_resident_group_stays_where_it_is():
     assert (d.device_id, d.resident, d.evict) == (0, True, ())
 
 
-def test_prefers_the_device_with_most_free_room():
-    assert place("a", 10 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20)]).device_id == 1
+def test_a_fitting_group_goes_where_most_room_is_free():
+    assert place("a", 10 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20), dev(3, 5)]).device_id == 1
+    assert place("b", 60 * MiB, [dev(0, 50), dev(1, 80), dev(2, 20)]).device_id == 1  # the only one it fits
 
 
 def test_evicts_least_recently_used_unpinned_idle_groups_at_least_cost():
@@ -73,24 +78,39 @@ def test_insufficient_memory_names_estimate_and_each_device_room():
 def test_a_small_hot_group_outlives_a_big_cold_one_used_more_recently():
     ledger = Ledger()
     for _ in range(10):
-        ledger.used("hot", 50 * MiB)
-    ledger.used("cold", 200 * MiB)  # used last, but once and big
+        ledger.used("hot")
+    ledger.used("cold")  # used last, but once
     devices = [dev(0, 0, res("hot", 50, 1.0, value=ledger.value("hot")), res("cold", 200, 2.0, value=ledger.value("cold")))]
     assert place("x", 40 * MiB, devices).evict == ("cold",)
 
 
-def test_evicting_raises_the_clock_so_old_popularity_ages_out():
-    ledger = Ledger()
-    for _ in range(5):
-        ledger.used("old", MiB)
-    ledger.used("victim", MiB)
-    ledger.evicted("victim")
-    assert ledger.clock == pytest.approx(1 / MiB)  # the victim's value: 0 + 1 use / 1 MiB
-    for _ in range(10):  # every later eviction prices new uses higher
-        ledger.used("v", MiB)
-        ledger.evicted("v")
-    ledger.used("new", MiB)
-    assert ledger.value("new") > ledger.value("old")
+def test_victims_are_the_set_worth_least_together_not_the_cheapest_one_by_one():
+    devices = [dev(0, 0, res("a", 10, 1.0, value=1.0), res("b", 10, 2.0, value=1.5), res("c", 30, 3.0, value=2.0))]
+    assert place("x", 25 * MiB, devices).evict == ("c",)  # one by one: a, b, then c all the same
+    assert place("x", 20 * MiB, devices).evict == ("c",)  # a and b would do too, but lose 2.5
+    assert place("x", 5 * MiB, devices).evict == ("a",)
+
+
+def test_the_victim_search_stays_bounded_with_many_groups_and_still_makes_room():
+    residents = [res(f"g{i}", 1 + i % 7, float(i), value=float((i * 7919) % 101)) for i in range(60)]
+    d = place("x", 100 * MiB, [dev(0, 0, *residents)])
+    freed = sum(r.bytes for r in residents if r.group_id in d.evict)
+    assert freed >= 100 * MiB
+
+
+def test_use_counts_survive_eviction_and_halve_every_half_life_of_uses():
+    ledger = Ledger(half_life=10)
+    for _ in range(4):
+        ledger.used("old")
+    count = ledger.value("old")
+    assert count == pytest.approx(sum(0.5 ** (k / 10) for k in range(4)))  # each use ages the earlier ones
+    for _ in range(20):  # two half-lives of other groups' uses
+        ledger.used("new")
+    assert ledger.value("old") == pytest.approx(count / 4)
+    assert ledger.value("new") > ledger.value("old")  # old popularity fades behind current use
+    assert ledger.value("never") == 0.0
+    ledger.forget("old")
+    assert ledger.value("old") == 0.0
 
 
 def test_the_device_losing_least_value_is_chosen():
@@ -100,9 +120,54 @@ def test_the_device_losing_least_value_is_chosen():
 
 def test_on_the_reference_traces_the_policy_loads_less_than_lru_and_the_old_rule():
     for trace in reference_traces():
-        loads = simulate(trace, "gdsf")
+        loads = simulate(trace, "policy")
         assert loads < simulate(trace, "lru"), trace.name
         assert loads < simulate(trace, "size"), trace.name
+        assert loads >= optimum(trace), trace.name
+
+
+def test_the_optimum_is_beladys_on_one_device_of_equal_groups():
+    rng = random.Random(7)
+    requests = tuple(rng.choice("abcdef") for _ in range(300))
+    trace = Trace("equal", requests, {g: MiB for g in "abcdef"}, devices=(3 * MiB,))
+    held: set[str] = set()
+    loads = 0
+    for i, g in enumerate(requests):
+        if g not in held:
+            loads += 1
+            if len(held) == 3:  # Belady: unload the group needed furthest ahead (optimal for equal sizes)
+                ahead = {h: requests.index(h, i) if h in requests[i:] else len(requests) for h in held}
+                held.remove(max(held, key=ahead.__getitem__))
+            held.add(g)
+    assert optimum(trace) == loads
+
+
+def test_the_optimum_matches_an_exhaustive_search_on_small_traces_of_groups_of_different_sizes():
+    sizes = {"a": 1, "b": 1, "c": 2, "d": 3, "e": 4}
+    caps = (4, 5)
+    for seed in range(4):
+        rng = random.Random(seed)
+        requests = tuple(rng.choice("aabbcde") for _ in range(30))
+        trace = Trace("small", requests, {g: s * MiB for g, s in sizes.items()}, tuple(c * MiB for c in caps))
+
+        @functools.cache
+        def fewest(i: int, where: tuple[tuple[str, ...], ...]) -> int:
+            """Loads to serve requests[i:] from ``where``, trying every device and every set of victims."""
+            if i == len(requests):
+                return 0
+            g = requests[i]
+            if any(g in on for on in where):
+                return fewest(i + 1, where)
+            best = len(requests)
+            for d, on in enumerate(where):
+                for r in range(len(on) + 1):
+                    for out in itertools.combinations(on, r):
+                        kept = tuple(sorted(h for h in on if h not in out) + [g])
+                        if sum(sizes[h] for h in kept) <= caps[d]:
+                            best = min(best, 1 + fewest(i + 1, where[:d] + (kept,) + where[d + 1:]))
+            return best
+
+        assert optimum(trace) == fewest(0, ((), ())), requests
 
 
 # ---- sharding -------------------------------------------------------------------------------

@@ -132,12 +132,10 @@ def test_the_flags_say_what_the_old_lists_said() -> None:
 
 
 def test_the_panel_reads_limits_and_flags_from_the_table() -> None:
-    """panel.js holds no op list or limit of its own; the Panel syncs them from the table."""
-    from pathlib import Path
-
+    """The panel's front end holds no op list or limit of its own; the Panel syncs them from the table."""
     from gpugroups.widgets import panel
 
-    js = (Path(panel.__file__).parent / "panel.js").read_text()
+    js = "\n".join(part.read_text() for part in sorted(panel.FRONT_DIR.glob("*.js")))
     for own in ("MUTATING", f'"{MAX_NEW_TOKENS}"', str(MAX_PROMPT_CHARS), '"100"'):
         assert own not in js, own
     assert "changes_residency" in js and 'get("spec")' in js

@@ -1,13 +1,15 @@
 """Predictions: top-N next tokens for a batch of prompts, and greedy continuations.
 
 One call of ``predict`` serves every pending request of a resident group in one forward pass:
-prompts are left-padded, positions follow the attention mask (so a padded row computes what it
-would alone), and only the last position's logits are computed where the model allows it. A
-request over its work budget is refused once its prompt is tokenized, and a generation stops
-between steps when its request is cancelled. No pass takes more memory than the group's runtime
-reserve (the member's ``PassBudget``): a prompt longer than the reserve holds is cut from the
-left like one longer than the context, and rows (prompts, or the continued predictions) that do
-not fit one pass together run in several.
+prompts are tokenized in one call, left-padded, positions follow the attention mask (so a padded
+row computes what it would alone), and only the last position's logits are computed where the
+model allows it, with no KV cache (nothing continues from that pass). A request over its work
+budget is refused once its prompt is tokenized, and a generation stops between steps when its
+request is cancelled. No pass takes more memory than the group's runtime reserve (the member's
+``PassBudget``): a prompt longer than the reserve holds is cut from the left like one longer
+than the context, and rows (prompts, or the continued predictions) that do not fit one pass
+together run in several, shortest rows first so that long ones share the splits and short ones
+are not padded to them.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def predict(
     t0 = time.perf_counter()
     outcomes: list[dict[str, Any] | GpuGroupsError | None] = []
     encoded: list[tuple[Request, list[int], bool]] = []
-    for r in requests:
+    for r, ids in zip(requests, _tokenize(rt, requests)):
         try:
-            ids, cut = _encode(rt, r)
+            ids, cut = _fit(rt, r, ids)
         except GpuGroupsError as exc:
             outcomes.append(exc)
         else:
@@ -54,15 +56,30 @@ def predict(
     return [next(answers) if o is None else o for o in outcomes]
 
 
-def _encode(rt: Runtime, r: Request) -> tuple[list[int], bool]:
-    """The prompt's token ids, cut from the left to fit the context and the member's pass budget,
-    and whether they were cut; ``invalid_request`` if the request's work (``protocol.request_work``)
-    is over its budget, or its continuation alone would not fit the memory reserve."""
+def _tokenize(rt: Runtime, requests: list[Request]) -> list[list[int]]:
+    """Each request's prompt as token ids: one tokenizer call for every prompt of a tokenizer (the
+    members of one batch share theirs), a fraction of the calls' cost one by one."""
+    out: list[list[int]] = [[] for _ in requests]
+    by_tokenizer: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        by_tokenizer.setdefault(id(rt.members[r.member].tokenizer), []).append(i)
+    for rows in by_tokenizer.values():
+        tok = rt.members[requests[rows[0]].member].tokenizer
+        # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
+        # the prompt is cut to fit in ``_fit``, so the warning would only mislead the user.
+        encoded = tok([requests[i].prompt for i in rows], verbose=False)["input_ids"]
+        for i, ids in zip(rows, encoded, strict=True):
+            out[i] = list(ids)
+    return out
+
+
+def _fit(rt: Runtime, r: Request, ids: list[int]) -> tuple[list[int], bool]:
+    """The prompt's token ``ids``, cut from the left to fit the context and the member's pass
+    budget, and whether they were cut; ``invalid_request`` if the request's work
+    (``protocol.request_work``) is over its budget, or its continuation alone would not fit the
+    memory reserve."""
     member = rt.members[r.member]
     budget = member.budget
-    # verbose=False: transformers would warn of "indexing errors" for a long prompt, but
-    # the prompt is cut to fit just below, so the warning would only mislead the user.
-    ids = list(member.tokenizer(r.prompt, verbose=False)["input_ids"])
     context_room = member.context_length - r.max_new_tokens - 1
     # a continuation's pass holds the prompt, its first token and the tokens that follow
     memory_room = budget.max_seq(r.max_new_tokens) - (1 if r.max_new_tokens else 0)
@@ -103,17 +120,12 @@ def _forward(
     tok = member.tokenizer
     device = torch.device(member.device)
     t1 = time.perf_counter()
-    parts = []
-    for start, end in _passes([len(ids) for ids in rows], member.budget):
-        parts.append(_last_logprobs(rt, [r.member for r in requests[start:end]], rows[start:end], tok, device))
-    logprobs = torch.cat(parts)
+    logprobs = _logprobs(rt, [r.member for r in requests], rows, member.budget, tok, device)
     t2 = time.perf_counter()
-    vocab = logprobs.shape[-1]
+    tops = _top(logprobs, [r.num_predictions for r in requests])
     results = []
     for i, r in enumerate(requests):
-        k = min(r.num_predictions, vocab)
-        top = torch.topk(logprobs[i], k)
-        top_lp, top_ids = top.values.tolist(), top.indices.tolist()
+        top_ids, top_lp = tops[i]
         preds = [
             {"token": tok.decode([t]), "token_id": t, "probability": math.exp(lp), "logprob": lp}
             for t, lp in zip(top_ids, top_lp)
@@ -137,6 +149,38 @@ def _forward(
             }
         )
     return results
+
+
+def _logprobs(
+    rt: Runtime, members: list[str], rows: list[list[int]], budget: PassBudget, tok: Any, device: torch.device
+) -> torch.Tensor:
+    """The log-probabilities after each row's last token (a row per row of ``rows``), in as few
+    passes as the budget allows. Rows go in order of length, so that a split puts long rows
+    together and each pass pads little; within a pass, rows of one member follow each other,
+    which is what a mixed batch costs least with (``Adapters.mixed``)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: torch.Tensor | None = None
+    for start, end in _passes([len(rows[i]) for i in order], budget):
+        chunk = sorted(order[start:end], key=lambda i: members[i])
+        part = _last_logprobs(rt, [members[i] for i in chunk], [rows[i] for i in chunk], tok, device)
+        if out is None:
+            out = part.new_empty((len(rows), part.shape[-1]))
+        out[chunk] = part
+    assert out is not None
+    return out
+
+
+def _top(logprobs: torch.Tensor, counts: list[int]) -> list[tuple[list[int], list[float]]]:
+    """Each row's ``counts[i]`` most likely token ids and their log-probabilities, most likely
+    first: one ``topk`` for the rows that ask the same count (usually all of them)."""
+    vocab = logprobs.shape[-1]
+    out: list[tuple[list[int], list[float]]] = [([], [])] * len(counts)
+    for k in set(counts):
+        rows = [i for i, c in enumerate(counts) if c == k]
+        top = torch.topk(logprobs if len(rows) == len(counts) else logprobs[rows], min(k, vocab))
+        for i, ids, lps in zip(rows, top.indices.tolist(), top.values.tolist(), strict=True):
+            out[i] = (ids, lps)
+    return out
 
 
 def _passes(lengths: list[int], budget: PassBudget) -> list[tuple[int, int]]:
@@ -172,6 +216,8 @@ def _last_logprobs(
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if "logits_to_keep" in accepted:
             kwargs["logits_to_keep"] = 1
+        if "use_cache" in accepted:  # nothing continues from this pass: building its KV cache is waste
+            kwargs["use_cache"] = False
         logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits[:, -1, :]
         return torch.log_softmax(logits.float(), dim=-1)
 

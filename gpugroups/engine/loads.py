@@ -107,7 +107,6 @@ class Loads:
         victims = [self.slots[g] for g in decision.evict]
         for v in victims:
             v.state = "unloading"
-            self.ledger.evicted(v.group.id)
         self.slots[group.id] = slot
         self.ops[group.id] = Operation(f"op-{next(self._op_ids)}", "load", group.id, decision.device_id)
         self._changed()
@@ -296,7 +295,7 @@ class Loads:
 
         before = current()
         slot.last_used = time.monotonic()
-        self.ledger.used(slot.group.id, slot.bytes)
+        self.ledger.used(slot.group.id)
         if current() != before:
             self._changed()
             return True

@@ -295,6 +295,7 @@ class Manager(AwaitableTwins):
         with self._lock:
             for gid in forgotten:
                 self._res.current.pop(gid, None)
+                self._res.ledger.forget(gid)
         try:
             return self._res.ensure(group, device_id, then, device_ids)
         except BaseException:

@@ -30,7 +30,7 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
 from .prochost import DEVICE_FIELDS
-from .remote import RemoteCalls, pack, result_of
+from .remote import RemoteCalls, pack_run, result_of
 from .worker import Progress, Request, Span, cancelled
 
 #: How long a worker process may take to answer ``resident`` (it starts Python first) or to stop.
@@ -109,12 +109,9 @@ class ProcessWorker(RemoteCalls):
     def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Future[Any]:
-        try:
-            blob = pack((fn, args, dict(kwargs)), "fn or its arguments")
-        except GpuGroupsError as exc:
-            refused: Future[Any] = Future()
-            refused.set_exception(exc)
-            return refused
+        blob = pack_run(fn, args, kwargs)
+        if isinstance(blob, Future):
+            return blob
         return self._call("busy", "run", (group_id, member_id, blob))
 
     def cancel(self, request_id: str) -> None:

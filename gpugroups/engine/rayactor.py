@@ -33,7 +33,8 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, detect
 from .remote import outcome, run_outcome, unpack
-from .worker import MAX_BATCH, ThreadWorker
+from .turns import MAX_BATCH
+from .worker import ThreadWorker
 
 #: The concurrency group of the calls that must answer while requests wait (the manager's ping).
 CONTROL = "control"

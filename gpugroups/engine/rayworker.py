@@ -32,7 +32,7 @@ from ..errors import GpuGroupsError
 from ..kernelenv import RAY_ADDRESS_ENV
 from .devices import Device, parse_size
 from .rayactor import ACTOR_OPTIONS, DeviceActor, seal
-from .remote import Outcome, RemoteCalls, pack, result_of
+from .remote import Outcome, RemoteCalls, pack_run, result_of
 from .worker import Progress, Request, Span
 
 #: How often a worker pings its actor (also the actor's sign that a manager is attached).
@@ -162,13 +162,10 @@ class RayWorker(RemoteCalls):
     def run(
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Future[Any]:
-        try:
-            # bytes: a payload the node cannot rebuild fails there as our error, after its turn
-            blob = pack((fn, args, dict(kwargs)), "fn or its arguments")
-        except GpuGroupsError as exc:
-            refused: Future[Any] = Future()
-            refused.set_exception(exc)
-            return refused
+        # bytes: a payload the node cannot rebuild fails there as our error, after its turn
+        blob = pack_run(fn, args, kwargs)
+        if isinstance(blob, Future):
+            return blob
         return self._call("busy", lambda: self._send(self._actor.run, group_id, member_id, blob), packed=True)
 
     def unload(self, group_id: str) -> Future[None]:

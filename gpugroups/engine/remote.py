@@ -84,6 +84,16 @@ def pack(value: Any, what: str) -> bytes:
     return blob
 
 
+def pack_run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> bytes | Future[Any]:
+    """``run``'s payload as bytes (``pack``), or a future already failed with why it cannot travel."""
+    try:
+        return pack((fn, args, dict(kwargs)), "fn or its arguments")
+    except GpuGroupsError as exc:
+        refused: Future[Any] = Future()
+        refused.set_exception(exc)
+        return refused
+
+
 def unpack(blob: bytes, what: str) -> Any:
     """What ``pack`` sent; ``invalid_request`` naming ``what`` if this process cannot rebuild it."""
     try:

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 
 from ..catalog import GroupSpec
+from .adapters import BASE_ROW, Adapters
 from .budget import PassBudget
 from .devices import Device
 from .estimate import ShardReserve, config_of, group_reserve
 from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
 from .worker import Progress, Span
-
-BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Runtime:
         self._head: int | None = None
         self._where: dict[str, int] = {}  # a sharded models group: member -> span position
         self._peft: Any = None
-        self._tuner_layers: list[Any] = []  # every LoRA layer of the PEFT model, found once at load
+        self._adapters: Adapters | None = None  # the PEFT model's member switches
         self._switch_lock = threading.Lock()
         self._reserve: ShardReserve | None = None  # the group's runtime reserve, read once at load
 
@@ -113,8 +112,14 @@ class Runtime:
         total = sum(self._map_split) or 1  # one model: the map's split of what was measured
         self.shares = [self.bytes * b // total for b in self._map_split]
         self.shares[-1] += self.bytes - sum(self.shares)
-        total_layers = sum(self._layers)
-        self.reserves = [span.reserve.on(n, total_layers, self._head in (None, i)) for i, n in enumerate(self._layers)]
+        layout = self._layout()
+        total_layers = sum(n for n, _ in layout)
+        self.reserves = [span.reserve.on(n, total_layers, head) for n, head in layout]
+
+    def _layout(self) -> tuple[tuple[int, bool], ...]:
+        """A layered group's decoder layers and whether it holds the output head, per span
+        position (every position counts the head when the model has none); () otherwise."""
+        return tuple((n, self._head in (None, i)) for i, n in enumerate(self._layers))
 
     def _load(self, folders: dict[str, Path], report: Progress) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,7 +164,7 @@ class Runtime:
                     self.members[aid] = Member(self._peft, tok, ctx, backing[g.base], budget, adapter=aid)  # type: ignore[index]
                 self.members[g.base] = Member(self._peft, tok, ctx, backing[g.base], budget)  # type: ignore[index]
                 self._peft.set_adapter(adapters[0], inference_mode=True)
-                self._tuner_layers = _tuner_layers(self._peft)
+                self._adapters = Adapters(self._peft)
         else:
             for i, mid in enumerate(g.members):
                 report(i / steps, f"loading {mid}")
@@ -173,11 +178,12 @@ class Runtime:
 
     def _budget(self, folder: Path, model: Any, folders: dict[str, Path]) -> PassBudget:
         """A member's pass budget: the group's reserve, against the attention the model really runs
-        (transformers may fall back to eager, which the config file does not say)."""
+        (transformers may fall back to eager, which the config file does not say), on the devices
+        its layers were laid out over (known by now: the map is made before the weights load)."""
         if self._reserve is None:
             self._reserve = group_reserve(self.group, folders, self.dtype)
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        return PassBudget(config_of(Path(folder)), self.dtype, self._reserve, attention)
+        return PassBudget(config_of(Path(folder)), self.dtype, self._reserve, attention, self._layout())
 
     def _spread_members(self, folders: dict[str, Path]) -> dict[str, int]:
         """Each member's span position: placement's shares of the members' weights, in member order."""
@@ -207,8 +213,9 @@ class Runtime:
     def rows(self, member_ids: list[str]) -> Iterator[tuple[Any, dict[str, Any]]]:
         """The model to call for a batch whose rows belong to ``member_ids``, and extra kwargs.
 
-        All rows of one member: activate that adapter (or disable adapters for the base). Mixed
-        adapters-group rows: PEFT's per-row ``adapter_names``. ``models`` groups batch per member.
+        All rows of one member: activate that adapter (or disable adapters for the base). Rows of
+        several members of an adapters group: each row with its own adapter (``Adapters.mixed``;
+        rows of one member kept together cost least). ``models`` groups batch per member.
         """
         first = self.members[member_ids[0]]
         if self._peft is None:
@@ -217,51 +224,18 @@ class Runtime:
             yield first.model, {}
             return
         names = [self.members[m].adapter or BASE_ROW for m in member_ids]
+        switch = self._adapters
+        assert switch is not None
         with self._switch_lock:
             if len(set(names)) > 1:
-                yield self._peft, {"adapter_names": names}
+                with switch.mixed(names) as extra:
+                    yield self._peft, extra
             elif names[0] == BASE_ROW:
-                with self._adapters_off():
+                with switch.off():
                     yield self._peft, {}
             else:
-                if self._peft.active_adapter != names[0]:
-                    self._activate(names[0])
+                switch.activate(names[0])
                 yield self._peft, {}
-
-    @contextlib.contextmanager
-    def _adapters_off(self) -> Iterator[None]:
-        """The bare base: like ``PeftModel.disable_adapter()``, whose status check and re-enable walk
-        every adapter's parameters, by flipping each LoRA layer's switch over the list found at load."""
-        if not self._tuner_layers:
-            with self._peft.disable_adapter():
-                yield
-            return
-        for layer in self._tuner_layers:
-            layer._disable_adapters = True
-        try:
-            yield
-        finally:
-            for layer in self._tuner_layers:
-                layer._disable_adapters = False
-
-    def _activate(self, adapter: str) -> None:
-        """Make ``adapter`` the active one, as ``PeftModel.set_adapter(adapter, inference_mode=True)``
-        would, in time flat in the number of adapters.
-
-        PEFT's own switch walks every module and re-freezes every adapter's parameters (~15 ms at
-        64 adapters); loaded with ``is_trainable=False`` they are frozen already, so switching only
-        sets each LoRA layer's active adapter over the list found at load. Auxiliary modules
-        (``modules_to_save``) keep PEFT's path.
-        """
-        peft = self._peft
-        if not self._tuner_layers:
-            peft.set_adapter(adapter, inference_mode=True)
-            return
-        active = [adapter]
-        for layer in self._tuner_layers:
-            layer._active_adapter = active
-        peft.active_adapter = adapter
-        peft.base_model.active_adapter = adapter
 
     def can_share_batch(self, a: str, b: str) -> bool:
         """Whether rows of members ``a`` and ``b`` may go into one forward pass."""
@@ -277,28 +251,13 @@ class Runtime:
         alive = [weakref.ref(m.model) for m in self.members.values()]
         self.members.clear()
         self._peft = None
-        self._tuner_layers = []
+        self._adapters = None
         if any(r() is not None for r in alive):
             gc.collect()
         for backing in {self.device.backing, *(self._span.backings if self._span else ())}:
             if backing.startswith("cuda"):  # every device the group spans gives its cache back
                 with torch.cuda.device(backing):
                     torch.cuda.empty_cache()
-
-
-def _tuner_layers(peft: Any) -> list[Any]:
-    """The PEFT model's adapter layers, or [] when a switch needs PEFT's full walk (auxiliary
-    modules such as ``modules_to_save``, or adapters that are not plain tuner layers)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    layers = []
-    for module in peft.modules():
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return []
-        if isinstance(module, BaseTunerLayer):
-            layers.append(module)
-    return layers
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,14 +24,13 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
 from .estimate import ShardReserve
+from .turns import Task, Turns
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
 #: ``progress(fraction, stage)``: how far a load has come, called from the worker.
 Progress = Callable[[float, str], None]
-#: Most requests one forward pass serves.
-MAX_BATCH = 32
 
 
 @dataclass
@@ -180,15 +178,6 @@ def worker_factory(choice: WorkerChoice, devices: list[Device]) -> WorkerFactory
     raise GpuGroupsError("invalid_request", f"worker must be 'auto', 'thread', 'process' or a factory, not {choice!r}")
 
 
-@dataclass
-class _Task:
-    future: Future[Any]
-    fn: Callable[[], Any] | None = None  # a call; None for a process request
-    status: str = "busy"
-    group_id: str = ""
-    request: Request | None = None
-
-
 class ThreadWorker:
     """One device's thread: runs calls in order, batching queued ``process`` requests of a group."""
 
@@ -198,14 +187,7 @@ class ThreadWorker:
         self.device = device
         self._status = "idle"
         self._runtimes: dict[str, Runtime] = {}
-        self._tasks: deque[_Task] = deque()
-        self._cv = threading.Condition()
-        self._stop = False
-        self._running = 0
-        self._running_ids: set[str] = set()
-        self._stopping: set[str] = set()  # running requests asked to stop
-        self._served: dict[str, int] = {}  # group -> the turn it was last served (fair queueing)
-        self._turn = 0
+        self._turns = Turns()
         self._thread = threading.Thread(target=self._loop, name=f"gpugroups-{device.device}", daemon=True)
         self._thread.start()
 
@@ -215,7 +197,7 @@ class ThreadWorker:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._tasks) + self._running
+        return self._turns.depth
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         return self.call(functools.partial(self._load, group, dict(folders), dtype, progress), "loading")
@@ -244,7 +226,7 @@ class ThreadWorker:
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
         fut: Future[dict[str, Any]] = Future()
-        self._put(_Task(fut, group_id=group_id, request=request))
+        self._put(Task(fut, group_id=group_id, request=request))
         return fut
 
     def process_here(self, group_id: str, request: Request) -> tuple[Future[dict[str, Any]], Callable[[], None] | None]:
@@ -252,22 +234,15 @@ class ThreadWorker:
         nothing queued the request takes the device and comes back with its pass, which the caller
         must run in its thread (it settles the future and frees the device), sparing two thread
         hand-offs; otherwise it is queued as by ``process`` and comes back with None."""
-        task = _Task(Future(), group_id=group_id, request=request)
-        with self._cv:
-            here = not self._tasks and not self._running and not self._stop
-            if here:
-                self._claim([task])
-        if not here:
-            self._put(task)
-        return task.future, functools.partial(self._serve, [task]) if here else None
+        task = Task(Future(), group_id=group_id, request=request)
+        if self._turns.claim_idle(task):
+            self._status = "busy"
+            return task.future, functools.partial(self._serve, [task])
+        self._put(task)
+        return task.future, None
 
     def cancel(self, request_id: str) -> None:
-        with self._cv:
-            queued = next((t for t in self._tasks if t.request is not None and t.request.request_id == request_id), None)
-            if queued is not None:
-                self._tasks.remove(queued)
-            elif request_id in self._running_ids:
-                self._stopping.add(request_id)
+        queued = self._turns.cancel(request_id)
         if queued is not None:  # outside the lock: the future's callbacks may queue work here
             queued.future.set_exception(cancelled(request_id))
 
@@ -279,7 +254,7 @@ class ThreadWorker:
     def call(self, fn: Callable[[], Any], status: str = "busy") -> Future[Any]:
         """Run ``fn`` on this device's thread after what is already queued (in-process only)."""
         fut: Future[Any] = Future()
-        self._put(_Task(fut, fn, status))
+        self._put(Task(fut, fn, status))
         return fut
 
     def runtimes(self) -> dict[str, Runtime]:
@@ -293,9 +268,7 @@ class ThreadWorker:
         pass  # a thread of this process goes only with the process
 
     def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
+        self._turns.stop()
         self._thread.join(timeout=30)
 
     def _load(
@@ -316,7 +289,7 @@ class ThreadWorker:
 
     def _unload(self, group_id: str) -> None:
         rt = self._runtimes.pop(group_id, None)
-        self._served.pop(group_id, None)
+        self._turns.forget(group_id)
         if rt is not None:
             rt.unload()
 
@@ -333,95 +306,36 @@ class ThreadWorker:
             raise GpuGroupsError("invalid_request", f"group {group_id!r} is not loaded on this device")
         return rt
 
-    def _put(self, task: _Task) -> None:
-        with self._cv:
-            if self._stop:
-                task.future.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
-                return
-            self._tasks.append(task)
-            self._cv.notify()
+    def _put(self, task: Task) -> None:
+        if not self._turns.put(task):
+            task.future.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
 
-    def _take(self) -> list[_Task] | None:
-        with self._cv:
-            while (not self._tasks and not self._stop) or self._running:  # running: in a caller's thread
-                self._cv.wait()
-            if self._stop and not self._tasks:
-                return None
-            first = self._next()
-            batch = [first]
-            rt = self._runtimes.get(first.group_id)
-            # A sharded group's pass holds its other devices until it ends; a later request's
-            # hold waits behind this one's there, so sharded requests run one per pass. A request
-            # that generates runs alone: continuations run one after another, and a batch of them
-            # would hold the device (and other groups' requests) for their sum.
-            if first.request is not None and rt is not None and not first.request.after and not first.request.max_new_tokens:
-                keep: deque[_Task] = deque()
-                while self._tasks and len(batch) < MAX_BATCH:
-                    t = self._tasks.popleft()
-                    if t.request is None:  # never reorder past a load or unload
-                        keep.append(t)
-                        break
-                    if (
-                        t.group_id == first.group_id and not t.request.after and not t.request.max_new_tokens
-                        and rt.can_share_batch(first.request.member, t.request.member)
-                    ):
-                        batch.append(t)
-                    else:
-                        keep.append(t)
-                keep.extend(self._tasks)
-                self._tasks = keep
-            self._claim(batch)
-            return batch
-
-    def _claim(self, batch: list[_Task]) -> None:
-        """Under the lock: ``batch`` has the device (its group's turn is counted) until ``_serve`` ends."""
-        first = batch[0]
-        if first.request is not None:
-            self._turn += 1
-            self._served[first.group_id] = self._turn
-        self._running = len(batch)
-        self._running_ids = {t.request.request_id for t in batch if t.request is not None}
-        self._status = first.status
-
-    def _next(self) -> _Task:
-        """Under the lock: the task to run next. A call (load, unload, pause, research) runs in its
-        turn; of the requests queued before the first call, the group served longest ago goes first
-        (round robin between groups), its oldest request first."""
-        best = 0
-        for i, t in enumerate(self._tasks):
-            if t.request is None:
-                break
-            if self._served.get(t.group_id, 0) < self._served.get(self._tasks[best].group_id, 0):
-                best = i
-        task = self._tasks[best]
-        del self._tasks[best]
-        return task
+    def _shares(self, group_id: str, a: str, b: str) -> bool:
+        rt = self._runtimes.get(group_id)
+        return rt is not None and rt.can_share_batch(a, b)
 
     def _loop(self) -> None:
-        while (batch := self._take()) is not None:
+        while (batch := self._turns.take(self._shares)) is not None:
             self._serve(batch)
 
-    def _serve(self, batch: list[_Task]) -> None:
-        """Run a claimed batch (a call, or requests of one group), then free the device."""
+    def _serve(self, batch: list[Task]) -> None:
+        """Run what has the device (a call, or requests of one group), then free it."""
         try:
             if batch[0].fn is not None:
+                self._status = batch[0].status
                 _settle(batch[0].future, batch[0].fn)
             else:
+                self._status = "busy"
                 self._predict(batch)
         finally:
-            with self._cv:
-                self._running = 0
-                self._running_ids = set()
-                self._stopping.clear()
-                self._status = "idle"
-                if self._tasks or self._stop:  # the device's thread waited for a caller's thread
-                    self._cv.notify()
+            self._status = "idle"
+            self._turns.done()
 
-    def _predict(self, batch: list[_Task]) -> None:
+    def _predict(self, batch: list[Task]) -> None:
         from .inference import predict
 
         def stopped(request: Request) -> bool:
-            return request.request_id in self._stopping
+            return self._turns.stopped(request.request_id)
 
         try:
             rt = self._runtime(batch[0].group_id)

@@ -3,8 +3,10 @@ comm, and requests matched to their replies. Which kernel that is, is the host p
 
 A ``KernelConnection`` is a kernel client from the server's own kernel manager (with a socket
 identity of its own), a subshell created on control, and the comm opened on that subshell after
-the kernel ran ``ensure_served()``. Requests ``{id, op, args}`` go out on the subshell; replies
-``{id, ok, result | error}`` come back on IOPub next to the pushed events, which go to ``on_data``.
+the kernel ran ``ensure_served()``. Requests ``{id, op, args}`` go out on the comm's direct line
+(``directline``) when the kernel's end answers its ping, else on the subshell; replies
+``{id, ok, result | error}`` come back the same way. Pushed events come on IOPub and go to
+``on_data``.
 A broken channel, a closed comm, a vanished subshell or the kernel's announced shutdown goes to
 ``on_broken`` (so requests in flight fail as ``host_unavailable`` before the kernel stops).
 """
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from queue import Empty
 from typing import Any
 
@@ -25,6 +27,7 @@ from .._ipykernel import (
     UNKNOWN_SUBSHELL_ERROR,
     client_with_own_identity,
 )
+from ..directline import ServerLine
 from ..errors import GpuGroupsError
 from ..protocol import (
     BRIDGE_PROTOCOL,
@@ -72,6 +75,7 @@ class KernelConnection:
         started_by: str = "",
         trust_remote_code: bool = False,
         use_subshells: bool = True,
+        direct_line: bool = True,
         log: logging.Logger | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -88,6 +92,9 @@ class KernelConnection:
         self._on_broken = on_broken
         self._trust_remote_code = trust_remote_code
         self._use_subshells = use_subshells
+        self._direct_line = direct_line
+        #: The direct line to the kernel, when it answered (else requests take the comm).
+        self.line: ServerLine | None = None
         self._log = log or logging.getLogger(__name__)
         self._client: Any = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -174,7 +181,7 @@ class KernelConnection:
             {
                 "comm_id": self.comm_id,
                 "target_name": COMM_TARGET,
-                "data": open_data(self._trust_remote_code),
+                "data": open_data(self._trust_remote_code, self._direct_line),
             },
         )
         hello = await self._hello
@@ -185,6 +192,17 @@ class KernelConnection:
                 f"this server {BRIDGE_PROTOCOL} (different gpugroups versions?)",
             )
         self.pid = hello.get("pid")
+        if hello.get("line"):
+            self._at("pinging the direct line")
+            line = ServerLine(self._client.session, hello["line"], self._receive)
+            if await line.ping():
+                self.line = line
+            else:
+                line.close()
+                self._log.warning(
+                    "gpugroups: kernel %s's direct line %s did not answer; requests take the comm",
+                    self.kernel_id, hello["line"],
+                )  # fmt: skip
         self._at("attached")
 
     def _at(self, step: str) -> None:
@@ -240,9 +258,7 @@ class KernelConnection:
         rid = uuid.uuid4().hex
         fut = self._pending[rid] = asyncio.get_running_loop().create_future()
         try:
-            self._send_shell(
-                "comm_msg", {"comm_id": self.comm_id, "data": request_message(rid, op, args)}
-            )
+            self._send(request_message(rid, op, args))
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self._cancel(op, rid)
@@ -262,7 +278,14 @@ class KernelConnection:
     def _cancel(self, op: str, rid: str) -> None:
         """Tell the host that nobody waits for request ``rid`` any more (if its op can be cancelled)."""
         if get_op(op).cancellable and not self.closed:
-            self._send_shell("comm_msg", {"comm_id": self.comm_id, "data": cancel_message(rid)})
+            self._send(cancel_message(rid))
+
+    def _send(self, data: Mapping[str, Any]) -> None:
+        """A request or cancel to the host: on the direct line if there is one, else on the comm."""
+        if self.line is not None:
+            self.line.send(data)
+        else:
+            self._send_shell("comm_msg", {"comm_id": self.comm_id, "data": data})
 
     async def close(self, reason: str, tidy: bool = False) -> None:
         """Fail pending requests with ``host_unavailable`` and stop the channels. ``tidy`` (for a
@@ -281,6 +304,8 @@ class KernelConnection:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # whoever awaits it still gets the error; nobody else is told
+        if self.line is not None:
+            self.line.close()
         if self._client is None:
             return
         if tidy and self.pid is not None:

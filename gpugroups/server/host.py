@@ -94,7 +94,16 @@ class GpuGroupsHost(LoggingConfigurable):
     use_subshells = Bool(
         True,
         help="""Open the bridge comm on a kernel subshell (ipykernel >= 7) so the API answers while a
-        cell runs in the host kernel. False (or an older kernel) uses the main shell.""",
+        cell runs in the host kernel. False (or an older kernel) uses the main shell: attaching
+        waits for running cells, and so do requests unless they take the direct line.""",
+    ).tag(config=True)
+
+    direct_line = Bool(
+        True,
+        help="""Send requests and replies on a socket of their own between this server and the host
+        kernel (bound like the kernel's channels, signed with its key), about 2 ms shorter than
+        the two trips through the kernel's shell and IOPub channels. Events still come on IOPub.
+        False, or a kernel whose line does not answer, uses the comm for everything.""",
     ).tag(config=True)
 
     max_body_bytes = Int(
@@ -221,6 +230,7 @@ class GpuGroupsHost(LoggingConfigurable):
             started_by=started_by,
             trust_remote_code=self.trust_remote_code,
             use_subshells=self.use_subshells,
+            direct_line=self.direct_line,
             log=self.log,
         )
         try:

@@ -1,9 +1,10 @@
 """The panel's kernel side: mirror a Manager's state into a synced trait, run the front end's actions.
 
-The front end (``panel.js``) reads the ``state`` trait (the state JSON of ``Manager.state()``),
-``progress`` (the latest ``load_progress`` per running operation) and ``spec`` (the ops table's
-facts: each op's nature and its params' limits, from ``protocol``), and acts by custom
-messages ``{"action": OP, "request_id": ..., **args}`` where OP is an op of the ops table.
+The front end (``front/``: ``JS_PARTS`` and ``CSS_PARTS``, joined into one module and one style
+sheet) reads the ``state`` trait (the state JSON of ``Manager.state()``), ``progress`` (the
+latest ``load_progress`` per running operation) and ``spec`` (the ops table's facts: each op's
+nature and its params' limits, from ``protocol``), and acts by custom messages
+``{"action": OP, "request_id": ..., **args}`` where OP is an op of the ops table.
 ``sidebar_view`` marks the panel's view in JupyterLab's side panel, when it was opened there
 (``sidebar.py``).
 Actions run on a small thread pool, so a load never blocks the kernel's comm handling; manager
@@ -35,7 +36,13 @@ from .sidebar import open_in_sidebar
 if TYPE_CHECKING:
     from ..engine.manager import Manager
 
-_HERE = Path(__file__).resolve().parent
+#: The front end's source: the ES module's parts and the style sheet's parts.
+FRONT_DIR = Path(__file__).resolve().parent / "front"
+#: The module's parts, in the order they are joined into ``Panel._esm``: helpers, the three
+#: sections, the view that holds them, then where a view shows and the ``export default``.
+JS_PARTS = ("dom.js", "devices.js", "catalog.js", "prompt.js", "view.js", "placement.js")
+#: The style sheet's parts, in the order they are joined into ``Panel._css`` (their cascade order).
+CSS_PARTS = ("layout.css", "devices.css", "catalog.css", "controls.css", "narrow.css")
 
 #: How long the relay waits after the first event of a burst before it publishes, so that a
 #: load's handful of events reach the browser as one update (well inside the 200 ms goal).
@@ -44,14 +51,26 @@ COALESCE_S = 0.015
 ACTION_WORKERS = 4
 
 
+def _joined(parts: tuple[str, ...]) -> str:
+    """The named files of ``FRONT_DIR`` as one text, in order, each headed by its name.
+
+    anywidget loads ``_esm`` as one ES module from a string, where relative imports do not
+    resolve; so the parts are joined here instead (no bundler, nothing to build) and share one
+    module scope, where each uses what the others declare by name. The text is read once, at
+    import, so anywidget's hot reload (``ANYWIDGET_HMR=1``), which watches an ``_esm`` given as
+    one file's path, does not apply: after editing a part, restart the kernel.
+    """
+    return "\n".join(f"/* {name} */\n{(FRONT_DIR / name).read_text(encoding='utf-8')}" for name in parts)
+
+
 class Panel(anywidget.AnyWidget):
     """Live view and controls for a ``Manager``: devices, catalog, prompt box.
 
     ``state`` follows every manager event; ``close()`` detaches from the manager.
     """
 
-    _esm = _HERE / "panel.js"
-    _css = _HERE / "panel.css"
+    _esm = _joined(JS_PARTS)
+    _css = _joined(CSS_PARTS)
 
     state = traitlets.Dict().tag(sync=True)
     progress = traitlets.Dict().tag(sync=True)

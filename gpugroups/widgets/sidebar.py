@@ -3,7 +3,7 @@
 The side panel comes from the ``sidecar`` package (JupyterLab's own ``jupyterlab-sidecar``
 extension, shipped prebuilt): a ``Sidecar`` output widget anchored ``"right"`` opens a tab there
 as soon as it exists, and the panel is its output. The panel's ``sidebar_view`` trait marks its
-view there, so that a view of the same panel in a cell can stand aside (see ``panel.js``).
+view there, so that a view of the same panel in a cell can stand aside (see ``front/placement.js``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from gpugroups.engine.devices import Device
 from gpugroups.engine.estimate import config_of, reserve_parts
 from gpugroups.engine.inference import predict
 from gpugroups.engine.runtime import Runtime
+from gpugroups.engine.turns import MAX_BATCH
 from gpugroups.engine.worker import Request
 from tests import tinymodels
 
@@ -101,6 +102,29 @@ def test_rows_that_do_not_fit_one_pass_run_in_several_with_the_same_answers(runt
         assert [p["token_id"] for p in a["predictions"]] == [p["token_id"] for p in b["predictions"]]
         for pa, pb in zip(a["predictions"], b["predictions"]):
             assert abs(pa["probability"] - pb["probability"]) < 1e-5
+
+
+def test_a_full_batch_of_short_prompts_runs_as_one_pass_with_the_same_answers(runtime: Any) -> None:
+    """The reserve is set aside on one device as a whole: a full batch of short rows needs more
+    logits than the reference batch but far fewer activations, so it fits one pass."""
+    budget = runtime.members["eager"].budget
+    logits_only = reserve_parts(budget.config, budget.dtype, MAX_BATCH, 8, 0, budget.attention).logits
+    assert logits_only > budget.reserve.logits  # more rows than the reserve's batch ...
+    assert budget.fits(MAX_BATCH, 8)  # ... and the pass as a whole fits
+    prompts = [f"x = {i} + y" for i in range(MAX_BATCH)]
+    passes: list[tuple[int, int]] = []
+    model = runtime.members["eager"].model
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        together = predict(runtime, [Request("eager", p, 3) for p in prompts])
+    finally:
+        hook.remove()
+    assert [rows for rows, _ in passes] == [MAX_BATCH]
+    for i in (0, 7, MAX_BATCH - 1):
+        [alone] = predict(runtime, [Request("eager", prompts[i], 3)])
+        assert [p["token_id"] for p in alone["predictions"]] == [p["token_id"] for p in together[i]["predictions"]]
 
 
 def test_continuations_run_as_many_rows_per_pass_as_the_budget_holds(runtime: Any) -> None:

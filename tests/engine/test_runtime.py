@@ -1,4 +1,5 @@
-"""The runtime's member switch: its own fast path gives PEFT's logits, whatever the order of switches."""
+"""The runtime's member switch: its own fast path gives PEFT's logits, whatever the order of switches,
+and rows of several members in one pass give PEFT's mixed-batch logits."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_switching_members_gives_the_logits_of_peft_own_switch(tiny_catalog_toml
     where = folders(cat, group)
     rt = Runtime.load(group, where, detect("cpu")[0], "float32")
     try:
-        assert rt._tuner_layers, "the fast path is in use for plain LoRA adapters"
+        assert rt._adapters.layers, "the fast path is in use for plain LoRA adapters"
         ref = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(where["tiny-base"]).eval(), where["tiny-a"], adapter_name="tiny-a"
         )
@@ -54,7 +55,21 @@ def test_switching_members_gives_the_logits_of_peft_own_switch(tiny_catalog_toml
             seen[member] = got
         assert not torch.allclose(seen["tiny-a"], seen["tiny-b"])
         assert not torch.allclose(seen["tiny-a"], seen["tiny-base"])
-        with rt.rows(["tiny-a", "tiny-base", "tiny-b"]) as (model, kw):
-            assert kw == {"adapter_names": ["tiny-a", "__base__", "tiny-b"]}
+        # rows of several members in one pass, kept together or not: PEFT's own mixed batch
+        for mixed in (["tiny-a", "tiny-base", "tiny-b", "tiny-a"], ["tiny-b", "tiny-b", "tiny-a", "tiny-base"]):
+            with rt.rows(mixed) as (model, kw):
+                assert kw == {}  # the slices path, not PEFT's walk
+                got = _batch_logits(model, tok, len(mixed), **kw)
+            names = [rt.members[m].adapter or "__base__" for m in mixed]
+            want = _batch_logits(ref, tok, len(mixed), adapter_names=names)
+            torch.testing.assert_close(got, want)
+            for row, member in zip(got, mixed):
+                torch.testing.assert_close(row, seen[member])
     finally:
         rt.unload()
+
+
+def _batch_logits(model, tok, rows: int, **kw) -> torch.Tensor:
+    enc = tok([PROMPT] * rows, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**enc, **kw).logits[:, -1]

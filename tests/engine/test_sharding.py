@@ -213,6 +213,9 @@ def test_each_spanned_device_reserves_at_least_what_its_part_of_a_pass_allocates
         layers, head = rt._layers, rt._head
         assert sum(layers) == base.config.num_hidden_layers and head == len(span) - 1
         assert rt.reserves[head] - rt.reserves[0] >= parts.logits - parts.kv  # the logits live with the head
+        budget = rt.members["big-base"].budget  # a pass is bounded on each device by what it reserved
+        assert [budget.reserve.on(n, sum(layers), h) for n, h in budget.layout] == rt.reserves
+        assert budget.fits(est.REFERENCE_BATCH, seq) and not budget.fits(est.REFERENCE_BATCH + 1, seq)
         shards = next(g for g in m.state()["groups"] if g["id"] == "big")["shards"]
         assert [s["bytes"] for s in shards] == [w + r for w, r in zip(rt.shares, rt.reserves, strict=True)]
 

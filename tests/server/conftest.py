@@ -153,7 +153,9 @@ class Kernel:
 
         self.kc = BlockingKernelClient(connection_file=str(connection_file))
         self.kc.load_connection_file()
-        self.kc.start_channels()
+        # No heartbeat: a client made from a connection file calls a kernel "dead" when its first
+        # heartbeat goes unanswered for a second, which a kernel still starting on a loaded machine is
+        self.kc.start_channels(hb=False)
         self.kc.wait_for_ready(timeout=60)
 
     def run(self, code: str, timeout: float = 120) -> Any:

@@ -37,7 +37,7 @@ def test_each_setting_is_declared_once_on_the_host() -> None:
     settings = set(GpuGroupsHost.class_trait_names(config=True))
     assert settings == {
         "host_kernel", "kernel_name", "request_timeout", "host_start_timeout",
-        "model_roots", "trust_remote_code", "use_subshells", "max_body_bytes", "ws_send_timeout",
+        "model_roots", "trust_remote_code", "use_subshells", "direct_line", "max_body_bytes", "ws_send_timeout",
         "devices", "ray_address", "ray_namespace",
     }  # fmt: skip
     assert settings.isdisjoint(GpuGroupsApp.class_trait_names(config=True))

@@ -34,9 +34,9 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self.broken: list[str] = []
 
-    def connect(self, km: Any, kernel_id: str) -> KernelConnection:
+    def connect(self, km: Any, kernel_id: str, **options: Any) -> KernelConnection:
         return KernelConnection(
-            km, kernel_id, lambda _c, e: self.events.append(e), lambda _c, r: self.broken.append(r)
+            km, kernel_id, lambda _c, e: self.events.append(e), lambda _c, r: self.broken.append(r), **options
         )
 
 
@@ -48,15 +48,17 @@ async def until(pred: Any, timeout: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("direct_line", [True, False], ids=["direct-line", "comm"])
 @pytest.mark.parametrize("jp_server_config", [{"host_kernel": "none"}], indirect=True)
-async def test_concurrent_requests_get_their_own_replies_and_events_flow(jp_serverapp: Any) -> None:
+async def test_concurrent_requests_get_their_own_replies_and_events_flow(jp_serverapp: Any, direct_line: bool) -> None:
     km = jp_serverapp.kernel_manager
     kernel_id = await km.start_kernel()
     seen = Recorder()
-    conn = seen.connect(km, kernel_id)
+    conn = seen.connect(km, kernel_id, direct_line=direct_line)
     await conn.attach(120)
     try:
         assert conn.subshells and conn.pid == km.get_kernel(kernel_id).provisioner.pid
+        assert (conn.line is not None) is direct_line
         groups, state, missing = await asyncio.gather(
             conn.request("groups", {}, 60),
             conn.request("state", {}, 60),
@@ -88,7 +90,7 @@ async def test_a_stale_subshell_after_a_restart_breaks_the_connection(jp_servera
     km = jp_serverapp.kernel_manager
     kernel_id = await km.start_kernel()
     seen = Recorder()
-    conn = seen.connect(km, kernel_id)
+    conn = seen.connect(km, kernel_id, direct_line=False)  # the comm's requests go to the subshell
     await conn.attach(120)
     try:
         await km.restart_kernel(kernel_id)
@@ -107,10 +109,12 @@ async def test_a_stale_subshell_after_a_restart_breaks_the_connection(jp_servera
         await conn.close("the test is over")
 
 
-@pytest.mark.parametrize("jp_server_config", [{"request_timeout": 1.0, "use_subshells": False}], indirect=True)
+@pytest.mark.parametrize(
+    "jp_server_config", [{"request_timeout": 1.0, "use_subshells": False, "direct_line": False}], indirect=True
+)
 async def test_an_answer_later_than_the_request_timeout_is_504(jp_serverapp: Any, jp_fetch: Any) -> None:
-    # An answer that is really late: on the main shell (no subshell) the request queues behind a
-    # running cell. (A tiny timeout alone is no proof: a reply that is in by the time the timer
+    # An answer that is really late: on the main shell (no subshell, no direct line) the request
+    # queues behind a running cell. (A tiny timeout alone is no proof: a reply that is in by the time the timer
     # fires is still answered, and on a loaded machine the host often is that quick.)
     km = jp_serverapp.kernel_manager
     kernel_id = await km.start_kernel()
