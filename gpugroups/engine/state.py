@@ -101,15 +101,17 @@ class States:
         """The state of ``snap``: the catalog walked only if it (or an estimate, or a warm device) changed."""
         # read before the walk: a catalog changing during it reads as changed at the next state
         inputs = (snap.catalog.revision, snap.estimates.revision, snap.warm)
-        base, self._base = self._base, snap
+        base, self._base = self._base, None  # none until this state is built: a failure rebuilds all next time
         if base is None or inputs != self._inputs:
             self._inputs = inputs
             self._rebuild(snap)
         elif not all(self._update(base, snap, gid) for gid in _changed(base, snap)):
             self._rebuild(snap)
+        self._base = snap
         return _state(snap, list(self._groups), list(self._models))
 
     def _rebuild(self, snap: Snapshot) -> None:
+        """Build every group's entries, in the catalog's order."""
         self._groups, self._models, self._at = [], [], {}
         for g in list(snap.catalog.groups.values()):
             models = _models_json(snap, g)
@@ -170,13 +172,14 @@ def _state(snap: Snapshot, groups: list[dict[str, Any]], models: list[dict[str, 
 
 
 def _placement(snap: Snapshot, group_id: str) -> tuple[bool, list[int]]:
-    """Whether the group is resident, and on which devices: all its members' JSON depends on."""
+    """Whether the group is resident, and on which devices: what its members' JSON depends on."""
     slot = snap.slots.get(group_id)
     resident = slot is not None and slot.state == "resident"
     return resident, slot.device_ids if slot is not None and resident else []
 
 
 def _group_json(snap: Snapshot, g: GroupSpec) -> dict[str, Any]:
+    """The group's entry in ``groups``: the catalog's fields and its live ones."""
     slot = snap.slots.get(g.id)
     resident, on_device = _placement(snap, g.id)
     return {
@@ -192,6 +195,7 @@ def _group_json(snap: Snapshot, g: GroupSpec) -> dict[str, Any]:
 
 
 def _models_json(snap: Snapshot, g: GroupSpec) -> list[dict[str, Any]]:
+    """The group's members' entries in ``models``."""
     resident, on_device = _placement(snap, g.id)
     models = []
     for mid in g.members:

@@ -11,6 +11,7 @@ import pytest
 
 import gpugroups as gg
 from gpugroups.catalog import Catalog, GroupSpec
+from gpugroups.engine import state as state_module
 from gpugroups.engine.state import States, render, snapshot
 from gpugroups.schema import State
 from tests.waiting import wait_for
@@ -111,6 +112,24 @@ def test_states_built_from_the_changes_equal_states_built_afresh(m, tiny_llama):
         lambda: m.unload_group("tiny"), lambda: m.load("tiny-b"), lambda: m.unload("tiny-gpt2"), m.close,
     ])
     assert [g["id"] for g in last["groups"]] == ["tiny", "gpt", "late"] and last["closed"]
+
+
+def test_a_state_that_failed_to_build_is_built_whole_next_time(m, monkeypatch):
+    """A failure half way (the bus logs it and goes on) leaves no stale entry behind."""
+    states = States()
+
+    def snap_now():
+        with m._lock:
+            return snapshot(m._res, m.version)
+
+    states.render(snap_now())
+    m.load("tiny-a")
+    changed = snap_now()
+    with monkeypatch.context() as patched:
+        patched.setattr(state_module, "_group_json", lambda snap, g: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            states.render(changed)
+    assert _steady(states.render(changed)) == _steady(render(changed))
 
 
 def test_states_built_from_the_changes_drop_a_forgotten_group(tmp_path, tiny_gpt2):
