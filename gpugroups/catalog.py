@@ -73,6 +73,9 @@ class Catalog:
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
         self._adhoc: dict[str, None] = {}  # ad-hoc group ids, oldest first
+        #: Bumped by every change of ``groups`` or ``models``: the manager's event states walk the
+        #: catalog again only when it moved (``engine.state.States``).
+        self.revision = 0
         self.roots = [Path(r).expanduser().resolve() for r in self.roots]
 
     # ---- building -----------------------------------------------------------------------
@@ -94,7 +97,16 @@ class Catalog:
             self.groups[group.id] = group
             for m in models:
                 self.models[m.id] = m
+            self.revision += 1
             return group
+
+    def _remove_group(self, group_id: str) -> None:
+        """Drop a group and its member models (a forgotten ad-hoc group, a TOML file rolled back)."""
+        with self._lock:
+            group = self.groups.pop(group_id)
+            for mid in group.members:
+                self.models.pop(mid, None)
+            self.revision += 1
 
     def register_group(
         self,
@@ -267,9 +279,7 @@ class Catalog:
             if group_id not in self._adhoc or unless(group_id):
                 return
             del self._adhoc[group_id]
-            group = self.groups.pop(group_id)
-            for mid in group.members:
-                self.models.pop(mid, None)
+            self._remove_group(group_id)
 
     def local_path(self, source: str) -> Path:
         """The local folder of a model source: the path itself, or the hub id's cached snapshot."""

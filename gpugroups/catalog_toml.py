@@ -55,9 +55,7 @@ def load_toml(catalog: Catalog, path: str | os.PathLike[str]) -> list[GroupSpec]
                 added.append(_group(catalog, gid, g, where, path.parent))
         except GpuGroupsError:
             for group in added:  # a broken file adds nothing, so fixing it and loading again works
-                for mid in group.members:
-                    del catalog.models[mid]
-                del catalog.groups[group.id]
+                catalog._remove_group(group.id)
             raise
         catalog.add_roots([path.parent, *[(path.parent / Path(r).expanduser()) for r in roots]])
         return added

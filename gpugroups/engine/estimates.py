@@ -57,6 +57,9 @@ class EstimateCache:
         self._entries: dict[tuple[str, str, str], _Entry] = {}
         self._blocks: dict[tuple[str, str], tuple[GroupSpec, list[Block] | None]] = {}
         self._lock = threading.Lock()
+        #: Bumped whenever an estimate is (re)computed: the event states rebuild every group's
+        #: estimate then (``engine.state.States``).
+        self.revision = 0
 
     def dtype_for(self, group: GroupSpec, dev: Device) -> str:
         """The load dtype: the group's own, else the manager's, else the device's default."""
@@ -80,6 +83,7 @@ class EstimateCache:
                 entry = _Entry(group, None, exc)
             with self._lock:
                 self._entries[key] = entry
+                self.revision += 1
 
     def peek(self, group: GroupSpec, dev: Device, strict: bool = False) -> dict[str, int] | None:
         """The cached parts (no I/O), or None when not computed yet or failed.

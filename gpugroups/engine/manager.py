@@ -41,7 +41,7 @@ from .estimates import EstimateCache
 from .progress import LoadBar, ProgressOption, check_option
 from .research import Handle, Research
 from .residency import Residency, Slot
-from .state import render, snapshot
+from .state import States, render, snapshot
 from .twins import AwaitableTwins
 from .worker import Request, WorkerChoice, worker_factory
 
@@ -107,6 +107,7 @@ class Manager(AwaitableTwins):
         self._lock = threading.RLock()
         self._cancels = Cancels()
         self._bus = EventBus()
+        self._states = States()  # the events' states, built on the bus thread only
         self._estimates = EstimateCache(self.catalog, dtype)
         make = worker_factory(worker, self.devices)
         self._workers = [make(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
@@ -363,6 +364,8 @@ class Manager(AwaitableTwins):
         Events: ``{"type": "state_update", "version", "state"}`` and ``{"type": "load_progress",
         "version", "operation_id", "group_id", "device_id", "progress", "stage"}``, delivered in
         order from one background thread. A failing callback is logged once and kept, never fatal.
+        An event's ``state`` shares the entries of groups and models that did not change with the
+        states before it: read it, copy it to change it (``state()`` returns a copy of one's own).
         """
         return self._bus.subscribe(callback)
 
@@ -433,7 +436,8 @@ class Manager(AwaitableTwins):
 
     def _bump(self) -> None:
         """Under the lock: a change happened. Queue its ``state_update`` for the subscribers: the
-        snapshot is taken now, the JSON is built on the event thread (outside the lock)."""
+        snapshot is taken now, the JSON is built on the event thread (outside the lock), from the
+        previous event's JSON and what changed since."""
         snap = snapshot(self._res, self._bus.version + 1)
-        self._bus.emit("state_update", build=lambda: {"state": render(snap)})
+        self._bus.emit("state_update", build=lambda: {"state": self._states.render(snap)})
 

@@ -3,8 +3,11 @@
 Two steps, so that the manager's lock is never held for work that grows with the catalog:
 ``snapshot`` runs under the lock and copies only what changes under it (slots, pins, current
 members, measured bytes, operations, worker status): O(devices x resident groups).
-``render`` runs outside it (on the event thread for events, in the caller for ``state()``) and
-walks the catalog.
+The JSON is built outside it. ``States`` builds the events' states, one after another on the event
+thread: it keeps each group's JSON and rebuilds only the groups whose part of the snapshot changed
+(a switch: one), so an event costs O(changes), not O(catalog); it walks the catalog again only
+when the catalog, the estimates or the warm devices changed. ``render`` builds one state afresh
+(``Manager.state()``: the caller's own copy).
 """
 
 from __future__ import annotations
@@ -74,7 +77,75 @@ def snapshot(res: Residency, version: int) -> Snapshot:
 
 
 def render(snap: Snapshot) -> State:
-    """Outside the lock: ``{"version", "num_devices", "devices", "groups", "models", "operations"}``."""
+    """Outside the lock: ``{"version", "num_devices", "devices", "groups", "models", "operations"}``, all new."""
+    return States().render(snap)
+
+
+class States:
+    """The states of successive snapshots, for one thread (the event bus's).
+
+    Each group's JSON (its entry in ``groups`` and its members' in ``models``) is kept and built
+    again only when the group's slot, pin, current member or measured bytes differ from the
+    snapshot it was built from. The states share the unchanged entries: subscribers read them,
+    never change them.
+    """
+
+    def __init__(self) -> None:
+        self._base: Snapshot | None = None  # the snapshot the kept entries were built from
+        self._inputs: tuple[int, int, frozenset[int]] | None = None  # catalog, estimates, warm devices then
+        self._groups: list[dict[str, Any]] = []
+        self._models: list[dict[str, Any]] = []
+        self._at: dict[str, tuple[int, int, int]] = {}  # group id -> its index, its members' first index and count
+
+    def render(self, snap: Snapshot) -> State:
+        """The state of ``snap``: the catalog walked only if it (or an estimate, or a warm device) changed."""
+        # read before the walk: a catalog changing during it reads as changed at the next state
+        inputs = (snap.catalog.revision, snap.estimates.revision, snap.warm)
+        base, self._base = self._base, None  # none until this state is built: a failure rebuilds all next time
+        if base is None or inputs != self._inputs:
+            self._inputs = inputs
+            self._rebuild(snap)
+        elif not all(self._update(base, snap, gid) for gid in _changed(base, snap)):
+            self._rebuild(snap)
+        self._base = snap
+        return _state(snap, list(self._groups), list(self._models))
+
+    def _rebuild(self, snap: Snapshot) -> None:
+        """Build every group's entries, in the catalog's order."""
+        self._groups, self._models, self._at = [], [], {}
+        for g in list(snap.catalog.groups.values()):
+            models = _models_json(snap, g)
+            self._at[g.id] = (len(self._groups), len(self._models), len(models))
+            self._groups.append(_group_json(snap, g))
+            self._models.extend(models)
+
+    def _update(self, base: Snapshot, snap: Snapshot, group_id: str) -> bool:
+        """Build one group's entries again, in place; False if the catalog moved under it (walk it all)."""
+        at, g = self._at.get(group_id), snap.catalog.groups.get(group_id)
+        if at is None or g is None:
+            return at is None and g is None  # a slot of a group no longer in the catalog: not shown
+        i, first, count = at
+        self._groups[i] = _group_json(snap, g)
+        if _placement(base, group_id) != _placement(snap, group_id):
+            models = _models_json(snap, g)
+            if len(models) != count:
+                return False
+            self._models[first:first + count] = models
+        return True
+
+
+def _changed(a: Snapshot, b: Snapshot) -> set[str]:
+    """The groups whose JSON may differ between two snapshots taken with the same catalog,
+    estimates and warm devices (dictionary and set operations, no walk of the catalog)."""
+    ids = {gid for gid in a.slots.keys() | b.slots.keys() if a.slots.get(gid) != b.slots.get(gid)}
+    ids |= a.pins ^ b.pins
+    for before, after in ((a.current, b.current), (a.measured, b.measured)):
+        ids.update(gid for gid, _ in before.items() ^ after.items())
+    return ids
+
+
+def _state(snap: Snapshot, groups: list[dict[str, Any]], models: list[dict[str, Any]]) -> State:
+    """The whole state: the devices built now, the groups and models given."""
     catalog = snap.catalog
     devices = []
     for v in snap.devices:
@@ -89,28 +160,6 @@ def render(snap: Snapshot) -> State:
             "status": "loading" if v.loading else v.status,
             "queue_depth": v.queue_depth,
         })
-    groups, models = [], []
-    for g in list(catalog.groups.values()):
-        slot = snap.slots.get(g.id)
-        resident = slot is not None and slot.state == "resident"
-        on_device = slot.device_ids if slot is not None and resident else []
-        groups.append({
-            **g.to_json(),
-            "memory_estimate_bytes": _estimate(snap, g, slot.device_id if slot else 0),
-            "measured_bytes": snap.measured.get(g.id),
-            "pinned": g.id in snap.pins,
-            "resident_on": on_device,
-            "shards": list(slot.shards) if slot is not None and resident else [],
-            "status": "unloaded" if slot is None else "in_use" if resident and slot.in_use else slot.state,
-            "current_model": snap.current.get(g.id, g.members[0]),
-        })
-        for mid in g.members:
-            spec = catalog.models.get(mid)
-            if spec is None:  # the group is being forgotten (a failed ad-hoc load) right now
-                continue
-            models.append({
-                "id": mid, "group_id": g.id, "role": spec.role, "is_loaded": resident, "devices": list(on_device),
-            })
     return cast(State, {
         "version": snap.version,
         "num_devices": len(snap.devices),
@@ -120,6 +169,41 @@ def render(snap: Snapshot) -> State:
         "operations": snap.operations,
         "closed": snap.closed,
     })
+
+
+def _placement(snap: Snapshot, group_id: str) -> tuple[bool, list[int]]:
+    """Whether the group is resident, and on which devices: what its members' JSON depends on."""
+    slot = snap.slots.get(group_id)
+    resident = slot is not None and slot.state == "resident"
+    return resident, slot.device_ids if slot is not None and resident else []
+
+
+def _group_json(snap: Snapshot, g: GroupSpec) -> dict[str, Any]:
+    """The group's entry in ``groups``: the catalog's fields and its live ones."""
+    slot = snap.slots.get(g.id)
+    resident, on_device = _placement(snap, g.id)
+    return {
+        **g.to_json(),
+        "memory_estimate_bytes": _estimate(snap, g, slot.device_id if slot else 0),
+        "measured_bytes": snap.measured.get(g.id),
+        "pinned": g.id in snap.pins,
+        "resident_on": list(on_device),
+        "shards": list(slot.shards) if slot is not None and resident else [],
+        "status": "unloaded" if slot is None else "in_use" if resident and slot.in_use else slot.state,
+        "current_model": snap.current.get(g.id, g.members[0]),
+    }
+
+
+def _models_json(snap: Snapshot, g: GroupSpec) -> list[dict[str, Any]]:
+    """The group's members' entries in ``models``."""
+    resident, on_device = _placement(snap, g.id)
+    models = []
+    for mid in g.members:
+        spec = snap.catalog.models.get(mid)
+        if spec is None:  # the group is being forgotten (a failed ad-hoc load) right now
+            continue
+        models.append({"id": mid, "group_id": g.id, "role": spec.role, "is_loaded": resident, "devices": list(on_device)})
+    return models
 
 
 def _estimate(snap: Snapshot, group: GroupSpec, device_id: int) -> int:

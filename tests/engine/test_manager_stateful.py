@@ -1,8 +1,8 @@
 """Random sequences of manager calls from two threads on virtual devices, checked after every step.
 
 Invariants: no device over budget, each group resident at most once, the state JSON agrees
-with what is really loaded on each device, and every call is answered or fails with a
-``GpuGroupsError`` (never another exception, never a hang). The catalog has a group (``big``)
+with what is really loaded on each device (and the newest event's state with the state read),
+and every call is answered or fails with a ``GpuGroupsError`` (never another exception, never a hang). The catalog has a group (``big``)
 that no single device holds, so it shards, and calls may ask for ``device_ids``: a device's
 accounted bytes are the sum of its groups' shares, no shard outlives its group, and a sharded
 group's model lives on its first device's worker only.
@@ -22,6 +22,7 @@ from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
 from tests import tinymodels
 from tests.engine.gated import gated_manager
+from tests.waiting import wait_for
 
 MODELS = ["tiny-base", "tiny-a", "tiny-b", "tiny-gpt2", "solo-llama", "solo-gpt2", "big-base"]
 GROUPS = ["tiny", "gpt", "solo1", "solo2", "big"]
@@ -70,6 +71,11 @@ def stateful_setup(tiny_llama, tiny_adapters, tiny_gpt2, models_root, tokenizer_
     return catalog, int(max(max(v for k, v in sizes.items() if k != "big") * 2.2, sizes["big"] / 1.7))
 
 
+def _unversioned(state: dict) -> dict:
+    """``state`` less the fields read live from the workers."""
+    return {**state, "devices": [{k: v for k, v in d.items() if k not in ("status", "queue_depth")} for d in state["devices"]]}
+
+
 def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
     make_catalog, device_bytes = stateful_setup
 
@@ -77,6 +83,14 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
         def __init__(self) -> None:
             super().__init__()
             self.m, self.workers = gated_manager(devices=f"virtual:{NUM_DEVICES}x{device_bytes}B", catalog=make_catalog())
+            self.seen = 0  # the newest event's version
+            self.last: dict = {}  # the newest state_update
+            self.m.subscribe(self._on_event)
+
+        def _on_event(self, event: dict) -> None:
+            self.seen = event["version"]
+            if event["type"] == "state_update":
+                self.last = event
 
         def teardown(self) -> None:
             self.m.close()
@@ -133,6 +147,12 @@ def test_random_call_sequences_keep_the_manager_consistent(stateful_setup):
                 if g["pinned"]:
                     assert on, f"pinned group {g['id']} is not resident"
             assert s["operations"] == []
+            # the events' states are built from the changes since the one before: when no change
+            # came in between, the newest equals a state read afresh (less the workers' status and
+            # queue depth, which move without a version: a queued request is no change)
+            assert wait_for(lambda: self.seen == self.m.version)
+            if self.last.get("version") == s["version"]:
+                assert _unversioned(self.last["state"]) == _unversioned(s)
 
     Machine.TestCase.settings = settings(
         max_examples=12, stateful_step_count=8, deadline=None,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 import gpugroups as gg
-from gpugroups.catalog import GroupSpec
+from gpugroups.catalog import Catalog, GroupSpec
+from gpugroups.engine import state as state_module
+from gpugroups.engine.state import States, render, snapshot
+from gpugroups.schema import State
 from tests.waiting import wait_for
 
 
@@ -68,13 +74,76 @@ def test_event_state_equals_state_read_of_the_same_version(m):
     now = m.state()
     # the cpu device's free and other bytes are read from the machine at each build: they move
     # between two builds of one version; everything else, this manager's bytes included, may not
-    for state in (last["state"], now):
-        for d in state["devices"]:
-            d["memory"] = {k: v for k, v in d["memory"].items() if k not in ("used_bytes", "free_bytes", "other_bytes")}
-    assert last["type"] == "state_update" and last["state"] == now
+    assert last["type"] == "state_update" and _steady(last["state"]) == _steady(now)
     groups = {g["id"]: g for g in last["state"]["groups"]}
     assert groups["tiny"]["pinned"] and groups["tiny"]["current_model"] == "tiny-b"
     assert last["state"]["devices"][0]["current_group"] == {"id": "tiny", "name": groups["tiny"]["name"], "model": "tiny-b"}
+
+
+def _steady(state: dict) -> dict:
+    """``state`` less what is read from the machine at each build: the cpu device's free and
+    other bytes move between two builds of one version; everything else, this manager's bytes
+    included, may not."""
+    devices = [
+        {**d, "memory": {k: v for k, v in d["memory"].items() if k not in ("used_bytes", "free_bytes", "other_bytes")}}
+        for d in state["devices"]
+    ]
+    return {**state, "devices": devices}
+
+
+def _follow(mgr: gg.Manager, steps: list[Callable[[], object]]) -> State:
+    """Run ``steps``; after each, build the state of the manager's snapshot with one ``States``
+    (from the changes since its last state) and with ``render`` (afresh): they must agree."""
+    states = States()
+    for step in steps:
+        step()
+        with mgr._lock:
+            snap = snapshot(mgr._res, mgr.version)
+        assert _steady(states.render(snap)) == _steady(render(snap))
+    return render(snap)
+
+
+def test_states_built_from_the_changes_equal_states_built_afresh(m, tiny_llama):
+    """Through loads, switches, pins, a growing catalog, unloads and a close."""
+    last = _follow(m, [
+        lambda: None, lambda: m.load("tiny-a"), lambda: m.load("tiny-b"), lambda: m.pin("tiny"),
+        lambda: m.load("tiny-gpt2"), lambda: m.unpin("tiny"), lambda: m.load("tiny-base"),
+        lambda: m.register_group("late", models={"late": str(tiny_llama)}), lambda: m.load("late"),
+        lambda: m.unload_group("tiny"), lambda: m.load("tiny-b"), lambda: m.unload("tiny-gpt2"), m.close,
+    ])
+    assert [g["id"] for g in last["groups"]] == ["tiny", "gpt", "late"] and last["closed"]
+
+
+def test_a_state_that_failed_to_build_is_built_whole_next_time(m, monkeypatch):
+    """A failure half way (the bus logs it and goes on) leaves no stale entry behind."""
+    states = States()
+
+    def snap_now():
+        with m._lock:
+            return snapshot(m._res, m.version)
+
+    states.render(snap_now())
+    m.load("tiny-a")
+    changed = snap_now()
+    with monkeypatch.context() as patched:
+        patched.setattr(state_module, "_group_json", lambda snap, g: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            states.render(changed)
+    assert _steady(states.render(changed)) == _steady(render(changed))
+
+
+def test_states_built_from_the_changes_drop_a_forgotten_group(tmp_path, tiny_gpt2):
+    """A group leaving the catalog changes no slot, pin or estimate: the catalog's revision tells."""
+    folders = []
+    for name in ("m0", "m1"):
+        shutil.copytree(tiny_gpt2, tmp_path / name)
+        folders.append(str(tmp_path / name))
+    with gg.Manager(devices="cpu", catalog=Catalog(roots=[tmp_path])) as mgr:
+        last = _follow(mgr, [
+            lambda: mgr.load(folders[0]), lambda: mgr.unload(folders[0]), lambda: mgr.load(folders[1]),
+            lambda: mgr.catalog.forget(f"single:{folders[0]}"),
+        ])
+    assert [g["id"] for g in last["groups"]] == [f"single:{folders[1]}"]
 
 
 def _visits_under_lock(mgr: gg.Manager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -115,3 +184,33 @@ def test_a_switch_does_not_walk_the_catalog_under_the_lock(tiny_catalog_toml, ti
         assert wait_for(lambda: events and events[-1]["version"] == mgr.version)
         assert visits[0] == 0
         assert len(events[-1]["state"]["groups"]) == 2 + extra, "the state still lists the whole catalog"
+
+
+@pytest.mark.parametrize("extra", [0, 200])
+def test_a_switch_event_builds_the_switched_group_only(tiny_catalog_toml, tiny_llama, extra, monkeypatch):
+    """A switch's event carries the whole state, but the event thread builds the JSON of the one
+    group that changed (its current member) and keeps the rest: the same work for any catalog."""
+    with gg.Manager(devices="cpu", catalog=tiny_catalog_toml) as mgr:
+        for i in range(extra):
+            mgr.register_group(f"extra{i}", models={f"extra{i}": str(tiny_llama)})
+        mgr.state()  # every group estimated now, so that no estimate arrives during the switches
+        events: list[dict] = []
+        mgr.subscribe(events.append)
+        mgr.load("tiny-a")
+        assert wait_for(lambda: events and events[-1]["version"] == mgr.version)
+        built: list[str] = []
+        to_json = GroupSpec.to_json
+
+        def counted(self: GroupSpec) -> dict:
+            if threading.current_thread().name == "gpugroups-events":
+                built.append(self.id)
+            return to_json(self)
+
+        monkeypatch.setattr(GroupSpec, "to_json", counted)
+        for member in ("tiny-b", "tiny-a", "tiny-base"):
+            mgr.load(member)
+        assert wait_for(lambda: events[-1]["version"] == mgr.version)
+        assert built == ["tiny"] * 3
+        groups = {g["id"]: g for g in events[-1]["state"]["groups"]}
+        assert len(groups) == 2 + extra and groups["tiny"]["current_model"] == "tiny-base"
+        assert _steady(events[-1]["state"]) == _steady(mgr.state())
