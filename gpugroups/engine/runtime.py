@@ -159,12 +159,14 @@ class Runtime:
                         self._peft = PeftModel.from_pretrained(base, folders[aid], adapter_name=aid, is_trainable=False)
                     else:
                         self._peft.load_adapter(folders[aid], adapter_name=aid, is_trainable=False)
-                self._peft.eval()
                 for aid in adapters:
                     self.members[aid] = Member(self._peft, tok, ctx, backing[g.base], budget, adapter=aid)  # type: ignore[index]
                 self.members[g.base] = Member(self._peft, tok, ctx, backing[g.base], budget)  # type: ignore[index]
-                self._peft.set_adapter(adapters[0], inference_mode=True)
+                # Each adapter loaded frozen is put in eval mode by PEFT, and the first one loaded
+                # is the active one: ``eval()`` and ``set_adapter`` would walk the model (~5 ms)
+                # to change nothing. ``activate`` says which one only where it is not already.
                 self._adapters = Adapters(self._peft)
+                self._adapters.activate(adapters[0])
         else:
             for i, mid in enumerate(g.members):
                 report(i / steps, f"loading {mid}")

@@ -97,15 +97,13 @@ def device_map(model: Any, max_bytes: Sequence[int]) -> tuple[dict[str, int], li
     middle falls in, so the map follows placement's split exactly. A unit without weights of its
     own (a head tied to the embedding) goes where the weights it shares live.
     """
-    from accelerate.utils import find_tied_parameters
-
     units = _units(model)
     weighed = [b for b in units if b.bytes]
     mapping = dict(zip((b.name for b in weighed), assign([b.bytes for b in weighed], max_bytes), strict=True))
     split = [0] * len(max_bytes)
     for b in weighed:
         split[mapping[b.name]] += b.bytes
-    tied = {name: group for group in find_tied_parameters(model) for name in group}
+    tied = _tied(model)
     for b in units:
         if not b.bytes:
             shared = [n for n, _ in model.get_submodule(b.name).named_parameters(prefix=b.name, remove_duplicate=False)]
@@ -113,6 +111,15 @@ def device_map(model: Any, max_bytes: Sequence[int]) -> tuple[dict[str, int], li
             placed = [position(mapping, p) for p in partners]
             mapping[b.name] = next((p for p in placed if p is not None), len(max_bytes) - 1)
     return mapping, split
+
+
+@functools.lru_cache(maxsize=8)
+def _tied(model: Any) -> dict[str, list[str]]:
+    """Each tied parameter's name -> the names of the parameters it is tied with (itself among
+    them). Per shared meta model, as ``_units``: a walk of every parameter, on every sharded load."""
+    from accelerate.utils import find_tied_parameters
+
+    return {name: group for group in find_tied_parameters(model) for name in group}
 
 
 def assign(sizes: Sequence[int], max_bytes: Sequence[int]) -> list[int]:
@@ -146,15 +153,26 @@ def position(mapping: dict[str, int], name: str) -> int | None:
 def layer_split(model: Any, mapping: dict[str, int], positions: int) -> tuple[list[int], int | None]:
     """The decoder layers at each span position of ``mapping``, and the position of the output
     head (None when the model has none)."""
+    names, head = _layer_names(model)
+    layers = [0] * positions
+    for name in names:
+        at = position(mapping, name)
+        if at is not None:
+            layers[at] += 1
+    return layers, (position(mapping, head) if head is not None else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _layer_names(model: Any) -> tuple[tuple[str, ...], str | None]:
+    """The names of the model's decoder layers (its no-split modules) and of its output head
+    (None when it has none); per shared meta model, as ``_units``."""
     no_split = set(model._no_split_modules or ())
     head = model.get_output_embeddings()
-    layers = [0] * positions
-    head_at = None
+    names: list[str] = []
+    head_name = None
     for name, module in model.named_modules():
         if type(module).__name__ in no_split:
-            at = position(mapping, name)
-            if at is not None:
-                layers[at] += 1
+            names.append(name)
         elif module is head and head is not None:
-            head_at = position(mapping, name)
-    return layers, head_at
+            head_name = name
+    return tuple(names), head_name

@@ -106,8 +106,9 @@ class Turns:
         self._served.pop(group_id, None)
 
     def claim_idle(self, task: Task) -> bool:
-        """Give ``task`` (a request) the device at once if nothing waits or runs: the caller runs
-        it in its own thread and calls ``done``. False (nothing changed) otherwise."""
+        """Give ``task`` (a request, or a hold: no request, no call) the device at once if nothing
+        waits or runs: the caller runs it in its own thread, or holds the device, and calls
+        ``done``. False (nothing changed) otherwise."""
         with self._cv:
             if self._tasks or self._running or self._stop:
                 return False

@@ -209,6 +209,14 @@ class ThreadWorker:
 
     def pause(self, release: Future[Any]) -> Future[None]:
         begun: Future[None] = Future()
+        if self._turns.claim_idle(Task(begun)):
+            # An idle device is held at once, from the caller's thread: waking this device's
+            # thread to begin the pause and again to end it would cost two thread hand-offs on
+            # every sharded pass, and the first device's worker would wait for the first.
+            self._status = "busy"
+            begun.set_result(None)
+            release.add_done_callback(lambda _: self._free())
+            return begun
 
         def paused() -> None:
             begun.set_result(None)
@@ -328,8 +336,12 @@ class ThreadWorker:
                 self._status = "busy"
                 self._predict(batch)
         finally:
-            self._status = "idle"
-            self._turns.done()
+            self._free()
+
+    def _free(self) -> None:
+        """What had the device (a batch, a call, a hold) has ended: the next task may have it."""
+        self._status = "idle"
+        self._turns.done()
 
     def _predict(self, batch: list[Task]) -> None:
         from .inference import predict

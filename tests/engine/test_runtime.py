@@ -34,6 +34,9 @@ def test_switching_members_gives_the_logits_of_peft_own_switch(tiny_catalog_toml
     rt = Runtime.load(group, where, detect("cpu")[0], "float32")
     try:
         assert rt._adapters.layers, "the fast path is in use for plain LoRA adapters"
+        peft = rt.members["tiny-a"].model  # loaded as inference needs it: eval mode, frozen, first adapter on
+        assert not any(m.training for m in peft.modules()) and not any(p.requires_grad for p in peft.parameters())
+        assert peft.active_adapter == "tiny-a" and all(layer.active_adapters == ["tiny-a"] for layer in rt._adapters.layers)
         ref = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(where["tiny-base"]).eval(), where["tiny-a"], adapter_name="tiny-a"
         )

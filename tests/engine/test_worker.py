@@ -137,3 +137,32 @@ def test_process_here_lends_the_callers_thread_only_on_an_idle_device(held):
     assert none is None
     gate.set()
     assert queued.result(30)["predictions"] == fut.result()["predictions"]
+
+
+def test_a_pause_holds_an_idle_device_at_once_and_a_busy_one_after_its_queue():
+    """On an idle device the pause has begun when it returns, without the device's thread: the
+    device reads busy and a call queued behind it waits for the release. On a busy device the
+    pause begins after what is queued, and the device is free again after each release."""
+    from concurrent.futures import Future
+
+    w = ThreadWorker(detect("cpu")[0])
+    try:
+        release: Future[None] = Future()
+        begun = w.pause(release)
+        assert begun.done() and w.status == "busy"
+        behind = w.call(lambda: threading.current_thread().name)
+        assert not behind.done() and w.queue_depth == 2
+        release.set_result(None)
+        assert behind.result(10) == w._thread.name and wait_for(lambda: w.status == "idle")
+
+        gate, first = threading.Event(), w.call(lambda: gate.wait(10))
+        second: Future[None] = Future()
+        queued = w.pause(second)
+        assert not queued.done()
+        gate.set()
+        queued.result(10)
+        assert w.status == "busy" and first.done()
+        second.set_result(None)
+        assert w.call(lambda: 7).result(10) == 7 and wait_for(lambda: w.status == "idle")
+    finally:
+        w.stop()
