@@ -35,6 +35,9 @@ MAX_PROMPT_CHARS = 100_000
 CAP_RULE = "Above {cap} it is lowered to {cap} and the result's notes say so."
 #: Longest model or group id (a hub id, a catalog id or a local path: Linux's PATH_MAX).
 MAX_ID_CHARS = 4096
+#: Highest device index a request may name: far above what one manager drives (a Ray cluster's
+#: GPUs included), and declared so that every id a schema allows is one the edges read as a number.
+MAX_DEVICE_ID = 4095
 #: Default of ``Manager(max_request_work=...)``: the token positions of one forward pass of the
 #: reference batch the runtime reserve is sized for (``engine.estimate``: 8 rows of 512 tokens; a
 #: test keeps them equal), so a request within it also fits the memory placement set aside for it.
@@ -252,11 +255,12 @@ _MODEL = Param(
 )
 _GROUP = Param("group_id", "string", min_length=1, max_length=MAX_ID_CHARS, description="A group id from the catalog.")
 _DEVICE_IDS = Param(
-    "device_ids", "integer_list", required=False, minimum=0, min_length=1,
+    "device_ids", "integer_list", required=False, minimum=0, maximum=MAX_DEVICE_ID, min_length=1,
     description="Shard the group over exactly these devices, in layer order (not with device_id).",
 )
 _DEVICE_OPT = Param(
-    "device_id", "integer", required=False, minimum=0, description="Device to use; chosen by placement when absent."
+    "device_id", "integer", required=False, minimum=0, maximum=MAX_DEVICE_ID,
+    description="Device to use; chosen by placement when absent.",
 )
 #: One device, or a span of devices: not both.
 _PLACES = ("device_id", "device_ids")
@@ -303,7 +307,8 @@ OPS: dict[str, Op] = {
            ),
            may_load=True, device_bound=True, errors=(*_LOAD_ERRORS, "cancelled"), notes=WORK_RULE),
         Op("clear_device", "POST", "/devices/{device_id}/clear", "Unload every unpinned group on a device.",
-           "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, description="The device to clear."),),
+           "ClearResult", (Param("device_id", "integer", in_path=True, minimum=0, maximum=MAX_DEVICE_ID,
+                                 description="The device to clear."),),
            changes_residency=True, errors=("invalid_request", "unknown_device")),
     )
 }

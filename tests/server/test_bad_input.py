@@ -11,7 +11,7 @@ import pytest
 import requests
 import websocket
 
-from gpugroups.protocol import API_PREFIX
+from gpugroups.protocol import API_PREFIX, MAX_DEVICE_ID
 
 from .conftest import LiveServer
 
@@ -91,6 +91,19 @@ def test_only_ascii_digits_are_device_ids(live: LiveServer, host_id: str, part: 
     r = live.post(API_PREFIX + f"/devices/{part}/clear")
     assert r.status_code in (400, 404), (part, r.status_code, r.text[:300])
     assert r.json()["error"]["code"] in ("invalid_request", "unknown_device")
+
+
+def test_device_ids_above_the_documented_limit_are_refused_and_below_it_unknown(live: LiveServer, host_id: str) -> None:
+    """Every device index the OpenAPI document allows is read as a number (a fuzzer's 20-digit id
+    used to be refused as "not an integer"); above the limit the answer names it."""
+    limit = live.get(API_PREFIX + "/openapi.json").json()["paths"][API_PREFIX + "/devices/{device_id}/clear"]
+    assert limit["post"]["parameters"][0]["schema"]["maximum"] == MAX_DEVICE_ID
+    refused(live.post(API_PREFIX + f"/devices/{MAX_DEVICE_ID}/clear"), 404, "unknown_device")
+    over = refused(live.post(API_PREFIX + f"/devices/{MAX_DEVICE_ID + 1}/clear"), 400, "invalid_request")
+    assert str(MAX_DEVICE_ID) in over["message"]
+    for body in ({"device_id": MAX_DEVICE_ID + 1}, {"device_ids": [0, MAX_DEVICE_ID + 1]}):
+        over = refused(live.post(API_PREFIX + "/groups/load", {"group_id": "tiny", **body}), 400, "invalid_request")
+        assert str(MAX_DEVICE_ID) in over["message"]
 
 
 def test_unload_of_an_unloaded_folder_creates_no_group(live: LiveServer, host_id: str, tiny_gpt2: Any) -> None:
