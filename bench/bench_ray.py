@@ -5,7 +5,10 @@ Prints, for the shipped demo ``pycode`` group on a ``ray:virtual`` device and on
 - process: ``Manager.process`` over Ray vs locally, torch on as many threads locally as the actor
   has (goal in ``bench/goals.py``);
 - load: ``load_group`` over Ray vs locally (each after one warm-up load, so the actor's torch
-  import is not counted).
+  import is not counted);
+- Ray's own share: a call to a bare actor method that does nothing, alternated with the same local
+  passes (``ray_bare_call_ms``, no goal): what any Ray actor call costs here, below which no Ray
+  device can go.
 
 Without ``--address`` it starts a one-node Ray on loopback in this process (one logical GPU).
 Usage: ``python bench/bench_ray.py [--address HOST:PORT] [--repeat N]``.
@@ -27,7 +30,7 @@ import ray
 import torch
 
 import gpugroups as gg
-from bench.bench_core import GROUP, _demo, process_overhead
+from bench.bench_core import GROUP, PROMPT, _demo, paired_ms, process_overhead
 
 SIZE = "2GiB"
 
@@ -38,6 +41,27 @@ def load_s(m: gg.Manager) -> float:
     m.unload_group(GROUP)
     seconds: float = m.load_group(GROUP, device_id=0)["seconds"]
     return seconds
+
+
+class _Bare:
+    """An actor with one method that does nothing: Ray's round trip and nothing of ours."""
+
+    def call(self, payload: bytes) -> bytes:
+        return payload
+
+
+def bare_call_ms(local: gg.Manager, member: str, repeat: int) -> float:
+    """The median ms of a bare actor call, each after a local pass (as ``process_overhead``
+    alternates them), so the call meets the machine as the Ray device's calls do."""
+    actor = ray.remote(_Bare).options(num_cpus=0).remote()
+    try:
+        ray.get(actor.call.remote(b""))
+        bare, _ = paired_ms(lambda: ray.get(actor.call.remote(b"x" * 200)), lambda: local.process(member, PROMPT, 3),
+                            repeat, lambda: None)
+    finally:
+        ray.kill(actor)
+    print(f"of which Ray's own: a bare actor call {bare:.3f} ms median")
+    return bare
 
 
 def _torch_threads(model: Any, tokenizer: Any) -> int:
@@ -68,7 +92,9 @@ def run(repeat: int = 200, address: str | None = None) -> dict[str, Any]:
         threads, before = remote.run(member, _torch_threads), torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return out | process_overhead(("ray", remote), ("local", local), member, repeat, 2.0)
+            out |= process_overhead(("ray", remote), ("local", local), member, repeat, 2.0)
+            out["ray_bare_call_ms"] = bare_call_ms(local, member, repeat)
+            return out
         finally:
             torch.set_num_threads(before)
     finally:
