@@ -158,6 +158,17 @@ class KernelLine:
             self._socket.send_multipart([peer, *_frames(self._session, data)])
 
 
+async def answering_line(session: Any, address: str, on_data: Callable[[Any], None]) -> ServerLine | None:
+    """A ``ServerLine`` to the kernel's line at ``address`` that answered its ping; None (closed,
+    and logged) when it did not, and the kernel's requests then take the comm."""
+    line = ServerLine(session, address, on_data)
+    if await line.ping():
+        return line
+    line.close()
+    log.warning("gpugroups: the kernel's direct line %s did not answer; requests take the comm", address)
+    return None
+
+
 class ServerLine:
     """The server's end: a DEALER connected to a kernel's line, read by one asyncio task that gives
     each message's data to ``on_data``. Used from the server's event loop only."""

@@ -27,7 +27,7 @@ from .._ipykernel import (
     UNKNOWN_SUBSHELL_ERROR,
     client_with_own_identity,
 )
-from ..directline import ServerLine
+from ..directline import ServerLine, answering_line
 from ..errors import GpuGroupsError
 from ..protocol import (
     BRIDGE_PROTOCOL,
@@ -194,15 +194,7 @@ class KernelConnection:
         self.pid = hello.get("pid")
         if hello.get("line"):
             self._at("pinging the direct line")
-            line = ServerLine(self._client.session, hello["line"], self._receive)
-            if await line.ping():
-                self.line = line
-            else:
-                line.close()
-                self._log.warning(
-                    "gpugroups: kernel %s's direct line %s did not answer; requests take the comm",
-                    self.kernel_id, hello["line"],
-                )  # fmt: skip
+            self.line = await answering_line(self._client.session, hello["line"], self._receive)
         self._at("attached")
 
     def _at(self, step: str) -> None:

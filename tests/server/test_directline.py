@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from gpugroups.directline import ServerLine
+from gpugroups.directline import ServerLine, answering_line
 from gpugroups.protocol import request_message
 from gpugroups.server.connection import KernelConnection
 
@@ -73,8 +73,10 @@ async def test_only_messages_signed_with_the_kernels_key_are_served(jp_serverapp
 async def test_a_line_that_gives_no_pong_is_not_used() -> None:
     with zmq.Context.instance().socket(zmq.ROUTER) as silent:  # binds, never answers
         port = silent.bind_to_random_port("tcp://127.0.0.1")
-        line = ServerLine(Session(key=uuid.uuid4().hex.encode()), f"tcp://127.0.0.1:{port}", lambda _d: None)
+        session, address = Session(key=uuid.uuid4().hex.encode()), f"tcp://127.0.0.1:{port}"
+        line = ServerLine(session, address, lambda _d: None)
         try:
             assert await line.ping(timeout=0.5) is False
         finally:
             line.close()
+        assert await answering_line(session, address, lambda _d: None) is None  # the comm, then
