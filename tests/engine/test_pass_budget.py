@@ -78,6 +78,19 @@ def test_a_prompt_longer_than_the_reserve_holds_is_cut_to_fit(runtime: Any) -> N
     assert not short["truncated"] and short["notes"] == []
 
 
+def predict_in_passes(runtime: Any, requests: list[Request]) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+    """``predict``'s answers, and the (rows, tokens) of each forward pass it ran on the member."""
+    passes: list[tuple[int, int]] = []
+    model = runtime.members["eager"].model
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        return predict(runtime, requests), passes
+    finally:
+        hook.remove()
+
+
 def test_rows_that_do_not_fit_one_pass_run_in_several_with_the_same_answers(runtime: Any) -> None:
     budget = runtime.members["eager"].budget
     tok = runtime.members["eager"].tokenizer
@@ -86,15 +99,7 @@ def test_rows_that_do_not_fit_one_pass_run_in_several_with_the_same_answers(runt
     assert not budget.fits(2, shortest_long)  # one long row fits a pass, two together do not
     alone = [predict(runtime, [Request("eager", p, 5)])[0] for p in prompts]
 
-    passes: list[tuple[int, int]] = []
-    model = runtime.members["eager"].model
-    hook = model.register_forward_pre_hook(
-        lambda _m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
-        together = predict(runtime, [Request("eager", p, 5) for p in prompts])
-    finally:
-        hook.remove()
+    together, passes = predict_in_passes(runtime, [Request("eager", p, 5) for p in prompts])
 
     assert len(passes) >= 3 and all(budget.fits(rows, width) for rows, width in passes)
     assert sum(rows for rows, _ in passes) == len(prompts)
@@ -112,15 +117,7 @@ def test_a_full_batch_of_short_prompts_runs_as_one_pass_with_the_same_answers(ru
     assert logits_only > budget.reserve.logits  # more rows than the reserve's batch ...
     assert budget.fits(MAX_BATCH, 8)  # ... and the pass as a whole fits
     prompts = [f"x = {i} + y" for i in range(MAX_BATCH)]
-    passes: list[tuple[int, int]] = []
-    model = runtime.members["eager"].model
-    hook = model.register_forward_pre_hook(
-        lambda _m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
-        together = predict(runtime, [Request("eager", p, 3) for p in prompts])
-    finally:
-        hook.remove()
+    together, passes = predict_in_passes(runtime, [Request("eager", p, 3) for p in prompts])
     assert [rows for rows, _ in passes] == [MAX_BATCH]
     for i in (0, 7, MAX_BATCH - 1):
         [alone] = predict(runtime, [Request("eager", prompts[i], 3)])
