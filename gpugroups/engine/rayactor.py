@@ -6,13 +6,15 @@ or ``("error", error JSON)`` (``"oom"`` for an out-of-memory), never a pickled e
 detached and named, so it outlives the kernel that made it; without a manager's ping for its idle
 time it unloads everything and ends itself.
 
-It is a threaded actor: each call waits for its answer on a thread of Ray's pool, and a ``process``
-call that finds the device idle runs its forward pass in that thread (``ThreadWorker.process_here``)
-instead of handing it to the device's thread and back. Ray starts such calls in no set order, so the
-worker's calls carry their caller's numbering and pass ``_InOrder`` in it; the small calls that need
-no order (``info``, ``ping``, ``resident``) have a thread of their own, never queued behind requests.
-This module also fixes how the worker's calls travel: one sealed argument each (``seal``), answers
-pickled.
+Prompts (``process``, ``cancel``) come on the actor's direct line (``rayline``) where the manager
+could open one; the other calls, and prompts from a manager without a line, come as Ray calls.
+It is a threaded actor: each Ray call waits for its answer on a thread of Ray's pool, and a
+``process`` call that finds the device idle runs its forward pass in that thread
+(``ThreadWorker.process_here``) instead of handing it to the device's thread and back. Ray starts
+such calls in no set order, so the worker's calls carry their caller's numbering and pass
+``InOrder`` in it, the line's among them; the small calls that need no order (``info``, ``ping``,
+``resident``) have a thread of their own, never queued behind requests. This module also fixes how
+the worker's Ray calls travel: one sealed argument each (``seal``), answers pickled.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import ray
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device, detect
+from .rayline import InOrder, LineServer
 from .remote import outcome, run_outcome, unpack
 from .turns import MAX_BATCH
 from .worker import ThreadWorker
@@ -86,25 +88,26 @@ class DeviceActor:
             device = Device(0, "virtual:0", "virtual", "virtual", size, size, "cpu")
         self.device = device
         self.idle_timeout_s = idle_timeout_s
-        self._seen = time.monotonic()
+        self._seen = time.monotonic()  # when a manager last used the device (``_touch``)
         self._worker = ThreadWorker(device)
-        self._order = _InOrder()
+        self._order = InOrder()
+        self._line = LineServer(self.host, self._worker, self._order, self._error, self._touch)
         self._me = ctx.current_actor
         threading.Thread(target=self._watch_idle, name="gpugroups-idle", daemon=True).start()
 
     @ray.method(concurrency_group=CONTROL)
     def info(self) -> dict[str, Any]:
         """What the manager needs to describe the device (a manager is attaching: the idle clock restarts)."""
-        self._seen = time.monotonic()
+        self._touch()
         return {
             "node": self.node, "host": self.host, "name": self.device.name, "total_bytes": self.device.total_bytes,
-            "supports_bf16": self.device.supports_bf16,
+            "supports_bf16": self.device.supports_bf16, "line": self._line.address,
         }
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self, idle_timeout_s: float) -> dict[str, int]:
         """A manager is attached: restart the idle clock (with its idle time). Answers ``resident()``."""
-        self._seen = time.monotonic()
+        self._touch()
         self.idle_timeout_s = idle_timeout_s
         return self._worker.resident()
 
@@ -116,7 +119,7 @@ class DeviceActor:
     def load(self, call: Sealed) -> Iterator[Any]:
         """``(group, folders, dtype)``. A streaming call: ``("progress", fraction, stage)`` items, then
         the load's outcome (as they are: a load is not a call to shave microseconds off)."""
-        self._seen = time.monotonic()
+        self._touch()
         caller, number, group, folders, dtype = unseal(call)
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
@@ -143,7 +146,7 @@ class DeviceActor:
 
     def process(self, call: Sealed) -> bytes:
         """``(group_id, request)``."""
-        self._seen = time.monotonic()
+        self._touch()
         caller, number, group_id, request = unseal(call)
         with self._order.turn(caller, number):
             done, here = self._worker.process_here(group_id, request)
@@ -161,7 +164,7 @@ class DeviceActor:
         """``(group_id, member_id, blob)``: ``fn(model, tokenizer, *args, **kwargs)`` here, on the
         node, from ``remote.pack``'s bytes of ``(fn, args, kwargs)``; what it returns comes back with
         its tensors on the CPU, what it raises comes back as itself, both packed (``run_outcome``)."""
-        self._seen = time.monotonic()
+        self._touch()
         caller, number, group_id, member_id, blob = unseal(call)
         try:
             fn: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | GpuGroupsError = unpack(blob, "fn or its arguments")
@@ -182,6 +185,10 @@ class DeviceActor:
         for done in unloads:
             done.exception()
         self._worker.stop()
+
+    def _touch(self) -> None:
+        """A manager is using the device: its idle clock restarts."""
+        self._seen = time.monotonic()
 
     def _answer(self, done: Future[Any]) -> bytes:
         """``done``'s outcome, pickled, once it is done (``exception()`` waits for it without raising)."""
@@ -209,24 +216,3 @@ class DeviceActor:
             self._worker.unload(gid).result()
         self._worker.stop()
         ray.kill(self._me, no_restart=True)
-
-
-class _InOrder:
-    """Ray starts a threaded actor's calls on its threads in no set order; here each caller's calls
-    pass in the order it numbered them, so they reach the worker in the order sent (an unload
-    after the requests sent before it, a load after the unloads that make room for it)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._next: dict[str, int] = {}  # caller -> the number of its next call
-
-    @contextmanager
-    def turn(self, caller: str, number: int) -> Iterator[None]:
-        """Wait for the caller's calls numbered below ``number``; the body runs before its next."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._next.get(caller, 0) == number)
-            try:
-                yield
-            finally:
-                self._next[caller] = number + 1
-                self._cv.notify_all()

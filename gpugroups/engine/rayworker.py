@@ -2,11 +2,12 @@
 
 ``ray_devices`` joins the cluster and gets or creates one detached, named actor per GPU resource
 (so a new manager in the namespace adopts what an earlier one left); ``RayWorker`` implements the
-``Worker`` protocol over that actor: calls go as Ray tasks, numbered in the order sent (the actor
-keeps that order), their ``ObjectRef``s come back as ``concurrent.futures.Future``s, load progress
-streams back from the node. Ray does the transport, scheduling and failure detection: a worker
-whose actor stops answering (its node died) turns ``"lost"``, fails what it had pending with
-``host_unavailable`` naming the node, and tells residency.
+``Worker`` protocol over that actor: prompts go on the actor's direct line (``rayline``), the other
+calls as Ray tasks, all numbered in the order sent (the actor keeps that order); the answers come
+back as ``concurrent.futures.Future``s, load progress streams back from the node. Ray does the
+scheduling, the other calls and failure detection: a worker whose actor stops answering or whose
+line breaks (its node died) turns ``"lost"``, fails what it had pending with ``host_unavailable``
+naming the node, and tells residency.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..errors import GpuGroupsError
 from ..kernelenv import RAY_ADDRESS_ENV
 from .devices import Device, parse_size
 from .rayactor import ACTOR_OPTIONS, DeviceActor, seal
+from .rayline import Address, open_line
 from .remote import Outcome, RemoteCalls, pack_run, result_of
 from .worker import Progress, Request, Span
 
@@ -107,7 +109,7 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
             0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
             node=info["node"], host=info["host"],
         )
-        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s)
+        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info["line"])
         devices.append(d)
     return devices
 
@@ -120,14 +122,16 @@ class RayWorker(RemoteCalls):
     node packed (``remote.pack``: cloudpickle) and brings the result back with its tensors on the CPU.
     """
 
-    def __init__(self, device: Device, actor: Any, idle_timeout_s: float) -> None:
+    def __init__(self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None) -> None:
         super().__init__(device)
         self._actor = actor
         self._idle = idle_timeout_s
         self._caller = uuid.uuid4().hex  # this worker's calls are numbered apart from another manager's
         self._sent = 0
-        self._sending = threading.Lock()
+        self._sending = threading.Lock()  # numbers the calls, over Ray and on the line alike
         self._stopping = threading.Event()
+        self._on_line: dict[int, Future[Any]] = {}  # number -> a call sent on the line, until answered
+        self._line = open_line(line, self._caller, self._line_answer, self._line_broken)
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
@@ -172,12 +176,20 @@ class RayWorker(RemoteCalls):
         return self._call("unloading", lambda: self._send(self._actor.unload, group_id))
 
     def process(self, group_id: str, request: Request) -> Future[dict[str, Any]]:
-        return self._call("busy", lambda: self._send(self._actor.process, group_id, request))
+        if self._line is None:
+            return self._call("busy", lambda: self._send(self._actor.process, group_id, request))
+        fut = self._track("busy")
+        if not fut.done():
+            self._send_on_line(fut, "process", group_id, request)
+        return fut
 
     def cancel(self, request_id: str) -> None:
         """Forwarded to the actor at once, after the request it cancels; nothing to wait for."""
         if self._lost is None and not self._closed:
-            self._send(self._actor.cancel, request_id)
+            if self._line is None:
+                self._send(self._actor.cancel, request_id)
+            else:
+                self._send_on_line(None, "cancel", request_id)
 
     def resident(self) -> dict[str, int]:
         if self._lost is not None:
@@ -203,6 +215,8 @@ class RayWorker(RemoteCalls):
             ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
         except Exception:
             pass  # its node is gone, and the actor with it
+        if self._line is not None:
+            self._line.close()
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:
@@ -212,6 +226,32 @@ class RayWorker(RemoteCalls):
             ref = method.remote(seal(self._caller, self._sent, *args))
             self._sent += 1
         return ref
+
+    def _send_on_line(self, fut: Future[Any] | None, op: str, *args: Any) -> None:
+        """As ``_send``, on the line; ``fut`` (None for a call without an answer) is settled by its
+        answer, or at once when the line is down."""
+        assert self._line is not None
+        with self._sending:
+            if fut is not None:
+                self._on_line[self._sent] = fut
+            try:
+                self._line.send(self._sent, op, *args)
+            except Exception as exc:  # down (the reader then loses the device), or a payload that cannot travel
+                if fut is not None:
+                    del self._on_line[self._sent]
+                    self._settle(fut, self._unavailable(exc) if isinstance(exc, (OSError, ValueError)) else exc)
+                return
+            self._sent += 1
+
+    def _line_answer(self, number: int, answer: Outcome) -> None:
+        fut = self._on_line.pop(number, None)
+        if fut is not None:
+            self._settle(fut, answer)
+
+    def _line_broken(self) -> None:
+        """The line ended while in use: the actor, or its node, is gone."""
+        self._lose()
+        self._on_line.clear()  # failed by ``_lose``
 
     def _call(self, status: str, submit: Callable[[], Any], packed: bool = False) -> Future[Any]:
         """A pending call standing for ``status``, settled from the outcome of the task ``submit``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,82 @@ def test_the_actor_takes_each_callers_calls_in_the_order_they_were_numbered(ray_
         assert ray.get([first, second], timeout=30) == [None, None]
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_the_line_and_ray_calls_share_one_numbering(ray_cluster: RayCluster) -> None:
+    """A call on the direct line waits for the caller's Ray calls numbered before it, and the Ray
+    calls numbered after it wait for it: one order, whichever way each call came."""
+    from gpugroups.engine.rayactor import ACTOR_OPTIONS, DeviceActor, seal
+    from gpugroups.engine.rayline import Line
+
+    actor = ray.remote(**ACTOR_OPTIONS)(DeviceActor).options(num_cpus=0).remote("virtual", 2**20, 60.0)
+    line = Line(ray.get(actor.info.remote(), timeout=60)["line"], "a", lambda number, answer: None, lambda: None)
+    try:
+        third = actor.cancel.remote(seal("a", 2, "no-such-request"))
+        line.send(1, "cancel", "no-such-request")
+        assert ray.wait([third], timeout=1.0)[0] == []  # waits for the line's call 1, which waits for 0
+        first = actor.cancel.remote(seal("a", 0, "no-such-request"))
+        assert ray.get([first, third], timeout=30) == [None, None]
+    finally:
+        line.close()
+        ray.kill(actor, no_restart=True)
+
+
+def test_without_the_key_there_is_no_line_and_prompts_go_over_ray(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
+    """The actor's line opens only to a caller holding its key: with another key (or no listener)
+    the worker has no line, and its prompts still answer, as Ray calls."""
+    import functools
+
+    from gpugroups.catalog import Catalog
+    from gpugroups.engine.estimates import folders
+    from gpugroups.engine.rayline import open_line
+    from gpugroups.engine.rayworker import ray_devices
+    from gpugroups.engine.worker import Request
+
+    devices = [d for d in ray_devices(SPEC, namespace()) if d.remote_worker]
+    host, port, key = devices[0].remote_worker.keywords["line"]  # type: ignore[union-attr]
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]
+    assert open_line(("127.0.0.1", nobody, key), "x", lambda n, a: None, lambda: None) is None
+    wrong = bytes(b ^ 1 for b in key)
+    workers = [functools.partial(d.remote_worker, line=(host, port, wrong))(d) for d in devices]  # type: ignore[misc]
+    catalog = Catalog()
+    catalog.load_toml(tiny_catalog_toml)
+    group = catalog.group("tiny")
+    try:
+        w = workers[0]
+        assert w._line is None
+        w.load(group, folders(catalog, group), "float32", lambda fraction, stage: None).result(60)
+        assert w.process("tiny", Request("tiny-a", "the cat", 2)).result(60)["predictions"]
+        right = functools.partial(devices[1].remote_worker)(devices[1])  # type: ignore[misc]
+        workers.append(right)
+        assert right._line is not None  # the key it was given opens the line
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_line_that_breaks_loses_the_device_at_once(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
+    """The line ends without the manager hanging up (its socket reset): the device turns lost and
+    its calls fail ``host_unavailable``, without waiting for the pings to notice."""
+    from gpugroups.engine.rayline import _hang_up
+    from gpugroups.engine.rayworker import ray_devices
+    from gpugroups.engine.worker import Request
+
+    workers = [d.remote_worker(d) for d in ray_devices(SPEC, namespace()) if d.remote_worker]
+    try:
+        w = workers[0]
+        lost = threading.Event()
+        w.on_lost(lost.set)
+        _hang_up(w._line._conn)  # type: ignore[union-attr]
+        assert lost.wait(10) and w.status == "lost"
+        with pytest.raises(GpuGroupsError) as err:
+            w.process("tiny", Request("tiny-a", "the cat", 2)).result(10)
+        assert err.value.code == "host_unavailable"
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def test_an_unload_sent_right_after_a_prompt_too_big_to_travel_inline_runs_after_it(
