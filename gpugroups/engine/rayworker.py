@@ -211,12 +211,12 @@ class RayWorker(RemoteCalls):
                 ray.get(self._send(self._actor.shutdown), timeout=60)
             except Exception:
                 pass  # gone already or stuck: the kill below ends it either way
+        if self._line is not None:
+            self._line.close()
         try:
             ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
         except Exception:
             pass  # its node is gone, and the actor with it
-        if self._line is not None:
-            self._line.close()
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:
