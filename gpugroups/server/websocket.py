@@ -194,7 +194,8 @@ _RECENT: deque[tuple[Event, bytes]] = deque(maxlen=4)
 
 def _frame(message: Event) -> bytes:
     """``message`` as one whole WebSocket text frame (RFC 6455: FIN, opcode 1, no mask, as a
-    server sends), built once however many sockets send it."""
+    server sends; uncompressed, as this handler keeps tornado's default of no per-message
+    deflate), built once however many sockets send it."""
     for sent, frame in _RECENT:
         if sent is message:
             return frame
