@@ -11,14 +11,18 @@ Each socket has one message on its way at a time: the rest wait in an outbox, co
 state wins), so a client that stops reading costs the server one pending state, not one per change.
 A client that does not take a message within ``GpuGroupsHost.ws_send_timeout`` is closed.
 
-Fan-out is the hot path (one event, hundreds of sockets): an event is encoded once for all of them,
-and a write is followed by a done-callback and a timer, not by a task of its own per socket.
+Fan-out is the hot path (one event, hundreds of sockets): an event becomes one WebSocket frame,
+built once for all of them and written straight to each socket's stream (tornado's
+``write_message`` would encode again and start a task per socket). A write the kernel takes at
+once (the usual case) leaves nothing behind; only one it cannot take yet gets a done-callback and
+the deadline timer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import struct
+from asyncio import Future
 from collections import deque
 from typing import Any
 
@@ -27,6 +31,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import websocket
 from tornado.ioloop import IOLoop
+from tornado.iostream import StreamClosedError
 
 from ..errors import GpuGroupsError
 from ..events import Event, coalesce
@@ -65,7 +70,7 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
         self._fetching = 0
         self._held: list[Event] = []
         self._outbox: list[Event] = []
-        self._in_flight: asyncio.Future[None] | None = None
+        self._in_flight: Future[None] | None = None
         self._deadline: object | None = None
         self.host.add_listener(self._on_event)
         IOLoop.current().spawn_callback(self._send_state)
@@ -128,20 +133,24 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
         self._pump()
 
     def _pump(self) -> None:
-        """Hand the next message to the socket unless one is still on its way."""
-        if self._in_flight is not None or not self._outbox:
-            return
-        message = self._outbox.pop(0)
-        try:
-            sent = self.write_message(_encoded(message))
-        except websocket.WebSocketClosedError:
-            return
-        self._in_flight = sent
-        loop = IOLoop.current()
-        self._deadline = loop.call_later(self.host.ws_send_timeout, self._too_slow, sent)
-        sent.add_done_callback(self._sent)
+        """Hand waiting messages to the socket until one does not go out at once."""
+        conn = self.ws_connection
+        if conn is None or conn.is_closing() or conn.stream is None:
+            return  # closed or closing: on_close clears up
+        while self._in_flight is None and self._outbox:
+            try:  # tornado's write_message would add a task and encode again for every socket
+                sent = conn.stream.write(_frame(self._outbox.pop(0)))
+            except StreamClosedError:
+                return
+            if not sent.done():  # the client's buffer is full: wait for it, within the deadline
+                self._in_flight = sent
+                self._deadline = IOLoop.current().call_later(self.host.ws_send_timeout, self._too_slow, sent)
+                sent.add_done_callback(self._sent)
+                return
+            if sent.exception() is not None:  # a failed write closed the stream: on_close clears up
+                return
 
-    def _sent(self, sent: asyncio.Future[None]) -> None:
+    def _sent(self, sent: Future[None]) -> None:
         # Reading the exception marks it seen; a failed write means closed, and on_close clears up.
         failed = sent.cancelled() or sent.exception() is not None
         self._in_flight = None
@@ -149,7 +158,7 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
         if not failed:
             self._pump()
 
-    def _too_slow(self, sent: asyncio.Future[None]) -> None:
+    def _too_slow(self, sent: Future[None]) -> None:
         if sent is self._in_flight and not sent.done():
             self._give_up(f"no message taken for {self.host.ws_send_timeout:g} s")
 
@@ -177,20 +186,30 @@ def _coalesced(queue: list[Event], message: Event) -> list[Event]:
     return coalesce([*queue, message])
 
 
-#: The last few messages sent and their JSON. The host hands the same event object to every
+#: The last few messages sent and their frames. The host hands the same event object to every
 #: socket, one after the other, so all but the first find it here; held by reference and matched
 #: by identity, so an entry can never stand for another object.
-_RECENT: deque[tuple[Event, str]] = deque(maxlen=4)
+_RECENT: deque[tuple[Event, bytes]] = deque(maxlen=4)
 
 
-def _encoded(message: Event) -> str:
-    """``message`` as JSON text, encoded once however many sockets send it."""
-    for sent, text in _RECENT:
+def _frame(message: Event) -> bytes:
+    """``message`` as one whole WebSocket text frame (RFC 6455: FIN, opcode 1, no mask, as a
+    server sends; uncompressed, as this handler keeps tornado's default of no per-message
+    deflate), built once however many sockets send it."""
+    for sent, frame in _RECENT:
         if sent is message:
-            return text
-    text = json.dumps(message)
-    _RECENT.append((message, text))
-    return text
+            return frame
+    data = json.dumps(message, separators=(",", ":")).encode()
+    size = len(data)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size <= 0xFFFF:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    frame = head + data
+    _RECENT.append((message, frame))
+    return frame
 
 
 #: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).

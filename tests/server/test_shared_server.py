@@ -100,11 +100,11 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
-#: Run in the host kernel: make the state large (many catalog groups), then change it ``n`` times.
+#: Run in the host kernel: make the state large (``{groups}`` catalog groups), then change it ``n`` times.
 CHURN = """
 import time, gpugroups as gg
 m = gg.manager()
-for i in range(160):
+for i in range({groups}):
     gid = f"churn-{i:03d}"
     if gid not in m.catalog.groups:
         m.catalog.register_group(gid, models={f"churn-model-{i:03d}": f"example-org/churn-model-{i:03d}"})
@@ -118,15 +118,19 @@ out = [size, m.state()["version"] - first]
 """
 
 
+def churn(groups: int, changes: int) -> str:
+    return CHURN.replace("{groups}", str(groups)).replace("{n}", str(changes))
+
+
 def test_a_websocket_that_stops_reading_costs_bounded_memory_and_is_closed(shared: LiveServer) -> None:
     shared.client().state()  # a host is up
     kernel = host_kernel(shared)
-    kernel.run(CHURN.replace("{n}", "100"))  # the server's usual memory for such states, before
+    kernel.run(churn(groups=160, changes=100))  # the server's usual memory for such states, before
     sock = silent_websocket(shared)
     try:
         server = psutil.Process(shared.proc.pid)
         before = server.memory_info().rss
-        size, changes = kernel.run(CHURN.replace("{n}", "1600"), timeout=240)
+        size, changes = kernel.run(churn(groups=160, changes=1600), timeout=240)
         grew = server.memory_info().rss - before
         assert changes >= 1500
         assert size > 30_000  # ~1,500 unsent states would be tens of MB if each were kept
@@ -139,6 +143,28 @@ def test_a_websocket_that_stops_reading_costs_bounded_memory_and_is_closed(share
     assert "closing a WebSocket that does not read" in log
     assert "Task exception was never retrieved" not in log
     assert shared.client().state()["version"] > 0  # everybody else is served as before
+
+
+def test_events_over_64_kib_reach_websocket_clients_whole(shared: LiveServer) -> None:
+    """The server frames each event itself, once for all sockets: a state past the 16-bit length
+    (a frame with a 64-bit length) still arrives as one text message, as a fan-out and on connect."""
+    shared.client().state()  # a host is up
+    listening = shared.client().events(timeout=60)
+    kernel = host_kernel(shared)
+    try:
+        assert next(listening)["type"] == "system_state"
+        size, _ = kernel.run(churn(groups=400, changes=2))
+        version = kernel.run("out = gg.manager().state()['version']")
+        assert size > 0xFFFF
+        update = next(m for m in listening if m["type"] == "state_update" and m["version"] == version)
+        assert len(json.dumps(update["state"])) > 0xFFFF
+        assert "churn-399" in [g["id"] for g in update["state"]["groups"]]
+        with shared.client().events(timeout=60) as joining:
+            first = next(joining)
+        assert first["type"] == "system_state" and first["state"] == update["state"]
+    finally:
+        listening.close()
+        kernel.close()
 
 
 def queue_depth(live: LiveServer) -> int:
