@@ -109,7 +109,7 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
             0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
             node=info["node"], host=info["host"],
         )
-        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info["line"])
+        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info.get("line"))
         devices.append(d)
     return devices
 
