@@ -13,10 +13,13 @@ of the server and of the client processes together.
 Separate browsers read their frames in parallel; one Python loop reads 500 frames one after the
 other (~70 µs each with tornado's client), so with ``--procs 1`` (all clients in this process, as
 the first version of this bench did) the last client's latency is mostly the harness's own
-reading. With several processes they read in parallel, but still on the same CPUs as the server:
-the figure remains an upper bound for clients on separate machines.
+reading. With several processes they read in parallel, but still on the same CPUs as the server,
+so they run at a lower priority (``--nice 10``): they take what the server and its kernel leave,
+as clients on other machines would take nothing from them, and their reading still counts in
+every latency. Their CPU is still taken from the same cores, and the server still waits for the
+CPU while they hold it: the figure remains an upper bound for clients on separate machines.
 
-    .venv/bin/python bench/bench_ws.py [--clients 500] [--changes 40] [--procs 4]
+    .venv/bin/python bench/bench_ws.py [--clients 500] [--changes 40] [--procs 4] [--nice 10]
 """
 
 from __future__ import annotations
@@ -192,10 +195,11 @@ async def receive(conn: Connection) -> Any:
     return conn.recv()
 
 
-def serve_clients(conn: Connection, url: str, headers: dict[str, str], n: int) -> None:
-    """A client process's body: ``n`` clients in its own event loop, running each call that comes
-    down the pipe and sending back its result, until the pipe closes (which also ends it when
-    the bench process dies)."""
+def serve_clients(conn: Connection, url: str, headers: dict[str, str], n: int, nice: int) -> None:
+    """A client process's body: ``n`` clients in its own event loop at priority ``nice``, running
+    each call that comes down the pipe and sending back its result, until the pipe closes (which
+    also ends it when the bench process dies)."""
+    os.nice(nice)
 
     async def serve() -> None:
         clients = Clients(url, headers, n)
@@ -216,19 +220,19 @@ class ClientProcess:
     """``Clients`` in a process of their own (spawned: this process has threads and loops, not to
     be forked), with the same ``call``, each a round trip over a pipe."""
 
-    def __init__(self, url: str, headers: dict[str, str], n: int) -> None:
+    def __init__(self, url: str, headers: dict[str, str], n: int, nice: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         # daemonic: ended at this process's exit even if ``stop`` is never reached
-        self.proc = context.Process(target=serve_clients, args=(child, url, headers, n), daemon=True)
+        self.proc = context.Process(target=serve_clients, args=(child, url, headers, n, nice), daemon=True)
         self.proc.start()
         child.close()
 
     async def call(self, method: str, *args: Any) -> Any:
-        self.conn.send((method, args))
         try:
+            self.conn.send((method, args))
             ok, result = await receive(self.conn)
-        except EOFError:
+        except (BrokenPipeError, EOFError):
             self.proc.join(1)
             raise RuntimeError(f"client process {self.proc.pid} ended (exit code {self.proc.exitcode})") from None
         if not ok:
@@ -288,15 +292,16 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def start(server: Server, n: int, procs: int) -> list[Group]:
-    """``n`` clients (not yet connected): here if ``procs`` is 1, else spread over ``procs`` processes."""
+def start(server: Server, n: int, procs: int, nice: int) -> list[Group]:
+    """``n`` clients (not yet connected): here if ``procs`` is 1, else spread over ``procs``
+    processes at priority ``nice``."""
     url = server.url.replace("http", "ws", 1) + API_PREFIX + "/ws"
     if procs == 1:
         return [Clients(url, server.headers, n)]
     groups: list[Group] = []
     try:
         for i in range(min(procs, n)):
-            groups.append(ClientProcess(url, server.headers, n // procs + (i < n % procs)))
+            groups.append(ClientProcess(url, server.headers, n // procs + (i < n % procs), nice))
     except BaseException:
         for g in groups:
             g.stop()
@@ -304,10 +309,12 @@ def start(server: Server, n: int, procs: int) -> list[Group]:
     return groups
 
 
-async def measure(server: Server, n: int, count: int, procs: int, verbose: bool = False) -> tuple[list[float], float, float]:
-    """Latencies (ms) of ``n`` clients in ``procs`` processes over ``count`` changes, and the CPU ms
-    per change of the server process and of the clients' processes while they ran."""
-    groups = start(server, n, procs)
+async def measure(
+    server: Server, n: int, count: int, procs: int, nice: int, verbose: bool = False
+) -> tuple[list[float], float, float]:
+    """Latencies (ms) of ``n`` clients in ``procs`` processes (at priority ``nice``) over ``count``
+    changes, and the CPU ms per change of the server process and of the clients' processes."""
+    groups = start(server, n, procs, nice)
     try:
         try:
             for g in groups:  # one after another, for the server's accept backlog
@@ -340,10 +347,11 @@ def report(label: str, values: list[float]) -> None:
 
 
 def run(
-    quick: bool = False, clients: int = 500, changes_: int = 40, procs: int = 4, verbose: bool = False
+    quick: bool = False, clients: int = 500, changes_: int = 40, procs: int = 4, nice: int = 10,
+    verbose: bool = False,
 ) -> dict[str, float]:
     """p50/p99 (ms) from a REST change to each of ``clients`` WebSocket clients, in ``procs``
-    client processes, receiving it."""
+    client processes at priority ``nice``, receiving it."""
     count = 15 if quick else changes_
     if procs > 1 and not shared_clock():
         print(f"  (no clock shared by all processes on {sys.platform}: all clients in this process)")
@@ -359,11 +367,11 @@ def run(
                           headers=server.headers, timeout=300).raise_for_status()  # fmt: skip
             requests.post(server.url + API_PREFIX + "/models/load", json={"model_id": MODEL},
                           headers=server.headers, timeout=300).raise_for_status()  # fmt: skip
-            one, one_server, one_clients = asyncio.run(measure(server, 1, count, procs, verbose))
-            many, many_server, many_clients = asyncio.run(measure(server, clients, count, procs, verbose))
+            one, one_server, one_clients = asyncio.run(measure(server, 1, count, procs, nice, verbose))
+            many, many_server, many_clients = asyncio.run(measure(server, clients, count, procs, nice, verbose))
         finally:
             server.stop()
-    where = "this process" if procs == 1 else f"{min(procs, clients)} client processes"
+    where = "this process" if procs == 1 else f"{min(procs, clients)} client processes at nice {nice}"
     print(f"{count} state changes (pin / unpin over REST), from the call to each client's receipt, clients in {where}:")
     report("1 client", one)
     report(f"{clients} clients", many)
@@ -382,12 +390,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--changes", type=int, default=40)
     parser.add_argument("--procs", type=int, default=4, help="client processes (1: all clients in this process)")
+    parser.add_argument("--nice", type=int, default=10, help="the client processes' priority (0: the server's)")
     parser.add_argument("--quick", action="store_true", help="15 changes, as in `python -m bench --quick`")
     parser.add_argument("--verbose", action="store_true", help="print first / median / last receipt of each change")
     args = parser.parse_args()
     if args.procs < 1:
         parser.error("--procs must be at least 1")
-    run(quick=args.quick, clients=args.clients, changes_=args.changes, procs=args.procs, verbose=args.verbose)
+    run(quick=args.quick, clients=args.clients, changes_=args.changes, procs=args.procs, nice=args.nice, verbose=args.verbose)
 
 
 if __name__ == "__main__":
