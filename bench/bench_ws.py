@@ -14,8 +14,8 @@ Separate browsers read their frames in parallel; one Python loop reads 500 frame
 other (~70 µs each with tornado's client), so with ``--procs 1`` (all clients in this process, as
 the first version of this bench did) the last client's latency is mostly the harness's own
 reading. With several processes they read in parallel, but still on the same CPUs as the server,
-so they run at a lower priority (``--nice 10``): they take what the server and its kernel leave,
-as clients on other machines would take nothing from them, and their reading still counts in
+so they run at a lower priority (``--nice 10``): they take what the server and its kernel leave
+(clients on other machines would take nothing from them), and their reading still counts in
 every latency. Their CPU is still taken from the same cores, and the server still waits for the
 CPU while they hold it: the figure remains an upper bound for clients on separate machines.
 
