@@ -120,6 +120,8 @@ class RayWorker(RemoteCalls):
     One actor holds one GPU, so a group is never sharded over Ray devices: ``load_sharded`` and
     ``pause`` refuse with ``insufficient_memory``. ``run`` sends ``fn`` and its arguments to the
     node packed (``remote.pack``: cloudpickle) and brings the result back with its tensors on the CPU.
+    ``line`` is where the actor's direct line listens (its ``info()["line"]``): prompts go there,
+    or over Ray calls when it is None or cannot be opened.
     """
 
     def __init__(self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None) -> None:
