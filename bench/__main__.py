@@ -25,7 +25,7 @@ from bench.goals import GOALS
 
 #: Benchmark modules under bench/, in the order they run (optional ones may be absent).
 BENCHES = [
-    "placement_trace", "bench_switch", "bench_core", "bench_memory", "bench_rest", "bench_ws",
+    "placement_trace", "placement_manager", "bench_switch", "bench_core", "bench_memory", "bench_rest", "bench_ws",
     "bench_isolation", "bench_research", "bench_ray", "bench_shard", "bench_lanes", "bench_fair",
 ]  # fmt: skip
 
