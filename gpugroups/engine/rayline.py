@@ -160,7 +160,11 @@ class Line:
     ) -> None:
         host, port, key = address
         self._conn = _opened(socket.create_connection((host, port), timeout=CONNECT_S), key, first=False)
-        self._conn.send(caller)
+        try:
+            self._conn.send(caller)
+        except OSError:
+            self._conn.close()  # not left open behind a line that never was
+            raise
         self._answer = answer
         self._broken = broken
         self._closed = False
