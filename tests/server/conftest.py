@@ -190,8 +190,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> Iterator[LiveServer]:
-    """One real server (host_kernel auto) for a whole test module: its host kernel is shared."""
+def live(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path
+) -> Iterator[LiveServer]:
+    """One real server (host_kernel auto) for a whole test module: its host kernel is shared. A
+    module's ``LIVE_ARGS`` (a list of command-line options) are added to the server's."""
     server = LiveServer(
         tmp_path_factory.mktemp("live"),
         tiny_catalog_toml,
@@ -199,6 +202,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_catalog_toml: Path) -> I
             "--GpuGroupsHost.host_kernel=auto",
             "--ServerApp.log_level=DEBUG",
             "--GpuGroupsApp.log_level=DEBUG",
+            *getattr(request.module, "LIVE_ARGS", []),
         ],
     )
     yield server

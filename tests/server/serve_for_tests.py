@@ -8,8 +8,10 @@ import sys
 
 
 def _dump(*_: object) -> None:
-    with open(os.environ["GPUGROUPS_TEST_MODULES_FILE"], "w") as f:
+    path = os.environ["GPUGROUPS_TEST_MODULES_FILE"]
+    with open(path + ".part", "w") as f:
         json.dump(sorted(sys.modules), f)
+    os.replace(path + ".part", path)  # the test polls for the file: it must never see half of it
 
 
 signal.signal(signal.SIGUSR2, _dump)

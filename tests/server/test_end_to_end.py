@@ -24,6 +24,11 @@ from .conftest import HEAVY, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+# A killed kernel stays dead here, so the host that dies mid-load is certainly replaced by a new
+# one; otherwise Jupyter's restarter may restart it first, and a restarted host stays the host
+# (that path: ``test_shared_server.py``'s restart mid-request).
+LIVE_ARGS = ["--KernelManager.autorestart=False"]
+
 
 class Events:
     """Collects a client's WebSocket messages on a thread, with their arrival times."""
