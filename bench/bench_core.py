@@ -14,6 +14,7 @@ Usage: ``python bench/bench_core.py [--devices cpu|cuda:0|virtual:...] [--repeat
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -56,6 +57,42 @@ def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Cal
             fn()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def paired_loads(
+    a: Callable[[], Any], b: Callable[[], Any], pairs: int, sync: Callable[[], None], after: Callable[[], None]
+) -> tuple[float, float]:
+    """Median ms of two ways of loading the same thing, alternated A B B A so that neither always
+    follows the other (a load after a load of the other kind pays for what that one left behind).
+
+    As ``timeit`` does, each timed call runs with the garbage collector off, after an untimed full
+    collection: a generation-2 collection costs ~200 ms in a process that imported transformers,
+    several times a ~90 ms load, and fell on one side or the other by chance. ``after`` runs
+    untimed after each ``a`` (the manager's unload); what ``b`` returns is dropped untimed.
+    """
+    ta: list[float] = []
+    tb: list[float] = []
+
+    def timed(fn: Callable[[], Any], times: list[float]) -> None:
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            result = fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            gc.enable()
+        del result
+        if fn is a:
+            after()
+
+    timed(a, [])  # warm-up: imports and first-call setup of both paths
+    timed(b, [])
+    for i in range(pairs):
+        for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            timed(fn, times)
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -109,25 +146,19 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
 
     # Manager loads alternate with plain loads of the same files, so that both see the same load
     # on the machine and the same warm page cache; the plain model is dropped before the next.
-    loads, unloads, raws = [], [], []
-    m.load_group(GROUP, device_id=0)  # warm-up: imports and first-call setup of both paths
-    m.unload_group(GROUP)
-    raw_load(folders, dev.backing, dtype)
-    for _ in range(max(5, repeat // 10)):
+    unloads: list[float] = []
+
+    def unload() -> None:
         t0 = time.perf_counter()
-        m.load_group(GROUP, device_id=0)
-        sync()
-        t1 = time.perf_counter()
         m.unload_group(GROUP)
         sync()
-        loads.append((t1 - t0) * 1e3)
-        unloads.append((time.perf_counter() - t1) * 1e3)
-        t2 = time.perf_counter()
-        raw_load(folders, dev.backing, dtype)
-        sync()
-        raws.append((time.perf_counter() - t2) * 1e3)
-    out["load_manager_ms"], out["unload_ms"] = statistics.median(loads), statistics.median(unloads)
-    out["load_raw_ms"] = statistics.median(raws)
+        unloads.append((time.perf_counter() - t0) * 1e3)
+
+    out["load_manager_ms"], out["load_raw_ms"] = paired_loads(
+        lambda: m.load_group(GROUP, device_id=0), lambda: raw_load(folders, dev.backing, dtype),
+        max(10, repeat // 5), sync, unload,
+    )
+    out["unload_ms"] = statistics.median(unloads)
     m.load_group(GROUP, device_id=0)
     out["load_overhead"] = out["load_manager_ms"] / out["load_raw_ms"]
     print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "

@@ -17,10 +17,8 @@ devices are two CPU-backed virtual devices of ``SLICE`` of the group's estimate 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import gpugroups as gg
-from bench.bench_core import paired_ms
+from bench.bench_core import paired_loads, paired_ms
 from bench.bench_memory import shard_peaks
 from gpugroups.catalog import Catalog
 from gpugroups.engine import estimate as est
@@ -82,22 +80,10 @@ def run(devices: str | None = None, repeat: int = 100, quick: bool = False) -> d
             by_backing = {name: backings[pos] for name, pos in rt.device_map.items()}
             m.unload_group(GROUP)
 
-            def manager_load() -> None:
-                m.load_group(GROUP)
-
-            def plain_load() -> None:
-                raw_load(folder, by_backing)
-
-            ours, plain = [], []
-            for _ in range(max(5, repeat // 10)):
-                for fn, times in ((manager_load, ours), (plain_load, plain)):
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                    if fn is manager_load:
-                        m.unload_group(GROUP)
-            out["sharded_load_manager_ms"], out["sharded_load_raw_ms"] = statistics.median(ours), statistics.median(plain)
+            out["sharded_load_manager_ms"], out["sharded_load_raw_ms"] = paired_loads(
+                lambda: m.load_group(GROUP), lambda: raw_load(folder, by_backing), max(8, repeat // 5), sync,
+                lambda: m.unload_group(GROUP),
+            )
             out["sharded_load_overhead"] = out["sharded_load_manager_ms"] / out["sharded_load_raw_ms"]
             print(f"sharded load   : manager {out['sharded_load_manager_ms']:.1f} ms vs from_pretrained(device_map) "
                   f"{out['sharded_load_raw_ms']:.1f} ms over {span} (ratio {out['sharded_load_overhead']:.3f}, goal <= 1.05)")

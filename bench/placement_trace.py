@@ -18,6 +18,7 @@ Usage: ``python bench/placement_trace.py`` prints loads per policy and the ratio
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import sys
@@ -127,23 +128,33 @@ def _lru(trace: Trace, fewest_bytes: bool) -> int:
     return loads
 
 
-def optimum(trace: Trace) -> int:
-    """The fewest loads that serve ``trace``, by dynamic programming over residency states.
+@dataclass(frozen=True)
+class Moves:
+    """One group's loads: the states that hold it, and for each state that does not (``sources``,
+    ascending) the states a load can reach, ``targets[starts[i]:starts[i + 1]]``."""
 
-    A state says which device holds each group (or none) within the devices' room. Loading only
-    the requested group, only when it is requested, loses nothing (delaying a load never costs
-    room, and unloading is free), so a request either finds its group resident (no cost) or loads
-    it on some device after unloading any of that device's groups (one load). The minimum over the
-    states reached after the last request is the optimum, not an estimate.
+    holding: np.ndarray
+    sources: np.ndarray
+    starts: np.ndarray
+    targets: np.ndarray
+
+
+def _graph(trace: Trace) -> tuple[list[str], list[tuple[int, ...]], list[Moves]]:
+    """The trace's groups (sorted), every residency state, and per group the loads between states.
+
+    A state says which device holds each group (0: none, d + 1: device d) within the devices'
+    room. Loading only the requested group, only when it is requested, loses nothing (delaying a
+    load never costs room, and unloading is free), so a request either finds its group resident
+    (no cost) or loads it on some device after unloading any of that device's groups (one load).
     """
     groups = sorted(trace.sizes)
     size = [trace.sizes[g] for g in groups]
     states = [
-        a for a in itertools.product(range(len(trace.devices) + 1), repeat=len(groups))  # 0: nowhere, d + 1: device d
+        a for a in itertools.product(range(len(trace.devices) + 1), repeat=len(groups))
         if all(sum(s for s, x in zip(size, a, strict=True) if x == d + 1) <= cap for d, cap in enumerate(trace.devices))
     ]
     index = {a: i for i, a in enumerate(states)}
-    moves = []  # per group: (states holding it, load sources, load targets)
+    moves = []
     for k in range(len(groups)):
         src, dst = [], []
         for a in states:
@@ -154,33 +165,87 @@ def optimum(trace: Trace) -> int:
                     if b in index:
                         src.append(index[a])
                         dst.append(index[b])
-        holding = [i for i, a in enumerate(states) if a[k]]
-        moves.append((np.array(holding), np.array(src), np.array(dst)))
+        order = np.argsort(src, kind="stable")
+        src_sorted, dst_sorted = np.array(src)[order], np.array(dst)[order]
+        starts = np.flatnonzero(np.r_[True, src_sorted[1:] != src_sorted[:-1]])
+        holding = np.array([i for i, a in enumerate(states) if a[k]])
+        moves.append(Moves(holding, src_sorted[starts], starts, dst_sorted))
+    return groups, states, moves
+
+
+def optimum(trace: Trace) -> int:
+    """The fewest loads that serve ``trace``: a shortest path over residency states (``_graph``),
+    request by request. The minimum over the states reached after the last request is the
+    optimum, not an estimate."""
+    groups, states, moves = _graph(trace)
     far = len(trace.requests) + 1
     cost = np.full(len(states), far)
-    cost[index[(0,) * len(groups)]] = 0
+    cost[states.index((0,) * len(groups))] = 0
     at = {g: k for k, g in enumerate(groups)}
     for gid in trace.requests:
-        holding, src, dst = moves[at[gid]]
+        mv = moves[at[gid]]
         after = np.full(len(states), far)
-        after[holding] = cost[holding]
-        np.minimum.at(after, dst, cost[src] + 1)
+        after[mv.holding] = cost[mv.holding]
+        sources = np.repeat(mv.sources, np.diff(np.r_[mv.starts, len(mv.targets)]))
+        np.minimum.at(after, mv.targets, cost[sources] + 1)
         cost = after
     return int(cost.min())
 
 
+def oracle(trace: Trace, tolerance: float = 1e-9) -> int:
+    """Loads of the best policy that knows how often each group is requested in ``trace`` (and
+    nothing else): the policy of least expected loads per request, found by relative value
+    iteration over the residency states (``_graph``) with requests drawn independently at those
+    frequencies, then replayed on the trace. An online policy must learn the frequencies, so it
+    can expect no better on requests drawn that way; the ratio of this to ``optimum`` is what
+    knowing the future is worth, beyond any online policy's reach.
+    """
+    groups, states, moves = _graph(trace)
+    counts = collections.Counter(trace.requests)
+    p = [counts[g] / len(trace.requests) for g in groups]
+    h = np.zeros(len(states))  # relative expected loads from each state
+    while True:
+        th = np.zeros(len(states))
+        for pk, mv in zip(p, moves, strict=True):
+            c = np.empty(len(states))
+            c[mv.sources] = 1 + np.minimum.reduceat(h[mv.targets], mv.starts)
+            c[mv.holding] = h[mv.holding]
+            th += pk * c
+        gap = th - h
+        if gap.max() - gap.min() < tolerance:
+            break
+        h = 0.5 * h + 0.5 * (th - th[0])  # damped: converges on periodic chains too
+    at = {g: k for k, g in enumerate(groups)}
+    state, loads = states.index((0,) * len(groups)), 0
+    for gid in trace.requests:
+        mv = moves[at[gid]]
+        i = np.searchsorted(mv.sources, state)
+        if i < len(mv.sources) and mv.sources[i] == state:  # not resident: load, to the best state
+            end = mv.starts[i + 1] if i + 1 < len(mv.starts) else len(mv.targets)
+            reachable = mv.targets[mv.starts[i]:end]
+            state = int(reachable[np.argmin(h[reachable])])
+            loads += 1
+    return loads
+
+
 def run() -> dict[str, float]:
     """Loads per policy on every reference trace; returns the worst ratios (the goals' figures)."""
-    worst_opt = worst_lru = 0.0
-    print(f"{'trace':<28}{'policy':>7}{'lru':>7}{'size':>7}{'opt':>7}{'/opt':>7}{'/lru':>7}")
+    worst = {"opt": 0.0, "lru": 0.0, "oracle": 0.0, "oracle_opt": 0.0}
+    print(f"{'trace':<28}{'policy':>7}{'lru':>7}{'size':>7}{'oracle':>7}{'opt':>7}{'/opt':>7}{'/lru':>7}{'/orcl':>7}")
     for trace in reference_traces():
         n = {p: simulate(trace, p) for p in ("policy", "lru", "size")}
-        opt = optimum(trace)
-        vs_opt, vs_lru = n["policy"] / opt, n["policy"] / n["lru"]
-        worst_opt, worst_lru = max(worst_opt, vs_opt), max(worst_lru, vs_lru)
-        print(f"{trace.name:<28}{n['policy']:>7}{n['lru']:>7}{n['size']:>7}{opt:>7}{vs_opt:>7.2f}{vs_lru:>7.2f}")
-    print(f"worst: policy/opt {worst_opt:.2f} (goal <= 1.25), policy/lru {worst_lru:.2f} (goal <= 1.0)")
-    return {"placement_vs_opt": worst_opt, "placement_vs_lru": worst_lru}
+        opt, best = optimum(trace), oracle(trace)
+        ratios = {"opt": n["policy"] / opt, "lru": n["policy"] / n["lru"], "oracle": n["policy"] / best,
+                  "oracle_opt": best / opt}  # fmt: skip
+        worst = {k: max(v, ratios[k]) for k, v in worst.items()}
+        print(f"{trace.name:<28}{n['policy']:>7}{n['lru']:>7}{n['size']:>7}{best:>7}{opt:>7}"
+              f"{ratios['opt']:>7.2f}{ratios['lru']:>7.2f}{ratios['oracle']:>7.2f}")
+    print(f"worst: policy/opt {worst['opt']:.2f} (goal <= 1.25), policy/lru {worst['lru']:.2f} (goal <= 1.0), "
+          f"policy/oracle {worst['oracle']:.2f}; the oracle itself makes up to {worst['oracle_opt']:.2f}x the optimum's loads")
+    return {
+        "placement_vs_opt": worst["opt"], "placement_vs_lru": worst["lru"], "placement_vs_oracle": worst["oracle"],
+        "placement_oracle_vs_opt": worst["oracle_opt"],
+    }
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bench.placement_trace import Trace, optimum, reference_traces, simulate
+from bench.placement_trace import Trace, optimum, oracle, reference_traces, simulate
 from gpugroups.errors import GpuGroupsError
 from gpugroups.placement import DeviceView, Layout, Ledger, ResidentView, place
 
@@ -168,6 +168,24 @@ def test_the_optimum_matches_an_exhaustive_search_on_small_traces_of_groups_of_d
             return best
 
         assert optimum(trace) == fewest(0, ((), ())), requests
+
+
+def test_the_frequency_oracle_keeps_the_hot_group_and_swaps_the_others_in_its_second_slot():
+    # a, b, c of equal size, room for two: knowing a is requested most, the best policy never
+    # unloads a; b and c take turns in the other slot, so every change between them is a load.
+    rng = random.Random(3)
+    requests = tuple(rng.choices("abc", weights=(6, 3, 1))[0] for _ in range(400))
+    trace = Trace("hot", requests, {g: MiB for g in "abc"}, devices=(2 * MiB,))
+    assert requests[0] == "a"  # so b and c never share the room: a is there before either comes
+    others = [g for g in requests if g != "a"]
+    turns = 1 + sum(x != y for x, y in itertools.pairwise(others))  # the first load of b or c, then each change
+    assert oracle(trace) == 1 + turns  # and a's one load
+    assert optimum(trace) <= oracle(trace)
+
+
+def test_the_frequency_oracle_never_beats_the_optimum_on_the_reference_traces():
+    for trace in itertools.islice(reference_traces(), 0, None, 6):
+        assert optimum(trace) <= oracle(trace) <= simulate(trace, "lru"), trace.name
 
 
 # ---- sharding -------------------------------------------------------------------------------

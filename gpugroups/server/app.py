@@ -12,6 +12,7 @@ import gc
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
+from traitlets import Int
 from traitlets.config import Config
 
 from . import handlers, websocket
@@ -24,6 +25,17 @@ class GpuGroupsApp(ExtensionApp):
     name = "gpugroups"
     load_other_extensions = True
     classes = [*ExtensionApp.classes, GpuGroupsHost]  # noqa: RUF012  # traitlets' own shape: --help-all lists its settings
+
+    full_gc_every = Int(
+        100,
+        config=True,
+        help="""Python's third collector threshold in the server process, raised to this if lower:
+        a full collection runs at most once per this many middle-generation ones (Python's own: 10).
+        With hundreds of event sockets a full collection stops the server for 30-50 ms (what the
+        sockets keep alive is too young for the freeze at start-up); at 10 one fell on 1-3 of every
+        100 state changes' fan-out, at 100 none did (``bench/bench_ws.py``). Old cyclic garbage waits
+        longer for it. 0 leaves the collector as it is.""",
+    )
 
     def initialize_settings(self) -> None:
         """Build the host policy (nothing starts yet) and share it with the handlers."""
@@ -59,8 +71,12 @@ class GpuGroupsApp(ExtensionApp):
         server: ``gc.freeze`` takes it out of the collector's sight, so that a full collection walks
         only what came after. At 500 event sockets such a collection otherwise stopped the whole
         fan-out for 150-200 ms about once in 20 changes (``bench/bench_ws.py``: p99 200 -> 75 ms).
+        What comes after (the sockets' own objects) is the reason for ``full_gc_every``.
         """
         gc.freeze()
+        young, middle, full = gc.get_threshold()
+        if full < self.full_gc_every:
+            gc.set_threshold(young, middle, self.full_gc_every)
         self.host.start()
 
     async def stop_extension(self) -> None:

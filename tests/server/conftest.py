@@ -127,13 +127,22 @@ class LiveServer:
         return Kernel(self.runtime_dir / f"kernel-{kernel_id}.json")
 
     def modules(self) -> list[str]:
-        """The modules the server process has imported so far (it dumps them on SIGUSR2)."""
+        """The modules the server process has imported so far."""
+        return list(self._dump()["modules"])
+
+    def gc_threshold(self) -> tuple[int, int, int]:
+        """The server process's garbage collector thresholds (``gc.get_threshold()``)."""
+        young, middle, full = self._dump()["gc_threshold"]
+        return young, middle, full
+
+    def _dump(self) -> dict[str, Any]:
+        """What the server process dumps on SIGUSR2 (``serve_for_tests.py``)."""
         self.modules_file.unlink(missing_ok=True)
         os.kill(self.proc.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 10
         while not self.modules_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return json.loads(self.modules_file.read_text())
+        return dict(json.loads(self.modules_file.read_text()))
 
     def stop(self) -> None:
         if self.proc.poll() is None:

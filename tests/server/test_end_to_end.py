@@ -26,8 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 # A killed kernel stays dead here, so the host that dies mid-load is certainly replaced by a new
 # one; otherwise Jupyter's restarter may restart it first, and a restarted host stays the host
-# (that path: ``test_shared_server.py``'s restart mid-request).
-LIVE_ARGS = ["--KernelManager.autorestart=False"]
+# (that path: ``test_shared_server.py``'s restart mid-request). The collector setting is checked
+# at the end.
+LIVE_ARGS = ["--KernelManager.autorestart=False", "--GpuGroupsApp.full_gc_every=250"]
 
 
 class Events:
@@ -297,3 +298,9 @@ def test_the_server_process_never_imported_torch_nor_the_kernel_side(live: LiveS
     assert "gpugroups.server.host" in modules  # the dump is of the right process
     assert [m for m in modules if m.split(".")[0] in HEAVY] == []
     assert "gpugroups.kernel" not in modules  # the server reads the host record from hostrecord.py
+
+
+def test_the_server_runs_full_collections_as_rarely_as_configured(live: LiveServer) -> None:
+    young, middle, full = live.gc_threshold()
+    assert full == 250  # raised from Python's 10 by the extension, to the configured value
+    assert (young, middle) == (700, 10)  # the young generations keep Python's defaults
