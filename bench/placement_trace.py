@@ -1,6 +1,6 @@
 """Replay request traces through the placement policy and count loads (pure: no torch, no models).
 
-The policy is ``placement.place`` fed the manager's ``Ledger`` values. It is measured against two
+The policy is ``placement.place`` fed the manager's ``Ledger`` values. It is measured against three
 references that do not go through ``place``, so a change to the policy cannot move them: plain LRU
 over the devices (a group goes to the device with most free room if one fits it, else to the device
 whose least recently used groups, unloaded until it fits, were used longest ago; "size" is the
@@ -9,9 +9,11 @@ offline optimum: the fewest loads of any schedule that knows the whole trace, fo
 shortest path over residency states (each group on one device or none). ``reference_traces`` are
 the traces the project's goals are stated on: Zipf-skewed requests over 8 groups of different
 sizes on 2 devices that hold about 3 groups each, several seeds and skews, plus a scan-heavy trace.
-For scale: a policy that knows each trace's true request frequencies and minimises the expected
-loads for them (an average-cost Markov decision process over the same states) makes 1.16 to 1.28
-times the optimum's loads on these traces; one that must learn the frequencies can expect no better.
+The third, the frequency oracle (``oracle``), is the policy that knows each trace's request
+frequencies and minimises the expected loads for them (an average-cost Markov decision process over
+the same states): 1.16 to 1.28 times the optimum's loads on these traces. One that must learn the
+frequencies can expect no better, so ``placement_vs_oracle`` says how far the policy is from what
+an online policy can reach, and ``placement_oracle_vs_opt`` what only knowing the future adds.
 
 Usage: ``python bench/placement_trace.py`` prints loads per policy and the ratios.
 """
