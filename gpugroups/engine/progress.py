@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from types import TracebackType
 from typing import IO, Any
 
@@ -38,8 +39,10 @@ def check_option(option: Any) -> ProgressOption:
 class LoadBar:
     """A context around one load call: subscribes to the bus, draws the bar, completes it on success.
 
-    The caller sets ``loaded`` to whether the call really loaded; only then does the exit wait
-    (briefly) for the load's last events and fill the bar to 100 %.
+    The caller sets ``loaded`` to whether the call really loaded; only then, and only if the
+    call took long enough for the bar to show (``DELAY_S``), does the exit wait (briefly) for the
+    load's last events and fill the bar to 100 %. A faster load's bar never showed: waiting for
+    the bus thread to deliver its last state would only make the load call slower.
     """
 
     def __init__(self, bus: EventBus, group_id: str, option: ProgressOption) -> None:
@@ -51,6 +54,7 @@ class LoadBar:
         self._done = False
         self._cv = threading.Condition()
         self._on = enabled(option)
+        self._began = time.monotonic()
         self._unsubscribe = bus.subscribe(self._on_event) if self._on else _nothing
 
     def __enter__(self) -> LoadBar:
@@ -60,14 +64,15 @@ class LoadBar:
         if not self._on:
             return
         version = self._bus.version
+        shown = exc_type is None and self.loaded and time.monotonic() - self._began >= DELAY_S
         with self._cv:
-            if exc_type is None and self.loaded:
+            if shown:
                 self._cv.wait_for(lambda: self._seen >= version, timeout=_SETTLE_S)
             self._done = True
             bar, self._bar = self._bar, None
         self._unsubscribe()
         if bar is not None:
-            if exc_type is None and self.loaded:
+            if shown:
                 bar.set_postfix_str("ready", refresh=False)
                 bar.update(bar.total - bar.n)
             bar.close()
