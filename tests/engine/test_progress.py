@@ -32,6 +32,16 @@ def test_a_real_load_draws_a_bar_that_reaches_100(tiny_catalog_toml: Path, no_de
         assert "loading gpt" in out.getvalue()[drawn:] and out.getvalue().rstrip().endswith("ready")
 
 
+def test_a_load_faster_than_the_delay_shows_no_bar_at_all(tiny_catalog_toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "DELAY_S", 60)  # longer than any load here
+    monkeypatch.delenv(progress.ENV, raising=False)
+    out = io.StringIO()
+    with gg.Manager(devices="cpu", catalog=tiny_catalog_toml, progress=out) as m:
+        assert m.load("tiny-a")["status"] == "loaded"
+        assert m.load_group("gpt")["status"] == "loaded"
+    assert out.getvalue() == ""  # neither a partial bar nor a filled one
+
+
 @pytest.mark.parametrize("how", ["option", "env"])
 def test_bars_can_be_turned_off(tiny_catalog_toml: Path, no_delay: None, how: str,
                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
