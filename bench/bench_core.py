@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from gpugroups.engine.worker import ThreadWorker
 
 GROUP, BASE, ADAPTERS = "pycode", "pycode-base", ("pycode-tests", "pycode-docs")
 PROMPT = "def __init__(self"
+_BOOTSTRAP = 2000  # resamples for a ratio's interval
 
 
 def median_ms(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -60,11 +63,31 @@ def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Cal
     return statistics.median(ta), statistics.median(tb)
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Two ways of loading the same thing, timed alternately: the median ms of each, and the 95 %
+    bootstrap interval of their ratio (how far it moves with which loads were drawn: on a shared
+    machine single loads vary by a quarter, so the interval says whether a goal is within noise)."""
+
+    a_ms: float
+    b_ms: float
+    low: float
+    high: float
+
+    @property
+    def ratio(self) -> float:
+        return self.a_ms / self.b_ms
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        """``{prefix}_overhead`` (the ratio) and its interval, ``{prefix}_overhead_low`` / ``_high``."""
+        return {f"{prefix}_overhead": self.ratio, f"{prefix}_overhead_low": self.low, f"{prefix}_overhead_high": self.high}
+
+
 def paired_loads(
     a: Callable[[], Any], b: Callable[[], Any], pairs: int, sync: Callable[[], None], after: Callable[[], None]
-) -> tuple[float, float]:
-    """Median ms of two ways of loading the same thing, alternated A B B A so that neither always
-    follows the other (a load after a load of the other kind pays for what that one left behind).
+) -> Paired:
+    """Two ways of loading the same thing, alternated A B B A so that neither always follows the
+    other (a load after a load of the other kind pays for what that one left behind).
 
     As ``timeit`` does, each timed call runs with the garbage collector off, after an untimed full
     collection: a generation-2 collection costs ~200 ms in a process that imported transformers,
@@ -93,7 +116,12 @@ def paired_loads(
     for i in range(pairs):
         for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
             timed(fn, times)
-    return statistics.median(ta), statistics.median(tb)
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(ta, k=len(ta))) / statistics.median(rng.choices(tb, k=len(tb)))
+        for _ in range(_BOOTSTRAP)
+    )
+    return Paired(statistics.median(ta), statistics.median(tb), ratios[_BOOTSTRAP // 40], ratios[-_BOOTSTRAP // 40 - 1])
 
 
 def process_overhead(
@@ -154,15 +182,16 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
         sync()
         unloads.append((time.perf_counter() - t0) * 1e3)
 
-    out["load_manager_ms"], out["load_raw_ms"] = paired_loads(
+    loads = paired_loads(
         lambda: m.load_group(GROUP, device_id=0), lambda: raw_load(folders, dev.backing, dtype),
-        max(10, repeat // 5), sync, unload,
+        max(10, repeat // 2), sync, unload,
     )
+    out["load_manager_ms"], out["load_raw_ms"] = loads.a_ms, loads.b_ms
+    out.update(loads.figures("load"))
     out["unload_ms"] = statistics.median(unloads)
     m.load_group(GROUP, device_id=0)
-    out["load_overhead"] = out["load_manager_ms"] / out["load_raw_ms"]
-    print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "
-          f"(ratio {out['load_manager_ms'] / out['load_raw_ms']:.2f}); unload {out['unload_ms']:.1f} ms")
+    print(f"load   : manager {loads.a_ms:.1f} ms vs raw from_pretrained+PEFT {loads.b_ms:.1f} ms "
+          f"(ratio {loads.ratio:.3f}, 95 % interval {loads.low:.3f}-{loads.high:.3f}); unload {out['unload_ms']:.1f} ms")
 
     members = [BASE, *ADAPTERS]
     i = iter(range(10**9))

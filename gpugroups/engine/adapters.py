@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .torchkit import submodules
+
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -132,7 +134,7 @@ def _tuner_layers(peft: Any) -> list[Any]:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     layers = []
-    for module in peft.modules():
+    for module in submodules(peft):
         if isinstance(module, AuxiliaryTrainingWrapper):
             return []
         if isinstance(module, BaseTunerLayer):

@@ -17,7 +17,7 @@ from .bus import Event, EventBus
 
 #: The environment variable that turns the bars off ("0", "false", "no", "off").
 ENV = "GPUGROUPS_PROGRESS"
-#: Seconds a load runs before its bar shows (tqdm's ``delay``).
+#: Seconds a load runs before its bar shows (no tqdm bar is made before).
 DELAY_S = 0.5
 #: How long a finished load waits for its last events to be delivered (they are on the bus thread).
 _SETTLE_S = 2.0
@@ -41,8 +41,9 @@ class LoadBar:
 
     The caller sets ``loaded`` to whether the call really loaded; only then, and only if the
     call took long enough for the bar to show (``DELAY_S``), does the exit wait (briefly) for the
-    load's last events and fill the bar to 100 %. A faster load's bar never showed: waiting for
-    the bus thread to deliver its last state would only make the load call slower.
+    load's last events and fill the bar to 100 %. The bar takes only the events emitted after
+    the delay: a faster load neither makes a bar nor wakes the bus thread for one (a wake-up
+    per event measurably slowed the load's own thread).
     """
 
     def __init__(self, bus: EventBus, group_id: str, option: ProgressOption) -> None:
@@ -50,12 +51,13 @@ class LoadBar:
         self._bus, self._group_id = bus, group_id
         self._file = None if option is None or isinstance(option, bool) else option
         self._bar: Any = None
-        self._seen = 0
         self._done = False
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._on = enabled(option)
         self._began = time.monotonic()
-        self._unsubscribe = bus.subscribe(self._on_event) if self._on else _nothing
+        self._unsubscribe = (
+            bus.subscribe(self._on_event, built=False, after=self._began + DELAY_S) if self._on else _nothing
+        )
 
     def __enter__(self) -> LoadBar:
         return self
@@ -63,14 +65,16 @@ class LoadBar:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self._on:
             return
-        version = self._bus.version
-        shown = exc_type is None and self.loaded and time.monotonic() - self._began >= DELAY_S
-        with self._cv:
-            if shown:
-                self._cv.wait_for(lambda: self._seen >= version, timeout=_SETTLE_S)
+        waited = time.monotonic() - self._began
+        shown = exc_type is None and self.loaded and waited >= DELAY_S
+        if shown:
+            self._bus.settle(_SETTLE_S)  # the load's last events drawn before the bar is filled
+        with self._lock:
             self._done = True
             bar, self._bar = self._bar, None
         self._unsubscribe()
+        if shown and bar is None:  # no event came after the delay: the bar shows filled
+            bar = _make_bar(self._group_id, self._file, waited)
         if bar is not None:
             if shown:
                 bar.set_postfix_str("ready", refresh=False)
@@ -78,13 +82,13 @@ class LoadBar:
             bar.close()
 
     def _on_event(self, event: Event) -> None:
-        with self._cv:
-            self._seen = max(self._seen, int(event.get("version", 0)))
-            self._cv.notify_all()
-            if self._done or event.get("type") != "load_progress" or event.get("group_id") != self._group_id:
+        if event.get("type") != "load_progress" or event.get("group_id") != self._group_id:
+            return
+        with self._lock:
+            if self._done:
                 return
             if self._bar is None:
-                self._bar = _make_bar(self._group_id, self._file)
+                self._bar = _make_bar(self._group_id, self._file, time.monotonic() - self._began)
             n = round(100 * float(event.get("progress", 0.0)))
             self._bar.set_postfix_str(str(event.get("stage", "")), refresh=False)
             self._bar.update(max(0, n - self._bar.n))
@@ -101,13 +105,16 @@ def _nothing() -> None:
     pass
 
 
-def _make_bar(group_id: str, file: IO[str] | None) -> Any:
-    """tqdm's auto bar (a widget in a notebook, text elsewhere), or a text bar on ``file``."""
+def _make_bar(group_id: str, file: IO[str] | None, waited: float) -> Any:
+    """tqdm's auto bar (a widget in a notebook, text elsewhere), or a text bar on ``file``, shown
+    at once and timed from the load's start, ``waited`` seconds ago."""
     if file is None:
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
     # monitor_interval=0: no tqdm monitor thread left running in the user's process for our bars.
     bar_class = type("LoadProgressBar", (tqdm,), {"monitor_interval": 0})
-    return bar_class(total=100, desc=f"loading {group_id}", unit="%", delay=DELAY_S, file=file, leave=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+    bar = bar_class(total=100, desc=f"loading {group_id}", unit="%", file=file, leave=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+    bar.start_t -= waited  # its elapsed time is the load's
+    return bar

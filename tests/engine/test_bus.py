@@ -1,8 +1,10 @@
-"""The event bus: version order, unsubscribe, and a failing subscriber logged once, never fatal."""
+"""The event bus: version order, unsubscribe, built fields only for whom reads them, and a failing
+subscriber logged once, never fatal."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from gpugroups.engine.bus import EventBus
 from tests.waiting import wait_for
@@ -39,3 +41,59 @@ def test_a_failing_subscriber_is_logged_once_with_its_traceback_and_the_others_s
     logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
     assert len(logged) == 1, [r.getMessage() for r in caplog.records]
     assert "subscriber broke" in caplog.text and "Traceback" in caplog.text
+
+
+def test_built_fields_are_built_only_while_a_subscriber_reads_them():
+    bus = EventBus()
+    builds: list[int] = []
+
+    def build() -> dict:
+        builds.append(1)
+        return {"state": "big"}
+
+    versions: list[dict] = []
+    bus.subscribe(versions.append, built=False)  # follows versions only (a load's progress bar)
+    bus.emit("state_update", build=build)
+    assert wait_for(lambda: len(versions) == 1)
+    assert builds == [] and versions[0] == {"type": "state_update", "version": 1}
+
+    states: list[dict] = []
+    unsubscribe = bus.subscribe(states.append)
+    bus.emit("state_update", build=build)
+    assert wait_for(lambda: len(states) == 1 and len(versions) == 2)
+    assert builds == [1] and states[0]["state"] == "big" and versions[1]["state"] == "big"  # one build, shared
+
+    unsubscribe()
+    bus.emit("state_update", build=build)
+    bus.close()
+    assert [e["version"] for e in versions] == [1, 2, 3] and builds == [1]
+
+
+def test_events_without_subscribers_are_numbered_and_a_later_subscriber_gets_only_later_ones():
+    bus = EventBus()
+    for _ in range(3):
+        bus.emit("tick", build=lambda: {"state": "never built"})
+    got: list[dict] = []
+    bus.subscribe(got.append)
+    bus.emit("tick")
+    bus.close()
+    assert [e["version"] for e in got] == [4]
+
+
+def test_a_subscriber_from_a_later_instant_takes_only_what_follows_and_costs_nothing_before():
+    bus = EventBus()
+    builds: list[int] = []
+
+    def build() -> dict:
+        builds.append(1)
+        return {"state": "big"}
+
+    got: list[dict] = []
+    bus.subscribe(got.append, after=time.monotonic() + 0.3)
+    bus.emit("state_update", build=build)  # before its instant: not built, not delivered
+    assert bus.settle(timeout=5)  # nothing was queued: settled at once
+    time.sleep(0.3)
+    bus.emit("state_update", build=build)
+    assert bus.settle(timeout=5)  # delivered by the time it returns
+    assert [e["version"] for e in got] == [2] and got[0]["state"] == "big" and builds == [1]
+    bus.close()
