@@ -161,6 +161,9 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
     the GPU check. ``quick`` caps ``repeat`` at 50."""
     repeat = min(repeat, 50) if quick else repeat
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the plain loads' bars: drawing them would slow the baseline
 
     workers: list[ThreadWorker] = []  # the worker seam: keep the workers to reach the model they hold
     m = gg.Manager(devices=devices, catalog=_demo(), worker=lambda d: workers.append(ThreadWorker(d)) or workers[-1])
