@@ -10,6 +10,17 @@ from gpugroups.engine.bus import EventBus
 from tests.waiting import wait_for
 
 
+class CountedBuild:
+    """An event's costly fields (a state), counting how often they were built."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> dict:
+        self.calls += 1
+        return {"state": "big"}
+
+
 def test_events_arrive_in_version_order_until_unsubscribed():
     bus = EventBus()
     got: list[dict] = []
@@ -45,28 +56,23 @@ def test_a_failing_subscriber_is_logged_once_with_its_traceback_and_the_others_s
 
 def test_built_fields_are_built_only_while_a_subscriber_reads_them():
     bus = EventBus()
-    builds: list[int] = []
-
-    def build() -> dict:
-        builds.append(1)
-        return {"state": "big"}
-
+    build = CountedBuild()
     versions: list[dict] = []
     bus.subscribe(versions.append, built=False)  # follows versions only (a load's progress bar)
     bus.emit("state_update", build=build)
     assert wait_for(lambda: len(versions) == 1)
-    assert builds == [] and versions[0] == {"type": "state_update", "version": 1}
+    assert build.calls == 0 and versions[0] == {"type": "state_update", "version": 1}
 
     states: list[dict] = []
     unsubscribe = bus.subscribe(states.append)
     bus.emit("state_update", build=build)
     assert wait_for(lambda: len(states) == 1 and len(versions) == 2)
-    assert builds == [1] and states[0]["state"] == "big" and versions[1]["state"] == "big"  # one build, shared
+    assert build.calls == 1 and states[0]["state"] == "big" and versions[1]["state"] == "big"  # one build, shared
 
     unsubscribe()
     bus.emit("state_update", build=build)
     bus.close()
-    assert [e["version"] for e in versions] == [1, 2, 3] and builds == [1]
+    assert [e["version"] for e in versions] == [1, 2, 3] and build.calls == 1
 
 
 def test_events_without_subscribers_are_numbered_and_a_later_subscriber_gets_only_later_ones():
@@ -82,12 +88,7 @@ def test_events_without_subscribers_are_numbered_and_a_later_subscriber_gets_onl
 
 def test_a_subscriber_from_a_later_instant_takes_only_what_follows_and_costs_nothing_before():
     bus = EventBus()
-    builds: list[int] = []
-
-    def build() -> dict:
-        builds.append(1)
-        return {"state": "big"}
-
+    build = CountedBuild()
     got: list[dict] = []
     bus.subscribe(got.append, after=time.monotonic() + 0.3)
     bus.emit("state_update", build=build)  # before its instant: not built, not delivered
@@ -95,5 +96,5 @@ def test_a_subscriber_from_a_later_instant_takes_only_what_follows_and_costs_not
     time.sleep(0.3)
     bus.emit("state_update", build=build)
     assert bus.settle(timeout=5)  # delivered by the time it returns
-    assert [e["version"] for e in got] == [2] and got[0]["state"] == "big" and builds == [1]
+    assert [e["version"] for e in got] == [2] and got[0]["state"] == "big" and build.calls == 1
     bus.close()
