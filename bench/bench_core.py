@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import operator
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from gpugroups.engine.worker import ThreadWorker
 
 GROUP, BASE, ADAPTERS = "pycode", "pycode-base", ("pycode-tests", "pycode-docs")
 PROMPT = "def __init__(self"
-_BOOTSTRAP = 2000  # resamples for a ratio's interval
+_BOOTSTRAP = 2000  # resamples for a figure's interval
 
 
 def median_ms(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -49,8 +50,45 @@ def median_ms(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lam
     return statistics.median(times)
 
 
-def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> tuple[float, float]:
-    """Median ms of ``a`` and of ``b``, run alternately so that both see the same machine load."""
+@dataclass(frozen=True)
+class Paired:
+    """Two ways of doing the same thing, timed alternately so that both meet the same machine: the
+    ms of each call. It unpacks as the two medians. On a shared machine single calls vary by a
+    quarter or more, so a figure comparing the two comes with its 95 % bootstrap interval (how
+    far it moves with which calls were drawn): it says whether a goal is within noise."""
+
+    a: list[float]
+    b: list[float]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter((self.a_ms, self.b_ms))
+
+    @property
+    def a_ms(self) -> float:
+        return statistics.median(self.a)
+
+    @property
+    def b_ms(self) -> float:
+        return statistics.median(self.b)
+
+    def figures(self, name: str, compare: Callable[[float, float], float]) -> dict[str, float]:
+        """``{name}``: ``compare(median a, median b)``; ``{name}_low`` / ``{name}_high``: its interval."""
+        rng = random.Random(0)
+        values = sorted(
+            compare(statistics.median(rng.choices(self.a, k=len(self.a))), statistics.median(rng.choices(self.b, k=len(self.b))))
+            for _ in range(_BOOTSTRAP)
+        )
+        return {name: compare(self.a_ms, self.b_ms), f"{name}_low": values[_BOOTSTRAP // 40],
+                f"{name}_high": values[-_BOOTSTRAP // 40 - 1]}
+
+
+def interval(figures: dict[str, float], name: str) -> str:
+    """``figures[name]`` with its interval, for a printed line."""
+    return f"{figures[name]:.3f}, 95 % interval {figures[name + '_low']:.3f} to {figures[name + '_high']:.3f}"
+
+
+def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> Paired:
+    """``a`` and ``b`` run alternately, ``repeat`` times each (after one warm-up call each)."""
     ta: list[float] = []
     tb: list[float] = []
     a(), b()
@@ -60,27 +98,7 @@ def paired_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Cal
             fn()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
-
-
-@dataclass(frozen=True)
-class Paired:
-    """Two ways of loading the same thing, timed alternately: the median ms of each, and the 95 %
-    bootstrap interval of their ratio (how far it moves with which loads were drawn: on a shared
-    machine single loads vary by a quarter, so the interval says whether a goal is within noise)."""
-
-    a_ms: float
-    b_ms: float
-    low: float
-    high: float
-
-    @property
-    def ratio(self) -> float:
-        return self.a_ms / self.b_ms
-
-    def figures(self, prefix: str) -> dict[str, float]:
-        """``{prefix}_overhead`` (the ratio) and its interval, ``{prefix}_overhead_low`` / ``_high``."""
-        return {f"{prefix}_overhead": self.ratio, f"{prefix}_overhead_low": self.low, f"{prefix}_overhead_high": self.high}
+    return Paired(ta, tb)
 
 
 def paired_loads(
@@ -116,28 +134,23 @@ def paired_loads(
     for i in range(pairs):
         for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
             timed(fn, times)
-    rng = random.Random(0)
-    ratios = sorted(
-        statistics.median(rng.choices(ta, k=len(ta))) / statistics.median(rng.choices(tb, k=len(tb)))
-        for _ in range(_BOOTSTRAP)
-    )
-    return Paired(statistics.median(ta), statistics.median(tb), ratios[_BOOTSTRAP // 40], ratios[-_BOOTSTRAP // 40 - 1])
+    return Paired(ta, tb)
 
 
 def process_overhead(
     far: tuple[str, gg.Manager], near: tuple[str, gg.Manager], model_id: str, repeat: int, goal_ms: float
 ) -> dict[str, float]:
     """The same ``process`` request on two managers (named), alternated: the median ms of each,
-    ``{name}_process_ms``, and ``{far}_process_overhead_ms``, far's minus near's."""
+    ``{name}_process_ms``, and ``{far}_process_overhead_ms``, far's minus near's (and its interval)."""
     (far_name, far_m), (near_name, near_m) = far, near
     a, b = f"{far_name}_process_ms", f"{near_name}_process_ms"
-    out: dict[str, float] = {}
-    out[a], out[b] = paired_ms(
+    pair = paired_ms(
         lambda: far_m.process(model_id, PROMPT, 3), lambda: near_m.process(model_id, PROMPT, 3), repeat, lambda: None
     )
-    out[f"{far_name}_process_overhead_ms"] = out[a] - out[b]
+    overhead = f"{far_name}_process_overhead_ms"
+    out = {a: pair.a_ms, b: pair.b_ms, **pair.figures(overhead, operator.sub)}
     print(f"process: {far_name} {out[a]:.3f} ms vs {near_name} {out[b]:.3f} ms "
-          f"(overhead {out[a] - out[b]:.3f} ms median, goal <= {goal_ms:g} ms)")
+          f"(overhead {interval(out, overhead)} ms, medians; goal <= {goal_ms:g} ms)")
     return out
 
 
@@ -189,12 +202,12 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
         lambda: m.load_group(GROUP, device_id=0), lambda: raw_load(folders, dev.backing, dtype),
         max(10, repeat // 2), sync, unload,
     )
-    out["load_manager_ms"], out["load_raw_ms"] = loads.a_ms, loads.b_ms
-    out.update(loads.figures("load"))
+    out["load_manager_ms"], out["load_raw_ms"] = loads
+    out.update(loads.figures("load_overhead", operator.truediv))
     out["unload_ms"] = statistics.median(unloads)
     m.load_group(GROUP, device_id=0)
-    print(f"load   : manager {loads.a_ms:.1f} ms vs raw from_pretrained+PEFT {loads.b_ms:.1f} ms "
-          f"(ratio {loads.ratio:.3f}, 95 % interval {loads.low:.3f}-{loads.high:.3f}); unload {out['unload_ms']:.1f} ms")
+    print(f"load   : manager {out['load_manager_ms']:.1f} ms vs raw from_pretrained+PEFT {out['load_raw_ms']:.1f} ms "
+          f"(ratio {interval(out, 'load_overhead')}); unload {out['unload_ms']:.1f} ms")
 
     members = [BASE, *ADAPTERS]
     i = iter(range(10**9))
@@ -221,12 +234,11 @@ def run(devices: str = "cpu", repeat: int = 200, quick: bool = False) -> dict[st
             lp = torch.log_softmax(logits.float(), -1)
             return torch.topk(lp, 3).indices.tolist()
 
-    out["process_raw_ms"], out["process_manager_ms"] = paired_ms(
-        raw_process, lambda: m.process(ADAPTERS[0], PROMPT, 3), repeat, sync
-    )
-    out["process_overhead_ms"] = out["process_manager_ms"] - out["process_raw_ms"]
+    process = paired_ms(raw_process, lambda: m.process(ADAPTERS[0], PROMPT, 3), repeat, sync)
+    out["process_raw_ms"], out["process_manager_ms"] = process
+    out.update(process.figures("process_overhead_ms", lambda raw, manager: manager - raw))
     print(f"process: manager {out['process_manager_ms']:.3f} ms vs raw forward+top-k {out['process_raw_ms']:.3f} ms "
-          f"(overhead {out['process_overhead_ms']:.3f} ms median)")
+          f"(overhead {interval(out, 'process_overhead_ms')} ms, medians)")
     out["batching_speedup"] = batching_speedup(m, max(2, repeat // 25))
     print(f"batching: {CLIENTS} clients on mixed members, concurrent vs one after another: "
           f"{out['batching_speedup']:.2f}x")
