@@ -6,7 +6,8 @@ Prints, for the shipped demo ``pycode`` group (base + two LoRA adapters) on one 
   before/after a switch (unchanged: a switch moves no memory);
 - process: ``Manager.process`` vs the raw model's forward + top-k (median overhead).
 
-The goals of these figures are in ``bench/goals.py``.
+Each comparison comes with its 95 % bootstrap interval (``Paired``). The goals of these figures
+are in ``bench/goals.py``.
 
 Usage: ``python bench/bench_core.py [--devices cpu|cuda:0|virtual:...] [--repeat N]``.
 """

@@ -116,5 +116,6 @@ def _make_bar(group_id: str, file: IO[str] | None, waited: float) -> Any:
     bar_class = type("LoadProgressBar", (tqdm,), {"monitor_interval": 0})
     bar = bar_class(total=100, desc=f"loading {group_id}", unit="%", file=file, leave=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
-    bar.start_t -= waited  # its elapsed time is the load's
+    if not bar.disable:  # tqdm turned off (``TQDM_DISABLE``) keeps no clock
+        bar.start_t -= waited  # its elapsed time is the load's
     return bar

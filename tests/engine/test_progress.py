@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,26 @@ def test_the_default_bar_shows_on_stderr_for_a_script(tiny_catalog_toml: Path, n
     with gg.Manager(devices="cpu", catalog=tiny_catalog_toml) as m:
         m.load("tiny-a")
     assert "100%" in capsys.readouterr().err
+
+
+def test_a_bar_that_tqdm_turns_off_leaves_the_load_alone(tiny_catalog_toml: Path) -> None:
+    """``TQDM_DISABLE=1`` (read when tqdm is imported, hence a fresh process) makes bars that keep
+    no clock: the load must neither fail nor draw."""
+    script = f"""
+import io
+import gpugroups as gg
+from gpugroups.engine import progress
+progress.DELAY_S = 0
+out = io.StringIO()
+with gg.Manager(devices="cpu", catalog={str(tiny_catalog_toml)!r}, progress=out) as m:
+    assert m.load("tiny-a")["status"] == "loaded"
+assert out.getvalue() == "", out.getvalue()
+print("loaded, nothing drawn")
+"""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.pop(progress.ENV, None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded, nothing drawn", done.stderr[-3000:]
 
 
 def test_a_bad_progress_option_is_refused() -> None:
