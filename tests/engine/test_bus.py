@@ -79,6 +79,7 @@ def test_events_without_subscribers_are_numbered_and_a_later_subscriber_gets_onl
     bus = EventBus()
     for _ in range(3):
         bus.emit("tick", build=lambda: {"state": "never built"})
+    assert bus.version == 3 and bus.settle(timeout=0)  # numbered, and nothing queued for the bus thread
     got: list[dict] = []
     bus.subscribe(got.append)
     bus.emit("tick")
