@@ -14,7 +14,6 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -43,7 +42,7 @@ from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import States, render, snapshot
 from .twins import AwaitableTwins
-from .worker import Request, WorkerChoice, worker_factory
+from .worker import Request, WorkerChoice, new_request_id, worker_factory
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -247,7 +246,7 @@ class Manager(AwaitableTwins):
         model, group = self.catalog.resolve(model_id)
         request = Request(
             model.id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes,
-            request_id=request_id or uuid.uuid4().hex, max_work=self.max_request_work,
+            request_id=request_id or new_request_id(), max_work=self.max_request_work,
         )
         rid = request.request_id
 

@@ -7,9 +7,10 @@ while a load or a forward pass runs; a test keeps this list in step with the ops
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from .worker import new_request_id
 
 if TYPE_CHECKING:
     from ..schema import ClearResult, LoadResult, PinResult, ProcessResult, UnloadResult
@@ -65,7 +66,7 @@ class AwaitableTwins:
         self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
     ) -> ProcessResult:
         """Awaitable ``process``; cancelling the awaitable cancels the request (``Manager.cancel``)."""
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         try:
             return await asyncio.to_thread(
                 self.process, model_id, prompt, num_predictions, device_id, max_new_tokens, request_id=request_id

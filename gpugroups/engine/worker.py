@@ -12,6 +12,8 @@ Light: torch is imported only by ``ThreadWorker`` when it loads or predicts.
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,6 +35,24 @@ if TYPE_CHECKING:
 Progress = Callable[[float, str], None]
 
 
+_PREFIX, _NUMBERS = uuid.uuid4().hex[:16], itertools.count()
+
+
+def _new_prefix() -> None:
+    """A forked child numbers its requests apart from its parent."""
+    global _PREFIX, _NUMBERS
+    _PREFIX, _NUMBERS = uuid.uuid4().hex[:16], itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def new_request_id() -> str:
+    """A fresh request id: a random prefix per process and a counter, unique as a uuid4 is and
+    without its system call on every request (about 25 microseconds right after a forward pass)."""
+    return f"{_PREFIX}{next(_NUMBERS):x}"
+
+
 @dataclass
 class Request:
     """One ``process`` call as the worker sees it: which member, which prompt, how many predictions.
@@ -48,7 +68,7 @@ class Request:
     notes: list[str] = field(default_factory=list)
     #: A sharded group's forward pass starts once these are done: the holds on its other devices.
     after: tuple[Future[None], ...] = ()
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: new_request_id())
     max_work: int | None = None
 
 
