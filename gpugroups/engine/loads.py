@@ -289,17 +289,20 @@ class Loads:
         return sorted(on, key=lambda s: -s.last_used)
 
     def touch(self, slot: Slot) -> bool:
-        """Mark a slot used now; emits (and returns True) if a device's current group changed."""
-        def current() -> list[str]:
-            return [s.group.id for d in slot.shares for s in self.resident(d)[:1]]
-
-        before = current()
+        """Mark a slot used now; emits (and returns True) if a device's current group (its most
+        recently used resident one) changed: unless the slot was current on each of its devices
+        already (one pass over the slots, on every request)."""
+        changed = slot.state == "resident" and any(self._current(d) is not slot for d in slot.shares)
         slot.last_used = time.monotonic()
         self.ledger.used(slot.group.id)
-        if current() != before:
+        if changed:
             self._changed()
-            return True
-        return False
+        return changed
+
+    def _current(self, device_id: int) -> Slot | None:
+        """The device's most recently used resident slot."""
+        on = (s for s in self.slots.values() if device_id in s.shares and s.state == "resident")
+        return max(on, key=lambda s: s.last_used, default=None)
 
     def check_device(self, device_id: int | None, required: bool = False) -> None:
         """``unknown_device`` unless ``device_id`` names a device (or is None and not ``required``)."""

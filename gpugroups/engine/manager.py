@@ -292,10 +292,11 @@ class Manager(AwaitableTwins):
         the load fails: only a successful load adds a ``single:`` group to the catalog."""
         known = group.id in self.catalog.groups
         group, forgotten = self.catalog.adopt(group, self._in_use)
-        with self._lock:
-            for gid in forgotten:
-                self._res.current.pop(gid, None)
-                self._res.ledger.forget(gid)
+        if forgotten:
+            with self._lock:
+                for gid in forgotten:
+                    self._res.current.pop(gid, None)
+                    self._res.ledger.forget(gid)
         try:
             return self._res.ensure(group, device_id, then, device_ids)
         except BaseException:
