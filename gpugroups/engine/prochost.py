@@ -5,6 +5,14 @@ in any process; each call's outcome (``remote.Outcome``) and a load's progress g
 pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
 ends when the parent says ``stop`` (after everything queued) or when its pipe closes (the parent is
 gone). ``run``'s payloads travel packed (``remote.pack``).
+
+Two threads take turns at the pipe, one reading at a time. Where passes may run on either of them
+(``lends``), a ``process`` call that finds the device idle with nothing queued runs its forward
+pass in the thread that read it (``ThreadWorker.process_here``), while the other reads on, instead
+of waking the worker's thread for it: one thread hand-off less on every such request. Calls read
+meanwhile are queued as usual (batched, cancelled, released). Not on a CPU device whose torch
+runs on several threads: there every thread that runs torch gets a pool of threads as large as
+the cores, and two pools on the same cores slow each other (``docs/engine.md``).
 """
 
 from __future__ import annotations
@@ -36,10 +44,17 @@ def main() -> None:
     conn = Connection(int(sys.argv[1]))
     fields, path = conn.recv()
     sys.path[:] = path + [p for p in sys.path if p not in path]  # fn pickled by reference imports from there
-    _Host(conn, Device(**fields)).serve()
+    device = Device(**fields)
+    _Host(conn, device, lends(device)).serve()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # everything is answered; tearing down torch's modules only makes the parent wait
+
+
+def lends(device: Device) -> bool:
+    """Whether ``device``'s forward passes may run on any thread of this process: a CUDA device,
+    or torch on one thread (``OMP_NUM_THREADS=1``, which this process inherits)."""
+    return device.kind == "cuda" or os.environ.get("OMP_NUM_THREADS") == "1"
 
 
 class _Host:
@@ -47,26 +62,38 @@ class _Host:
     its pause's call id, a ``cancel`` none), ``("done", call_id, outcome)`` and ``("progress",
     call_id, fraction, stage)`` out."""
 
-    def __init__(self, conn: Connection, device: Device) -> None:
+    def __init__(self, conn: Connection, device: Device, lend: bool) -> None:
         self._conn = conn
         self._worker = ThreadWorker(device)
+        self._lend = lend
+        self._reading = threading.Lock()  # one thread at a time reads the pipe
         self._send_lock = threading.Lock()
         self._releases: dict[int, Future[None]] = {}  # pause call id -> its release, whichever came first
         self._releases_lock = threading.Lock()
         self._where = f"in the worker process of device {device.device_id} ({device.device})"
 
     def serve(self) -> None:
-        ops: dict[str, Callable[..., None]] = {
+        """Serve calls on this thread and a second one until the pipe closes."""
+        other = threading.Thread(target=self._serve, name="gpugroups-read", daemon=True)
+        other.start()
+        self._serve()
+        other.join()
+
+    def _serve(self) -> None:
+        ops: dict[str, Callable[..., Callable[[], None] | None]] = {
             "load": self._load, "load_sharded": self._load, "unload": self._unload, "process": self._process,
             "run": self._run, "pause": self._pause, "release": self._release, "resident": self._resident,
             "cancel": self._cancel, "stop": self._stop,
         }
         while True:
-            try:
-                call_id, op, args = self._conn.recv()
-            except (EOFError, OSError):
-                return  # the parent is gone (or closed the pipe after ``stop``): nothing to answer
-            ops[op](call_id, *args)
+            with self._reading:
+                try:
+                    call_id, op, args = self._conn.recv()
+                except (EOFError, OSError):
+                    return  # the parent is gone (or closed the pipe after ``stop``): nothing to answer
+                lent = ops[op](call_id, *args)
+            if lent is not None:
+                lent()  # the device was idle: its pass runs here while the other thread reads
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
@@ -91,8 +118,14 @@ class _Host:
     def _unload(self, call_id: int, group_id: str) -> None:
         self._answer(call_id, self._worker.unload(group_id))
 
-    def _process(self, call_id: int, group_id: str, request: Request) -> None:
-        self._answer(call_id, self._worker.process(group_id, request))
+    def _process(self, call_id: int, group_id: str, request: Request) -> Callable[[], None] | None:
+        """Queue the request, or, where passes may run here, answer its pass for this thread to run."""
+        if not self._lend:
+            self._answer(call_id, self._worker.process(group_id, request))
+            return None
+        done, lent = self._worker.process_here(group_id, request)
+        self._answer(call_id, done)
+        return lent
 
     def _run(self, call_id: int, group_id: str, member_id: str, blob: bytes) -> None:
         def reply(f: Future[Any]) -> None:

@@ -8,6 +8,7 @@ same virtual devices, one with process workers and one with thread workers, serv
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 import signal
 import threading
@@ -321,3 +322,79 @@ def test_auto_chooses_processes_for_two_or_more_cuda_devices_only() -> None:
     with pytest.raises(GpuGroupsError) as bad:
         gg.Manager(devices="cpu", worker="threads")  # type: ignore[arg-type]
     assert bad.value.code == "invalid_request" and "'threads'" in bad.value.message
+
+
+def _answer(conn: Any, call_id: int) -> Any:
+    """The outcome of call ``call_id`` from a worker host's pipe (progress messages skipped)."""
+    while True:
+        kind, cid, *rest = conn.recv()
+        if kind == "done" and cid == call_id:
+            return rest[0]
+
+
+@pytest.mark.parametrize("lend", [True, False])
+def test_a_pass_runs_in_the_thread_that_read_it_only_where_passes_may_run_anywhere(lend: bool, tiny_catalog_toml: Path) -> None:
+    """The far side of a worker process, served in this process over a pipe: with ``lend`` (a CUDA
+    device, or torch on one thread) a request for an idle device is answered by a reading thread,
+    without waking the worker's thread; without it, by the worker's thread, as every request was."""
+    from gpugroups.catalog import Catalog
+    from gpugroups.engine.estimates import folders
+    from gpugroups.engine.prochost import _Host, lends
+
+    assert lends(detect("virtual:512MiB")[0]) is (os.environ.get("OMP_NUM_THREADS") == "1")
+    near, far = multiprocessing.Pipe()
+    device = detect("virtual:512MiB")[0]
+    host = _Host(far, device, lend)
+    senders: list[str] = []
+    send = host._send
+
+    def noting(message: tuple[Any, ...]) -> None:
+        if message[0] == "done":
+            senders.append(threading.current_thread().name)
+        send(message)
+
+    host._send = noting  # type: ignore[method-assign]
+    serving = threading.Thread(target=host.serve, name="serving", daemon=True)
+    serving.start()
+    try:
+        catalog = Catalog()
+        catalog.load_toml(tiny_catalog_toml)
+        group = catalog.group("gpt")
+        near.send((1, "load", (group, folders(catalog, group), "float32")))
+        assert _answer(near, 1)[0] == "ok"
+        near.send((2, "process", ("gpt", Request("tiny-gpt2", "def add(a, b):", 3))))
+        kind, result = _answer(near, 2)
+        assert kind == "ok" and len(result["predictions"]) == 3
+        worker_thread = f"gpugroups-{device.device}"
+        assert (senders[-1] != worker_thread) is lend and senders[-1] in {worker_thread, "serving", "gpugroups-read"}
+        near.send((3, "stop", ()))
+        assert _answer(near, 3) == ("ok", None)
+    finally:
+        near.close()
+        serving.join(30)
+    assert not serving.is_alive()
+
+
+def test_worker_processes_whose_torch_runs_on_one_thread_answer_as_the_thread_workers(
+    pair, tiny_catalog_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``OMP_NUM_THREADS=1`` (inherited) a worker process runs a request for an idle device in
+    the thread that read it: answers, concurrent requests (queued meanwhile, batched) and a
+    generation come out as the thread worker's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, tm, _ = pair
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with gg.Manager(devices=DEVICES, catalog=tiny_catalog_toml, worker="process", progress=False) as one:
+        one.load_group("tiny", device_id=0)
+        for prompt in PROMPTS:
+            same_predictions(one.process("tiny-a", prompt, 5), tm.process("tiny-a", prompt, 5))
+        calls = [("tiny-a", "tiny-b", "tiny-base")[i % 3] for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda model: one.process(model, PROMPTS[0], 3), calls))
+        for model, answer in zip(calls, answers):
+            same_predictions(answer, tm.process(model, PROMPTS[0], 3))
+        assert max(a["timing"]["batch_size"] for a in answers) > 1
+        assert one.process("tiny-b", "hi", 2, max_new_tokens=4)["predictions"] == tm.process(
+            "tiny-b", "hi", 2, max_new_tokens=4
+        )["predictions"]
