@@ -7,12 +7,11 @@ ends when the parent says ``stop`` (after everything queued) or when its pipe cl
 gone). ``run``'s payloads travel packed (``remote.pack``).
 
 Two threads take turns at the pipe, one reading at a time. Where passes may run on either of them
-(``lends``), a ``process`` call that finds the device idle with nothing queued runs its forward
-pass in the thread that read it (``ThreadWorker.process_here``), while the other reads on, instead
-of waking the worker's thread for it: one thread hand-off less on every such request. Calls read
-meanwhile are queued as usual (batched, cancelled, released). Not on a CPU device whose torch
-runs on several threads: there every thread that runs torch gets a pool of threads as large as
-the cores, and two pools on the same cores slow each other (``docs/engine.md``).
+(``worker.lends``: not on a CPU device whose torch runs on several threads), a ``process`` call
+that finds the device idle with nothing queued runs its forward pass in the thread that read it
+(``ThreadWorker.process_here``), while the other reads on, instead of waking the worker's thread
+for it: one thread hand-off less on every such request. Calls read meanwhile are queued as usual
+(batched, cancelled, released).
 """
 
 from __future__ import annotations
@@ -44,17 +43,10 @@ def main() -> None:
     conn = Connection(int(sys.argv[1]))
     fields, path = conn.recv()
     sys.path[:] = path + [p for p in sys.path if p not in path]  # fn pickled by reference imports from there
-    device = Device(**fields)
-    _Host(conn, device, lends(device)).serve()
+    _Host(conn, Device(**fields)).serve()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # everything is answered; tearing down torch's modules only makes the parent wait
-
-
-def lends(device: Device) -> bool:
-    """Whether ``device``'s forward passes may run on any thread of this process: a CUDA device,
-    or torch on one thread (``OMP_NUM_THREADS=1``, which this process inherits)."""
-    return device.kind == "cuda" or os.environ.get("OMP_NUM_THREADS") == "1"
 
 
 class _Host:
@@ -62,10 +54,9 @@ class _Host:
     its pause's call id, a ``cancel`` none), ``("done", call_id, outcome)`` and ``("progress",
     call_id, fraction, stage)`` out."""
 
-    def __init__(self, conn: Connection, device: Device, lend: bool) -> None:
+    def __init__(self, conn: Connection, device: Device, lend: bool | None = None) -> None:
         self._conn = conn
-        self._worker = ThreadWorker(device)
-        self._lend = lend
+        self._worker = ThreadWorker(device, lend)
         self._reading = threading.Lock()  # one thread at a time reads the pipe
         self._send_lock = threading.Lock()
         self._releases: dict[int, Future[None]] = {}  # pause call id -> its release, whichever came first
@@ -119,10 +110,7 @@ class _Host:
         self._answer(call_id, self._worker.unload(group_id))
 
     def _process(self, call_id: int, group_id: str, request: Request) -> Callable[[], None] | None:
-        """Queue the request, or, where passes may run here, answer its pass for this thread to run."""
-        if not self._lend:
-            self._answer(call_id, self._worker.process(group_id, request))
-            return None
+        """Queue the request, or answer its pass for this thread to run (``process_here``)."""
         done, lent = self._worker.process_here(group_id, request)
         self._answer(call_id, done)
         return lent

@@ -198,13 +198,24 @@ def worker_factory(choice: WorkerChoice, devices: list[Device]) -> WorkerFactory
     raise GpuGroupsError("invalid_request", f"worker must be 'auto', 'thread', 'process' or a factory, not {choice!r}")
 
 
+def lends(device: Device) -> bool:
+    """Whether ``device``'s forward passes may run on any thread of this process: a CUDA device, or
+    torch on one thread (``OMP_NUM_THREADS=1``, as Ray's workers have it and as a worker process
+    inherits it). On a CPU device whose torch runs on several threads, every thread that runs torch
+    gets a pool of threads as large as the cores, and two pools on the same cores slow each other
+    (measured: 2 to 4 times slower passes; ``docs/engine.md``)."""
+    return device.kind == "cuda" or os.environ.get("OMP_NUM_THREADS") == "1"
+
+
 class ThreadWorker:
-    """One device's thread: runs calls in order, batching queued ``process`` requests of a group."""
+    """One device's thread: runs calls in order, batching queued ``process`` requests of a group.
+    ``lend``: whether ``process_here`` may run a pass in its caller's thread (default: ``lends``)."""
 
     in_process = True
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, lend: bool | None = None) -> None:
         self.device = device
+        self._lend = lends(device) if lend is None else lend
         self._status = "idle"
         self._runtimes: dict[str, Runtime] = {}
         self._turns = Turns()
@@ -258,12 +269,13 @@ class ThreadWorker:
         return fut
 
     def process_here(self, group_id: str, request: Request) -> tuple[Future[dict[str, Any]], Callable[[], None] | None]:
-        """As ``process``, for a caller with a thread to lend (the Ray actor): on an idle device with
-        nothing queued the request takes the device and comes back with its pass, which the caller
+        """As ``process``, for a caller with a thread to lend (the Ray actor, a worker process's
+        reading threads): where passes may run on any thread (``lend``), on an idle device with
+        nothing queued, the request takes the device and comes back with its pass, which the caller
         must run in its thread (it settles the future and frees the device), sparing two thread
         hand-offs; otherwise it is queued as by ``process`` and comes back with None."""
         task = Task(Future(), group_id=group_id, request=request)
-        if self._turns.claim_idle(task):
+        if self._lend and self._turns.claim_idle(task):
             self._status = "busy"
             return task.future, functools.partial(self._serve, [task])
         self._put(task)

@@ -23,12 +23,13 @@ class GatedWorker(ThreadWorker):
         return gate
 
 
-def gated_manager(**kwargs: Any) -> tuple[gg.Manager, list[GatedWorker]]:
-    """A ``Manager`` built with ``GatedWorker``s, and those workers (one per device, in order)."""
+def gated_manager(lend: bool | None = None, **kwargs: Any) -> tuple[gg.Manager, list[GatedWorker]]:
+    """A ``Manager`` built with ``GatedWorker``s (``lend``: as ``ThreadWorker``'s), and those workers
+    (one per device, in order)."""
     workers: list[GatedWorker] = []
 
     def make(device: Device) -> GatedWorker:
-        w = GatedWorker(device)
+        w = GatedWorker(device, lend)
         workers.append(w)
         return w
 

@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from gpugroups.engine.devices import detect
-from gpugroups.engine.worker import Request, ThreadWorker, Worker
+from gpugroups.engine.devices import Device, detect
+from gpugroups.engine.worker import Request, ThreadWorker, Worker, lends
 from gpugroups.errors import GpuGroupsError
+from tests.engine.gated import gated_manager
 from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
@@ -118,10 +119,18 @@ def test_turns_keep_batching_and_never_pass_a_call(held):
     assert order == ["A:3", "A:3", "A:3", "B:1", "call", "D:1", "C:1"]
 
 
-def test_process_here_lends_the_callers_thread_only_on_an_idle_device(held):
+@pytest.fixture
+def lending(tiny_catalog_toml):
+    """A cpu manager whose one worker lends its passes to callers' threads (``lend=True``) and can be held."""
+    m, workers = gated_manager(lend=True, devices="cpu", catalog=tiny_catalog_toml, progress=False)
+    yield m, workers[0]
+    m.close()
+
+
+def test_process_here_lends_the_callers_thread_only_on_an_idle_device(lending):
     """On an idle device the request takes the device and its pass runs in the caller's thread; a
     call queued meanwhile waits for that pass. On a busy device the request is queued as usual."""
-    m, worker = held
+    m, worker = lending
     m.load_group("tiny")
     order: list[str] = []
     me = threading.current_thread()
@@ -137,6 +146,29 @@ def test_process_here_lends_the_callers_thread_only_on_an_idle_device(held):
     assert none is None
     gate.set()
     assert queued.result(30)["predictions"] == fut.result()["predictions"]
+
+
+def test_process_here_queues_where_passes_must_stay_on_the_devices_thread(held):
+    """A CPU device whose torch runs on several threads (the default) never lends its pass to a
+    caller's thread: a second thread running torch would slow both (docs/engine.md)."""
+    m, worker = held
+    m.load_group("tiny")
+    fut, here = worker.process_here("tiny", Request("tiny-a", PROMPT, 2))
+    assert (here is None) is not lends(worker.device)
+    if here is not None:
+        here()
+    assert fut.result(30)["predictions"]
+
+
+def test_passes_may_run_on_any_thread_of_a_cuda_device_or_where_torch_has_one_thread(monkeypatch):
+    cpu = detect("cpu")[0]
+    cuda = Device(0, "cuda:0", "cuda", "a CUDA device's record", 1 << 30, 1 << 30, "cuda:0")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert lends(cuda) and not lends(cpu)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert not lends(cpu)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert lends(cpu)
 
 
 def test_a_pause_holds_an_idle_device_at_once_and_a_busy_one_after_its_queue():
