@@ -68,7 +68,7 @@ class Request:
     notes: list[str] = field(default_factory=list)
     #: A sharded group's forward pass starts once these are done: the holds on its other devices.
     after: tuple[Future[None], ...] = ()
-    request_id: str = field(default_factory=lambda: new_request_id())
+    request_id: str = field(default_factory=new_request_id)
     max_work: int | None = None
 
 
