@@ -361,6 +361,8 @@ def test_a_pass_runs_in_the_thread_that_read_it_only_where_passes_may_run_anywhe
         group = catalog.group("gpt")
         near.send((1, "load", (group, folders(catalog, group), "float32")))
         assert _answer(near, 1)[0] == "ok"
+        # a call is answered just before the device is freed: wait until it is idle
+        assert wait_for(lambda: host._worker.queue_depth == 0)
         near.send((2, "process", ("gpt", Request("tiny-gpt2", "def add(a, b):", 3))))
         kind, result = _answer(near, 2)
         assert kind == "ok" and len(result["predictions"]) == 3
