@@ -74,27 +74,28 @@ class Paired:
 
     def figures(self, name: str, compare: Callable[[float, float], float]) -> dict[str, float]:
         """``{name}``: ``compare(median a, median b)``; ``{name}_low`` / ``{name}_high``: its interval."""
-        rng = random.Random(0)
-        values = sorted(
-            compare(statistics.median(rng.choices(self.a, k=len(self.a))), statistics.median(rng.choices(self.b, k=len(self.b))))
-            for _ in range(_BOOTSTRAP)
-        )
-        return {name: compare(self.a_ms, self.b_ms), **_interval(name, values)}
+        return _bootstrapped(name, lambda rng: compare(_median_of(rng, self.a), _median_of(rng, self.b)),
+                             compare(self.a_ms, self.b_ms))
 
     def excess(self, name: str, of: Literal["a", "b"]) -> dict[str, float]:
         """``{name}``: the median over the pairs of how many ms ``of``'s call took beyond the other's,
         and its interval (pairs resampled). The two calls of a pair run back to back and meet
         the same moment of the machine, so this is about twice as tight as a difference of medians."""
-        gaps = [x - y for x, y in zip(self.a, self.b, strict=True)]
-        gaps = gaps if of == "a" else [-g for g in gaps]
-        rng = random.Random(0)
-        values = sorted(statistics.median(rng.choices(gaps, k=len(gaps))) for _ in range(_BOOTSTRAP))
-        return {name: statistics.median(gaps), **_interval(name, values)}
+        gaps = [(x - y) if of == "a" else (y - x) for x, y in zip(self.a, self.b, strict=True)]
+        return _bootstrapped(name, lambda rng: _median_of(rng, gaps), statistics.median(gaps))
 
 
-def _interval(name: str, values: list[float]) -> dict[str, float]:
-    """``{name}_low`` / ``{name}_high``: the 95 % interval of sorted bootstrap ``values``."""
-    return {f"{name}_low": values[_BOOTSTRAP // 40], f"{name}_high": values[-_BOOTSTRAP // 40 - 1]}
+def _median_of(rng: random.Random, values: list[float]) -> float:
+    """The median of a resample (with replacement) of ``values``."""
+    return statistics.median(rng.choices(values, k=len(values)))
+
+
+def _bootstrapped(name: str, resampled: Callable[[random.Random], float], value: float) -> dict[str, float]:
+    """``{name}``: ``value``; ``{name}_low`` / ``{name}_high``: the 95 % interval of ``_BOOTSTRAP``
+    draws of ``resampled`` (seeded, so a run's figures can be recomputed)."""
+    rng = random.Random(0)
+    values = sorted(resampled(rng) for _ in range(_BOOTSTRAP))
+    return {name: value, f"{name}_low": values[_BOOTSTRAP // 40], f"{name}_high": values[-_BOOTSTRAP // 40 - 1]}
 
 
 def interval(figures: dict[str, float], name: str) -> str:
@@ -112,8 +113,8 @@ def on_thread_of(worker: ThreadWorker, fn: Callable[[], Any], sync: Callable[[],
     manager's ``process``, whose pass runs there. torch gives every thread that runs it a pool of
     threads (OpenMP) as large as the cores, and two pools on the same cores slow each other, while
     the scheduler keeps a thread on its core, whose speed drifts on a shared machine: a baseline
-    on this thread made the process overhead come out anywhere from -1.1 to +1.0 ms from run to run
-    here. On the worker's thread the baseline computes with the same pool on the same core as
+    on the caller's thread made the process overhead come out anywhere from -0.2 to +1.0 ms in four
+    runs here. On the worker's thread the baseline computes with the same pool on the same core as
     the manager's pass, and every bit of the manager's own work, the two thread hand-offs
     included, stays on the manager's side."""
     def timed() -> Elapsed:
