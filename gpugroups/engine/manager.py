@@ -1,8 +1,8 @@
 """The Manager: the public API over the devices and the groups on them (``gg.Manager``, ``gg.manager()``).
 
 State lives in ``Residency`` under one lock and every change bumps ``version``; the ``EventBus``
-delivers events in version order after the change. Each device has a ``Worker`` (a thread by
-default) that runs its loads, unloads and forward passes in order, so a load on one device never
+delivers events in version order after the change. Each device has a ``Worker`` (a thread, or a
+process per GPU on a machine with two or more: ``worker_factory``) that runs its loads, unloads and forward passes in order, so a load on one device never
 delays a prompt on another. The methods are synchronous (submit and wait); the ``a``-prefixed
 twins run them in a thread and return awaitables.
 """
@@ -55,8 +55,9 @@ class Manager(AwaitableTwins):
     ``"virtual:[Nx]SIZE[@backing]"`` or a list of such specs. ``catalog``: a ``Catalog``, a TOML
     path, a list of ``register_group`` dicts, or None for the default (the shipped demo, then
     ``$GPUGROUPS_CATALOG`` or ``./gpugroups.toml`` when present). ``max_groups_per_device=1``
-    keeps one current group per device. ``dtype`` overrides the load dtype of every group
-    (default: bf16 on GPUs that support it, fp32 elsewhere; a group's own ``dtype`` wins).
+    keeps one current group per device. ``dtype`` is the load dtype of every group that names
+    none (a group's own ``dtype`` wins; default: bf16 on GPUs that support it, fp16 on older
+    GPUs, fp32 on cpu and virtual devices).
     ``worker``: ``"process"`` runs each device's models in a worker process of its own (a load on
     one device then never slows prompts on another through the interpreter lock; ``use`` is not
     available there, ``run`` is), ``"thread"`` in a thread of this process, ``"auto"`` (default)
@@ -124,10 +125,12 @@ class Manager(AwaitableTwins):
         Returns ``{"status", "model_id", "group_id", "device_id", "device_ids", "seconds"}``;
         ``status`` is ``"loaded"`` (this call loaded the group), ``"switched"`` (the group was
         resident and ``model_id`` became its current member: a pointer change, no memory op) or
-        ``"already_loaded"`` (it already was the current member). ``device_id`` is the first of
-        ``device_ids``, the devices the group spans; ``device_ids=[0, 1]`` shards the group over
-        exactly those devices, in that order (see docs/sharding.md); without it a group too big
-        for any one device shards by itself.
+        ``"already_loaded"`` (it already was the current member). In the result ``device_id`` is the first of
+        ``device_ids``, the devices the group spans. As an argument, ``device_id`` puts the group
+        on that device: one resident elsewhere is unloaded and loaded there (``conflict`` if it is
+        pinned elsewhere); without it the manager picks the device (``placement``).
+        ``device_ids=[0, 1]`` shards the group over exactly those devices, in that order (see
+        docs/sharding.md); without it a group too big for any one device shards by itself.
         """
         t0 = time.perf_counter()
         model, group = self.catalog.resolve(model_id)
@@ -166,14 +169,15 @@ class Manager(AwaitableTwins):
         }
 
     def unload(self, model_id: str, device_id: int | None = None) -> UnloadResult:
-        """Unload the group that holds ``model_id`` (its other members go with it)."""
+        """Unload the group that holds ``model_id`` (its other members go with it); see ``unload_group``."""
         return self.unload_group(self.catalog.group_of(model_id).id, device_id)
 
     def unload_group(self, group_id: str, device_id: int | None = None) -> UnloadResult:
         """Unload a group and free its memory (every shard) once its queued requests are answered.
 
-        An explicit unload also drops the group's pin. ``device_id`` may name any device a
-        sharded group spans.
+        An explicit unload also drops the group's pin. With ``device_id`` only a group on that
+        device is unloaded (any device a sharded group spans names it); ``status`` is
+        ``"not_loaded"`` when the group is not resident (there), and nothing changes.
         """
         group = self.catalog.group(group_id)
         done_on = self._res.release(group, device_id)
@@ -231,6 +235,8 @@ class Manager(AwaitableTwins):
         its cap is lowered and the result's ``notes`` say so; a prompt longer than the model's
         context is truncated from the left, ``truncated`` is true and ``notes`` say so; a request
         whose work is over ``max_request_work`` is refused with ``invalid_request``.
+        ``device_id`` works as in ``load``: the group is moved there first if it is resident on
+        another device (``conflict`` if pinned there).
 
         ``request_id`` (unique; default a fresh one) lets another thread ``cancel`` the request.
         An interrupted caller (Ctrl-C while it waits) cancels its own request: it leaves the

@@ -10,11 +10,12 @@ Prompts (``process``, ``cancel``) come on the actor's direct line (``rayline``) 
 could open one; the other calls, and prompts from a manager without a line, come as Ray calls.
 It is a threaded actor: each Ray call waits for its answer on a thread of Ray's pool, and a
 ``process`` call that finds the device idle runs its forward pass in that thread
-(``ThreadWorker.process_here``) instead of handing it to the device's thread and back. Ray starts
-such calls in no set order, so the worker's calls carry their caller's numbering and pass
-``InOrder`` in it, the line's among them; the small calls that need no order (``info``, ``ping``,
-``resident``) have a thread of their own, never queued behind requests. This module also fixes how
-the worker's Ray calls travel: one sealed argument each (``seal``), answers pickled.
+(``ThreadWorker.process_here``, where ``worker.lends``: a GPU, or torch on one thread as Ray
+sets it) instead of handing it to the device's thread and back. Ray starts such calls in no
+set order, so the worker's calls carry their caller's numbering and pass ``InOrder`` in it,
+the line's among them; the small calls that need no order (``info``, ``ping``, ``resident``)
+have a thread of their own, never queued behind requests. This module also fixes how the
+worker's Ray calls travel: one sealed argument each (``seal``), answers pickled.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ class Worker(Protocol):
 
     @property
     def status(self) -> str:
-        """``"idle"``, ``"busy"``, ``"loading"`` or ``"unloading"``: what the worker does now."""
+        """``"idle"``, ``"busy"``, ``"loading"``, ``"unloading"``, or ``"lost"`` (a worker in another
+        process or on a Ray node that can no longer be reached): what the worker does now."""
         ...
 
     @property
