@@ -139,19 +139,31 @@ class Catalog:
                 "invalid_catalog",
                 f"group {group_id!r}: give either base (+ adapters) or models, not both or neither",
             )
-        def src(path: str) -> str:
+        if base is None and adapters:
+            raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: adapters go with a base, not with models")
+        if not isinstance(adapters, (Mapping, type(None))) or not isinstance(models, (Mapping, list, tuple, str, type(None))):
+            raise GpuGroupsError(
+                "invalid_catalog",
+                f"group {group_id!r}: adapters must be a {{member: path}} dict, models one too or a list of paths",
+            )
+
+        def src(mid: str, path: str) -> str:
+            if not all(isinstance(s, str) and s for s in (mid, path)):
+                raise GpuGroupsError(
+                    "invalid_catalog", f"group {group_id!r}: model ids and paths must be non-empty strings, got {mid!r}: {path!r}"
+                )
             return self._source(path, relative_to, group_id)
 
         if base is not None:
             bid = base_id or base
-            specs = [ModelSpec(bid, group_id, src(base), "base")]
-            specs += [ModelSpec(mid, group_id, src(p), "adapter") for mid, p in (adapters or {}).items()]
+            specs = [ModelSpec(bid, group_id, src(bid, base), "base")]
+            specs += [ModelSpec(mid, group_id, src(mid, p), "adapter") for mid, p in (adapters or {}).items()]
             kind, gbase = "adapters", bid
         else:
             if isinstance(models, str):  # one id, not an iterable of its characters
                 models = [models]
             items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models or ()]
-            specs = [ModelSpec(mid, group_id, src(p), "model") for mid, p in items]
+            specs = [ModelSpec(mid, group_id, src(mid, p), "model") for mid, p in items]
             if not specs:
                 raise GpuGroupsError("invalid_catalog", f"group {group_id!r} has no models")
             kind, gbase = "models", None
@@ -177,6 +189,13 @@ class Catalog:
                 p = Path(r).expanduser().resolve()
                 if p not in self.roots:
                     self.roots.append(p)
+
+    def discover(self) -> list[str]:
+        """Loadable ids that no group names yet (``Manager.discover``): the Hugging Face cache's
+        model repos, then the model folders under the allowed roots."""
+        known = {m.source for m in self.models.values()} | set(self.models)
+        found = self.scan_hf_cache() + self.scan_folders(self.roots)
+        return [i for i in dict.fromkeys(found) if i not in known]
 
     def scan_hf_cache(self) -> list[str]:
         """Model repos in the local Hugging Face cache that have a ``config.json`` (ids only).

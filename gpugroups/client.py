@@ -166,7 +166,7 @@ class Client:
     # ---- wire -----------------------------------------------------------------------------
     def call(self, op_name: str, **kwargs: Any) -> Any:
         """Run the op ``op_name`` with ``kwargs``, checked here by the ops table's rules first (None
-        values are left out, as their defaults)."""
+        means a param's default)."""
         op = get_op(op_name)
         args = op.validate(kwargs)
         path_args = {p.name: args.pop(p.name) for p in op.params if p.in_path}

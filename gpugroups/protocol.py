@@ -58,6 +58,23 @@ def request_work(prompt_tokens: int, num_predictions: int, max_new_tokens: int) 
         return prompt_tokens
     return prompt_tokens + num_predictions * (prompt_tokens + max_new_tokens)
 
+
+def check_work(prompt_tokens: int | None, num_predictions: int, max_new_tokens: int, max_work: int | None) -> None:
+    """``invalid_request`` if the request's work is over ``max_work`` (None: no limit).
+    ``prompt_tokens`` None: the prompt is not tokenized yet, and one token is the least it can have
+    (a request over the limit even so is refused before its group is loaded)."""
+    tokens = 1 if prompt_tokens is None else prompt_tokens
+    work = request_work(tokens, num_predictions, max_new_tokens)
+    if max_work is not None and work > max_work:
+        least, prompt = ("at least ", "with a one-token prompt") if prompt_tokens is None else ("", f"prompt {tokens} tokens")
+        raise GpuGroupsError(
+            "invalid_request",
+            f"process: this request costs {least}{work} units of work ({prompt}, num_predictions "
+            f"{num_predictions}, max_new_tokens {max_new_tokens}); the limit is {max_work} "
+            "(Manager(max_request_work=...)): ask for fewer predictions, fewer new tokens or a shorter prompt",
+            {"work": work, "max_request_work": max_work, "prompt_tokens": tokens},
+        )
+
 ParamType = Literal["string", "integer", "boolean", "integer_list"]
 _A = {"string": "a string", "integer": "an integer", "boolean": "a boolean", "integer_list": "a list of integers"}
 
@@ -204,8 +221,8 @@ class Op:
     def validate(self, args: Any) -> dict[str, Any]:
         """Check an untrusted argument dict: known fields, right types and limits, required present.
 
-        Returns the keyword arguments for the manager method; a null optional param is left out
-        (so the method's default applies).
+        Returns the keyword arguments for the manager method; a null or missing optional param
+        takes its ``default`` here, or is left out when it declares none (the method's applies).
         """
         if args is None:
             args = {}
@@ -224,6 +241,8 @@ class Op:
                 out[p.name] = p.check(self.name, args[p.name])
             elif p.required:
                 raise _invalid(self.name, f"'{p.name}' is required")
+            elif p.default is not None:
+                out[p.name] = p.default
         given = [name for name in self.exclusive if name in out]
         if len(given) > 1:
             raise _invalid(self.name, f"give {' or '.join(given)}, not both")

@@ -58,9 +58,12 @@ def test_integral_numbers_are_integers_and_null_means_the_default() -> None:
     kwargs = OPS["process"].validate(
         {"model_id": "m", "prompt": "x", "num_predictions": 3.0, "device_id": None, "max_new_tokens": None}
     )
-    assert kwargs == {"model_id": "m", "prompt": "x", "num_predictions": 3}
+    assert kwargs == {"model_id": "m", "prompt": "x", "num_predictions": 3, "max_new_tokens": 0}
     assert type(kwargs["num_predictions"]) is int
     assert OPS["clear_device"].validate({"device_id": 1.0}) == {"device_id": 1}
+    # null and missing both mean the ops table's default, which the manager's methods then get
+    assert OPS["process"].validate({"model_id": "m", "prompt": "x", "num_predictions": None})["num_predictions"] == 3
+    assert OPS["pin"].validate({"group_id": "g"}) == {"group_id": "g", "pinned": True}
 
 
 def test_the_spec_states_the_same_rules(tmp_path: Any) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import GpuGroupsError
+
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]
 
@@ -66,6 +68,8 @@ class EventBus:
         follows versions and progress), so they are not built for it. ``after``: it takes only
         the events emitted from that ``time.monotonic()`` instant on; until then it costs nothing.
         """
+        if not callable(callback):
+            raise GpuGroupsError("invalid_request", f"subscribe takes a callable, got {type(callback).__name__}")
         entry = _Subscription(callback, built, after)
         with self._lock:
             self._subscribers = [*self._subscribers, entry]
@@ -86,7 +90,8 @@ class EventBus:
     def close(self) -> None:
         """Deliver what is queued, then stop the thread."""
         self._events.put(None)
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:  # a subscriber may close its manager
+            self._thread.join(timeout=10)
 
     def _dispatch(self) -> None:
         while True:
@@ -98,13 +103,13 @@ class EventBus:
             if build is not None and any(s.built for s in subscribers):
                 try:
                     event.update(build())
-                except Exception:  # never stop delivery; the next event carries the state again
+                except BaseException:  # never stop delivery; the next event carries the state again
                     log.exception("gpugroups: building event %s failed", event.get("version"))
                     subscribers = []
             for s in subscribers:
                 try:
                     s.callback(event)
-                except Exception:  # a broken subscriber must not stop the others
+                except BaseException:  # a broken subscriber (even one that raises SystemExit) must not stop the others
                     if id(s.callback) not in self._failed:
                         self._failed.add(id(s.callback))
                         log.exception("gpugroups: event subscriber %r failed (logged once; it keeps receiving)", s.callback)

@@ -4,8 +4,9 @@ of ``register_group`` dicts, or None for the shipped demo plus ``$GPUGROUPS_CATA
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,19 @@ def make_catalog(catalog: Any) -> Catalog:
             cat.load_toml(path)
     elif isinstance(catalog, (str, os.PathLike)):
         cat.load_toml(catalog)
-    else:
+    elif isinstance(catalog, Iterable) and not isinstance(catalog, (bytes, Mapping)):
+        allowed = set(inspect.signature(Catalog.register_group).parameters) - {"self", "relative_to"}
         for spec in catalog:
             if not isinstance(spec, Mapping) or "group_id" not in spec:
                 raise GpuGroupsError("invalid_catalog", f"catalog entries must be dicts with a group_id, got {spec!r}")
+            unknown = sorted(set(spec) - allowed)
+            if unknown:
+                raise GpuGroupsError(
+                    "invalid_catalog", f"catalog entry {spec['group_id']!r}: unknown key(s) {unknown}; known: {sorted(allowed)}"
+                )
             cat.register_group(**spec)
+    else:
+        raise GpuGroupsError(
+            "invalid_catalog", f"catalog: a Catalog, a TOML path, a list of group dicts or None, not {type(catalog).__name__}"
+        )
     return cat

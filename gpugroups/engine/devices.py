@@ -20,6 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 import psutil
 
 from ..errors import GpuGroupsError
+from ..protocol import MAX_DEVICE_ID
+
+#: The most devices one manager has: every one must be nameable by a device id.
+MAX_DEVICES = MAX_DEVICE_ID + 1
 
 _UNITS = {
     "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -115,6 +119,8 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
     ``"auto"`` means every CUDA device torch sees, or one ``cpu`` device when there is none.
     ``ray`` holds the options of Ray devices (``rayworker.ray_devices``' keyword arguments).
     """
+    if not isinstance(spec, (str, list, tuple)):
+        raise GpuGroupsError("invalid_request", f"devices: give a spec string or a list of them, not {type(spec).__name__}")
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise GpuGroupsError("invalid_request", "devices: give at least one device spec")
@@ -143,6 +149,8 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
                 "invalid_request",
                 f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N], virtual:[Nx]SIZE[@backing], ray or ray:virtual:SIZE",
             )
+    if len(devices) > MAX_DEVICES:
+        raise GpuGroupsError("invalid_request", f"devices: {len(devices)} devices; at most {MAX_DEVICES} (ids 0..{MAX_DEVICE_ID})")
     _refuse_twice_listed(devices)
     for i, d in enumerate(devices):
         d.device_id = i
@@ -174,8 +182,10 @@ def _virtual_devices(spec: str) -> list[Device]:
     count = int(m.group(1) or 1)
     size = parse_size(m.group(2) + m.group(3))
     backing = m.group(4) or "cpu"
-    if count < 1 or size < 1:
-        raise GpuGroupsError("invalid_request", f"bad virtual device spec {spec!r}: count and size must be positive")
+    if not 1 <= count <= MAX_DEVICES or size < 1:
+        raise GpuGroupsError(
+            "invalid_request", f"bad virtual device spec {spec!r}: count must be 1..{MAX_DEVICES}, size positive"
+        )
     bf16 = False
     if backing.startswith("cuda"):
         real = _cuda_devices(int(backing.split(":")[1]) if ":" in backing else 0)

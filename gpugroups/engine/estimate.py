@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from ..catalog import GroupSpec, read_json
 from ..errors import GpuGroupsError
-from .torchkit import CONSTRUCTION_LOCK, LOAD_ITEMSIZE, model_tensors, unique_bytes
+from .torchkit import CONSTRUCTION_LOCK, LOAD_ITEMSIZE, import_transformers, model_tensors, unique_bytes
 
 PathLike = str | os.PathLike[str]
 
@@ -177,6 +177,8 @@ def weight_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) 
 def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) -> int:
     """Bytes of the model described by ``folder/config.json``, built on the meta device (no weights)."""
     import torch
+
+    import_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     folder = Path(folder)

@@ -1,6 +1,6 @@
 """Holds for research access: a slot held by ``run``/``use`` is in use, never a victim, and a load
 that needs its room waits for the hold to end; a thread inside a ``use`` block never waits for its
-own device's worker (``guard``). Part of ``Residency``, over the load mechanism of ``loads.py``.
+own device's worker, nor does ``run``'s function (``guard``). Part of ``Residency``, over the load mechanism of ``loads.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .loads import Loads
 from .slot import Slot
+from .worker import current_worker
 
 
 class Holds(Loads):
@@ -38,8 +39,16 @@ class Holds(Loads):
                 self._changed()
 
     def guard(self, device_id: int) -> None:
-        """``conflict`` if this thread is inside a ``use`` block on the device: waiting for that
-        device's worker would wait for the block, which cannot end while this thread waits."""
+        """``conflict`` if this thread is inside a ``use`` block on the device, or is the device's
+        own worker thread running ``run``'s function: waiting for that device's worker would wait
+        for the block or the function, which cannot end while this thread waits."""
+        if current_worker() is self.workers[device_id]:
+            raise GpuGroupsError(
+                "conflict",
+                f"this call comes from the function `m.run` runs on device {device_id}, and would wait for that "
+                "device's worker, which is running the function; use the model it was given, or call after `run` returns",
+                {"device_id": device_id},
+            )
         me = threading.get_ident()
         with self._lock:
             if any(me in s.holders for s in self.slots.values() if s.device_id == device_id):

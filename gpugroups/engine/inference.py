@@ -25,7 +25,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import GpuGroupsError
-from ..protocol import request_work
+from ..protocol import check_work
 from .budget import PassBudget
 from .runtime import Runtime
 from .tokens import encode, token_texts
@@ -96,15 +96,7 @@ def _fit(rt: Runtime, r: Request, ids: list[int]) -> tuple[list[int], bool]:
         )
         r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")
         ids = ids[-room:]
-    work = request_work(len(ids), r.num_predictions, r.max_new_tokens)
-    if r.max_work is not None and work > r.max_work:
-        raise GpuGroupsError(
-            "invalid_request",
-            f"process: this request costs {work} units of work (prompt {len(ids)} tokens, num_predictions "
-            f"{r.num_predictions}, max_new_tokens {r.max_new_tokens}); the limit is {r.max_work} "
-            "(Manager(max_request_work=...)): ask for fewer predictions, fewer new tokens or a shorter prompt",
-            {"work": work, "max_request_work": r.max_work, "prompt_tokens": len(ids)},
-        )
+    check_work(len(ids), r.num_predictions, r.max_new_tokens, r.max_work)
     return ids, cut
 
 

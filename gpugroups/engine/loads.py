@@ -59,9 +59,11 @@ class Loads:
 
     # ---- the load path -----------------------------------------------------------------------
     def _place(
-        self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None, in_use_evictable: bool = False
+        self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None, in_use_evictable: bool = False,
+        without: Slot | None = None,
     ) -> tuple[Decision, int]:
-        """Under the lock: placement's decision for the group, and the bytes it needs on its first device."""
+        """Under the lock: placement's decision for the group, and the bytes it needs on its first
+        device (``without``: as if that slot were gone, for a move that unloads it first)."""
         pinned = self.pins.get(group.id)
         if device_id is None and device_ids is None and pinned is not None:  # a pin's affinity
             device_id, device_ids = (pinned[0], None) if len(pinned) == 1 else (None, pinned)
@@ -70,7 +72,8 @@ class Loads:
         layout = self._layout(group)
         try:
             decision = place(
-                group.id, need, self.views(in_use_evictable), device_id, self.max_groups_per_device, device_ids, layout,
+                group.id, need, self.views(in_use_evictable, without), device_id, self.max_groups_per_device, device_ids,
+                layout,
             )
         except GpuGroupsError as exc:
             blocks = self.estimates.blocks(group, self.devices[0]) or []
@@ -263,8 +266,9 @@ class Loads:
             return 0
         return needed_bytes(parts, self.measured.get(group.id), device_id in self.warm)
 
-    def views(self, in_use_evictable: bool = False) -> list[DeviceView]:
-        """What ``placement.place`` sees of each device (``in_use_evictable``: as if no ``run``/``use`` held any group)."""
+    def views(self, in_use_evictable: bool = False, without: Slot | None = None) -> list[DeviceView]:
+        """What ``placement.place`` sees of each device (``in_use_evictable``: as if no ``run``/``use``
+        held any group; ``without``: as if that slot were unloaded)."""
         views = []
         for d in self.devices:
             residents = tuple(
@@ -273,9 +277,10 @@ class Loads:
                     s.state != "resident" or s.inflight > 0 or (s.in_use > 0 and not in_use_evictable),
                     self.ledger.value(s.group.id),
                 )
-                for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading"
+                for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading" and s is not without
             )
-            free = 0 if self.workers[d.device_id].status == "lost" else d.memory(self.accounted(d.device_id))["free_bytes"]
+            held = self.accounted(d.device_id) - (without.shares.get(d.device_id, 0) if without is not None else 0)
+            free = 0 if self.workers[d.device_id].status == "lost" else d.memory(held)["free_bytes"]
             views.append(DeviceView(d.device_id, free, residents))
         return views
 

@@ -9,7 +9,6 @@ twins run them in a thread and return awaitables.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
@@ -21,7 +20,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 from ..catalog import Catalog, GroupSpec
 from ..display import manager_html, rich_process_result
 from ..errors import GpuGroupsError
-from ..protocol import MAX_REQUEST_WORK, get_op
+from ..protocol import MAX_REQUEST_WORK, check_work, get_op
 from ..schema import (
     ClearResult,
     GroupList,
@@ -41,8 +40,9 @@ from .progress import LoadBar, ProgressOption, check_option
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import States, render, snapshot
+from .torchkit import LOAD_ITEMSIZE
 from .twins import AwaitableTwins
-from .worker import Request, WorkerChoice, new_request_id, worker_factory
+from .worker import Request, Worker, WorkerChoice, new_request_id, worker_factory
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -67,14 +67,12 @@ class Manager(AwaitableTwins):
     oldest one neither resident nor pinned is forgotten first. ``max_request_work`` is the most work
     one ``process`` request may cost (``protocol.WORK_RULE``: token positions computed; default
     ``protocol.MAX_REQUEST_WORK``, one forward pass of the reference batch; None: no limit); a
-    request over it is refused with ``invalid_request`` naming both.
-    Ray devices (``"ray"``,
+    request over it is refused with ``invalid_request`` naming both. Ray devices (``"ray"``,
     ``"ray:virtual:SIZE"``) are actors named in ``ray_namespace``, which a later manager in that
     namespace adopts with their groups; with no manager attached for ``ray_idle_timeout_s`` they
-    unload and exit (see docs/scale-out.md).
-    ``progress``: a load
-    that takes a while shows tqdm's auto bar (``engine.progress``); False turns it off, as does
-    ``GPUGROUPS_PROGRESS=0`` when it is None; a text file gets a plain bar.
+    unload and exit (see docs/scale-out.md). ``progress``: a load that takes a while shows tqdm's
+    auto bar (``engine.progress``); False turns it off, as does ``GPUGROUPS_PROGRESS=0`` when it
+    is None; a text file gets a plain bar. Bad options are ``invalid_request`` and start nothing.
     """
 
     def __init__(
@@ -96,26 +94,34 @@ class Manager(AwaitableTwins):
         ):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise GpuGroupsError("invalid_request", f"{name} must be a positive integer or None")
-        self.max_request_work = max_request_work
+        if dtype is not None and dtype not in LOAD_ITEMSIZE:
+            raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}")
+        self.max_request_work, self.max_groups_per_device, self.dtype = max_request_work, max_groups_per_device, dtype
+        self.progress = check_option(progress)
         self.catalog = make_catalog(catalog)
         if max_adhoc_groups is not None:
             self.catalog.max_adhoc_groups = max_adhoc_groups
         self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
-        self.max_groups_per_device = max_groups_per_device
-        self.dtype = dtype
-        self.progress = check_option(progress)
+        make = worker_factory(worker, self.devices)
         self._lock = threading.RLock()
         self._cancels = Cancels()
-        self._bus = EventBus()
         self._states = States()  # the events' states, built on the bus thread only
         self._estimates = EstimateCache(self.catalog, dtype)
-        make = worker_factory(worker, self.devices)
-        self._workers = [make(d) if d.remote_worker is None else d.remote_worker(d) for d in self.devices]
-        self._res = Residency(
-            self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
-            max_groups_per_device,
-        )
-        self._res.adopt()
+        self._bus = EventBus()
+        self._workers: list[Worker] = []
+        try:  # a constructor that fails leaves no thread, process or actor behind
+            for d in self.devices:
+                self._workers.append(make(d) if d.remote_worker is None else d.remote_worker(d))
+            self._res = Residency(
+                self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
+                max_groups_per_device,
+            )
+            self._res.adopt()
+        except BaseException:
+            for w in self._workers:
+                w.stop()
+            self._bus.close()
+            raise
         self._research = Research(self.catalog, self._res, self._workers)
 
     # ---- loading ------------------------------------------------------------------------
@@ -197,6 +203,8 @@ class Manager(AwaitableTwins):
         self, group_id: str, device_id: int | None = None, pinned: bool = True, device_ids: list[int] | None = None
     ) -> PinResult:
         """Keep a group resident (loading it if needed) with affinity to its device(s); ``pinned=False`` unpins."""
+        if not isinstance(pinned, bool):
+            raise GpuGroupsError("invalid_request", f"pin: 'pinned' must be a boolean, got {type(pinned).__name__}")
         if not pinned:
             return self.unpin(group_id)
         group = self.catalog.group(group_id)
@@ -249,11 +257,10 @@ class Manager(AwaitableTwins):
             "max_new_tokens": max_new_tokens,
         })
         notes = op.apply_caps(kwargs)
+        n, new = kwargs["num_predictions"], kwargs["max_new_tokens"]
+        check_work(None, n, new, self.max_request_work)  # over it with one prompt token: refused before any load
         model, group = self.catalog.resolve(model_id)
-        request = Request(
-            model.id, prompt, kwargs["num_predictions"], kwargs.get("max_new_tokens", 0), notes,
-            request_id=request_id or new_request_id(), max_work=self.max_request_work,
-        )
+        request = Request(model.id, prompt, n, new, notes, request_id=request_id or new_request_id(), max_work=self.max_request_work)
         rid = request.request_id
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
@@ -322,15 +329,9 @@ class Manager(AwaitableTwins):
         room, wait) and ``model_id`` is active (its adapter, or none for the base) while ``fn`` runs
         in order with the device's other work. ``fn``'s exception reaches the caller as itself, with
         a note naming the device. Out-of-process workers pickle ``fn`` and its arguments and return
-        tensors on the CPU. ``fn`` must not call this manager for its own device.
+        tensors on the CPU. A call from ``fn`` that would wait for its own device raises ``conflict``.
         """
         return self._research.run(model_id, fn, args, kwargs)  # type: ignore[no-any-return]
-
-    async def arun(
-        self, model_id: str, fn: Callable[Concatenate[Any, Any, P], T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """Awaitable ``run``."""
-        return await asyncio.to_thread(self._research.run, model_id, fn, args, kwargs)
 
     def use(self, model_id: str) -> contextlib.AbstractContextManager[Handle]:
         """``with m.use(model_id) as h:`` ``h.model``, ``h.tokenizer``, ``h.device`` in this thread.
@@ -402,20 +403,20 @@ class Manager(AwaitableTwins):
         """Loadable ids that no group names yet: hub ids in the local Hugging Face cache and model
         folders (with ``config.json``, two levels deep) under the allowed roots. Each becomes the
         single-model group ``single:<id>`` when it is first loaded."""
-        known = {m.source for m in self.catalog.models.values()} | set(self.catalog.models)
-        found = self.catalog.scan_hf_cache() + self.catalog.scan_folders(self.catalog.roots)
-        return [i for i in dict.fromkeys(found) if i not in known]
+        return self.catalog.discover()
 
     def close(self) -> None:
-        """Unload everything, stop the workers, emit a last ``state_update`` (``closed`` true), stop the event thread."""
-        if self._res.closed:
-            return
+        """Refuse new loads, unload everything (after the loads under way), stop the workers, emit a
+        last ``state_update`` (``closed`` true), stop the event thread."""
+        with self._lock:
+            if self._res.closed:
+                return
+            self._res.closed = True  # from here ``ensure`` refuses: no load can start after the unloads
         for gid in list(self._res.slots):
             try:
-                self.unload_group(gid)
+                self.unload_group(gid)  # waits for a load under way, then unloads it
             except GpuGroupsError:
                 pass
-        self._res.closed = True
         for w in self._workers:
             w.stop()
         with self._lock:  # the last event: panels and clients see the manager closed, workers idle

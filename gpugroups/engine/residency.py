@@ -76,7 +76,9 @@ class Residency(Holds, Adoption):
                             "conflict",
                             f"group {group.id!r} is pinned to device {'+'.join(map(str, slot.device_ids))}; unpin it to move it",
                         )
-                    wait_for: Future[Any] = self.queue_unload(slot)  # resident elsewhere: move it
+                    # resident elsewhere: move it, unless it cannot go there (then it stays where it is)
+                    self._place(group, device_id, device_ids, in_use_evictable=True, without=slot)
+                    wait_for: Future[Any] = self.queue_unload(slot)
                 elif slot is not None and slot.state == "resident":
                     return slot, loaded, then(slot)
                 elif slot is not None:

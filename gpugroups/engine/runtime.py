@@ -29,7 +29,7 @@ from .adapters import BASE_ROW, Adapters
 from .budget import PassBudget
 from .devices import Device
 from .estimate import ShardReserve, config_of, group_reserve
-from .torchkit import CONSTRUCTION_LOCK, context_length, measured_bytes, torch_dtype
+from .torchkit import CONSTRUCTION_LOCK, context_length, import_transformers, measured_bytes, torch_dtype
 from .worker import Progress, Span
 
 
@@ -122,6 +122,7 @@ class Runtime:
         return tuple((n, self._head in (None, i)) for i, n in enumerate(self._layers))
 
     def _load(self, folders: dict[str, Path], report: Progress) -> None:
+        import_transformers()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         g = self.group

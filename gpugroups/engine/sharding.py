@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import GpuGroupsError
-from .torchkit import CONSTRUCTION_LOCK, torch_dtype
+from .torchkit import CONSTRUCTION_LOCK, import_transformers, torch_dtype
 
 
 def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any:
@@ -36,6 +36,8 @@ def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any
 @functools.lru_cache(maxsize=8)
 def _meta_model(folder: str, stamp: int, dtype: str, trust_remote_code: bool) -> Any:
     import torch
+
+    import_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

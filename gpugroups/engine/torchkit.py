@@ -21,6 +21,25 @@ if TYPE_CHECKING:
 #: process (loads, meta-device estimates) holds this lock.
 CONSTRUCTION_LOCK = threading.RLock()
 
+_TRANSFORMERS_LOCK = threading.Lock()
+_transformers_imported = False
+
+
+def import_transformers() -> None:
+    """Import transformers the first time under a lock; call it before importing from it.
+
+    transformers' ``__init__`` swaps the package for a lazy module as it ends, and a thread that
+    imports from it meanwhile fails (``ImportError: cannot import name 'AutoConfig'``, seen with
+    four threads' first loads at once on transformers 5.24). Afterwards this is one flag check.
+    """
+    global _transformers_imported
+    if _transformers_imported:
+        return
+    with _TRANSFORMERS_LOCK:
+        import transformers  # noqa: F401
+
+        _transformers_imported = True
+
 #: The load dtypes gpugroups supports, with their bytes per element (the names are torch's).
 LOAD_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 

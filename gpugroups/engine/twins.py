@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from .worker import new_request_id
 
 if TYPE_CHECKING:
     from ..schema import ClearResult, LoadResult, PinResult, ProcessResult, UnloadResult
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class AwaitableTwins:
@@ -29,6 +32,7 @@ class AwaitableTwins:
     unpin: Callable[..., PinResult]
     process: Callable[..., ProcessResult]
     cancel: Callable[[str], None]
+    run: Callable[..., Any]
 
     async def aload(self, model_id: str, device_id: int | None = None, device_ids: list[int] | None = None) -> LoadResult:
         """Awaitable ``load``."""
@@ -75,3 +79,8 @@ class AwaitableTwins:
             self.cancel(request_id)
             raise
 
+    async def arun(
+        self, model_id: str, fn: Callable[Concatenate[Any, Any, P], T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Awaitable ``run``."""
+        return await asyncio.to_thread(self.run, model_id, fn, *args, **kwargs)

@@ -26,6 +26,7 @@ from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .devices import Device
 from .estimate import ShardReserve
+from .torchkit import import_transformers
 from .turns import Task, Turns
 
 if TYPE_CHECKING:
@@ -199,6 +200,15 @@ def worker_factory(choice: WorkerChoice, devices: list[Device]) -> WorkerFactory
     raise GpuGroupsError("invalid_request", f"worker must be 'auto', 'thread', 'process' or a factory, not {choice!r}")
 
 
+_device_thread = threading.local()  # ``worker``: the ThreadWorker whose device thread this is
+
+
+def current_worker() -> ThreadWorker | None:
+    """The ``ThreadWorker`` whose device thread calls this (None on any other thread): a call made
+    from code a worker runs (``run``'s function) must not wait for that same worker."""
+    return getattr(_device_thread, "worker", None)
+
+
 def lends(device: Device) -> bool:
     """Whether ``device``'s forward passes may run on any thread of this process: a CUDA device, or
     torch on one thread (``OMP_NUM_THREADS=1``, as Ray's workers have it and as a worker process
@@ -356,6 +366,7 @@ class ThreadWorker:
         return rt is not None and rt.can_share_batch(a, b)
 
     def _loop(self) -> None:
+        _device_thread.worker = self
         while (batch := self._turns.take(self._shares)) is not None:
             self._serve(batch)
 
@@ -377,6 +388,7 @@ class ThreadWorker:
         self._turns.done()
 
     def _predict(self, batch: list[Task]) -> None:
+        import_transformers()  # before inference imports from it
         from .inference import predict
 
         def stopped(request: Request) -> bool:
