@@ -4,6 +4,7 @@ subscriber logged once, never fatal."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from gpugroups.engine.bus import EventBus
@@ -52,6 +53,30 @@ def test_a_failing_subscriber_is_logged_once_with_its_traceback_and_the_others_s
     logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
     assert len(logged) == 1, [r.getMessage() for r in caplog.records]
     assert "subscriber broke" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_subscriber_raising_system_exit_stops_neither_delivery_nor_the_others():
+    bus = EventBus()
+    got: list[dict] = []
+
+    def leaves(event: dict) -> None:
+        raise SystemExit("bye")
+
+    bus.subscribe(leaves)
+    bus.subscribe(got.append)
+    for _ in range(3):
+        bus.emit("tick")
+    bus.close()
+    assert [e["version"] for e in got] == [1, 2, 3]
+
+
+def test_a_subscriber_may_close_the_bus_it_listens_to():
+    bus = EventBus()
+    closed = threading.Event()
+    bus.subscribe(lambda event: (bus.close(), closed.set()))
+    bus.emit("tick")
+    assert wait_for(closed.is_set)  # no "cannot join current thread"
+    bus.close()
 
 
 def test_built_fields_are_built_only_while_a_subscriber_reads_them():

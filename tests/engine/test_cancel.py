@@ -33,6 +33,8 @@ def test_a_request_over_the_budget_is_refused_naming_the_limit_and_its_cost(m: g
     assert e.value.code == "invalid_request"
     assert "max_request_work" in e.value.message and str(MAX_REQUEST_WORK) in e.value.message
     assert e.value.details["work"] > MAX_REQUEST_WORK == e.value.details["max_request_work"]
+    # over the limit even for a one-token prompt: refused before its group was loaded
+    assert "at least" in e.value.message and all(not d["resident_groups"] for d in m.state()["devices"])
     assert m.process("tiny-gpt2", PROMPT, num_predictions=3, max_new_tokens=4)["predictions"][0]["text"]
 
 

@@ -132,6 +132,11 @@ def test_failed_load_rolls_back(tmp_path, tiny_llama, models_root):
         (lambda m: m.process("tiny-a", PROMPT, num_predictions="3"), "invalid_request"),
         (lambda m: m.process("tiny-a", PROMPT, max_new_tokens=-1), "invalid_request"),
         (lambda m: m.process("nope", PROMPT), "unknown_model"),
+        (lambda m: m.pin("tiny", pinned="false"), "invalid_request"),
+        (lambda m: m.subscribe(5), "invalid_request"),
+        (lambda m: m.register_group("zz", models=5), "invalid_catalog"),
+        (lambda m: m.register_group("zz", models={"a": 5}), "invalid_catalog"),
+        (lambda m: m.register_group("zz", models=["a"], adapters={"b": "c"}), "invalid_catalog"),
     ],
 )
 def test_bad_input_is_a_clear_error(m, call, code):
@@ -139,6 +144,32 @@ def test_bad_input_is_a_clear_error(m, call, code):
         call(m)
     assert e.value.code == code and e.value.message
     assert m.state()["operations"] == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        ({"dtype": "int8"}, "invalid_request"),
+        ({"devices": None}, "invalid_request"),
+        ({"devices": 5}, "invalid_request"),
+        ({"devices": "virtual:100000x1MiB"}, "invalid_request"),
+        ({"devices": ["virtual:3000x1MiB", "virtual:3000x1MiB"]}, "invalid_request"),
+        ({"worker": "nope"}, "invalid_request"),
+        ({"progress": "yes"}, "invalid_request"),
+        ({"catalog": 5}, "invalid_catalog"),
+        ({"catalog": [{"group_id": "x", "models": ["m"], "bogus": 1}]}, "invalid_catalog"),
+    ],
+)
+def test_bad_manager_options_are_clear_errors_and_start_nothing(kwargs, code):
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(GpuGroupsError) as e:
+        gg.Manager(**{"devices": "virtual:1x100MiB", **kwargs})
+    assert e.value.code == code and e.value.message
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+
+
+def test_a_null_count_means_its_default(m):
+    assert len(m.process("tiny-a", PROMPT, num_predictions=None, max_new_tokens=None)["predictions"]) == 3
 
 
 def test_huge_counts_are_capped_and_said_but_not_truncated(m):

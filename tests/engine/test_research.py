@@ -109,6 +109,24 @@ def test_use_holds_the_worker_until_the_block_ends(m):
     assert done.is_set()
 
 
+def test_run_function_calling_its_own_device_is_a_conflict_not_a_wedge(m):
+    """``run``'s function runs on its device's worker: a call from it that would wait for that
+    worker is refused; a state read, which waits for no worker, is answered."""
+    m.load_group("gpt")
+
+    def calls_in(model, tokenizer) -> tuple[int, str]:
+        version = m.state()["version"]
+        try:
+            m.process("tiny-gpt2", PROMPT)
+        except GpuGroupsError as exc:
+            return version, exc.code
+        return version, "answered"
+
+    version, outcome = m.run("tiny-a", calls_in)
+    assert version > 0 and outcome == "conflict"
+    assert m.process("tiny-gpt2", PROMPT)["predictions"] and m.state()["devices"][0]["status"] == "idle"
+
+
 class Boom(Exception):
     pass
 

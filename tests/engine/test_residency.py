@@ -211,3 +211,86 @@ def test_an_interrupt_reaches_a_caller_waiting_for_another_callers_load(tiny_cat
         assert m.load("tiny-b")["status"] == "switched"  # resident: no load
     finally:
         m.close()
+
+
+def test_a_move_that_cannot_fit_leaves_the_group_where_it_is(catalog_factory):
+    """A load, process or pin naming a device the group cannot fit on fails before the group is
+    unloaded from where it is: a refused call loses nothing."""
+    make, _ = catalog_factory
+    probe = gg.Manager(devices="virtual:1GiB", catalog=make())
+    need = next(g["memory_estimate_bytes"] for g in probe.groups() if g["id"] == "g1")
+    probe.close()
+    with gg.Manager(devices=[f"virtual:{2 * need}B", f"virtual:{need // 2}B"], catalog=make()) as m:
+        m.load_group("g1")
+        before = m.state()["devices"]
+        for move in (
+            lambda: m.load_group("g1", device_id=1),
+            lambda: m.process("m1", "import", device_id=1),
+            lambda: m.pin("g1", device_id=1),
+        ):
+            with pytest.raises(GpuGroupsError) as e:
+                move()
+            assert e.value.code == "insufficient_memory"
+            assert resident(m) == {0: ["g1"], 1: []}
+        assert [d["memory"] for d in m.state()["devices"]] == [d["memory"] for d in before]
+        assert m.process("m1", "import")["device_id"] == 0
+
+
+def test_close_refuses_loads_once_begun_and_leaves_nothing_resident(catalog_factory):
+    """``close`` waits for a group held by ``run``; a load asked for meanwhile is refused, so
+    nothing is resident (in the state or in a worker) once ``close`` returns."""
+    import threading
+
+    m, workers = gated(catalog_factory, 3)
+    m.load_group("g1", device_id=1)
+    release = threading.Event()
+    runner = threading.Thread(target=m.run, args=("m1", lambda model, tokenizer: release.wait(30)))
+    runner.start()
+    closer = threading.Thread(target=m.close)
+    try:
+        assert wait_for(lambda: any(g["status"] == "in_use" for g in m.state()["groups"]))
+        closer.start()
+        assert wait_for(lambda: m.closed)  # close has begun: it waits for g1's hold
+        with pytest.raises(GpuGroupsError) as e:
+            m.load_group("g2", device_id=0)
+        assert e.value.code == "invalid_request" and "closed" in e.value.message
+    finally:
+        release.set()
+        runner.join(30)
+        closer.join(30)
+    s = m.state()
+    assert s["closed"] and all(not d["resident_groups"] for d in s["devices"])
+    assert [w.resident() for w in workers] == [{}, {}, {}]
+
+
+FIRST_LOADS = """
+import json, sys, threading
+import gpugroups as gg
+m = gg.Manager(devices="virtual:2x1GiB", catalog=sys.argv[1], progress=False)
+out = []
+def load():
+    try:
+        out.append(m.load("tiny-a")["status"])
+    except Exception as exc:
+        out.append(repr(exc))
+threads = [threading.Thread(target=load) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join(120)
+m.close()
+print(json.dumps(out))
+"""
+
+
+def test_first_loads_from_many_threads_at_once_all_succeed(tiny_catalog_toml):
+    """The first loads in a fresh process, from eight threads at once on a multi-device manager
+    (whose estimates build models on the meta device in the callers' threads): transformers is
+    imported once, under a lock; without it most of them failed with ``ImportError``."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_LOADS, str(tiny_catalog_toml)], capture_output=True, text=True, timeout=300, check=True
+    )
+    statuses = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(statuses) <= {"loaded", "switched", "already_loaded"} and statuses.count("loaded") == 1, statuses
