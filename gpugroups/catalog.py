@@ -305,7 +305,8 @@ class Catalog:
         p = Path(source)
         if p.is_absolute():
             if not p.is_dir():
-                raise GpuGroupsError("unknown_model", f"model folder {source} does not exist")
+                what = "is a file, not a model folder" if p.exists() else "does not exist"
+                raise GpuGroupsError("unknown_model", f"model folder {source} {what}")
             return p
         try:
             from huggingface_hub import snapshot_download

@@ -76,19 +76,30 @@ class Loads:
                 layout,
             )
         except GpuGroupsError as exc:
-            blocks = self.estimates.blocks(group, self.devices[0]) or []
-            if exc.code != "insufficient_memory" or layout is None or not any(b.kind == "model" for b in blocks):
+            if exc.code != "insufficient_memory":
                 raise
+            raise self._why_not(exc, group, layout, first) from None
+        return decision, need
+
+    def _why_not(self, exc: GpuGroupsError, group: GroupSpec, layout: Layout | None, first: int) -> GpuGroupsError:
+        """``insufficient_memory`` saying more where more is known: devices that are lost (they
+        count no room), and the member a models group cannot place on any one device."""
+        message, details = exc.message, dict(exc.details)
+        lost = [w.device.device_id for w in self.workers if w.status == "lost"]
+        if lost:
+            message += f"; device(s) {', '.join(map(str, lost))} are lost (unreachable) and count no room"
+            details["lost_devices"] = lost
+        blocks = self.estimates.blocks(group, self.devices[0]) or []
+        if layout is not None and any(b.kind == "model" for b in blocks):
             # a models group spreads whole members: say which member no device can take
             largest = max(range(len(blocks)), key=lambda i: layout.costs()[i])
             member_need = layout.costs()[largest] + layout.fixed_on(first)
-            raise GpuGroupsError(
-                "insufficient_memory",
-                f"{exc.message}; a models group is sharded by whole members, one device each, and its "
-                f"largest member {blocks[largest].name!r} needs {member_need / 2**20:.1f} MiB on one device",
-                {**exc.details, "largest_member": blocks[largest].name, "member_need_bytes": member_need},
-            ) from None
-        return decision, need
+            message += (
+                f"; a models group is sharded by whole members, one device each, and its largest member "
+                f"{blocks[largest].name!r} needs {member_need / 2**20:.1f} MiB on one device"
+            )
+            details.update(largest_member=blocks[largest].name, member_need_bytes=member_need)
+        return GpuGroupsError("insufficient_memory", message, details)
 
     def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
         """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""

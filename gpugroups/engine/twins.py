@@ -67,10 +67,18 @@ class AwaitableTwins:
         return await asyncio.to_thread(self.unpin, group_id)
 
     async def aprocess(
-        self, model_id: str, prompt: str, num_predictions: int = 3, device_id: int | None = None, max_new_tokens: int = 0
+        self,
+        model_id: str,
+        prompt: str,
+        num_predictions: int = 3,
+        device_id: int | None = None,
+        max_new_tokens: int = 0,
+        *,
+        request_id: str | None = None,
     ) -> ProcessResult:
-        """Awaitable ``process``; cancelling the awaitable cancels the request (``Manager.cancel``)."""
-        request_id = new_request_id()
+        """Awaitable ``process``; cancelling the awaitable cancels the request (``Manager.cancel``),
+        as does ``cancel(request_id)`` from elsewhere."""
+        request_id = request_id or new_request_id()
         try:
             return await asyncio.to_thread(
                 self.process, model_id, prompt, num_predictions, device_id, max_new_tokens, request_id=request_id

@@ -3,6 +3,7 @@ whose caller went away (queued: it leaves the queue; running: it stops between g
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from pathlib import Path
@@ -93,14 +94,18 @@ def test_a_running_generation_stops_between_steps_when_cancelled(m: gg.Manager) 
         handle.remove()
 
 
-def test_a_queued_request_leaves_the_queue_when_cancelled(held: tuple[gg.Manager, Any]) -> None:
+@pytest.mark.parametrize("awaited", [False, True])
+def test_a_queued_request_leaves_the_queue_when_cancelled(held: tuple[gg.Manager, Any], awaited: bool) -> None:
     m, worker = held
     m.load("tiny-gpt2")
     outcome: dict[str, Any] = {}
 
     def call() -> None:
         try:
-            outcome["result"] = m.process("tiny-gpt2", PROMPT, request_id="queued")
+            if awaited:
+                outcome["result"] = asyncio.run(m.aprocess("tiny-gpt2", PROMPT, request_id="queued"))
+            else:
+                outcome["result"] = m.process("tiny-gpt2", PROMPT, request_id="queued")
         except GpuGroupsError as exc:
             outcome["error"] = exc
 

@@ -280,6 +280,9 @@ def test_a_killed_worker_process_loses_its_device_and_close_leaves_no_process(ti
         state = m.state()
         assert state["devices"][0]["status"] == "lost" and state["devices"][0]["resident_groups"] == []
         assert lost == [1]
+        with pytest.raises(GpuGroupsError) as nowhere:  # the lost device is named, not just "0 MiB free"
+            m.load("tiny-a", device_id=0)
+        assert nowhere.value.code == "insufficient_memory" and nowhere.value.details["lost_devices"] == [0]
         assert pids[0] not in children()  # reaped: no zombie
         assert m.process("tiny-a", "again", 2)["device_id"] == 1  # reloads on the device that is left
     finally:
