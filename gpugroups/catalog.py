@@ -141,7 +141,9 @@ class Catalog:
             )
         if base is None and adapters:
             raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: adapters go with a base, not with models")
-        if not isinstance(adapters, (Mapping, type(None))) or not isinstance(models, (Mapping, list, tuple, str, type(None))):
+        if not isinstance(adapters, (Mapping, type(None))) or not isinstance(
+            models, (Mapping, list, tuple, str, type(None))
+        ):
             raise GpuGroupsError(
                 "invalid_catalog",
                 f"group {group_id!r}: adapters must be a {{member: path}} dict, models one too or a list of paths",
@@ -150,7 +152,8 @@ class Catalog:
         def src(mid: str, path: str) -> str:
             if not all(isinstance(s, str) and s for s in (mid, path)):
                 raise GpuGroupsError(
-                    "invalid_catalog", f"group {group_id!r}: model ids and paths must be non-empty strings, got {mid!r}: {path!r}"
+                    "invalid_catalog",
+                    f"group {group_id!r}: model ids and paths must be non-empty strings, got {mid!r}: {path!r}",
                 )
             return self._source(path, relative_to, group_id)
 

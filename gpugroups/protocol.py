@@ -66,7 +66,9 @@ def check_work(prompt_tokens: int | None, num_predictions: int, max_new_tokens: 
     tokens = 1 if prompt_tokens is None else prompt_tokens
     work = request_work(tokens, num_predictions, max_new_tokens)
     if max_work is not None and work > max_work:
-        least, prompt = ("at least ", "with a one-token prompt") if prompt_tokens is None else ("", f"prompt {tokens} tokens")
+        least, prompt = ("at least ", "with a one-token prompt") if prompt_tokens is None else (
+            "", f"prompt {tokens} tokens"
+        )
         raise GpuGroupsError(
             "invalid_request",
             f"process: this request costs {least}{work} units of work ({prompt}, num_predictions "

@@ -109,7 +109,7 @@ class EventBus:
             for s in subscribers:
                 try:
                     s.callback(event)
-                except BaseException:  # a broken subscriber (even one that raises SystemExit) must not stop the others
+                except BaseException:  # a broken subscriber (SystemExit too) must not stop the others
                     if id(s.callback) not in self._failed:
                         self._failed.add(id(s.callback))
                         log.exception("gpugroups: event subscriber %r failed (logged once; it keeps receiving)", s.callback)

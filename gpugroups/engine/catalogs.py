@@ -36,11 +36,13 @@ def make_catalog(catalog: Any) -> Catalog:
             unknown = sorted(set(spec) - allowed)
             if unknown:
                 raise GpuGroupsError(
-                    "invalid_catalog", f"catalog entry {spec['group_id']!r}: unknown key(s) {unknown}; known: {sorted(allowed)}"
+                    "invalid_catalog",
+                    f"catalog entry {spec['group_id']!r}: unknown key(s) {unknown}; known: {sorted(allowed)}",
                 )
             cat.register_group(**spec)
     else:
         raise GpuGroupsError(
-            "invalid_catalog", f"catalog: a Catalog, a TOML path, a list of group dicts or None, not {type(catalog).__name__}"
+            "invalid_catalog",
+            f"catalog: a Catalog, a TOML path, a list of group dicts or None, not {type(catalog).__name__}",
         )
     return cat

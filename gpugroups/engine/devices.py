@@ -120,7 +120,9 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
     ``ray`` holds the options of Ray devices (``rayworker.ray_devices``' keyword arguments).
     """
     if not isinstance(spec, (str, list, tuple)):
-        raise GpuGroupsError("invalid_request", f"devices: give a spec string or a list of them, not {type(spec).__name__}")
+        raise GpuGroupsError(
+            "invalid_request", f"devices: give a spec string or a list of them, not {type(spec).__name__}"
+        )
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise GpuGroupsError("invalid_request", "devices: give at least one device spec")
@@ -150,7 +152,9 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
                 f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N], virtual:[Nx]SIZE[@backing], ray or ray:virtual:SIZE",
             )
     if len(devices) > MAX_DEVICES:
-        raise GpuGroupsError("invalid_request", f"devices: {len(devices)} devices; at most {MAX_DEVICES} (ids 0..{MAX_DEVICE_ID})")
+        raise GpuGroupsError(
+            "invalid_request", f"devices: {len(devices)} devices; at most {MAX_DEVICES} (ids 0..{MAX_DEVICE_ID})"
+        )
     _refuse_twice_listed(devices)
     for i, d in enumerate(devices):
         d.device_id = i

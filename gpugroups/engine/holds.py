@@ -1,6 +1,7 @@
 """Holds for research access: a slot held by ``run``/``use`` is in use, never a victim, and a load
 that needs its room waits for the hold to end; a thread inside a ``use`` block never waits for its
-own device's worker, nor does ``run``'s function (``guard``). Part of ``Residency``, over the load mechanism of ``loads.py``.
+own device's worker, nor does ``run``'s function (``guard``). Part of ``Residency``, over the
+load mechanism of ``loads.py``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class Holds(Loads):
         if current_worker() is self.workers[device_id]:
             raise GpuGroupsError(
                 "conflict",
-                f"this call comes from the function `m.run` runs on device {device_id}, and would wait for that "
-                "device's worker, which is running the function; use the model it was given, or call after `run` returns",
+                f"this call comes from the function `m.run` runs on device {device_id}, and would wait "
+                "for that device's worker, which is running the function; use the model it was given, "
+                "or call after `run` returns",
                 {"device_id": device_id},
             )
         me = threading.get_ident()

@@ -288,7 +288,8 @@ class Loads:
                     s.state != "resident" or s.inflight > 0 or (s.in_use > 0 and not in_use_evictable),
                     self.ledger.value(s.group.id),
                 )
-                for s in self.slots.values() if d.device_id in s.shares and s.state != "unloading" and s is not without
+                for s in self.slots.values()
+                if d.device_id in s.shares and s.state != "unloading" and s is not without
             )
             held = self.accounted(d.device_id) - (without.shares.get(d.device_id, 0) if without is not None else 0)
             free = 0 if self.workers[d.device_id].status == "lost" else d.memory(held)["free_bytes"]

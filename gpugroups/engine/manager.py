@@ -2,9 +2,9 @@
 
 State lives in ``Residency`` under one lock and every change bumps ``version``; the ``EventBus``
 delivers events in version order after the change. Each device has a ``Worker`` (a thread, or a
-process per GPU on a machine with two or more: ``worker_factory``) that runs its loads, unloads and forward passes in order, so a load on one device never
-delays a prompt on another. The methods are synchronous (submit and wait); the ``a``-prefixed
-twins run them in a thread and return awaitables.
+process per GPU on a machine with two or more: ``worker_factory``) that runs its loads, unloads
+and forward passes in order, so a load on one device never delays a prompt on another. The
+methods submit and wait; their awaitable twins are in ``twins``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class Manager(AwaitableTwins):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise GpuGroupsError("invalid_request", f"{name} must be a positive integer or None")
         if dtype is not None and dtype not in LOAD_ITEMSIZE:
-            raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}")
+            raise GpuGroupsError(
+                "invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}"
+            )
         self.max_request_work, self.max_groups_per_device, self.dtype = max_request_work, max_groups_per_device, dtype
         self.progress = check_option(progress)
         self.catalog = make_catalog(catalog)
@@ -131,8 +133,8 @@ class Manager(AwaitableTwins):
         Returns ``{"status", "model_id", "group_id", "device_id", "device_ids", "seconds"}``;
         ``status`` is ``"loaded"`` (this call loaded the group), ``"switched"`` (the group was
         resident and ``model_id`` became its current member: a pointer change, no memory op) or
-        ``"already_loaded"`` (it already was the current member). In the result ``device_id`` is the first of
-        ``device_ids``, the devices the group spans. As an argument, ``device_id`` puts the group
+        ``"already_loaded"`` (it already was the current member). In the result ``device_id`` is
+        the first of ``device_ids``, the devices the group spans. As an argument, ``device_id`` puts the group
         on that device: one resident elsewhere is unloaded and loaded there (``conflict`` if it is
         pinned elsewhere); without it the manager picks the device (``placement``).
         ``device_ids=[0, 1]`` shards the group over exactly those devices, in that order (see
@@ -260,7 +262,9 @@ class Manager(AwaitableTwins):
         n, new = kwargs["num_predictions"], kwargs["max_new_tokens"]
         check_work(None, n, new, self.max_request_work)  # over it with one prompt token: refused before any load
         model, group = self.catalog.resolve(model_id)
-        request = Request(model.id, prompt, n, new, notes, request_id=request_id or new_request_id(), max_work=self.max_request_work)
+        request = Request(
+            model.id, prompt, n, new, notes, request_id=request_id or new_request_id(), max_work=self.max_request_work
+        )
         rid = request.request_id
 
         def queue(slot: Slot) -> Future[dict[str, Any]]:
@@ -304,7 +308,7 @@ class Manager(AwaitableTwins):
         """``Residency.ensure``, registering an ad-hoc group for its load and forgetting it again if
         the load fails: only a successful load adds a ``single:`` group to the catalog."""
         known = group.id in self.catalog.groups
-        group, forgotten = self.catalog.adopt(group, self._in_use)
+        group, forgotten = self.catalog.adopt(group, self._res.kept)
         if forgotten:
             with self._lock:
                 for gid in forgotten:
@@ -314,12 +318,8 @@ class Manager(AwaitableTwins):
             return self._res.ensure(group, device_id, then, device_ids)
         except BaseException:
             if not known:
-                self.catalog.forget(group.id, unless=self._in_use)
+                self.catalog.forget(group.id, unless=self._res.kept)
             raise
-
-    def _in_use(self, group_id: str) -> bool:
-        with self._lock:
-            return group_id in self._res.slots or group_id in self._res.pins
 
     # ---- research access (kernel only: no op of the ops table reaches these) ----------------
     def run(self, model_id: str, fn: Callable[Concatenate[Any, Any, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:

@@ -103,6 +103,11 @@ class Residency(Holds, Adoption):
             else:
                 _wait(wait_for)
 
+    def kept(self, group_id: str) -> bool:
+        """Whether the group is loaded, loading or pinned (an ad-hoc group is then not forgotten)."""
+        with self._lock:
+            return group_id in self.slots or group_id in self.pins
+
     def release(self, group: GroupSpec, device_id: int | None) -> list[int] | None:
         """Unload a group (every shard) once its queued requests are answered; the devices it
         spanned, or None if it is not loaded (on ``device_id``)."""
