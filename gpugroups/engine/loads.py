@@ -19,6 +19,7 @@ from typing import Any
 from ..catalog import Catalog, GroupSpec
 from ..errors import GpuGroupsError
 from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
+from ..protocol import MAX_DEVICE_ID
 from .bus import EventBus
 from .devices import Device
 from .estimates import EstimateCache, folders, needed_bytes, shard_reserve
@@ -322,10 +323,13 @@ class Loads:
         return max(on, key=lambda s: s.last_used, default=None)
 
     def check_device(self, device_id: int | None, required: bool = False) -> None:
-        """``unknown_device`` unless ``device_id`` names a device (or is None and not ``required``)."""
+        """``unknown_device`` unless ``device_id`` names a device (or is None and not ``required``);
+        ``invalid_request`` for what no device id can be (the ops table's rule: an integer 0..4095)."""
         if device_id is None and not required:
             return
-        if not isinstance(device_id, int) or isinstance(device_id, bool) or not 0 <= device_id < len(self.devices):
+        if not isinstance(device_id, int) or isinstance(device_id, bool) or not 0 <= device_id <= MAX_DEVICE_ID:
+            raise GpuGroupsError("invalid_request", f"device_id must be an integer in 0..{MAX_DEVICE_ID}, got {device_id!r}")
+        if device_id >= len(self.devices):
             raise GpuGroupsError(
                 "unknown_device", f"unknown device {device_id!r}; devices are 0..{len(self.devices) - 1}"
             )
