@@ -35,8 +35,12 @@ def coalesce(events: list[Event]) -> list[Event]:
     """``events`` in order, less each one that a later event with the same key supersedes.
 
     Among ``state_update`` events the highest version wins wherever it stands, so a snapshot
-    taken by a reader (newer) is never replaced by an event still on its way (older).
+    taken by a reader (newer) is never replaced by an event still on its way (older). A
+    ``system_state`` (a whole state, perhaps of a new host or manager whose versions start again)
+    supersedes every state before it, and versions are compared only after the last one.
     """
+    whole = max((i for i, e in enumerate(events) if e.get("type") == "system_state"), default=-1)
+    events = [e for i, e in enumerate(events) if i >= whole or e.get("type") not in _STATES]
     keep: dict[Hashable, int] = {}
     for i, event in enumerate(events):
         key = supersede_key(event)
@@ -46,6 +50,9 @@ def coalesce(events: list[Event]) -> list[Event]:
         if j is None or key != "state_update" or event.get("version", 0) >= events[j].get("version", 0):
             keep[key] = i
     return [e for i, e in enumerate(events) if keep.get(supersede_key(e), i) == i]
+
+
+_STATES = ("state_update", "system_state")
 
 
 class Coalescer:

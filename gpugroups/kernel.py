@@ -146,11 +146,12 @@ class _Endpoint:
         self._out.offer(hello_message(os.getpid(), header.get("subshell_id"), line))
 
     def follow(self, manager: Any) -> None:
-        """Push ``manager``'s events instead of the previous one's, starting with its whole state."""
+        """Push ``manager``'s events instead of the previous one's, starting with its whole state
+        as a ``system_state``: its versions start again, and clients must start from it."""
         self._unsubscribe()
         self._unsubscribe = manager.subscribe(self._out.offer)
         state = manager.state()
-        self._out.offer({"type": "state_update", "version": state["version"], "state": state})
+        self._out.offer({"type": "system_state", "version": state["version"], "state": state})
 
     def stop(self) -> None:
         if self._unsubscribe:

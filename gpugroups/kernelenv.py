@@ -8,8 +8,10 @@ kernel. Options given to ``gg.manager(...)`` itself win. Light (no torch, no Ray
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .catalog import ROOTS_ENV
 
 #: Device specs of the default manager, comma-separated (``virtual:2x512MiB``, ``cuda:0,ray``).
 DEVICES_ENV = "GPUGROUPS_DEVICES"
@@ -31,7 +33,14 @@ def manager_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return options
 
 
-def kernel_env(devices: list[str], ray_address: str, ray_namespace: str) -> dict[str, str]:
-    """The variables that give a kernel's default manager these settings (empty ones are left out)."""
+def kernel_env(
+    devices: list[str], ray_address: str, ray_namespace: str, model_roots: Sequence[str] = ()
+) -> dict[str, str]:
+    """The variables that give a kernel's default manager these settings (empty ones are left
+    out); ``model_roots`` go before the roots this process's own ``$GPUGROUPS_MODEL_ROOTS`` names."""
     env = {DEVICES_ENV: ",".join(devices), RAY_ADDRESS_ENV: ray_address, RAY_NAMESPACE_ENV: ray_namespace}
+    if model_roots:
+        inherited = os.environ.get(ROOTS_ENV)
+        roots = [os.path.abspath(os.path.expanduser(r)) for r in model_roots]
+        env[ROOTS_ENV] = os.pathsep.join([*roots, *([inherited] if inherited else [])])
     return {k: v for k, v in env.items() if v}

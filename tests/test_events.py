@@ -28,6 +28,15 @@ def test_coalesce_prefers_the_highest_state_version_wherever_it_stands():
     assert coalesce([_state(5), _state(4)]) == [_state(5)]
 
 
+def test_a_whole_state_supersedes_the_states_before_it_and_versions_start_again_after_it():
+    # the host serves another manager: its system_state v0, then its own updates from v1
+    whole = {"type": "system_state", "version": 0, "state": {"version": 0}}
+    error = {"type": "error"}
+    events = [_state(7), whole, error, _state(1), _state(8) | {"type": "system_state"}, _state(2)]
+    assert coalesce(events[:4]) == [whole, error, _state(1)]
+    assert coalesce(events) == [error, _state(8) | {"type": "system_state"}, _state(2)]
+
+
 def test_coalescer_delivers_each_burst_once_and_in_order():
     batches: list[list[dict[str, Any]]] = []
     arrived = threading.Event()

@@ -23,6 +23,7 @@ class GpuGroupsApp(ExtensionApp):
     """Serves ``/api/v2`` (REST + WebSocket) from the manager in the host kernel."""
 
     name = "gpugroups"
+    host: GpuGroupsHost | None = None  # None when its settings were refused: the server still starts and stops
     load_other_extensions = True
     classes = [*ExtensionApp.classes, GpuGroupsHost]  # noqa: RUF012  # traitlets' own shape: --help-all lists its settings
 
@@ -77,8 +78,10 @@ class GpuGroupsApp(ExtensionApp):
         young, middle, full = gc.get_threshold()
         if full < self.full_gc_every:
             gc.set_threshold(young, middle, self.full_gc_every)
-        self.host.start()
+        if self.host is not None:
+            self.host.start()
 
     async def stop_extension(self) -> None:
         """Detach from the host; the server shuts its kernels (an auto-started host too) down itself."""
-        await self.host.stop()
+        if self.host is not None:
+            await self.host.stop()

@@ -19,7 +19,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..errors import GpuGroupsError
-from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, parse_json
+from ..protocol import API_PREFIX, LEGACY_PREFIX, OPS, Op, encodable, parse_json
 from .host import GpuGroupsHost
 from .openapi import ServerLimits, build_spec
 
@@ -74,15 +74,30 @@ class JsonErrors:
             super().log_exception(typ, value, tb)  # type: ignore[misc]
 
 
-class GpuGroupsHandler(JsonErrors, APIHandler):
-    """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``."""
+class Legacy:
+    """``/api/v1`` routes (``deprecated``): ``Deprecation`` and ``Link: rel="successor-version"``
+    headers on every answer, error pages too. Mixed into tornado handlers, REST and WebSocket."""
 
-    auth_resource = AUTH_RESOURCE
     deprecated = False
 
     def initialize(self, deprecated: bool = False) -> None:
         self.deprecated = deprecated
         self._deprecation_headers()
+
+    def _deprecation_headers(self) -> None:
+        if not self.deprecated:
+            return
+        handler = cast(JupyterHandler, self)
+        base = handler.base_url.rstrip("/")
+        successor = base + API_PREFIX + handler.request.path[len(base) + len(LEGACY_PREFIX) :]
+        handler.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
+        handler.set_header("Link", f'<{successor}>; rel="successor-version"')
+
+
+class GpuGroupsHandler(Legacy, JsonErrors, APIHandler):
+    """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``."""
+
+    auth_resource = AUTH_RESOURCE
 
     @property
     def host(self) -> GpuGroupsHost:
@@ -92,14 +107,6 @@ class GpuGroupsHandler(JsonErrors, APIHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         self._deprecation_headers()  # error pages call this again after clearing the headers
-
-    def _deprecation_headers(self) -> None:
-        if not self.deprecated:
-            return
-        base = self.base_url.rstrip("/")
-        successor = base + API_PREFIX + self.request.path[len(base) + len(LEGACY_PREFIX) :]
-        self.set_header("Deprecation", f"@{V1_DEPRECATED_AT}")
-        self.set_header("Link", f'<{successor}>; rel="successor-version"')
 
     def answer(self, result: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -146,6 +153,8 @@ class OpHandler(GpuGroupsHandler):
     async def _run(self, path_args: dict[str, str]) -> None:
         op = self.ops[self.request.method or "GET"]
         args = self.json_body() if op.http_method == "POST" else {}
+        if args is None:  # a JSON null body: no arguments, as an empty one
+            args = {}
         if isinstance(args, dict):
             clash = sorted(set(args) & set(path_args))
             if clash:
@@ -171,7 +180,10 @@ class HostHandler(GpuGroupsHandler):
     @authorized
     async def post(self) -> None:
         body = self.json_body()
-        if not isinstance(body, dict) or set(body) != {"kernel_id"} or not isinstance(body["kernel_id"], str):
+        if (
+            not isinstance(body, dict) or set(body) != {"kernel_id"} or not isinstance(body["kernel_id"], str)
+            or not encodable(body["kernel_id"])
+        ):
             raise GpuGroupsError("invalid_request", 'the body must be {"kernel_id": "<id of a running kernel>"}')
         self.answer(await self.host.set_host(body["kernel_id"]))
 
@@ -188,14 +200,15 @@ class OpenAPIHandler(GpuGroupsHandler):
 
 
 class NotFoundHandler(GpuGroupsHandler):
-    """Anything else under the API prefixes: a JSON 404 rather than the server's HTML page."""
+    """Anything else under the API prefixes, the prefixes themselves included, with any method: a
+    JSON 404 rather than the server's HTML page or a 405."""
 
     @web.authenticated
     @authorized
     def get(self, *_: str) -> None:
         raise GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}")
 
-    post = get
+    post = put = delete = patch = head = get
 
 
 def _path_value(op: Op, name: str, text: str) -> Any:
@@ -223,7 +236,7 @@ def _rest_routes() -> list[tuple[str, type[GpuGroupsHandler], dict[str, Any]]]:
         routes.append((prefix + "/system/host", HostHandler, {"deprecated": deprecated}))
         routes.append((prefix + "/openapi.json", OpenAPIHandler, {"deprecated": deprecated}))
     for prefix, deprecated in ((API_PREFIX, False), (LEGACY_PREFIX, True)):
-        routes.append((prefix + "/(.*)", NotFoundHandler, {"deprecated": deprecated}))
+        routes.append((prefix + "(/.*)?", NotFoundHandler, {"deprecated": deprecated}))
     return routes
 
 

@@ -133,6 +133,7 @@ class GpuGroupsHost(LoggingConfigurable):
         self._background: set[asyncio.Task[Any]] = set()
         self._mirror = StateMirror()
         self._reattaching: asyncio.Future[None] | None = None
+        self._finding: asyncio.Task[KernelConnection] | None = None  # finding or starting the host
 
     # ---- what the handlers use ------------------------------------------------------------
     def start(self) -> None:
@@ -142,8 +143,9 @@ class GpuGroupsHost(LoggingConfigurable):
 
     async def stop(self) -> None:
         """Stop watching and detach (an auto-started host goes down with the server's kernels)."""
-        if self._watch_task:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._finding):
+            if task is not None:
+                task.cancel()
         if self._conn:
             await self._conn.close("the server is stopping")
             self._conn = None
@@ -199,6 +201,15 @@ class GpuGroupsHost(LoggingConfigurable):
             return conn
         if self._reattaching is not None and not self._reattaching.done():
             await asyncio.shield(self._reattaching)  # the restarted host, rather than a new one
+        if self._finding is None or self._finding.done():
+            self._finding = asyncio.create_task(self._find_host())
+            self._finding.add_done_callback(_seen)
+        # Shielded: a caller that goes away (a REST client's disconnect cancels its wait) must not
+        # stop a host start that the next caller needs (its kernel would be shut down half-started).
+        return await asyncio.shield(self._finding)
+
+    async def _find_host(self) -> KernelConnection:
+        """The host kernel: the current one, the recorded one, or (``host_kernel="auto"``) a new one."""
         async with self._attach_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
@@ -415,19 +426,20 @@ class GpuGroupsHost(LoggingConfigurable):
                 self.log.exception("gpugroups: event listener failed")
 
     def _kernel_env(self) -> dict[str, str]:
-        """The auto-started host's environment: the server's, plus ``model_roots`` and the
-        manager's settings (``devices``, ``ray_address``, ``ray_namespace``)."""
-        env = {**os.environ, **kernel_env(self.devices, self.ray_address, self.ray_namespace)}
-        if self.model_roots:
-            roots = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots]
-            inherited = os.environ.get(ROOTS_ENV)
-            env[ROOTS_ENV] = os.pathsep.join([*roots, *([inherited] if inherited else [])])
-        return env
+        """The auto-started host's environment: the server's, plus these settings (``kernelenv``)."""
+        return {**os.environ, **kernel_env(self.devices, self.ray_address, self.ray_namespace, self.model_roots)}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    """Mark a shared task's failure as seen: each caller that waited for it got it; with none left,
+    asyncio would log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _info(conn: KernelConnection | None) -> dict[str, Any]:

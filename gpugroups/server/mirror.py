@@ -41,9 +41,13 @@ class StateMirror:
         return self._state if part is None else self._state[part]
 
     def heard(self, message: dict[str, Any]) -> None:
-        """An event from the host: keep its state if it is newer than the mirror's."""
+        """An event from the host: keep its state if it is newer than the mirror's. A ``system_state``
+        (the host serves another manager, whose versions start again) clears the mirror."""
         state = message.get("state")
         if message.get("type") not in ("state_update", "system_state") or not isinstance(state, dict):
+            return
+        if message["type"] == "system_state":
+            self.clear()
             return
         if self._state is not None and state.get("version", -1) >= self._state.get("version", -1):
             self._keep(state)

@@ -1,7 +1,8 @@
 """``WS /api/v2/ws``: the host's state on connect, then every event as it happens.
 
 Messages to the client: ``{"type": "system_state", "version", "state"}`` on connect, on
-``{"type": "get_state"}`` and when a new host kernel takes over (with its ``host``);
+``{"type": "get_state"}``, when a new host kernel takes over (with its ``host``) and when the
+host kernel serves another manager (``gg.serve(m2)``: its versions start again);
 ``state_update`` and ``load_progress`` events from the manager; ``{"type": "error", "error":
 {"code", "message"}}`` (``host_unavailable`` when the host is lost, ``invalid_request`` for a
 message it does not understand). Events that race a state fetch are held back and the ones it
@@ -36,11 +37,11 @@ from tornado.iostream import StreamClosedError
 from ..errors import GpuGroupsError
 from ..events import Event, coalesce
 from ..protocol import API_PREFIX, LEGACY_PREFIX, parse_json
-from .handlers import AUTH_RESOURCE, JsonErrors
+from .handlers import AUTH_RESOURCE, JsonErrors, Legacy
 from .host import GpuGroupsHost
 
 
-class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
+class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     """One client's event stream (origin-checked by ``WebSocketMixin``). A refused upgrade (no
     token: 403; a foreign page's cookie: 403; not a WebSocket request: 400) answers the JSON error
     of the REST routes, not tornado's text or Jupyter's HTML page."""
@@ -48,7 +49,9 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
     auth_resource = AUTH_RESOURCE
 
     def set_default_headers(self) -> None:
-        """No page headers (CSP etc.) on a WebSocket upgrade, as jupyter_server's kernel socket."""
+        """No page headers (CSP etc.) on a WebSocket upgrade, as jupyter_server's kernel socket;
+        only ``/api/v1``'s deprecation headers."""
+        self._deprecation_headers()
 
     @property
     def host(self) -> GpuGroupsHost:
@@ -97,24 +100,26 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
         version = None
         try:
             state = await self.host.request("state")
-            version = state["version"]
-            self._write({"type": "system_state", "version": version, "state": state})
+            if not _whole(self._held):  # else a newer whole state (a new host or manager) is held
+                version = state["version"]
+                self._write({"type": "system_state", "version": version, "state": state})
         except GpuGroupsError as exc:
             self._write({"type": "error", "error": exc.to_json()})
         finally:
             self._fetching -= 1
         if self._fetching == 0:
             held, self._held = self._held, []
+            whole = _whole(held)  # then every held event is the new host's or manager's: all go
             for event in held:
                 if (
-                    version is None
+                    whole or version is None
                     or event.get("type") not in ("state_update", "load_progress")
                     or event["version"] > version
                 ):
                     self._write(event)
 
     def _on_event(self, event: Event) -> None:
-        if self._fetching and event.get("type") != "system_state":
+        if self._fetching:  # held, coalesced: a system_state supersedes the states before it
             self._held = _coalesced(self._held, event)
         else:
             self._write(event)
@@ -181,6 +186,11 @@ class EventsSocket(JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jupyt
 MAX_OUTBOX = 256
 
 
+def _whole(events: list[Event]) -> bool:
+    """Whether ``events`` hold a ``system_state``: a whole state from which versions start again."""
+    return any(e.get("type") == "system_state" for e in events)
+
+
 def _coalesced(queue: list[Event], message: Event) -> list[Event]:
     """``queue`` plus ``message``, less what ``message`` supersedes (latest state wins)."""
     return coalesce([*queue, message])
@@ -213,4 +223,7 @@ def _frame(message: Event) -> bytes:
 
 
 #: The event socket, and its deprecated v1 alias (before the JSON 404 catch-all).
-default_handlers = [(API_PREFIX + "/ws", EventsSocket), (LEGACY_PREFIX + "/ws", EventsSocket)]
+default_handlers = [
+    (API_PREFIX + "/ws", EventsSocket, {"deprecated": False}),
+    (LEGACY_PREFIX + "/ws", EventsSocket, {"deprecated": True}),
+]

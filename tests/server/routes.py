@@ -38,7 +38,7 @@ def methods_of(handler: type, kwargs: dict[str, Any]) -> list[str]:
 
 def concrete(path: str) -> str:
     """A request path for a route template (path parameters filled in)."""
-    return re.sub(r"\{\w+\}", "0", path).replace("(.*)", "no/such/route")
+    return re.sub(r"\{\w+\}", "0", path).replace("(/.*)?", "/no/such/route")
 
 
 async def fetch(jp_fetch: Any, path: str, method: str = "GET", body: Any = None, **kwargs: Any) -> Any:

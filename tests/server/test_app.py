@@ -50,3 +50,27 @@ def test_the_old_names_are_reported_as_deprecated(jp_configurable_serverapp: Any
     warned = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
     assert len(warned) == 1, warned
     assert warned[0].endswith("instead of the deprecated GpuGroupsApp.kernel_name, GpuGroupsApp.request_timeout")
+
+
+def test_a_refused_setting_leaves_a_server_that_starts_and_stops(tmp_path: Any, tiny_catalog_toml: Any) -> None:
+    """A bad ``GpuGroupsHost`` value is a configuration error in the log; the server still serves
+    its own API and stops on SIGTERM (the extension's start and stop do not fail on the host it
+    could not build)."""
+    import signal
+    import subprocess
+
+    from .conftest import LiveServer
+
+    server = LiveServer(tmp_path, tiny_catalog_toml, ["--GpuGroupsHost.host_kernel=bogus"])
+    try:
+        assert server.get("/api/status").ok
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not stop on SIGTERM")
+        log = server.log_path.read_text()
+        assert "host_kernel" in log and "bogus" in log
+        assert "AttributeError" not in log
+    finally:
+        server.stop()

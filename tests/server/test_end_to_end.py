@@ -225,6 +225,18 @@ def test_a_notebook_becomes_the_host_with_gg_serve(
         assert client.state()["num_devices"] == 2
         client.load("tiny-b", device_id=1)
         assert kernel.run("out = m.state()")["devices"][1]["resident_groups"] == ["tiny"]
+        # the host serves another manager, whose versions start again: clients start from its whole state
+        asked = time.monotonic()
+        kernel.run(f"m2 = gg.Manager(devices='cpu', catalog={str(tiny_catalog_toml)!r})\ngg.serve(m2)")
+        _, whole = events.wait_for(
+            lambda m: m["type"] == "system_state" and m["state"]["num_devices"] == 1, timeout=10, after=asked
+        )
+        assert "host" not in whole and client.state()["num_devices"] == 1  # not the old manager's, mirrored
+        client.load("tiny-gpt2")
+        _, update = events.wait_for(
+            lambda m: m["type"] == "state_update" and resident(m["state"], "gpt"), timeout=60, after=asked
+        )
+        assert update["version"] > whole["version"] and update["state"]["num_devices"] == 1
         if before["started_by"] == "server":  # exactly one host: the one the extension started is gone
             deadline = time.monotonic() + 10
             while before["kernel_id"] in live.kernel_ids():

@@ -104,6 +104,7 @@ async def test_a_cookie_request_from_a_foreign_page_is_a_json_404_as_in_jupyter(
         ("/devices/%C2%B2/clear", {}, "'device_id' must be an integer"),
         ("/devices/%D9%A1/clear", {}, "'device_id' must be an integer"),
         ("/models/load", {"model_id": "x" * 3_000_000}, "GpuGroupsHost.max_body_bytes"),
+        ("/system/host", {"kernel_id": "\ud800"}, "kernel_id"),
     ],
 )
 async def test_bad_requests_are_400_json(
@@ -118,10 +119,18 @@ async def test_bad_requests_are_400_json(
 
 
 async def test_unknown_routes_and_methods_are_json(jp_fetch: Any) -> None:
-    r = await fetch(jp_fetch, API_PREFIX + "/no/such/thing")
-    assert r.code == 404 and error_of(r)["code"] == "not_found"
+    for path, method in (("/no/such/thing", "GET"), ("", "GET"), ("/no/such/thing", "PUT"), ("/nosuch", "DELETE")):
+        r = await fetch(jp_fetch, API_PREFIX + path, method, body="{}" if method == "PUT" else None)
+        assert r.code == 404 and error_of(r)["code"] == "not_found", (path, method)
+    r = await fetch(jp_fetch, LEGACY_PREFIX)  # the old prefix itself: a JSON 404 that points to v2
+    assert r.code == 404 and error_of(r)["code"] == "not_found" and r.headers["Deprecation"].startswith("@")
     r = await fetch(jp_fetch, API_PREFIX + "/system/state", "POST")
     assert r.code == 405 and error_of(r)["code"] == "method_not_allowed"
+
+
+async def test_a_null_body_is_no_arguments_and_the_path_still_counts(jp_fetch: Any) -> None:
+    r = await fetch(jp_fetch, API_PREFIX + "/devices/0/clear", "POST", body="null")
+    assert r.code == 503 and error_of(r)["code"] == "host_unavailable"  # valid: only the host is missing
 
 
 async def test_without_host_kernel_answers_503_and_null_host(jp_fetch: Any, spec: dict[str, Any]) -> None:

@@ -142,3 +142,33 @@ async def test_the_host_is_watched_while_another_kernel_is_being_attached(
     finally:
         await km.interrupt_kernel(second)
         cell.stop_channels()
+
+
+KERNEL_ACTIONS = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
+
+
+@pytest.mark.parametrize(
+    "jp_server_config", [{"host_start_timeout": 30.0, "kernel_name": "gpugroups-slow-start"}], indirect=True
+)
+async def test_a_client_that_gives_up_does_not_stop_the_host_start(
+    jp_serverapp: Any, slow_start_kernel: str, jp_fetch: Any
+) -> None:
+    """The first request starts the auto host, whose kernel stalls 3 s in its start; its client
+    gives up after 1 s. That cancels the client's wait, not the start: the next request is served
+    by that same kernel, the only one started."""
+    from tornado.httpclient import HTTPClientError
+
+    started: list[str] = []
+
+    async def on_kernel_action(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        if data.get("action") == "start" and data.get("status") == "success":
+            started.append(data["kernel_id"])
+
+    jp_serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS, listener=on_kernel_action)
+    with pytest.raises(HTTPClientError) as gave_up:
+        await jp_fetch(API_PREFIX, "system", "state", request_timeout=1.0)
+    assert gave_up.value.code == 599  # the client's own timeout
+    r = await jp_fetch(API_PREFIX, "system", "state", raise_error=False, request_timeout=60)
+    assert r.code == 200, r.body
+    host = json.loads((await jp_fetch(API_PREFIX, "system", "host")).body)
+    assert started == [host["kernel_id"]]

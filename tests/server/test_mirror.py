@@ -23,6 +23,18 @@ def test_no_answer_until_the_kernel_was_read_then_events_keep_it_current():
     assert m.answer("process") is None
 
 
+def test_a_whole_state_of_another_manager_clears_the_mirror():
+    m = StateMirror()
+    m.read(state(9), m.ticket())
+    ticket = m.ticket()  # a read on its way when the host starts serving another manager
+    m.heard({"type": "system_state", "version": 0, "state": state(0)})
+    assert m.answer("state") is None  # not the old manager's v9: the kernel answers
+    m.read(state(9), ticket)  # the old read comes back: too old to keep
+    assert m.answer("state") is None
+    m.read(state(1), m.ticket())
+    assert m.answer("state")["version"] == 1
+
+
 def test_a_write_sends_reads_to_the_kernel_until_one_is_read_after_it():
     m = StateMirror()
     m.read(state(1), m.ticket())

@@ -10,7 +10,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from gpugroups.protocol import API_PREFIX
+from gpugroups.protocol import API_PREFIX, LEGACY_PREFIX
 
 from .routes import browser_login
 
@@ -40,6 +40,21 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
     assert error["code"] == "forbidden" and "evil.example" in error["message"]
     ws = await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": own}))
     ws.close()
+
+
+async def test_the_v1_socket_says_it_is_deprecated(jp_fetch: Any, jp_ws_fetch: Any) -> None:
+    ws = await jp_ws_fetch(LEGACY_PREFIX, "ws")
+    try:
+        assert ws.headers["Deprecation"].startswith("@") and 'rel="successor-version"' in ws.headers["Link"]
+    finally:
+        ws.close()
+    v2 = await jp_ws_fetch(API_PREFIX, "ws")
+    assert "Deprecation" not in v2.headers
+    v2.close()
+    with pytest.raises(HTTPClientError) as exc:  # its refusals too
+        await jp_fetch(LEGACY_PREFIX.lstrip("/"), "ws")
+    assert exc.value.code == 400 and exc.value.response is not None
+    assert exc.value.response.headers["Deprecation"].startswith("@")
 
 
 async def test_a_plain_get_of_the_websocket_route_is_a_json_400(jp_fetch: Any) -> None:
