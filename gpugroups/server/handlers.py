@@ -212,10 +212,11 @@ class NotFoundHandler(GpuGroupsHandler):
 
 
 def _path_value(op: Op, name: str, text: str) -> Any:
-    """A path part in its param's type: an integer only from ASCII digits (``str.isdigit`` also
-    takes ``²`` and ``١``); anything else stays text, which the param's check then refuses."""
+    """A path part in its param's type: an integer only from ASCII digits, signed or not
+    (``str.isdigit`` also takes ``²`` and ``١``), so the param's check names its range; anything
+    else stays text, which the param's check then refuses."""
     param = next(p for p in op.params if p.name == name)
-    if param.type == "integer" and re.fullmatch(r"[0-9]{1,18}", text):
+    if param.type == "integer" and re.fullmatch(r"-?[0-9]{1,64}", text):
         return int(text)
     return text
 

@@ -103,6 +103,8 @@ async def test_a_cookie_request_from_a_foreign_page_is_a_json_404_as_in_jupyter(
         ("/groups/unpin", {"group_id": "a\udc80b"}, "unpaired surrogate"),
         ("/devices/%C2%B2/clear", {}, "'device_id' must be an integer"),
         ("/devices/%D9%A1/clear", {}, "'device_id' must be an integer"),
+        ("/devices/-1/clear", {}, "'device_id' must be >= 0"),
+        ("/devices/12345678901234567890/clear", {}, "'device_id' must be <= 4095"),
         ("/models/load", {"model_id": "x" * 3_000_000}, "GpuGroupsHost.max_body_bytes"),
         ("/system/host", {"kernel_id": "\ud800"}, "kernel_id"),
     ],
