@@ -142,9 +142,10 @@ class KernelConnection:
                         f"kernel {self.kernel_id} did not become the host within {timeout:g} s "
                         f"(stuck {self.step})"
                     )
-        except BaseException:
+        except BaseException as exc:
             steps.cancel()
-            await self.close("attach failed")
+            # a kernel that answered but cannot serve lives on as the user's: take our subshell back
+            await self.close("attach failed", tidy=isinstance(exc, GpuGroupsError) and exc.code == "conflict")
             raise
 
     async def _attach(self) -> None:
@@ -300,7 +301,7 @@ class KernelConnection:
             self.line.close()
         if self._client is None:
             return
-        if tidy and self.pid is not None:
+        if tidy:
             with contextlib.suppress(Exception):  # a courtesy: the kernel may go away meanwhile
                 await asyncio.wait_for(self._tidy(), _TIDY_TIMEOUT)
         for task in self._tasks:
@@ -310,10 +311,11 @@ class KernelConnection:
     async def _tidy(self) -> None:
         """Close the comm (its endpoint unsubscribes from the manager), then drop the subshell: after
         the comm_close was handled there, or it would meet a subshell that is gone."""
-        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        msg = self._send_shell("comm_close", {"comm_id": self.comm_id, "data": {}})
-        self._iopub_waiters[msg["header"]["msg_id"]] = closed
-        await closed
+        if self.pid is not None:  # the hello came: the comm is open
+            closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            msg = self._send_shell("comm_close", {"comm_id": self.comm_id, "data": {}})
+            self._iopub_waiters[msg["header"]["msg_id"]] = closed
+            await closed
         if self.subshell_id is not None:
             await self._control("delete_subshell_request", {"subshell_id": self.subshell_id})
 

@@ -266,6 +266,27 @@ def test_a_kernel_that_stops_being_the_host_is_left_tidy(live: LiveServer) -> No
         old.close()
 
 
+def test_a_kernel_that_cannot_serve_is_refused_and_left_tidy(live: LiveServer, tmp_path: Any) -> None:
+    """``POST /system/host`` for a notebook whose manager cannot start (a broken catalog): 409, the
+    host is unchanged, and the notebook keeps no subshell of ours."""
+    client = live.client()
+    before = client.host()
+    kernel_id = live.start_kernel()
+    kernel = live.kernel(kernel_id)
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[groups.x]\nkind = "no-such-kind"\n')
+    try:
+        kernel.run(f"import os; os.environ['GPUGROUPS_CATALOG'] = {str(broken)!r}")
+        with pytest.raises(GpuGroupsError) as refused:
+            client.set_host(kernel_id)
+        assert refused.value.code == "conflict" and "broken.toml" in refused.value.message
+        assert client.host() == before
+        kernel.kc.control_channel.send(kernel.kc.session.msg("list_subshell_request", {}))
+        assert kernel.kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"] == []
+    finally:
+        kernel.close()
+
+
 def test_host_killed_mid_load_answers_503_then_a_new_host_serves(live: LiveServer, events: Events) -> None:
     client = live.client()
     kernel_id = live.start_kernel()
