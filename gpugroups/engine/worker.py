@@ -371,23 +371,31 @@ class ThreadWorker:
             self._serve(batch)
 
     def _serve(self, batch: list[Task]) -> None:
-        """Run what has the device (a call, or requests of one group), then free it."""
+        """Run what has the device (a call, or requests of one group), free it, then answer: whoever
+        hears an answer (the manager's state and its event among them) finds the device idle, and a
+        request sent on an answer finds it free to lend."""
+        answers: list[Answer] = []
         try:
             if batch[0].fn is not None:
                 self._status = batch[0].status
-                _settle(batch[0].future, batch[0].fn)
+                answers = [_answer(batch[0].future, batch[0].fn)]
             else:
                 self._status = "busy"
-                self._predict(batch)
+                answers = self._predict(batch)
         finally:
             self._free()
+            for future, result, error in answers:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
 
     def _free(self) -> None:
         """What had the device (a batch, a call, a hold) has ended: the next task may have it."""
         self._status = "idle"
         self._turns.done()
 
-    def _predict(self, batch: list[Task]) -> None:
+    def _predict(self, batch: list[Task]) -> list[Answer]:
         import_transformers()  # before inference imports from it
         from .inference import predict
 
@@ -401,17 +409,21 @@ class ThreadWorker:
                     f.result()  # a sharded group's other devices are paused for this pass
             outcomes = predict(rt, [t.request for t in batch if t.request is not None], stopped)
         except BaseException as exc:  # one bad batch fails its callers, not the worker
-            for t in batch:
-                t.future.set_exception(exc)
-            return
+            return [(t.future, None, exc) for t in batch]
+        answers: list[Answer] = []
         for t, outcome in zip(batch, outcomes):
             assert t.request is not None
-            if stopped(t.request):
-                t.future.set_exception(cancelled(t.request.request_id))
+            if stopped(t.request):  # asked before the device is freed, which forgets who was stopped
+                answers.append((t.future, None, cancelled(t.request.request_id)))
             elif isinstance(outcome, BaseException):
-                t.future.set_exception(outcome)
+                answers.append((t.future, None, outcome))
             else:
-                t.future.set_result(outcome)
+                answers.append((t.future, outcome, None))
+        return answers
+
+
+#: A future and what it is to be answered: a result, or an error (not None).
+Answer = tuple[Future[Any], Any, BaseException | None]
 
 
 def _quietly(fut: Future[Any]) -> None:
@@ -422,8 +434,9 @@ def _quietly(fut: Future[Any]) -> None:
         pass
 
 
-def _settle(fut: Future[Any], fn: Callable[[], Any]) -> None:
+def _answer(fut: Future[Any], fn: Callable[[], Any]) -> Answer:
+    """``fn``'s outcome for ``fut``, to be set once the device is free."""
     try:
-        fut.set_result(fn())
+        return fut, fn(), None
     except BaseException as exc:
-        fut.set_exception(exc)
+        return fut, None, exc

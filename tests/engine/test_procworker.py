@@ -363,9 +363,7 @@ def test_a_pass_runs_in_the_thread_that_read_it_only_where_passes_may_run_anywhe
         catalog.load_toml(tiny_catalog_toml)
         group = catalog.group("gpt")
         near.send((1, "load", (group, folders(catalog, group), "float32")))
-        assert _answer(near, 1)[0] == "ok"
-        # a call is answered just before the device is freed: wait until it is idle
-        assert wait_for(lambda: host._worker.queue_depth == 0)
+        assert _answer(near, 1)[0] == "ok"  # answered once its device is free: the next request may have it
         near.send((2, "process", ("gpt", Request("tiny-gpt2", "def add(a, b):", 3))))
         kind, result = _answer(near, 2)
         assert kind == "ok" and len(result["predictions"]) == 3

@@ -80,6 +80,19 @@ def test_event_state_equals_state_read_of_the_same_version(m):
     assert last["state"]["devices"][0]["current_group"] == {"id": "tiny", "name": groups["tiny"]["name"], "model": "tiny-b"}
 
 
+def test_the_event_an_answer_makes_shows_its_device_idle(m):
+    """A worker frees its device before it answers, so the state a finished load or unload makes
+    (and its event: the last until the next change) shows the device idle, not still busy."""
+    events: list[dict] = []
+    m.subscribe(events.append)
+    for step in (lambda: m.load_group("gpt"), lambda: m.unload_group("gpt"), lambda: m.load("tiny-a")):
+        step()
+        assert wait_for(lambda: events and events[-1]["version"] == m.version)
+        last = [e for e in events if e["type"] == "state_update"][-1]
+        device = last["state"]["devices"][0]
+        assert (device["status"], device["queue_depth"]) == ("idle", 0), step
+
+
 def _steady(state: dict) -> dict:
     """``state`` less what is read from the machine at each build: the cpu device's free and
     other bytes move between two builds of one version; everything else, this manager's bytes
