@@ -126,8 +126,9 @@ def open_notebook7(page: Any, lab: dict[str, Any], name: str) -> None:
 
 
 def wait_notebook(page: Any) -> None:
-    """Until a notebook shows its cells and its kernel is idle."""
-    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+    """Until a notebook shows its cells and its kernel is idle (the shown notebook: the workspace
+    may have restored others, in hidden tabs)."""
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
     # The execution indicator reads "idle" before any kernel exists; the status bar does not.
     page.wait_for_function(
         """() => [...document.querySelectorAll('#jp-main-statusbar span.jp-StatusBar-TextItem')]

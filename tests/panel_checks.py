@@ -79,6 +79,26 @@ _WIDTH_JS = """(panel) => {
   return { outside, cut, scrolls: panel.scrollWidth > panel.clientWidth + 1 };
 }"""
 
+# In each resident group's row of a device card: parts that overlap each other, and parts that
+# stick out of their card (a load's badge and bar included).
+_ROW_JS = """(panel) => {
+  const label = (el) => `${el.tagName.toLowerCase()}.${[...el.classList].join('.')} "${el.textContent.trim().slice(0, 30)}"`;
+  const overlaps = [], outside = [];
+  for (const row of panel.querySelectorAll('.gg-resident-group')) {
+    const card = row.closest('.gg-device').getBoundingClientRect();
+    const parts = [...row.children].filter((el) => el.getClientRects().length).map((el) => [el, el.getBoundingClientRect()]);
+    for (const [el, r] of parts) {
+      if (r.left < card.left - 0.5 || r.right > card.right + 0.5 || r.bottom > card.bottom + 0.5) outside.push(label(el));
+    }
+    parts.forEach(([a, ra], i) => parts.slice(i + 1).forEach(([b, rb]) => {
+      const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+      const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+      if (w > 0.5 && h > 0.5) overlaps.push(`${label(a)} / ${label(b)}`);
+    }));
+  }
+  return { overlaps, outside };
+}"""
+
 #: Text that must show whole at any width the panel supports (group names, models, member ids).
 NAMES = ".gg-resident-name, .gg-resident-member, .gg-device-name, .gg-group-name, .gg-model-name, .gg-legend, .gg-legend-total"
 
@@ -96,11 +116,17 @@ def layout_problems(panel: Any) -> dict[str, Any]:
     return found
 
 
+def row_problems(panel: Any) -> dict[str, list[str]]:
+    """``{overlaps, outside}`` of the device cards' group rows as laid out now (empty lists: none)."""
+    found: dict[str, list[str]] = panel.evaluate(_ROW_JS)
+    return found
+
+
 def at_width(page: Any, panel: Any, width: int, screenshot: Path) -> dict[str, Any]:
     """Lay the panel out ``width`` px wide (as in a side panel), screenshot it, measure, restore."""
     panel.evaluate("(el, w) => { el.style.width = w + 'px'; el.scrollIntoView(); }", width)
     page.wait_for_timeout(100)  # one layout pass
     panel.screenshot(path=str(screenshot))
-    found = layout_problems(panel)
+    found = {**layout_problems(panel), **{f"row_{k}": v for k, v in row_problems(panel).items()}}
     panel.evaluate("el => { el.style.width = ''; }")
     return found

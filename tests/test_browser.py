@@ -158,7 +158,9 @@ def _check_readable(page: Any, panel: Any, theme: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     for width in (360, 600):
         found = panel_checks.at_width(page, panel, width, ARTIFACTS / f"panel-{width}px-{theme}.png")
-        assert found == {"outside": [], "cut": [], "scrolls": False}, f"{width} px, {theme}: {found}"
+        assert found == {"outside": [], "cut": [], "scrolls": False, "row_overlaps": [], "row_outside": []}, (
+            f"{width} px, {theme}: {found}"
+        )
 
 
 def _measure_live_updates(page: Any) -> None:

@@ -8,7 +8,9 @@ in Notebook 7 (no side panel for it) the cell shows the whole panel and says why
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,48 @@ def test_a_closed_managers_panel_in_jupyterlab(lab: dict[str, Any], browser: Any
         assert panel.locator(".gg-resident-group").count() == 0
         ARTIFACTS.mkdir(exist_ok=True)
         shot(page, panel, "closed-panel.png")
+
+
+def test_a_loading_row_fits_its_card_and_a_restarted_kernel_turns_the_panel_off(lab: dict[str, Any], browser: Any) -> None:
+    """While a group loads, its row (name, member, badge, bar) stays inside its card with nothing
+    overlapping, in a cell and at a side panel's width; once the kernel restarts, the panel says
+    its manager is gone and every control is off, and nothing throws in the page."""
+    write_notebook(lab, "restart.ipynb", SETUP + "gg.panel(m)")
+    with page_for(browser, "restart") as page:
+        thrown: list[str] = []
+        page.on("pageerror", lambda error: thrown.append(str(error)))
+        open_notebook(page, lab, "restart.ipynb")
+        wait_kernel_idle(lab, "restart.ipynb")
+        run_all(page)
+        panel = page.locator(f"{VISIBLE_NOTEBOOK} .jp-OutputArea-output .gg-panel").first
+        panel.locator("tr.gg-model-row[data-model='pycode-tests'] button").wait_for()
+        # device 0 held by a `use` block: a load the panel asks for there shows its row at 0 % until released
+        run_cell(page, "held = m.use('pycode-docs')\nheld.__enter__()\nprint('@@1')")
+        panel.locator(".gg-catalog-section select").select_option("0")
+        panel.locator("tr.gg-group-row[data-group='tinygpt2'] button[data-action='load_group']").click()
+        row = panel.locator(".gg-device").first.locator(".gg-resident-group[data-group='tinygpt2']")
+        row.locator(".gg-progress").wait_for()
+        assert row.locator(".gg-badge").inner_text() == "loading 0%"
+        # the panel's own request and the operation it started are one operation
+        assert panel.locator(".gg-activity").inner_text() == "1 operation running…"
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot(page, panel, "loading-row.png")
+        assert panel_checks.row_problems(panel) == {"overlaps": [], "outside": []}
+        found = panel_checks.at_width(page, panel, 250, ARTIFACTS / "loading-row-250px.png")
+        assert (found["row_overlaps"], found["row_outside"], found["outside"]) == ([], [], []), found
+        run_cell(page, "held.__exit__(None, None, None)\nprint('@@2')")
+        row.locator(".gg-progress").wait_for(state="hidden")
+
+        sessions = json.loads(urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=10).read())
+        kernel_id = next(s["kernel"]["id"] for s in sessions if s["path"].endswith("restart.ipynb"))
+        restart = urllib.request.Request(
+            f"{lab['url']}/api/kernels/{kernel_id}/restart", method="POST", headers={"Authorization": f"token {lab['token']}"}
+        )
+        urllib.request.urlopen(restart, timeout=60).read()
+        note = panel.locator(".gg-closed-note")
+        note.wait_for(state="visible")
+        assert "restarted or stopped" in note.inner_text()
+        disabled = panel.locator("button, input, select, textarea").evaluate_all("els => els.map(e => e.disabled)")
+        assert len(disabled) > 10 and all(disabled), disabled
+        shot(page, panel, "kernel-gone-panel.png")
+        assert thrown == []

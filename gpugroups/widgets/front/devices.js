@@ -136,10 +136,12 @@ class DevicesSection {
       setHidden(li._share, share < 0);
       li.dataset.shareBytes = share >= 0 ? String(shards[share].bytes) : "";
       let status = "idle";
-      if (op) status = `${op.op || "load"}ing ${Math.round(100 * (op.progress || 0))}%${op.stage ? ` · ${op.stage}` : ""}`;
+      // the badge says how far; the stage ("loading adapter x") is its tooltip, so the row stays one line
+      if (op) status = `${op.op || "load"}ing ${Math.round(100 * (op.progress || 0))}%`;
       else if (g.status === "in_use") status = "in use";
       else if (gid === current && d.status === "busy") status = "busy";
       setText(li._state, status);
+      li._state.title = (op && op.stage) || "";
       li._state.dataset.status = op ? "loading" : g.status === "in_use" ? "in_use" : status;
       setHidden(li._bar, !op);
       li._bar.firstChild.style.width = `${Math.round(100 * ((op && op.progress) || 0))}%`;

@@ -94,10 +94,12 @@ class PromptSection {
     const model_id = this.modelSelect.value;
     if (!model_id) return;
     const args = { model_id, prompt: this.promptInput.value };
-    const n = parseInt(this.numPredictions.value, 10);
-    if (Number.isFinite(n)) args.num_predictions = n;
-    const k = parseInt(this.maxNewTokens.value, 10);
-    if (Number.isFinite(k) && k > 0) args.max_new_tokens = k;
+    // a count as typed (the ops table's rules judge it, as for any client); empty: its default
+    const count = (input) => (input.value.trim() === "" ? undefined : Number(input.value));
+    const n = count(this.numPredictions);
+    const k = count(this.maxNewTokens);
+    if (n !== undefined) args.num_predictions = n;
+    if (k !== undefined) args.max_new_tokens = k;
     this.view.send("process", args, "prompt");
   }
 

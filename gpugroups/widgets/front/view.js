@@ -9,6 +9,9 @@
 // This part holds the view: its header, the actions in flight and their replies, what is
 // derived from the traits, and the closed view; each section is a part of its own.
 
+const CLOSED = "This manager is closed (m.close()): nothing is loaded and its controls are off. Make a new manager and panel to go on.";
+const KERNEL_GONE = "This panel's kernel restarted or stopped, and its manager with it: what it shows is the last state it had, and its controls are off. Run gg.panel(...) again in the kernel to go on.";
+
 class PanelView {
   constructor(model, el) {
     this.model = model;
@@ -27,6 +30,7 @@ class PanelView {
     model.on("change:state", this.onState);
     model.on("change:progress", this.onState);
     model.on("msg:custom", this.onMsg);
+    this.followKernel();
     this.render();
   }
 
@@ -34,14 +38,36 @@ class PanelView {
     this.model.off("change:state", this.onState);
     this.model.off("change:progress", this.onState);
     this.model.off("msg:custom", this.onMsg);
+    if (this.kernel) this.kernel.statusChanged.disconnect(this.onKernelStatus);
+  }
+
+  // The manager lives in the kernel: once that restarts or stops, this panel shows a manager that
+  // is gone. JupyterLab's widget manager exposes the kernel connection; where it does not (other
+  // front ends), a send that fails says the same.
+  followKernel() {
+    const kernel = this.model.widget_manager && this.model.widget_manager.kernel;
+    if (!kernel || !kernel.statusChanged) return;
+    this.kernel = kernel;
+    // a kernel that reports "starting" after this panel was made has started again (a restart
+    // through the REST API skips "restarting")
+    this.onKernelStatus = (_, status) => {
+      if (["starting", "restarting", "autorestarting", "terminating", "dead"].includes(status)) this.loseKernel();
+    };
+    kernel.statusChanged.connect(this.onKernelStatus);
+  }
+
+  loseKernel() {
+    if (this.kernelGone) return;
+    this.kernelGone = true;
+    this.pending.clear();
+    this.render();
   }
 
   buildHeader() {
     this.summary = h("span", { class: "gg-summary" });
     this.activity = h("span", { class: "gg-activity" });
     this.root.append(h("div", { class: "gg-header" }, h("span", { class: "gg-title", text: "gpugroups" }), this.summary, this.activity));
-    this.closedNote = h("div", { class: "gg-closed-note", role: "status", hidden: "" },
-      "This manager is closed (m.close()): nothing is loaded and its controls are off. Make a new manager and panel to go on.");
+    this.closedNote = h("div", { class: "gg-closed-note", role: "status", hidden: "" }, CLOSED);
     this.root.append(this.closedNote);
   }
 
@@ -49,8 +75,13 @@ class PanelView {
   // `source` names the section whose error line shows the reply's error.
   send(action, args, source) {
     const request_id = `r${Date.now().toString(36)}-${this.nextRequest++}`;
+    try {
+      this.model.send({ action, request_id, ...args });
+    } catch (err) { // the comm is closed: its kernel restarted or stopped
+      this.loseKernel();
+      return null;
+    }
     this.pending.set(request_id, { action, args, source });
-    this.model.send({ action, request_id, ...args });
     this.render();
     return request_id;
   }
@@ -110,7 +141,11 @@ class PanelView {
     const ops = this.operations();
     const groupsById = new Map(groups.map((g) => [g.id, g]));
     setText(this.summary, `${devices.length} device${devices.length === 1 ? "" : "s"} · ${groups.length} group${groups.length === 1 ? "" : "s"} · v${state.version ?? 0}`);
-    const running = ops.length + this.pending.size;
+    // the panel's own requests, less those already shown as their group's operation
+    const opGroups = new Set(ops.map((op) => op.group_id));
+    let asked = 0;
+    for (const { args } of this.pending.values()) if (!args.group_id || !opGroups.has(args.group_id)) asked += 1;
+    const running = ops.length + asked;
     setText(this.activity, running ? `${running} operation${running === 1 ? "" : "s"} running…` : "");
     this.root.classList.toggle("gg-is-busy", running > 0);
     this.devices.render(devices, groupsById, ops);
@@ -119,9 +154,11 @@ class PanelView {
     this.renderClosed(Boolean(state.closed));
   }
 
-  // A closed manager refuses every op: say so, and turn every control off (after the other
-  // renders, which set `disabled` from the state alone).
+  // A closed manager, or one whose kernel is gone, refuses every op: say so, and turn every
+  // control off (after the other renders, which set `disabled` from the state alone).
   renderClosed(closed) {
+    setText(this.closedNote, this.kernelGone ? KERNEL_GONE : CLOSED);
+    closed = closed || Boolean(this.kernelGone);
     this.closedNote.hidden = !closed;
     this.root.classList.toggle("gg-closed", closed);
     if (!closed) return;
