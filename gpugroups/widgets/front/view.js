@@ -95,6 +95,7 @@ class PanelView {
     const line = errors[source] || this.catalog.error;
     if (!msg.ok) {
       line.show(msg.error || { code: "internal_error", message: "no error details" });
+      if (msg.reply_to === "process") this.prompt.showPredictions(null); // no older answer under the error
     } else {
       line.clear();
       if (msg.reply_to === "process") this.prompt.showPredictions(msg.result);
