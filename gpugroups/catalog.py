@@ -362,7 +362,9 @@ class Catalog:
         try:
             return self._lookup(model_id)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}: the system cannot look it up ({exc})") from None
+            raise GpuGroupsError(
+                "unknown_model", f"unknown model {model_id!r}: the system cannot look it up ({exc})"
+            ) from None
 
     def _lookup(self, model_id: str) -> str:
         p = Path(model_id).expanduser()

@@ -77,6 +77,7 @@ def check_work(prompt_tokens: int | None, num_predictions: int, max_new_tokens: 
             {"work": work, "max_request_work": max_work, "prompt_tokens": tokens},
         )
 
+
 ParamType = Literal["string", "integer", "boolean", "integer_list"]
 _A = {"string": "a string", "integer": "an integer", "boolean": "a boolean", "integer_list": "a list of integers"}
 
