@@ -195,7 +195,11 @@ def test_a_loading_row_fits_its_card_and_a_restarted_kernel_turns_the_panel_off(
         )
         urllib.request.urlopen(restart, timeout=60).read()
         note = panel.locator(".gg-closed-note")
-        note.wait_for(state="visible")
+        try:  # JupyterLab reports the kernel's new status to the panel ...
+            note.wait_for(state="visible", timeout=15_000)
+        except Exception:  # ... unless that status went by unseen: then the first click says it
+            panel.locator("button.gg-run").click()
+            note.wait_for(state="visible")
         assert "restarted or stopped" in note.inner_text()
         disabled = panel.locator("button, input, select, textarea").evaluate_all("els => els.map(e => e.disabled)")
         assert len(disabled) > 10 and all(disabled), disabled
