@@ -74,3 +74,8 @@ class GpuGroupsError(Exception):
 
     def __repr__(self) -> str:
         return f"GpuGroupsError({self.code!r}, {self.message!r})"
+
+
+def manager_closed() -> GpuGroupsError:
+    """What every call that would change a closed manager (or wait on its workers) raises."""
+    return GpuGroupsError("invalid_request", "the manager is closed")

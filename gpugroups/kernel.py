@@ -140,7 +140,7 @@ class _Endpoint:
         self._line = KernelLine(host.kernel.session, self.handle, *host.interface) if direct else None
 
     def start(self) -> None:
-        self._unsubscribe = self.host.manager.subscribe(self._out.offer)
+        self._unsubscribe = self._events_of(self.host.manager)
         header = self.open_msg["header"]
         line = self._line.address if self._line else None
         self._out.offer(hello_message(os.getpid(), header.get("subshell_id"), line))
@@ -149,9 +149,17 @@ class _Endpoint:
         """Push ``manager``'s events instead of the previous one's, starting with its whole state
         as a ``system_state``: its versions start again, and clients must start from it."""
         self._unsubscribe()
-        self._unsubscribe = manager.subscribe(self._out.offer)
+        self._unsubscribe = self._events_of(manager)
         state = manager.state()
         self._out.offer({"type": "system_state", "version": state["version"], "state": state})
+
+    def _events_of(self, manager: Any) -> Callable[[], None]:
+        """Subscribe to ``manager``'s events; a closed one has none left, and is still served
+        (its state says ``closed``, its ops answer that the manager is closed)."""
+        try:
+            return manager.subscribe(self._out.offer)  # type: ignore[no-any-return]
+        except GpuGroupsError:
+            return lambda: None
 
     def stop(self) -> None:
         if self._unsubscribe:

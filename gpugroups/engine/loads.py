@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..catalog import Catalog, GroupSpec
-from ..errors import GpuGroupsError
+from ..errors import GpuGroupsError, manager_closed
 from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
 from ..protocol import MAX_DEVICE_ID
 from .bus import EventBus
@@ -57,6 +57,11 @@ class Loads:
         self._lock, self._bus, self._changed = lock, bus, changed
         self._use_ended = threading.Condition(lock)  # notified when a hold ends (``Holds.unhold``)
         self._op_ids = itertools.count(1)
+
+    def check_open(self) -> None:
+        """Raise ``invalid_request`` ("the manager is closed") once ``close`` began."""
+        if self.closed:
+            raise manager_closed()
 
     # ---- the load path -----------------------------------------------------------------------
     def _place(

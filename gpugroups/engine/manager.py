@@ -95,9 +95,7 @@ class Manager(AwaitableTwins):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise GpuGroupsError("invalid_request", f"{name} must be a positive integer or None")
         if dtype is not None and dtype not in LOAD_ITEMSIZE:
-            raise GpuGroupsError(
-                "invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}"
-            )
+            raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}")
         self.max_request_work, self.max_groups_per_device, self.dtype = max_request_work, max_groups_per_device, dtype
         self.progress = check_option(progress)
         self.catalog = make_catalog(catalog)
@@ -373,7 +371,9 @@ class Manager(AwaitableTwins):
         order from one background thread. A failing callback is logged once and kept, never fatal.
         An event's ``state`` shares the entries of groups and models that did not change with the
         states before it: read it, copy it to change it (``state()`` returns a copy of one's own).
+        A closed manager has no events left: ``invalid_request``.
         """
+        self._res.check_open()
         return self._bus.subscribe(callback)
 
     def register_group(
@@ -389,8 +389,9 @@ class Manager(AwaitableTwins):
         """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``.
 
         Relative paths resolve against the working directory. ``base_id`` names the bare base
-        member of an adapters group (default: the base's own id or path).
+        member of an adapters group (default: the base's own id or path). Not on a closed manager.
         """
+        self._res.check_open()
         spec = self.catalog.register_group(
             group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype, base_id=base_id
         )

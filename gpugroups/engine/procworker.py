@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import GroupSpec
-from ..errors import GpuGroupsError
+from ..errors import GpuGroupsError, manager_closed
 from .devices import Device
 from .prochost import DEVICE_FIELDS
 from .remote import RemoteCalls, pack_run, result_of
@@ -244,7 +244,7 @@ class ProcessWorker(RemoteCalls):
             self._proc.kill()
             self._proc.wait()
         self._lose()
-        self._fail_pending(GpuGroupsError("invalid_request", "the manager is closed"))
+        self._fail_pending(manager_closed())
 
     def _report(self, call_id: int, fraction: float, stage: str) -> None:
         call = self._calls.get(call_id)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ..errors import GpuGroupsError
+from ..errors import GpuGroupsError, manager_closed
 from .devices import Device
 from .worker import OutOfMemory
 
@@ -159,7 +159,7 @@ class RemoteCalls:
         fut = Future() if fut is None else fut
         with self._lock:
             if self._closed:
-                fut.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
+                fut.set_exception(manager_closed())
             elif self._lost is not None:
                 fut.set_exception(self._lost)
             else:

@@ -64,8 +64,7 @@ class Residency(Holds, Adoption):
         while True:
             mine = None
             with self._lock:
-                if self.closed:
-                    raise GpuGroupsError("invalid_request", "the manager is closed")
+                self.check_open()
                 slot = self.slots.get(group.id)
                 elsewhere = (device_id is not None and device_id not in slot.shares) or (
                     device_ids is not None and device_ids != slot.device_ids

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..catalog import GroupSpec
-from ..errors import GpuGroupsError
+from ..errors import GpuGroupsError, manager_closed
 from .devices import Device
 from .estimate import ShardReserve
 from .torchkit import import_transformers
@@ -266,7 +266,7 @@ class ThreadWorker:
 
         def never_began(f: Future[Any]) -> None:
             if not begun.done():
-                begun.set_exception(f.exception() or GpuGroupsError("invalid_request", "the manager is closed"))
+                begun.set_exception(f.exception() or manager_closed())
 
         self.call(paused, "busy").add_done_callback(never_began)
         return begun
@@ -359,7 +359,7 @@ class ThreadWorker:
 
     def _put(self, task: Task) -> None:
         if not self._turns.put(task):
-            task.future.set_exception(GpuGroupsError("invalid_request", "the manager is closed"))
+            task.future.set_exception(manager_closed())
 
     def _shares(self, group_id: str, a: str, b: str) -> bool:
         rt = self._runtimes.get(group_id)

@@ -238,7 +238,8 @@ def test_a_move_that_cannot_fit_leaves_the_group_where_it_is(catalog_factory):
 
 def test_close_refuses_loads_once_begun_and_leaves_nothing_resident(catalog_factory):
     """``close`` waits for a group held by ``run``; a load asked for meanwhile is refused, so
-    nothing is resident (in the state or in a worker) once ``close`` returns."""
+    nothing is resident (in the state or in a worker) once ``close`` returns; after it, a new
+    group or subscriber is refused."""
     import threading
 
     m, workers = gated(catalog_factory, 3)
@@ -261,6 +262,12 @@ def test_close_refuses_loads_once_begun_and_leaves_nothing_resident(catalog_fact
     s = m.state()
     assert s["closed"] and all(not d["resident_groups"] for d in s["devices"])
     assert [w.resident() for w in workers] == [{}, {}, {}]
+    # a change nobody would ever hear of is refused too, not silently kept
+    for change in (lambda: m.register_group("later", models=["m1"]), lambda: m.subscribe(print)):
+        with pytest.raises(GpuGroupsError) as e:
+            change()
+        assert e.value.code == "invalid_request" and "closed" in e.value.message
+    assert "later" not in m.catalog.groups
 
 
 FIRST_LOADS = """

@@ -22,16 +22,22 @@ from gpugroups.protocol import BRIDGE_PROTOCOL, COMM_TARGET
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
+def frontend(km: KernelManager) -> Any:
+    """A client with a session of its own: a ``Bridge`` takes over the shared one's socket identity."""
+    session = km.session.clone()
+    session.session = uuid.uuid4().hex
+    kc = km.client(session=session)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return kc
+
+
 class Bridge:
     """A minimal server side: one comm on one subshell, replies read off IOPub. Like the real
     bridge it has a session id of its own (the kernel hands a shared socket identity over)."""
 
     def __init__(self, km: KernelManager) -> None:
-        session = km.session.clone()
-        session.session = uuid.uuid4().hex
-        self.kc = kc = km.client(session=session)
-        kc.start_channels()
-        kc.wait_for_ready(timeout=30)
+        self.kc = kc = frontend(km)
         kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
         self.subshell_id = kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"]
         self.comm_id = uuid.uuid4().hex
@@ -145,11 +151,7 @@ def test_a_busy_cell_neither_delays_nor_adopts_the_bridge_traffic(kernel: tuple[
 
 def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelManager, Any]) -> None:
     km, _ = kernel
-    session = km.session.clone()
-    session.session = uuid.uuid4().hex  # a frontend of its own (the earlier tests' took over the shared one)
-    kc = km.client(session=session)
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
+    kc = frontend(km)
 
     def run(code: str) -> Any:
         reply = kc.execute_interactive(
@@ -168,3 +170,26 @@ def test_bridge_messages_fire_no_ipython_execute_events(kernel: tuple[KernelMana
     assert run("out = len(fired)") == "1"
     bridge.kc.stop_channels()
     kc.stop_channels()
+
+
+def test_a_closed_manager_is_still_served_and_says_so(kernel: tuple[KernelManager, Any]) -> None:
+    """A bridge that attaches after the served manager was closed gets its hello, a state that
+    says ``closed`` and ops answered "the manager is closed" (no events are left to follow)."""
+    km, kc = kernel[0], frontend(kernel[0])
+    run = (
+        "from gpugroups.catalog import DEMO_DIR\n"
+        "m2 = gg.Manager(devices='cpu', catalog=str(DEMO_DIR / 'gpugroups.toml'))\ngg.serve(m2); m2.close()"
+    )
+    assert kc.execute_interactive(run, timeout=60, output_hook=lambda msg: None)["content"]["status"] == "ok"
+    try:
+        bridge = Bridge(km)
+        assert next(bridge.items())["type"] == "hello"
+        bridge.request({"id": "s", "op": "state", "args": {}})
+        assert bridge.reply("s")["result"]["closed"] is True
+        for op, args in (("pin", {"group_id": "tinygpt2"}), ("load", {"model_id": "tinygpt2"})):
+            bridge.request({"id": op, "op": op, "args": args})
+            assert bridge.reply(op)["error"] == {"code": "invalid_request", "message": "the manager is closed"}
+        bridge.kc.stop_channels()
+    finally:
+        kc.execute_interactive("gg.serve(m)", timeout=60, output_hook=lambda msg: None)
+        kc.stop_channels()
