@@ -233,10 +233,11 @@ class Catalog:
     def group(self, group_id: str) -> GroupSpec:
         """The group called ``group_id`` (``unknown_group`` if none); ``single:<id>`` of a loadable
         id that no group names yet is its single group, not registered (see ``group_of``)."""
+        _check_id("group_id", group_id)
         with self._lock:
-            if isinstance(group_id, str) and group_id in self.groups:
+            if group_id in self.groups:
                 return self.groups[group_id]
-            if isinstance(group_id, str) and group_id.startswith("single:"):
+            if group_id.startswith("single:"):
                 return self.group_of(group_id[len("single:"):])
         raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}{self._hint(group_id, 'groups')}")
 
@@ -252,9 +253,8 @@ class Catalog:
     def resolve(self, model_id: str) -> tuple[ModelSpec, GroupSpec]:
         """``model_id``'s model and group. A local folder is known by its canonical id, the resolved
         absolute path (symlinks followed), so every spelling of one folder is one model."""
+        _check_id("model_id", model_id)
         with self._lock:
-            if not isinstance(model_id, str) or not model_id:
-                raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}{self._hint('', 'models')}")
             if model_id in self.models:
                 spec = self.models[model_id]
                 return spec, self.groups[spec.group_id]
@@ -391,6 +391,13 @@ class Catalog:
                 ) from None
             return model_id
         raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
+
+
+def _check_id(name: str, value: Any) -> None:
+    """``invalid_request`` unless ``value`` can be an id at all (a non-empty string), as over REST."""
+    if not isinstance(value, str) or not value:
+        got = repr(value) if isinstance(value, str) else type(value).__name__
+        raise GpuGroupsError("invalid_request", f"{name} must be a non-empty string, got {got}")
 
 
 def default_roots() -> list[Path]:

@@ -279,7 +279,8 @@ def test_folder_without_config_is_invalid_model(tmp_path):
 def test_unknown_ids_and_groups(tmp_path):
     cat = Catalog(roots=[tmp_path])
     assert error(lambda: cat.group_of("not a model id!")).code == "unknown_model"
-    assert error(lambda: cat.group_of("")).code == "unknown_model"
+    for bad in (lambda: cat.group_of(""), lambda: cat.group_of(None), lambda: cat.group(5)):
+        assert error(bad).code == "invalid_request" and "must be a non-empty string" in error(bad).message
     assert error(lambda: cat.group("nope")).code == "unknown_group"
     assert error(lambda: cat.local_path(str(tmp_path / "gone"))).code == "unknown_model"
 
