@@ -12,7 +12,6 @@ Light on purpose (no torch): the Jupyter server may import it.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import threading
@@ -20,13 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from . import catalog_toml
+from . import catalog_toml, localfiles
 from .errors import GpuGroupsError
+from .localfiles import DEMO_DIR, default_roots, hf_hub_cache
+from .protocol import MAX_ID_CHARS
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
 GROUP_KINDS = ("adapters", "models", "single")
 DTYPES = ("float32", "float16", "bfloat16")
-ROOTS_ENV = "GPUGROUPS_MODEL_ROOTS"
+#: The names people write for them: Hugging Face's and PyTorch's (``torch.float16`` too), the short ones.
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
 
 
 @dataclass
@@ -130,10 +135,13 @@ class Catalog:
         """
         if not isinstance(group_id, str) or not group_id:
             raise GpuGroupsError("invalid_catalog", "group id must be a non-empty string")
-        if dtype is not None and dtype not in DTYPES:
-            raise GpuGroupsError(
-                "invalid_catalog", f"group {group_id!r}: dtype must be one of {DTYPES}, got {dtype!r}"
-            )
+        dtype = canonical_dtype(dtype, "invalid_catalog", f"group {group_id!r}: ")
+        typed = (("name", name, str), ("base_id", base_id, str), ("trust_remote_code", trust_remote_code, bool))
+        for key, value, want in typed:
+            if value is not None and not isinstance(value, want):
+                raise GpuGroupsError(
+                    "invalid_catalog", f"group {group_id!r}: {key} must be a {want.__name__}, got {type(value).__name__}"
+                )
         if (base is None) == (models is None):
             raise GpuGroupsError(
                 "invalid_catalog",
@@ -197,39 +205,9 @@ class Catalog:
         """Loadable ids that no group names yet (``Manager.discover``): the Hugging Face cache's
         model repos, then the model folders under the allowed roots."""
         known = {m.source for m in self.models.values()} | set(self.models)
-        found = self.scan_hf_cache() + self.scan_folders(self.roots)
+        found = localfiles.scan_hf_cache() + localfiles.scan_folders(self.roots)
         return [i for i in dict.fromkeys(found) if i not in known]
 
-    def scan_hf_cache(self) -> list[str]:
-        """Model repos in the local Hugging Face cache that have a ``config.json`` (ids only).
-
-        They are not registered: each becomes ``single:<repo_id>`` on first use.
-        """
-        try:
-            from huggingface_hub import scan_cache_dir
-
-            info = scan_cache_dir(hf_hub_cache())
-        except Exception:  # no cache dir yet, or an unreadable one: nothing to offer
-            return []
-        found = []
-        for repo in info.repos:
-            if repo.repo_type == "model" and any(
-                (Path(rev.snapshot_path) / "config.json").exists() for rev in repo.revisions
-            ):
-                found.append(repo.repo_id)
-        return sorted(found)
-
-    def scan_folders(self, roots: Iterable[str | os.PathLike[str]], depth: int = 2) -> list[str]:
-        """Model folders (with ``config.json``) at most ``depth`` levels below ``roots``."""
-        found = []
-        for root in roots:
-            root = Path(root).expanduser().resolve()
-            for p in [root, *_subdirs(root, depth)]:
-                if (p / "config.json").is_file():
-                    found.append(str(p))
-        return sorted(set(found))
-
-    # ---- resolving ----------------------------------------------------------------------
     def group(self, group_id: str) -> GroupSpec:
         """The group called ``group_id`` (``unknown_group`` if none); ``single:<id>`` of a loadable
         id that no group names yet is its single group, not registered (see ``group_of``)."""
@@ -318,7 +296,9 @@ class Catalog:
         except Exception:
             raise GpuGroupsError(
                 "unknown_model",
-                f"{source!r} is not in the local Hugging Face cache (no hub is reached at load time)",
+                f"{source!r} is neither a model folder (a relative path resolves when its group is"
+                " registered: against the TOML file's folder, else the working directory) nor in the local"
+                " Hugging Face cache (no hub is reached at load time)",
             ) from None
 
     def under_roots(self, path: Path) -> bool:
@@ -393,58 +373,22 @@ class Catalog:
         raise GpuGroupsError("unknown_model", f"unknown model {model_id!r}")
 
 
+def canonical_dtype(value: Any, code: str, context: str = "") -> str | None:
+    """``value`` (a name of ``DTYPE_NAMES``, a ``torch.dtype``, ``"auto"`` or None: the default) as
+    one of ``DTYPES`` or None; an error with ``code`` for anything else."""
+    name = str(value).removeprefix("torch.") if value is not None else "auto"
+    if name == "auto":
+        return None
+    if name not in DTYPE_NAMES:
+        aliases = ", ".join(n for n in DTYPE_NAMES if n not in DTYPES)
+        raise GpuGroupsError(code, f"{context}dtype must be one of {DTYPES} (or {aliases}, 'auto', None), got {value!r}")
+    return DTYPE_NAMES[name]
+
+
 def _check_id(name: str, value: Any) -> None:
-    """``invalid_request`` unless ``value`` can be an id at all (a non-empty string), as over REST."""
-    if not isinstance(value, str) or not value:
-        got = repr(value) if isinstance(value, str) else type(value).__name__
-        raise GpuGroupsError("invalid_request", f"{name} must be a non-empty string, got {got}")
-
-
-def default_roots() -> list[Path]:
-    """The working directory, the Hugging Face cache, the demo folder, and ``$GPUGROUPS_MODEL_ROOTS``."""
-    roots = [Path.cwd(), hf_hub_cache(), DEMO_DIR]
-    roots += [Path(r) for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r]
-    return roots
-
-
-def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, from the environment as it is now.
-
-    huggingface_hub reads ``HF_HUB_CACHE``/``HF_HOME`` once, when first imported; a kernel
-    that sets them later (or a test) would otherwise still be pointed at the old cache.
-    """
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _subdirs(root: Path, depth: int) -> list[Path]:
-    if depth <= 0 or not root.is_dir():
-        return []
-    out = []
-    try:
-        children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
-    except OSError:
-        return []
-    for c in children:
-        out.append(c)
-        out += _subdirs(c, depth - 1)
-    return out
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict, or ``invalid_model`` saying which file is broken."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GpuGroupsError("invalid_model", f"{path.parent} has no {path.name}") from None
-    except (OSError, ValueError) as exc:
-        raise GpuGroupsError("invalid_model", f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise GpuGroupsError("invalid_model", f"{path} is not a JSON object")
-    return data
+    """``invalid_request`` unless ``value`` can be an id at all (a non-empty string of at most
+    ``MAX_ID_CHARS``), as over REST."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
+        return
+    got = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters" if value else "''"
+    raise GpuGroupsError("invalid_request", f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters, got {got}")

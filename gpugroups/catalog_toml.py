@@ -80,7 +80,7 @@ def _group(catalog: Catalog, gid: str, g: Any, where: Callable[..., str], folder
         return catalog.register_group(
             gid, base=g.get("base"), adapters=g.get("adapters"), models=g.get("models"),
             name=g.get("name"), dtype=g.get("dtype"), base_id=g.get("base_id"),
-            trust_remote_code=bool(g.get("trust_remote_code", False)), relative_to=folder,
+            trust_remote_code=g.get("trust_remote_code", False), relative_to=folder,
         )
     except GpuGroupsError as exc:
         raise GpuGroupsError("invalid_catalog", f"{where(gid)}: {exc.message}") from None

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .catalog import ROOTS_ENV
+from .localfiles import ROOTS_ENV
 
 #: Device specs of the default manager, comma-separated (``virtual:2x512MiB``, ``cuda:0,ray``).
 DEVICES_ENV = "GPUGROUPS_DEVICES"

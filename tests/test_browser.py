@@ -245,12 +245,14 @@ def test_panel_in_notebook7(lab: dict[str, Any], browser: Any) -> None:
 
 def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser: Any) -> None:
     """A group sharded over three devices shows on each card with its part; then the same panel
-    given a hand-made Ray state groups cards by node, shows a lost device and an in-use group."""
+    given a hand-made Ray state groups cards by node, shows a lost device and an in-use group; a
+    group that cannot be estimated shows no estimate; Clear is off where every group is pinned."""
     write_notebook(
         lab,
         "sharded.ipynb",
         "import copy, json\nimport gpugroups as gg\nbig = gg.Manager(devices='virtual:3x128MiB')\n"
-        "big.load('pycode-tests', device_ids=[0, 1, 2])\np = gg.panel(big)\np",
+        "big.load('pycode-tests', device_ids=[0, 1, 2])\nbig.register_group('broken', models={'gone': '/nowhere/gone'})\n"
+        "p = gg.panel(big)\np",
     )
     with page_for(browser, "sharded") as page:
         open_notebook(page, lab, "sharded.ipynb")
@@ -272,6 +274,9 @@ def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser
         assert [(int(d), b) for d, b, _ in shown] == [(s["device_id"], s["bytes"]) for s in shards]
         assert [text.split(" · ")[0] for _, _, text in shown] == ["part 1/3", "part 2/3", "part 3/3"]
         shot(page, panel, "sharded-panel.png")
+        # a group whose files cannot be read has no estimate, and does not claim "0 B"
+        broken = panel.locator("tr.gg-group-row[data-group='broken'] .gg-estimate")
+        assert broken.inner_text() == "—" and "could not be read" in (broken.get_attribute("title") or "")
 
         # The same panel fed a Ray-like state: two nodes, device 2 lost, the group held by a run.
         run_cell(
@@ -299,4 +304,16 @@ def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser
         assert panel.locator(".gg-resident-group[data-group='pycode'] .gg-badge").first.inner_text() == "in use"
         shot(page, panel, "ray-panel.png")
         _check_readable(page, panel, "sharded")
+        # every group on device 0 pinned: nothing for its Clear to do, and its tooltip says why
+        run_cell(
+            page,
+            "next(g for g in s['groups'] if g['id'] == 'pycode')['pinned'] = True\n"
+            "s['version'] += 1\np.state = s\nprint('@@1')",
+        )
+        clear = panel.locator(".gg-device[data-device-id='0'] button[data-action='clear_device']")
+        clear.wait_for()
+        page.wait_for_function(
+            "() => document.querySelector(\".gg-panel .gg-device[data-device-id='0'] button[data-action='clear_device']\").disabled"
+        )
+        assert "pinned" in (clear.get_attribute("title") or "")
         run_cell(page, "big.close()\nprint('@@1')")

@@ -50,7 +50,7 @@ _ON_TOP = """(el) => {
 
 def test_panel_in_the_right_side_panel(lab: dict[str, Any], browser: Any) -> None:
     """Opened in JupyterLab's right side area, in view after scrolling, a click there switches member,
-    and closing the panel closes its tab."""
+    showing it again replaces it, and closing the panel closes its tab."""
     write_notebook(lab, "sidebar.ipynb", SETUP + "p = gg.panel(m, sidebar=True)\np", NOTES, "print('end of the notes')")
     with page_for(browser, "sidebar") as page:
         open_notebook(page, lab, "sidebar.ipynb")
@@ -101,6 +101,16 @@ def test_panel_in_the_right_side_panel(lab: dict[str, Any], browser: Any) -> Non
         # Readable at the side panel's own width.
         assert not panel_checks.low_contrast(side)
         assert panel_checks.layout_problems(side) == {"outside": [], "cut": [], "scrolls": False}
+
+        # The same manager's side panel shown again (a cell run twice) replaces it: one tab still.
+        replaced = run_cell(page, "old = p\np = gg.panel(m, sidebar=True)\nprint('@@' + json.dumps(old.comm is None))")
+        assert replaced is True
+        page.wait_for_function(
+            "() => document.querySelectorAll('#jp-right-stack .jupyterlab-sidecar').length === 1"
+            " && document.querySelector('#jp-right-stack .jupyterlab-sidecar .gg-panel')"
+        )
+        page.wait_for_timeout(500)
+        assert page.locator("#jp-right-stack .jupyterlab-sidecar").count() == 1 and tab.count() == 1
 
         # Closing the panel closes its tab.
         run_cell(page, "p.close()\nprint('@@1')")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gpugroups.catalog import Catalog, hf_hub_cache
+from gpugroups.catalog import Catalog
 from gpugroups.errors import GpuGroupsError
+from gpugroups.localfiles import hf_hub_cache, scan_folders, scan_hf_cache
 
 
 def error(call) -> GpuGroupsError:
@@ -92,14 +93,35 @@ def test_unknown_keys_name_their_line(tmp_path, text, line, named):
         ('[groups.a]\nmodels = ["x"]\ndtype = "int4"\n', "dtype must be one of"),
         ('[groups.a]\nmodels = []\n', "has no models"),
         ("roots = 'one'\n", "roots must be a list"),
+        ('[groups.a]\nmodels = ["x"]\ntrust_remote_code = "false"\n', "trust_remote_code must be a bool, got str"),
+        ('[groups.a]\nmodels = ["x"]\nname = 123\n', "name must be a str, got int"),
     ],
-    ids=["syntax", "groups-not-table", "bad-kind", "adapters-without-base", "bad-dtype", "empty", "roots-str"],
+    ids=["syntax", "groups-not-table", "bad-kind", "adapters-without-base", "bad-dtype", "empty", "roots-str",
+         "trust-remote-code-str", "name-int"],
 )
 def test_malformed_catalogs_are_invalid_catalog(tmp_path, text, fragment):
     toml = tmp_path / "gpugroups.toml"
     toml.write_text(text)
     err = error(lambda: Catalog(roots=[]).load_toml(toml))
     assert err.code == "invalid_catalog" and fragment in err.message
+
+
+def test_dtypes_by_the_names_people_write(tmp_path):
+    """Hugging Face's and PyTorch's dtype names, the short ones and ``auto`` are accepted and kept
+    canonical, in a TOML file and in the Manager; others are refused with the list."""
+    import torch
+
+    from gpugroups.engine.manager import Manager
+
+    for given, kept in (("bf16", "bfloat16"), ("half", "float16"), ("fp32", "float32"), ("auto", None)):
+        toml = tmp_path / f"{given}.toml"
+        toml.write_text(f'[groups.g-{given}]\nmodels = ["x"]\ndtype = "{given}"\n')
+        assert Catalog(roots=[]).load_toml(toml)[0].dtype == kept
+    for given, kept in ((torch.float16, "float16"), ("bfloat16", "bfloat16"), ("auto", None), (None, None)):
+        with Manager(devices="cpu", catalog=[], dtype=given, progress=False) as m:
+            assert m.dtype == kept
+    err = error(lambda: Manager(devices="cpu", catalog=[], dtype="int8"))
+    assert err.code == "invalid_request" and "bf16" in err.message and "'int8'" in err.message
 
 
 def test_a_syntax_error_names_the_file_and_line(tmp_path):
@@ -279,8 +301,11 @@ def test_folder_without_config_is_invalid_model(tmp_path):
 def test_unknown_ids_and_groups(tmp_path):
     cat = Catalog(roots=[tmp_path])
     assert error(lambda: cat.group_of("not a model id!")).code == "unknown_model"
-    for bad in (lambda: cat.group_of(""), lambda: cat.group_of(None), lambda: cat.group(5)):
+    for bad in (
+        lambda: cat.group_of(""), lambda: cat.group_of(None), lambda: cat.group(5), lambda: cat.model("x" * 5000)
+    ):
         assert error(bad).code == "invalid_request" and "must be a non-empty string" in error(bad).message
+    assert "5000 characters" in error(lambda: cat.model("x" * 5000)).message  # not the id echoed back
     assert error(lambda: cat.group("nope")).code == "unknown_group"
     assert error(lambda: cat.local_path(str(tmp_path / "gone"))).code == "unknown_model"
 
@@ -305,7 +330,7 @@ def test_scan_folders_finds_model_folders_to_a_depth(tmp_path):
     model_folder(tmp_path / "x" / "y" / "z" / "too-deep")
     (tmp_path / "x" / "not-a-model").mkdir()
     model_folder(tmp_path / ".hidden")
-    assert Catalog(roots=[]).scan_folders([tmp_path], depth=2) == sorted([str(a), str(b)])
+    assert scan_folders([tmp_path], depth=2) == sorted([str(a), str(b)])
 
 
 # ---- Hugging Face cache ---------------------------------------------------------------
@@ -336,7 +361,7 @@ def test_hf_cache_models_are_found_and_resolved_without_network(tmp_path, monkey
     cached_repo(cache, "org/readme-only", {"README.md": "no config"})
     cat = Catalog()
     assert cache in cat.roots
-    assert cat.scan_hf_cache() == ["org/name"]
+    assert scan_hf_cache() == ["org/name"]
     g = cat.group_of("org/name")
     assert (g.id, g.kind, g.members) == ("single:org/name", "single", ["org/name"])
     assert cat.local_path(cat.model("org/name").source) == snapshot
@@ -346,7 +371,7 @@ def test_hf_cache_models_are_found_and_resolved_without_network(tmp_path, monkey
 
 def test_an_empty_or_missing_cache_offers_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "never-made"))
-    assert Catalog(roots=[]).scan_hf_cache() == []
+    assert scan_hf_cache() == []
 
 
 # ---- through the manager, with real tiny models ---------------------------------------

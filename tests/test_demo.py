@@ -15,7 +15,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gpugroups.catalog import DEMO_DIR, Catalog
+from gpugroups.catalog import Catalog
+from gpugroups.localfiles import DEMO_DIR
 
 ADAPTERS = ("pycode-tests", "pycode-docs")
 

@@ -11,7 +11,8 @@ HEAVY = ("torch", "transformers", "peft")
 
 LIGHT = [
     "gpugroups", "gpugroups.errors", "gpugroups.protocol", "gpugroups.schema", "gpugroups.typeschema",
-    "gpugroups.client", "gpugroups.catalog", "gpugroups.catalog_toml", "gpugroups.placement", "gpugroups.events", "gpugroups.hostrecord",
+    "gpugroups.client", "gpugroups.catalog", "gpugroups.catalog_toml", "gpugroups.localfiles", "gpugroups.placement",
+    "gpugroups.events", "gpugroups.hostrecord",
     "gpugroups.kernelenv",
     "gpugroups.kernel", "gpugroups._ipykernel",
     # the engine package itself and the worker seam stay light too (an out-of-process worker imports them)

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..catalog import GroupSpec, read_json
+from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
+from ..localfiles import read_json
 from .torchkit import CONSTRUCTION_LOCK, LOAD_ITEMSIZE, import_transformers, model_tensors, unique_bytes
 
 PathLike = str | os.PathLike[str]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
-from ..catalog import Catalog, GroupSpec
+from ..catalog import Catalog, GroupSpec, canonical_dtype
 from ..display import manager_html, rich_process_result
 from ..errors import GpuGroupsError
 from ..protocol import MAX_REQUEST_WORK, check_work, get_op
@@ -40,7 +40,6 @@ from .progress import LoadBar, ProgressOption, check_option
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import States, render, snapshot
-from .torchkit import LOAD_ITEMSIZE
 from .twins import AwaitableTwins
 from .worker import Request, Worker, WorkerChoice, new_request_id, worker_factory
 
@@ -56,8 +55,8 @@ class Manager(AwaitableTwins):
     path, a list of ``register_group`` dicts, or None for the default (the shipped demo, then
     ``$GPUGROUPS_CATALOG`` or ``./gpugroups.toml`` when present). ``max_groups_per_device=1``
     keeps one current group per device. ``dtype`` is the load dtype of every group that names
-    none (a group's own ``dtype`` wins; default: bf16 on GPUs that support it, fp16 on older
-    GPUs, fp32 on cpu and virtual devices).
+    none (a group's own ``dtype`` wins; ``"bfloat16"``/``"bf16"``, ``torch.float16``, ...; default or
+    ``"auto"``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on cpu and virtual devices).
     ``worker``: ``"process"`` runs each device's models in a worker process of its own (a load on
     one device then never slows prompts on another through the interpreter lock; ``use`` is not
     available there, ``run`` is), ``"thread"`` in a thread of this process, ``"auto"`` (default)
@@ -94,8 +93,7 @@ class Manager(AwaitableTwins):
         ):
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise GpuGroupsError("invalid_request", f"{name} must be a positive integer or None")
-        if dtype is not None and dtype not in LOAD_ITEMSIZE:
-            raise GpuGroupsError("invalid_request", f"dtype must be one of {sorted(LOAD_ITEMSIZE)} or None, got {dtype!r}")
+        dtype = canonical_dtype(dtype, "invalid_request")
         self.max_request_work, self.max_groups_per_device, self.dtype = max_request_work, max_groups_per_device, dtype
         self.progress = check_option(progress)
         self.catalog = make_catalog(catalog)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..catalog import read_json
+from ..localfiles import read_json
 
 if TYPE_CHECKING:
     import torch

@@ -21,10 +21,10 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..catalog import ROOTS_ENV
 from ..errors import GpuGroupsError
 from ..hostrecord import host_record_path, read_host_record
 from ..kernelenv import DEVICES_ENV, RAY_ADDRESS_ENV, RAY_NAMESPACE_ENV, kernel_env
+from ..localfiles import ROOTS_ENV
 from ..protocol import get_op
 from .connection import WATCH_INTERVAL, KernelConnection, host_unavailable, kernel_pid
 from .mirror import READS, StateMirror

@@ -31,6 +31,7 @@ from .. import protocol
 from .._ipykernel import route_by_header
 from ..errors import GpuGroupsError
 from ..events import Coalescer
+from .sidebar import closed as sidebar_closed
 from .sidebar import open_in_sidebar
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Panel(anywidget.AnyWidget):
         """Detach from the manager, stop the relay and the action pool, close the comm (and its side-panel tab)."""
         sidecar, self._sidecar = getattr(self, "_sidecar", None), None
         if sidecar is not None:
+            sidebar_closed(self)
             sidecar.close()
         unsubscribe, self._unsubscribe = getattr(self, "_unsubscribe", None), None
         if unsubscribe is not None:

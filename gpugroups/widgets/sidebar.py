@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 #: The side-panel tab's title.
 TITLE = "gpugroups"
+#: The panel that each manager (by ``id``) shows in the side panel: a new one replaces it, so a
+#: cell run twice leaves one tab, not two.
+_SHOWN: dict[int, Panel] = {}
 
 
 def open_in_sidebar(panel: Panel, title: str = TITLE) -> Any:
@@ -24,7 +27,7 @@ def open_in_sidebar(panel: Panel, title: str = TITLE) -> Any:
 
     Needs a kernel (there is no side panel in plain Python): ``invalid_request`` otherwise. Front
     ends without the sidecar extension (Notebook 7, VS Code) show no tab; the panel's view in a
-    cell then shows the whole panel instead.
+    cell then shows the whole panel instead. The same manager's earlier side panel is closed.
     """
     if not _in_kernel():
         raise GpuGroupsError(
@@ -38,7 +41,17 @@ def open_in_sidebar(panel: Panel, title: str = TITLE) -> Any:
     sidecar = Sidecar(title=title, anchor="right")
     # Set as the Sidecar's output in the kernel, not captured from a display by the front end.
     sidecar.append_display_data(panel)
+    earlier = _SHOWN.get(id(panel.manager))
+    if earlier is not None:
+        earlier.close()  # its tab goes with it
+    _SHOWN[id(panel.manager)] = panel
     return sidecar
+
+
+def closed(panel: Panel) -> None:
+    """``panel`` closed: it no longer holds its manager's side panel."""
+    if _SHOWN.get(id(panel.manager)) is panel:
+        del _SHOWN[id(panel.manager)]
 
 
 def _in_kernel() -> bool:

@@ -177,7 +177,7 @@ def test_a_closed_manager_is_still_served_and_says_so(kernel: tuple[KernelManage
     says ``closed`` and ops answered "the manager is closed" (no events are left to follow)."""
     km, kc = kernel[0], frontend(kernel[0])
     run = (
-        "from gpugroups.catalog import DEMO_DIR\n"
+        "from gpugroups.localfiles import DEMO_DIR\n"
         "m2 = gg.Manager(devices='cpu', catalog=str(DEMO_DIR / 'gpugroups.toml'))\ngg.serve(m2); m2.close()"
     )
     assert kc.execute_interactive(run, timeout=60, output_hook=lambda msg: None)["content"]["status"] == "ok"

@@ -48,7 +48,9 @@ class CatalogSection {
       if (!r.model) {
         setText(tr._name, g.name && g.name !== g.id ? `${g.name} (${g.id})` : g.id);
         setText(tr._kind, g.kind || "");
-        setText(tr._estimate, formatBytes(g.memory_estimate_bytes));
+        const estimated = g.memory_estimate_bytes > 0;  // 0: its files could not be read (yet)
+        setText(tr._estimate, estimated ? formatBytes(g.memory_estimate_bytes) : "—");
+        tr._estimate.title = estimated ? "" : "No estimate: this group's files could not be read; a load says why";
         setText(tr._resident, resident ? `${devLabel(g.resident_on)}${g.status === "in_use" ? " · in use" : ""}` : "—");
         setText(tr._pin, g.pinned ? "Unpin" : "Pin");
         tr._load.disabled = disabled || resident;

@@ -56,7 +56,7 @@ class DevicesSection {
     node._status = h("span", { class: "gg-badge" });
     node._queue = h("span", { class: "gg-queue" });
     node._clear = h("button", {
-      class: "gg-button gg-small", "data-action": "clear_device", title: "Unload every unpinned group here",
+      class: "gg-button gg-small", "data-action": "clear_device",
       onclick: () => this.view.send("clear_device", { device_id: d.device_id }, "devices"),
     }, "Clear");
     node._ours = h("span", { class: "gg-mem-ours" });
@@ -90,7 +90,10 @@ class DevicesSection {
     node._status.title = lost ? "this device's node is unreachable: its groups are gone and nothing is placed here" : "";
     node.classList.toggle("gg-lost", lost);
     setText(node._queue, `queue ${d.queue_depth ?? 0}`);
-    node._clear.disabled = blocked || lost || !(d.resident_groups || []).length;
+    const clearable = (d.resident_groups || []).filter((id) => !groupsById.get(id)?.pinned);
+    node._clear.disabled = blocked || lost || !clearable.length;
+    node._clear.title = d.resident_groups?.length && !clearable.length
+      ? "Every group here is pinned: unpin one to let Clear unload it" : "Unload every unpinned group here";
     node._ours.style.width = `${percent(ours, whole)}%`;
     node._other.style.width = `${percent(other, whole)}%`;
     node._ours.style.minWidth = ours > 0 ? "3px" : "0";  // a small share stays visible
