@@ -307,6 +307,7 @@ def test_sharded_group_and_ray_devices_in_the_panel(lab: dict[str, Any], browser
         # every group on device 0 pinned: nothing for its Clear to do, and its tooltip says why
         run_cell(
             page,
+            "s = copy.deepcopy(s)  # a new value: the trait sends only a changed one\n"
             "next(g for g in s['groups'] if g['id'] == 'pycode')['pinned'] = True\n"
             "s['version'] += 1\np.state = s\nprint('@@1')",
         )
