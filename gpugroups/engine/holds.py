@@ -40,10 +40,14 @@ class Holds(Loads):
                 self._changed()
 
     def guard(self, device_id: int) -> None:
-        """``conflict`` if this thread is inside a ``use`` block on the device, or is the device's
-        own worker thread running ``run``'s function: waiting for that device's worker would wait
-        for the block or the function, which cannot end while this thread waits."""
-        if current_worker() is self.workers[device_id]:
+        """``conflict`` if this thread is inside a ``use`` block on the device, or is the worker
+        thread running ``run``'s function there: waiting for that device's worker would wait for the
+        block or the function, which cannot end while this thread waits. A sharded group's block or
+        function holds every device it spans."""
+        worker = current_worker()
+        if worker is not None and any(
+            s.in_use and self.workers[s.device_id] is worker and device_id in s.shares for s in self.slots.values()
+        ):
             raise GpuGroupsError(
                 "conflict",
                 f"this call comes from the function `m.run` runs on device {device_id}, and would wait "
@@ -53,7 +57,7 @@ class Holds(Loads):
             )
         me = threading.get_ident()
         with self._lock:
-            if any(me in s.holders for s in self.slots.values() if s.device_id == device_id):
+            if any(me in s.holders for s in self.slots.values() if device_id in s.shares):
                 raise GpuGroupsError(
                     "conflict",
                     f"device {device_id} is held by a `with m.use(...)` block in this thread, and this call "
@@ -69,8 +73,8 @@ class Holds(Loads):
         if exc.code != "insufficient_memory":
             return False
         me = threading.get_ident()
-        if any(me in s.holders for s in self.slots.values()):
-            return False
+        if current_worker() is not None or any(me in s.holders for s in self.slots.values()):
+            return False  # from ``run``'s function or a ``use`` block: the hold waited for may be its own
         try:
             self._place(group, device_id, device_ids, in_use_evictable=True)
         except GpuGroupsError:

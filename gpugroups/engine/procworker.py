@@ -107,12 +107,13 @@ class ProcessWorker(RemoteCalls):
         return self._call("busy", "process", (group_id, there), request.after)
 
     def run(
-        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+        after: tuple[Future[None], ...] = (),
     ) -> Future[Any]:
         blob = pack_run(fn, args, kwargs)
         if isinstance(blob, Future):
             return blob
-        return self._call("busy", "run", (group_id, member_id, blob))
+        return self._call("busy", "run", (group_id, member_id, blob), after)
 
     def cancel(self, request_id: str) -> None:
         """Drop the request if it still waits here (behind a hold on another device), else ask the

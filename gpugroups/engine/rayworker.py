@@ -166,7 +166,8 @@ class RayWorker(RemoteCalls):
         return self._unshardable(None)
 
     def run(
-        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+        after: tuple[Future[None], ...] = (),  # always empty: no group is sharded over Ray devices
     ) -> Future[Any]:
         # bytes: a payload the node cannot rebuild fails there as our error, after its turn
         blob = pack_run(fn, args, kwargs)

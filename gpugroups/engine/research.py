@@ -102,19 +102,19 @@ class Research:
         group = self._catalog.group_of(model_id)
         held: list[Slot] = []
         queued: list[Future[Any]] = []
+        if in_process and not any(w.in_process for w in self._workers):  # refused before any load
+            self._not_here(model_id, None)
 
         def queue(slot: Slot) -> Future[Any]:
             worker = self._workers[slot.device_id]
             if in_process and not worker.in_process:
-                raise GpuGroupsError(
-                    "invalid_request",
-                    f"device {slot.device_id} ({worker.device.device}) runs its models in another process, so "
-                    f"`use` cannot hand them to this one; call m.run({model_id!r}, fn) to run fn where they live",
-                )
-            self._res.guard(slot.device_id)
+                self._not_here(model_id, slot.device_id)
+            for d in slot.device_ids:
+                self._res.guard(d)
             call_args = (*args, slot) if in_process else args
             self._res.hold(slot, holder, held)
-            queued.append(worker.run(group.id, model_id, fn, call_args, kwargs))
+            queued.append(self._res.on_span(slot, lambda after: worker.run(
+                group.id, model_id, fn, call_args, kwargs, after)))
             return queued[0]
 
         try:
@@ -126,6 +126,15 @@ class Research:
                 self._res.unhold(held[0], holder)
             raise
         return slot, fut
+
+    def _not_here(self, model_id: str, device_id: int | None) -> None:
+        """``use`` where the model lives in another process (a worker process, a Ray device)."""
+        where = "every device" if device_id is None else f"device {device_id} ({self._workers[device_id].device.device})"
+        raise GpuGroupsError(
+            "invalid_request",
+            f"{where} runs its models in another process, so `use` cannot hand them to this one; "
+            f"call m.run({model_id!r}, fn) to run fn where they live",
+        )
 
     def _where(self, model_id: str, slot: Slot) -> str:
         dev = self._workers[slot.device_id].device

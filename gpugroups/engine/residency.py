@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
@@ -28,6 +28,8 @@ from .slot import Slot
 from .worker import Request
 
 __all__ = ["Residency", "Slot"]  # Slot re-exported: the manager imports it from here
+
+T = TypeVar("T")
 
 
 class Residency(Holds, Adoption):
@@ -127,15 +129,24 @@ class Residency(Holds, Adoption):
         return slot.device_ids
 
     def queue_process(self, slot: Slot, group_id: str, request: Request) -> Future[dict[str, Any]]:
-        """Under the lock: queue a request on a resident slot's first device. A sharded pass runs
-        there while the slot's other devices are held, queued now, under the lock, so that every
-        worker sees multi-device work in the same order."""
+        """Under the lock: queue a request on a resident slot's first device (``on_span``)."""
         first = self.workers[slot.device_id]
-        if len(slot.shares) == 1:
+
+        def submit(after: tuple[Future[None], ...]) -> Future[dict[str, Any]]:
+            request.after = after
             return first.process(group_id, request)
+
+        return self.on_span(slot, submit)
+
+    def on_span(self, slot: Slot, submit: Callable[[tuple[Future[None], ...]], Future[T]]) -> Future[T]:
+        """Under the lock: ``submit(after)`` queues work on a resident slot's first device. For a
+        sharded slot it runs there while the slot's other devices are held (``after``: those holds
+        begun), queued now, under the lock, so that every worker sees multi-device work in the same
+        order; they are released when the work ends."""
+        if len(slot.shares) == 1:
+            return submit(())
         release: Future[None] = Future()
-        request.after = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
-        fut = first.process(group_id, request)
+        fut = submit(tuple(self.workers[d].pause(release) for d in slot.device_ids[1:]))
         fut.add_done_callback(lambda _: release.set_result(None))
         return fut
 

@@ -155,8 +155,12 @@ class Worker(Protocol):
         ...
 
     def run(
-        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Future[Any]: ...
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+        after: tuple[Future[None], ...] = (),
+    ) -> Future[Any]:
+        """``fn(model, tokenizer, *args, **kwargs)`` with ``member_id`` active, once ``after`` (holds
+        on the other devices a sharded group spans) have begun."""
+        ...
 
     def stop(self) -> None:
         """Finish what is queued, then end; later calls fail with ``invalid_request``."""
@@ -298,9 +302,10 @@ class ThreadWorker:
             queued.future.set_exception(cancelled(request_id))
 
     def run(
-        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+        after: tuple[Future[None], ...] = (),
     ) -> Future[Any]:
-        return self.call(functools.partial(self._run, group_id, member_id, fn, args, dict(kwargs)))
+        return self.call(functools.partial(self._run, group_id, member_id, fn, args, dict(kwargs), after))
 
     def call(self, fn: Callable[[], Any], status: str = "busy") -> Future[Any]:
         """Run ``fn`` on this device's thread after what is already queued (in-process only)."""
@@ -345,9 +350,12 @@ class ThreadWorker:
             rt.unload()
 
     def _run(
-        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        after: tuple[Future[None], ...],
     ) -> Any:
         rt = self._runtime(group_id)
+        for f in after:
+            f.result()  # a sharded group's other devices are paused while fn runs
         with rt.rows([member_id]) as (model, _):
             return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
 

@@ -204,6 +204,28 @@ def test_eviction_waits_for_use(tiny_catalog_toml):
         assert m.state()["devices"][0]["resident_groups"] == ["gpt"]
 
 
+def test_a_load_from_run_that_needs_the_room_run_holds_is_refused_not_a_wedge(tiny_catalog_toml):
+    """The room is the group ``run`` holds, which cannot end while its function waits: answered at
+    once with ``insufficient_memory`` (a caller elsewhere would wait for the hold), the device freed."""
+    with gg.Manager(devices="virtual:1GiB", catalog=tiny_catalog_toml) as probe:
+        sizes = {g["id"]: g["memory_estimate_bytes"] for g in probe.groups()}
+    budget = max(sizes.values()) + min(sizes.values()) // 2  # room for either group, not both
+    with gg.Manager(devices=f"virtual:{budget}B", catalog=tiny_catalog_toml) as m:
+        def loads_gpt(model, tokenizer) -> str:
+            try:
+                return m.load_group("gpt")["status"]
+            except GpuGroupsError as exc:
+                return exc.code
+
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(m.run("tiny-a", loads_gpt)), daemon=True)
+        t.start()
+        t.join(30)
+        assert out == ["insufficient_memory"]
+        assert group_status(m, "tiny") == "resident" and m.state()["devices"][0]["status"] == "idle"
+        assert m.load_group("gpt")["status"] == "loaded"  # once run returned, the room is there
+
+
 def test_a_group_in_use_is_never_the_eviction_victim(tiny_catalog_toml, tiny_gpt2):
     """Placement treats a group in use as busy: the idle group makes room, though it was used last."""
     with gg.Manager(devices="virtual:1GiB", catalog=tiny_catalog_toml) as probe:
@@ -235,7 +257,7 @@ def test_use_on_an_out_of_process_worker_points_to_run(tiny_catalog_toml):
         with pytest.raises(GpuGroupsError) as e, m.use("tiny-a"):
             pytest.fail("the block must not run")
         assert e.value.code == "invalid_request" and "m.run(" in e.value.message
-        assert group_status(m, "tiny") == "resident"
+        assert group_status(m, "tiny") == "unloaded"  # refused before anything was loaded for it
         assert m.run("tiny-a", active) == "tiny-a"
 
 

@@ -153,6 +153,44 @@ def test_a_sharded_pass_holds_every_spanned_device(deep):
         t.join()
 
 
+def test_run_and_use_on_a_sharded_group_hold_every_spanned_device(deep):
+    """While ``run``'s function or a ``use`` block works on a sharded group, the other devices it
+    spans take no other work, as during a sharded pass; from inside, a call that would wait for one
+    of them is a ``conflict``, not a wedge."""
+    import threading
+
+    make, sizes = deep
+    with gg.Manager(devices=f"virtual:2x{int(sizes['big'] * 0.75 + sizes['s1'] * 1.1)}B", catalog=make()) as m:
+        span = m.pin("big", device_ids=[0, 1])["device_ids"]
+        assert m.load_group("s1", device_id=span[1])["device_ids"] == [span[1]]
+        release, started, out = threading.Event(), threading.Event(), []
+
+        def holds(model, tokenizer) -> str:
+            started.set()
+            try:
+                m.process("solo-1", "x = ")
+            except GpuGroupsError as exc:
+                release.wait(30)
+                return exc.code
+            return "answered"
+
+        runner = threading.Thread(target=lambda: out.append(m.run("big-base", holds)))
+        runner.start()
+        assert started.wait(30)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (m.process("solo-1", "x = "), done.set()))
+        t.start()
+        assert not done.wait(0.5)  # s1's device is held by the run
+        release.set()
+        runner.join(30)
+        assert done.wait(30) and out == ["conflict"]
+        t.join()
+        with m.use("big-base"), pytest.raises(GpuGroupsError) as e:
+            m.process("solo-1", "x = ")
+        assert e.value.code == "conflict"
+        assert m.process("solo-1", "x = ")["predictions"]
+
+
 def test_the_gpu_checks_sharding_comparison_runs_on_cpu_backed_virtual_devices(deep):
     from bench import gpu_check
 
