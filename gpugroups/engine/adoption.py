@@ -38,7 +38,7 @@ class Adoption(Loads):
 
     def lose(self, device_id: int) -> None:
         """A device became unreachable: its resident groups leave (loads and unloads under way
-        fail on their own through the worker)."""
+        fail on their own through the worker), a sharded one unloaded where its first device lives on."""
         with self._lock:
             gone = [s for s in self.slots.values() if device_id in s.shares and s.state == "resident"]
             for s in gone:
@@ -46,5 +46,7 @@ class Adoption(Loads):
                 self.pins.pop(s.group.id, None)
             self._changed()
         for s in gone:
+            if s.device_id != device_id:  # a sharded group's first device holds the whole model: free it
+                self.workers[s.device_id].unload(s.group.id)
             if not s.gone.done():
                 s.gone.set_result(None)

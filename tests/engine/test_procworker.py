@@ -294,6 +294,23 @@ def test_a_killed_worker_process_loses_its_device_and_close_leaves_no_process(ti
     assert refused.value.code == "invalid_request"
 
 
+def test_a_sharded_group_that_loses_a_device_is_freed_on_its_first_one(tiny_catalog_toml: Path) -> None:
+    """The process of a sharded group's first device holds the whole model: when another device it
+    spans is lost, the group leaves the state and that process frees it too (no memory kept unseen)."""
+    workers: list[ProcessWorker] = []
+    m = gg.Manager(devices=DEVICES, catalog=tiny_catalog_toml, worker=collecting(workers), progress=False)
+    try:
+        assert m.load("tiny-a", device_ids=[0, 1])["device_ids"] == [0, 1]
+        assert "tiny" in workers[0].resident()
+        os.kill(workers[1].pid, signal.SIGKILL)
+        assert wait_for(lambda: m.state()["devices"][1]["status"] == "lost")
+        assert m.state()["devices"][0]["resident_groups"] == []
+        assert wait_for(lambda: workers[0].resident() == {})
+        assert m.load("tiny-a")["device_ids"] == [0]
+    finally:
+        m.close()
+
+
 def _raised(call: Any) -> list[BaseException]:
     try:
         call()
