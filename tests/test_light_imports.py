@@ -16,7 +16,8 @@ LIGHT = [
     "gpugroups.kernelenv",
     "gpugroups.kernel", "gpugroups._ipykernel",
     # the engine package itself and the worker seam stay light too (an out-of-process worker imports them)
-    "gpugroups.engine", "gpugroups.engine.worker", "gpugroups.engine.remote", "gpugroups.engine.procworker",
+    "gpugroups.engine", "gpugroups.engine.calls", "gpugroups.engine.worker", "gpugroups.engine.remote",
+    "gpugroups.engine.procworker",
     "gpugroups.engine.prochost",
 ]
 

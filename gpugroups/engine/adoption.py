@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import functools
 
+from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
+from .calls import loaded_as
+from .devices import Device
+from .estimates import folders
 from .loads import Loads
 from .slot import Slot
 
@@ -16,14 +20,12 @@ class Adoption(Loads):
 
     def adopt(self) -> None:
         """Take over what the workers already hold (Ray actors outlive the kernel that loaded
-        into them) and listen for lost devices. Held groups this catalog does not know are unloaded."""
+        into them) and listen for lost devices. Held groups this catalog does not know, or whose
+        entry no longer says what was loaded (members, folders, dtype), are unloaded."""
         for i, w in enumerate(self.workers):
             w.on_lost(functools.partial(self.lose, i))
-            for gid, nbytes in w.resident().items():
-                try:
-                    group = self.catalog.group(gid)
-                except GpuGroupsError:
-                    group = None
+            for gid, (nbytes, was) in w.resident().items():
+                group = self._as_loaded(gid, was, self.devices[i])
                 if group is None or gid in self.slots:
                     w.unload(gid)
                     continue
@@ -35,6 +37,15 @@ class Adoption(Loads):
                     self.slots[gid], self.measured[gid] = slot, nbytes
                     self.warm.add(i)  # no current member: the worker does not know it, so the first load names it
                     self._changed()
+
+    def _as_loaded(self, gid: str, was: str, device: Device) -> GroupSpec | None:
+        """The catalog's group ``gid`` if loading it on ``device`` now would load what ``was`` says."""
+        try:
+            group = self.catalog.group(gid)
+            now = loaded_as(group, folders(self.catalog, group), self.estimates.dtype_for(group, device))
+        except GpuGroupsError:  # unknown now, or its files are gone
+            return None
+        return group if now == was else None
 
     def lose(self, device_id: int) -> None:
         """A device became unreachable: its resident groups leave (loads and unloads under way

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .worker import cancelled
+from .calls import cancelled
 
 #: Ids cancelled before their request reached a worker, remembered (the latest ones) so it never starts.
 EARLY_CANCELS = 1024

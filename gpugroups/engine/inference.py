@@ -27,9 +27,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..errors import GpuGroupsError
 from ..protocol import check_work
 from .budget import PassBudget
+from .calls import Request
 from .runtime import Runtime
 from .tokens import encode, token_texts
-from .worker import Request
 
 
 def predict(

@@ -21,10 +21,10 @@ from ..errors import GpuGroupsError, manager_closed
 from ..placement import Decision, DeviceView, Layout, Ledger, ResidentView, place
 from ..protocol import MAX_DEVICE_ID
 from .bus import EventBus
+from .calls import OutOfMemory, Span, Worker
 from .devices import Device
 from .estimates import EstimateCache, folders, needed_bytes, shard_reserve
 from .slot import Operation, Slot
-from .worker import OutOfMemory, Span, Worker
 
 
 class Loads:

@@ -32,6 +32,7 @@ from ..schema import (
     UnloadResult,
 )
 from .bus import EventBus, Subscriber
+from .calls import Request, Worker, new_request_id
 from .cancels import Cancels
 from .catalogs import make_catalog
 from .devices import detect
@@ -41,7 +42,7 @@ from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import States, render, snapshot
 from .twins import AwaitableTwins
-from .worker import Request, Worker, WorkerChoice, new_request_id, worker_factory
+from .worker import WorkerChoice, worker_factory
 
 P = ParamSpec("P")
 T = TypeVar("T")

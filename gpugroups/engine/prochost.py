@@ -28,9 +28,10 @@ from typing import Any
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
+from .calls import Request, Span
 from .devices import Device
 from .remote import outcome, run_outcome, unpack
-from .worker import Request, Span, ThreadWorker
+from .worker import ThreadWorker
 
 #: ``Device`` fields a worker process is made from (the rest belong to the parent: NVML, locks).
 DEVICE_FIELDS = ("device_id", "device", "kind", "name", "total_bytes", "budget_bytes", "backing", "supports_bf16")

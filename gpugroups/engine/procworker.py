@@ -28,10 +28,10 @@ from typing import Any
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError, manager_closed
+from .calls import Held, Progress, Request, Span, cancelled
 from .devices import Device
 from .prochost import DEVICE_FIELDS
 from .remote import RemoteCalls, pack_run, result_of
-from .worker import Progress, Request, Span, cancelled
 
 #: How long a worker process may take to answer ``resident`` (it starts Python first) or to stop.
 ANSWER_S = 60.0
@@ -125,9 +125,9 @@ class ProcessWorker(RemoteCalls):
                     return
             self._send((0, "cancel", (request_id,)), None)
 
-    def resident(self) -> dict[str, int]:
+    def resident(self) -> dict[str, Held]:
         try:
-            held: dict[str, int] = self._call("idle", "resident", ()).result(timeout=ANSWER_S)
+            held: dict[str, Held] = self._call("idle", "resident", ()).result(timeout=ANSWER_S)
         except TimeoutError:
             self._proc.kill()  # it does not answer: lost (the reader sees the pipe close)
             return {}

@@ -33,6 +33,7 @@ import ray
 
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
+from .calls import Held
 from .devices import Device, detect
 from .rayline import InOrder, LineServer
 from .remote import outcome, run_outcome, unpack
@@ -106,14 +107,14 @@ class DeviceActor:
         }
 
     @ray.method(concurrency_group=CONTROL)
-    def ping(self, idle_timeout_s: float) -> dict[str, int]:
+    def ping(self, idle_timeout_s: float) -> dict[str, Held]:
         """A manager is attached: restart the idle clock (with its idle time). Answers ``resident()``."""
         self._touch()
         self.idle_timeout_s = idle_timeout_s
         return self._worker.resident()
 
     @ray.method(concurrency_group=CONTROL)
-    def resident(self) -> dict[str, int]:
+    def resident(self) -> dict[str, Held]:
         """The groups held here and their measured bytes."""
         return self._worker.resident()
 

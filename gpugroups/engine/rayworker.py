@@ -31,11 +31,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from ..kernelenv import RAY_ADDRESS_ENV
+from .calls import Held, Progress, Request, Span
 from .devices import Device, parse_size
 from .rayactor import ACTOR_OPTIONS, DeviceActor, seal
 from .rayline import Address, open_line
 from .remote import Outcome, RemoteCalls, pack_run, result_of
-from .worker import Progress, Request, Span
 
 #: How often a worker pings its actor (also the actor's sign that a manager is attached).
 PING_S = 1.0
@@ -194,11 +194,11 @@ class RayWorker(RemoteCalls):
             else:
                 self._send_on_line(None, "cancel", request_id)
 
-    def resident(self) -> dict[str, int]:
+    def resident(self) -> dict[str, Held]:
         if self._lost is not None:
             return {}
         try:
-            held: dict[str, int] = ray.get(self._actor.resident.remote(), timeout=READY_S)
+            held: dict[str, Held] = ray.get(self._actor.resident.remote(), timeout=READY_S)
         except (GetTimeoutError, RayError):  # its node died, or is dying: nothing to adopt there
             self._lose()
             return {}

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import cloudpickle
 
 from ..errors import GpuGroupsError, manager_closed
+from .calls import OutOfMemory
 from .devices import Device
-from .worker import OutOfMemory
 
 #: What one call answers: ``("ok", value)``, ``("error", GpuGroupsError JSON)``, ``("oom", message)``,
 #: or for ``run`` ``("raised", exception)``: fn's own exception, handed back as itself (a ``run``

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..errors import GpuGroupsError
+from .calls import Worker
 from .residency import Residency
 from .slot import Slot
-from .worker import Worker
 
 
 @dataclass(frozen=True)

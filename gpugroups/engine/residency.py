@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from .adoption import Adoption
+from .calls import Request
 from .holds import Holds
 from .slot import Slot
-from .worker import Request
 
 __all__ = ["Residency", "Slot"]  # Slot re-exported: the manager imports it from here
 

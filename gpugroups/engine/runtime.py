@@ -27,10 +27,10 @@ import torch
 from ..catalog import GroupSpec
 from .adapters import BASE_ROW, Adapters
 from .budget import PassBudget
+from .calls import Progress, Span
 from .devices import Device
 from .estimate import ShardReserve, config_of, group_reserve
 from .torchkit import CONSTRUCTION_LOCK, context_length, import_transformers, measured_bytes, torch_dtype
-from .worker import Progress, Span
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .worker import Request
+    from .calls import Request
 
 #: Most requests one forward pass serves.
 MAX_BATCH = 32

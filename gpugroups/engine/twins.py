@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from .worker import new_request_id
+from .calls import new_request_id
 
 if TYPE_CHECKING:
     from ..schema import ClearResult, LoadResult, PinResult, ProcessResult, UnloadResult

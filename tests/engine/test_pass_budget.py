@@ -12,12 +12,12 @@ import torch
 
 from gpugroups.catalog import GroupSpec
 from gpugroups.engine.budget import PassBudget
+from gpugroups.engine.calls import Request
 from gpugroups.engine.devices import Device
 from gpugroups.engine.estimate import config_of, reserve_parts
 from gpugroups.engine.inference import predict
 from gpugroups.engine.runtime import Runtime
 from gpugroups.engine.turns import MAX_BATCH
-from gpugroups.engine.worker import Request
 from tests import tinymodels
 
 CONTEXT = 4096  # far beyond what the reserve (8 rows of 512 tokens) holds with eager attention

@@ -21,9 +21,10 @@ import psutil
 import pytest
 
 import gpugroups as gg
+from gpugroups.engine.calls import Request, Worker
 from gpugroups.engine.devices import Device, detect
 from gpugroups.engine.procworker import ProcessWorker
-from gpugroups.engine.worker import Request, ThreadWorker, Worker, worker_factory
+from gpugroups.engine.worker import ThreadWorker, worker_factory
 from gpugroups.errors import GpuGroupsError
 from tests.waiting import wait_for
 

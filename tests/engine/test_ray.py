@@ -27,6 +27,7 @@ import gpugroups as gg
 from gpugroups.errors import GpuGroupsError
 from gpugroups.kernelenv import RAY_ADDRESS_ENV
 from gpugroups.server.openapi import build_spec
+from tests import tinymodels
 from tests.contract import check
 from tests.raycluster import SPEC, RayCluster, actors_in, namespace
 from tests.waiting import wait_for
@@ -234,10 +235,10 @@ def test_without_the_key_there_is_no_line_and_prompts_go_over_ray(ray_cluster: R
     import functools
 
     from gpugroups.catalog import Catalog
+    from gpugroups.engine.calls import Request
     from gpugroups.engine.estimates import folders
     from gpugroups.engine.rayline import open_line
     from gpugroups.engine.rayworker import ray_devices
-    from gpugroups.engine.worker import Request
 
     devices = [d for d in ray_devices(SPEC, namespace()) if d.remote_worker]
     host, port, key = devices[0].remote_worker.keywords["line"]  # type: ignore[union-attr]
@@ -266,9 +267,9 @@ def test_without_the_key_there_is_no_line_and_prompts_go_over_ray(ray_cluster: R
 def test_a_line_that_breaks_loses_the_device_at_once(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     """The line ends without the manager hanging up (its socket reset): the device turns lost and
     its calls fail ``host_unavailable``, without waiting for the pings to notice."""
+    from gpugroups.engine.calls import Request
     from gpugroups.engine.rayline import _hang_up
     from gpugroups.engine.rayworker import ray_devices
-    from gpugroups.engine.worker import Request
 
     workers = [d.remote_worker(d) for d in ray_devices(SPEC, namespace()) if d.remote_worker]
     try:
@@ -292,9 +293,9 @@ def test_an_unload_sent_right_after_a_prompt_too_big_to_travel_inline_runs_after
     the node has fetched it, after calls sent later; the request still runs before the unload sent
     right behind it, and answers as a local device does."""
     from gpugroups.catalog import Catalog
+    from gpugroups.engine.calls import Request
     from gpugroups.engine.estimates import folders
     from gpugroups.engine.rayworker import ray_devices
-    from gpugroups.engine.worker import Request
 
     prompt = "the cät sät on the mät. " * 4000  # 96,000 characters, 108,000 bytes in UTF-8
     with gg.Manager(devices="virtual:512MiB", catalog=tiny_catalog_toml) as local:
@@ -317,19 +318,28 @@ def test_an_unload_sent_right_after_a_prompt_too_big_to_travel_inline_runs_after
             w.stop()
 
 
-def test_a_new_manager_adopts_the_groups_of_a_killed_one(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
+def test_a_new_manager_adopts_the_groups_of_a_killed_one(
+    ray_cluster: RayCluster, tiny_catalog_toml: Path, tiny_llama: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Groups whose catalog entry still says what was loaded are adopted as they are; one whose
+    entry now names another model (``gpt``'s member: the Llama's folder) is unloaded, not served."""
     ns = namespace()
     out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, """
         print(m.load("tiny-a", device_id=1)["status"])
+        print(m.load("tiny-gpt2", device_id=0)["status"])
         print("expect", m.process("tiny-b", "adopt me", 3)["predictions"][0]["token_id"])
     """)
     assert "loaded" in out
     expected = int(out.split("expect ")[1].split()[0])
-    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
+    changed = tinymodels.catalog_toml(tmp_path / "gpugroups.toml", tiny_llama, tiny_adapters, {"tiny-gpt2": tiny_llama})
+    m = gg.Manager(devices=SPEC, catalog=changed, ray_namespace=ns)
     try:
         state = m.state()
         assert state["devices"][1]["resident_groups"] == ["tiny"]
+        assert state["devices"][0]["resident_groups"] == []
         assert state["operations"] == []
+        assert m.load("tiny-gpt2")["status"] == "loaded"  # the model its entry names now
+        m.unload("tiny-gpt2")
         events: list[dict[str, Any]] = []
         m.subscribe(events.append)
         assert m.load("tiny-a")["status"] == "already_loaded"

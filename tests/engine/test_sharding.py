@@ -6,7 +6,7 @@ import pytest
 
 import gpugroups as gg
 from gpugroups.catalog import Catalog
-from gpugroups.engine.worker import OutOfMemory
+from gpugroups.engine.calls import OutOfMemory
 from gpugroups.errors import GpuGroupsError
 from tests.engine.gated import GatedWorker, gated_manager
 

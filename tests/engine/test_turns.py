@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+from gpugroups.engine.calls import Request
 from gpugroups.engine.turns import MAX_BATCH, Task, Turns
-from gpugroups.engine.worker import Request
 
 
 def _request(member: str = "m", new_tokens: int = 0) -> Task:

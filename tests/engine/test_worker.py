@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from gpugroups.engine.calls import Request, Worker
 from gpugroups.engine.devices import Device, detect
-from gpugroups.engine.worker import Request, ThreadWorker, Worker, lends
+from gpugroups.engine.worker import ThreadWorker, lends
 from gpugroups.errors import GpuGroupsError
 from tests.engine.gated import gated_manager
 from tests.waiting import wait_for
