@@ -126,36 +126,43 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise GpuGroupsError("invalid_request", "devices: give at least one device spec")
-    devices: list[Device] = []
+    parts: list[list[Device] | str] = []  # a Ray spec's actors are made once every spec is known good
     for s in specs:
         if not isinstance(s, str):
             raise GpuGroupsError("invalid_request", f"devices: bad spec {s!r}")
         s = s.strip()
         if s == "auto":
-            devices += _cuda_devices(None) or [_cpu_device()]
+            parts.append(_cuda_devices(None) or [_cpu_device()])
         elif s == "cpu":
-            devices.append(_cpu_device())
+            parts.append([_cpu_device()])
         elif re.fullmatch(r"cuda(:\d+)?", s):
             found = _cuda_devices(int(s.split(":")[1]) if ":" in s else None)
             if not found:
                 raise GpuGroupsError("unknown_device", f"no CUDA device {s!r} on this machine")
-            devices += found
+            parts.append(found)
         elif s.lower().startswith("virtual:"):
-            devices += _virtual_devices(s)
-        elif s.lower() == "ray" or s.lower().startswith("ray:"):
-            from .rayworker import ray_devices  # Ray is imported only when asked for
-
-            devices += ray_devices(s, **(ray or {}))
+            parts.append(_virtual_devices(s))
+        elif re.fullmatch(r"ray(:virtual:.+)?", s, re.I):
+            if s in parts:
+                raise GpuGroupsError("invalid_request", f"devices: {s!r} listed more than once")
+            parts.append(s)
         else:
             raise GpuGroupsError(
                 "invalid_request",
                 f"devices: bad spec {s!r}; expected auto, cpu, cuda[:N], virtual:[Nx]SIZE[@backing], ray or ray:virtual:SIZE",
             )
+    _refuse_twice_listed([d for part in parts if not isinstance(part, str) for d in part])
+    devices: list[Device] = []
+    for part in parts:
+        if isinstance(part, str):
+            from .rayworker import ray_devices  # Ray is imported only when asked for
+
+            part = ray_devices(part, **(ray or {}))
+        devices += part
     if len(devices) > MAX_DEVICES:
         raise GpuGroupsError(
             "invalid_request", f"devices: {len(devices)} devices; at most {MAX_DEVICES} (ids 0..{MAX_DEVICE_ID})"
         )
-    _refuse_twice_listed(devices)
     for i, d in enumerate(devices):
         d.device_id = i
         if d.node is not None:

@@ -100,6 +100,7 @@ class Manager(AwaitableTwins):
         self.catalog = make_catalog(catalog)
         if max_adhoc_groups is not None:
             self.catalog.max_adhoc_groups = max_adhoc_groups
+        worker_factory(worker, [])  # a bad choice is refused before any device (a Ray actor) exists
         self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         make = worker_factory(worker, self.devices)
         self._lock = threading.RLock()

@@ -350,6 +350,16 @@ def test_a_new_manager_adopts_the_groups_of_a_killed_one(
     assert wait_for(lambda: actors_in(ns) == [], 10)
 
 
+def test_a_refused_manager_starts_no_actor(ray_cluster: RayCluster) -> None:
+    """Options are checked before any device actor is made: a refused manager holds no GPU."""
+    ns = namespace()
+    for bad in ({"devices": [SPEC, "bogus"]}, {"devices": SPEC, "worker": "fiber"}, {"devices": [SPEC, SPEC]}):
+        with pytest.raises(GpuGroupsError) as e:
+            gg.Manager(catalog=[], ray_namespace=ns, **bad)
+        assert e.value.code == "invalid_request", bad
+    assert actors_in(ns) == []
+
+
 def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     ns = namespace()
     out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, 'print(m.load_group("gpt")["status"])', idle_s=5)
