@@ -350,6 +350,7 @@ def _failure(group: GroupSpec, exc: BaseException) -> GpuGroupsError:
     if isinstance(exc, GpuGroupsError) and exc.code in ("insufficient_memory", "unknown_model", "load_failed"):
         return exc
     cause = exc.message if isinstance(exc, GpuGroupsError) else f"{type(exc).__name__}: {exc}"
+    known = exc.details if isinstance(exc, GpuGroupsError) else {}  # e.g. a worker process's exit code
     return GpuGroupsError(
-        "load_failed", f"loading group {group.id!r} failed: {cause}", {"group_id": group.id, "cause": cause}
+        "load_failed", f"loading group {group.id!r} failed: {cause}", {**known, "group_id": group.id, "cause": cause}
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -54,10 +55,16 @@ def run_outcome(fut: Done) -> Outcome:
     exc = fut.exception()
     if isinstance(exc, GpuGroupsError):
         return ("error", exc.to_json())
+    if exc is not None:  # its frames do not travel with it: their text does
+        where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+        exc.add_note(f"Traceback where fn ran (most recent call last):\n{where}")
     kind, value = ("ok", on_cpu(fut.result())) if exc is None else ("raised", exc)
     try:
         return (kind, pack(value, _PACKED[kind]))
     except GpuGroupsError as err:
+        if exc is not None:  # the exception itself cannot travel: what it says can
+            said = "\n".join([f"{type(exc).__qualname__}: {exc}", *getattr(exc, "__notes__", [])])
+            err = GpuGroupsError(err.code, f"{err.message}; fn raised {said}")
         return ("error", err.to_json())
 
 

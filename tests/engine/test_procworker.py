@@ -157,8 +157,10 @@ def test_run_sends_fn_by_value_and_brings_tensors_back_on_the_cpu(pair) -> None:
     def boom(model: Any, tokenizer: Any) -> None:
         raise KeyError("from the worker process")
 
-    with pytest.raises(KeyError, match="from the worker process"):
+    with pytest.raises(KeyError, match="from the worker process") as raised:
         pm.run("tiny-a", boom)
+    notes = "\n".join(raised.value.__notes__)  # fn's own frames travel as text
+    assert "Traceback where fn ran" in notes and "in boom" in notes
 
 
 def test_run_refuses_what_cannot_be_pickled_and_use_points_to_run(pair) -> None:
@@ -170,6 +172,18 @@ def test_run_refuses_what_cannot_be_pickled_and_use_points_to_run(pair) -> None:
     with pytest.raises(GpuGroupsError) as back:
         pm.run("tiny-a", lambda model, tokenizer: __import__("threading").Lock())
     assert back.value.code == "invalid_request" and "fn's result cannot be pickled" in back.value.message
+
+    class Holds(Exception):  # an exception that cannot travel back: what it says does
+        def __init__(self) -> None:
+            super().__init__("weird")
+            self.lock = threading.Lock()
+
+    def raises_it(model: Any, tokenizer: Any) -> None:
+        raise Holds()
+
+    with pytest.raises(GpuGroupsError) as odd:
+        pm.run("tiny-a", raises_it)
+    assert "fn raised" in odd.value.message and "Holds: weird" in odd.value.message and "in raises_it" in odd.value.message
     with pytest.raises(GpuGroupsError) as used, pm.use("tiny-a"):
         pass
     assert used.value.code == "invalid_request" and "m.run" in used.value.message

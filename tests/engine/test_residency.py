@@ -301,3 +301,15 @@ def test_first_loads_from_many_threads_at_once_all_succeed(tiny_catalog_toml):
     )
     statuses = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(statuses) <= {"loaded", "switched", "already_loaded"} and statuses.count("loaded") == 1, statuses
+
+
+def test_a_load_failed_by_a_lost_worker_keeps_what_the_worker_said():
+    """A load whose worker process ended fails as ``load_failed``, its details still naming the
+    device and the process's exit code (as the device's other pending calls do)."""
+    from gpugroups.catalog import GroupSpec
+    from gpugroups.engine.loads import _failure
+
+    ended = GpuGroupsError("host_unavailable", "the worker process of device 1 ended", {"device_id": 1, "exitcode": -9})
+    err = _failure(GroupSpec("g", "models", "g", ["m"]), ended)
+    assert err.code == "load_failed" and "ended" in err.message
+    assert err.details == {"device_id": 1, "exitcode": -9, "group_id": "g", "cause": ended.message}
