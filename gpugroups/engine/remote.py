@@ -97,7 +97,9 @@ def pack_run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> byte
         return pack((fn, args, dict(kwargs)), "fn or its arguments")
     except GpuGroupsError as exc:
         refused: Future[Any] = Future()
-        refused.set_exception(exc)
+        refused.set_exception(GpuGroupsError(exc.code, f"{exc.message}. It runs in another process: what it "
+                                             "refers to travels there by value, so it cannot use the manager "
+                                             "(or a lock, a file, a socket); pass it what it needs instead"))
         return refused
 
 

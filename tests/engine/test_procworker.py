@@ -169,6 +169,7 @@ def test_run_refuses_what_cannot_be_pickled_and_use_points_to_run(pair) -> None:
     with pytest.raises(GpuGroupsError) as sent:
         pm.run("tiny-a", lambda model, tokenizer: lock.locked())
     assert sent.value.code == "invalid_request" and "fn or its arguments cannot be pickled" in sent.value.message
+    assert "cannot use the manager" in sent.value.message
     with pytest.raises(GpuGroupsError) as back:
         pm.run("tiny-a", lambda model, tokenizer: __import__("threading").Lock())
     assert back.value.code == "invalid_request" and "fn's result cannot be pickled" in back.value.message
