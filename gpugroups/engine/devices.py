@@ -21,6 +21,7 @@ import psutil
 
 from ..errors import GpuGroupsError
 from ..protocol import MAX_DEVICE_ID
+from .torchkit import import_once
 
 #: The most devices one manager has: every one must be nameable by a device id.
 MAX_DEVICES = MAX_DEVICE_ID + 1
@@ -222,6 +223,7 @@ def _mem_available() -> int:
 def _cuda_devices(index: int | None) -> list[Device]:
     """CUDA devices through torch, with NVML handles; none when there is no GPU or driver."""
     try:
+        import_once("torch")  # where an interrupt cannot cut it short
         import torch
 
         if not torch.cuda.is_available():

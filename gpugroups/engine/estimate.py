@@ -177,9 +177,8 @@ def weight_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) 
 
 def meta_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) -> int:
     """Bytes of the model described by ``folder/config.json``, built on the meta device (no weights)."""
+    import_transformers()  # first: it imports torch where an interrupt cannot cut it short
     import torch
-
-    import_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     folder = Path(folder)

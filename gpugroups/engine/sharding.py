@@ -35,9 +35,8 @@ def meta_model(folder: Path, dtype: str, trust_remote_code: bool = False) -> Any
 
 @functools.lru_cache(maxsize=8)
 def _meta_model(folder: str, stamp: int, dtype: str, trust_remote_code: bool) -> Any:
+    import_transformers()  # first: it imports torch where an interrupt cannot cut it short
     import torch
-
-    import_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

@@ -5,6 +5,7 @@ the header-only estimates that import this module stay light.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,24 +22,43 @@ if TYPE_CHECKING:
 #: process (loads, meta-device estimates) holds this lock.
 CONSTRUCTION_LOCK = threading.RLock()
 
-_TRANSFORMERS_LOCK = threading.Lock()
-_transformers_imported = False
+_IMPORT_LOCK = threading.Lock()
+_imports: dict[str, threading.Thread] = {}  # module -> the thread that imports it, once
+_imported: set[str] = set()
+_import_failed: dict[str, BaseException] = {}
+
+
+def import_once(name: str) -> None:
+    """Import the heavy module ``name`` (torch, transformers) the first time, in a thread of its own
+    that every caller waits for: an interrupt (Ctrl-C in the kernel) stops the wait, never the
+    import, which a half-imported torch would not survive. Afterwards this is one set lookup."""
+    if name in _imported:
+        return
+    with _IMPORT_LOCK:
+        if name not in _imports:
+            _imports[name] = threading.Thread(target=_import, args=(name,), name=f"gpugroups-import-{name}", daemon=True)
+            _imports[name].start()
+    _imports[name].join()
+    if name in _import_failed:
+        raise ImportError(f"{name} could not be imported: {_import_failed[name]!r}") from _import_failed[name]
+
+
+def _import(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:  # said to every caller, not lost in this thread
+        _import_failed[name] = exc
+        return
+    _imported.add(name)
 
 
 def import_transformers() -> None:
-    """Import transformers the first time under a lock; call it before importing from it.
-
-    transformers' ``__init__`` swaps the package for a lazy module as it ends, and a thread that
-    imports from it meanwhile fails (``ImportError: cannot import name 'AutoConfig'``, seen with
-    four threads' first loads at once on transformers 5.24). Afterwards this is one flag check.
-    """
-    global _transformers_imported
-    if _transformers_imported:
-        return
-    with _TRANSFORMERS_LOCK:
-        import transformers  # noqa: F401
-
-        _transformers_imported = True
+    """torch, then transformers (which imports torch only when first used), each ``import_once``;
+    call it before importing from either. transformers' ``__init__`` swaps the package for a lazy
+    module as it ends, and a thread that imports from it meanwhile fails (``ImportError: cannot
+    import name 'AutoConfig'``, seen with four threads' first loads at once on transformers 5.24)."""
+    import_once("torch")
+    import_once("transformers")
 
 #: The load dtypes gpugroups supports, with their bytes per element (the names are torch's).
 LOAD_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -313,3 +313,41 @@ def test_a_load_failed_by_a_lost_worker_keeps_what_the_worker_said():
     err = _failure(GroupSpec("g", "models", "g", ["m"]), ended)
     assert err.code == "load_failed" and "ended" in err.message
     assert err.details == {"device_id": 1, "exitcode": -9, "group_id": "g", "cause": ended.message}
+
+
+INTERRUPTED_IMPORT = """
+import _thread, sys, threading, time
+from gpugroups.engine.estimate import meta_bytes
+from gpugroups.localfiles import DEMO_DIR
+ctrl_c = threading.Timer(float(sys.argv[1]), _thread.interrupt_main)  # Ctrl-C while the first import runs
+ctrl_c.start()
+try:
+    meta_bytes(DEMO_DIR / "tinygpt2", "float32")  # an estimate: torch and transformers' first import
+    print("not-interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+try:
+    ctrl_c.join()
+    time.sleep(1)  # an interrupt that came after the import ended lands here
+except KeyboardInterrupt:
+    pass
+print("ok", meta_bytes(DEMO_DIR / "tinygpt2", "float32") > 0)
+"""
+
+
+def test_an_interrupt_during_the_first_import_leaves_torch_whole():
+    """Ctrl-C while a kernel's first estimate or load imports torch stops the wait, not the import:
+    a torch import cut short could not be done again (the next estimate aborted the process)."""
+    import subprocess
+    import sys
+
+    said = []
+    for after_s in ("0.2", "0.5", "0.8"):  # within torch's import, or later
+        run = subprocess.run(
+            [sys.executable, "-c", INTERRUPTED_IMPORT, after_s], capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, (after_s, run.stderr[-2000:])
+        first, *rest = run.stdout.split()
+        assert rest == ["ok", "True"], (after_s, run.stdout)
+        said.append(first)
+    assert "interrupted" in said, said  # at least one Ctrl-C came while the import ran
