@@ -94,10 +94,39 @@ class Legacy:
         handler.set_header("Link", f'<{successor}>; rel="successor-version"')
 
 
+@web.stream_request_body
 class GpuGroupsHandler(Legacy, JsonErrors, APIHandler):
-    """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``."""
+    """Base of the REST handlers: JSON errors, the host policy, deprecation headers on ``/api/v1``.
+
+    Bodies are read as they stream in (``prepare``, ``data_received``), so that what would be
+    refused anyway is refused before it is read: a caller who is not logged in (403) and a body
+    over ``GpuGroupsHost.max_body_bytes`` (400); one that does not say its length stops being
+    read at the limit.
+    """
 
     auth_resource = AUTH_RESOURCE
+    _body: bytes | bytearray = b""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.request.method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return
+        if not self.current_user:
+            raise web.HTTPError(403)
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.host.max_body_bytes:
+            raise self._too_large(int(length))
+        self.request.connection.set_max_body_size(self.host.max_body_bytes)  # type: ignore[union-attr]
+        self._body = bytearray()
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+
+    def _too_large(self, size: int) -> GpuGroupsError:
+        return GpuGroupsError(
+            "invalid_request",
+            f"the body has {size} bytes; at most {self.host.max_body_bytes} are accepted (GpuGroupsHost.max_body_bytes)",
+        )
 
     @property
     def host(self) -> GpuGroupsHost:
@@ -115,15 +144,11 @@ class GpuGroupsHandler(Legacy, JsonErrors, APIHandler):
     def json_body(self) -> Any:
         """The request body as JSON (an empty body is ``{}``); ``invalid_request`` if it isn't JSON
         or is larger than ``GpuGroupsHost.max_body_bytes``."""
-        if not self.request.body:
+        if not self._body:
             return {}
-        if len(self.request.body) > self.host.max_body_bytes:
-            raise GpuGroupsError(
-                "invalid_request",
-                f"the body has {len(self.request.body)} bytes; at most {self.host.max_body_bytes} are accepted "
-                "(GpuGroupsHost.max_body_bytes)",
-            )
-        return parse_json(self.request.body)
+        if len(self._body) > self.host.max_body_bytes:
+            raise self._too_large(len(self._body))
+        return parse_json(bytes(self._body))
 
 
 class OpHandler(GpuGroupsHandler):
@@ -209,6 +234,7 @@ class NotFoundHandler(GpuGroupsHandler):
         raise GpuGroupsError("not_found", f"no route {self.request.method} {self.request.path}")
 
     post = put = delete = patch = head = get
+    options = get  # type: ignore[assignment]  # APIHandler answers OPTIONS with 200 on any path
 
 
 def _path_value(op: Op, name: str, text: str) -> Any:

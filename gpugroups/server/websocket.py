@@ -40,6 +40,9 @@ from ..protocol import API_PREFIX, LEGACY_PREFIX, parse_json
 from .handlers import AUTH_RESOURCE, JsonErrors, Legacy
 from .host import GpuGroupsHost
 
+#: Bytes of the largest message a client may send on the socket.
+MAX_CLIENT_MESSAGE = 4096
+
 
 class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     """One client's event stream (origin-checked by ``WebSocketMixin``). A refused upgrade (no
@@ -57,6 +60,12 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
     def host(self) -> GpuGroupsHost:
         host: GpuGroupsHost = self.settings["gpugroups_host"]
         return host
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message a client may send (a larger one closes the socket, 1009, before it
+        is buffered or parsed on the server's loop): the one it understands, ``get_state``, is tiny."""
+        return MAX_CLIENT_MESSAGE
 
     @ws_authenticated
     @authorized
@@ -94,6 +103,9 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
         self.host.remove_listener(self._on_event)
         self._outbox.clear()
         self._stop_deadline()
+        if self.ping_callback is not None:  # else it keeps this socket alive until its next tick
+            self.ping_callback.stop()
+            self.ping_callback = None
 
     async def _send_state(self) -> None:
         self._fetching += 1

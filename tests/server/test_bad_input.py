@@ -12,6 +12,7 @@ import requests
 import websocket
 
 from gpugroups.protocol import API_PREFIX, MAX_DEVICE_ID
+from gpugroups.server.websocket import MAX_CLIENT_MESSAGE
 
 from .conftest import LiveServer
 
@@ -54,7 +55,7 @@ def test_deeply_nested_websocket_frames_are_refused_and_the_socket_lives(live: L
     )
     try:
         assert json.loads(ws.recv())["type"] == "system_state"
-        ws.send(DEEP)
+        ws.send(DEEP[:MAX_CLIENT_MESSAGE])  # too deep for Python's parser, within the size limit
         while (answer := json.loads(ws.recv()))["type"] != "error":  # events may come first
             assert answer["type"] in ("system_state", "state_update"), answer
         assert answer["error"]["code"] == "invalid_request"
@@ -64,6 +65,53 @@ def test_deeply_nested_websocket_frames_are_refused_and_the_socket_lives(live: L
         assert message["state"]["version"] >= 0
     finally:
         ws.close()
+
+
+def test_a_large_body_is_refused_from_its_headers_not_read(live: LiveServer) -> None:
+    """A body over ``max_body_bytes`` is refused before it is read: a client that announces 300 MiB
+    and has sent 64 KiB gets its 400 at once (one with no token its 403), not after 300 MiB."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(live.url)
+    for auth, status in ((f"Authorization: token {live.token}\r\n", 400), ("", 403)):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+            s.sendall(
+                f"POST {API_PREFIX}/models/load HTTP/1.1\r\nHost: {where.netloc}\r\n{auth}"
+                f"Content-Type: application/json\r\nContent-Length: {300 << 20}\r\n\r\n".encode()
+                + b"x" * (64 << 10)
+            )
+            reply = s.recv(65536).decode(errors="replace")
+        assert reply.startswith(f"HTTP/1.1 {status}"), reply[:200]
+        if status == 400:
+            assert "GpuGroupsHost.max_body_bytes" in reply
+
+
+def test_an_oversize_websocket_message_closes_that_socket_only(live: LiveServer, host_id: str) -> None:
+    """A message over ``MAX_CLIENT_MESSAGE`` is never buffered or parsed: its socket is closed
+    (1009, message too big); another socket and REST are served as before."""
+    url, auth = live.url.replace("http", "ws") + API_PREFIX + "/ws", [f"Authorization: token {live.token}"]
+    big, other = (websocket.create_connection(url, header=auth, timeout=30) for _ in range(2))
+    try:
+        assert json.loads(big.recv())["type"] == "system_state"
+        assert json.loads(other.recv())["type"] == "system_state"
+        closed: int | str = "open"
+        try:  # the server closes it (1009) as soon as it sees the size, before the rest arrives
+            big.send(json.dumps({"type": "get_state", "pad": "x" * (1 << 20)}))
+            while closed == "open":
+                opcode, data = big.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    closed = int.from_bytes(data[:2], "big")
+        except (ConnectionResetError, BrokenPipeError, websocket.WebSocketConnectionClosedException):
+            closed = "reset"  # closed while the client still wrote: the close frame was lost
+        assert closed in (1009, "reset")
+        other.send(json.dumps({"type": "get_state"}))
+        while json.loads(other.recv())["type"] != "system_state":
+            pass
+        assert live.get(API_PREFIX + "/system/state").ok
+    finally:
+        big.close()
+        other.close()
 
 
 @pytest.mark.parametrize("text", ["\ud800", "a\udc80b"])

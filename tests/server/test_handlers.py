@@ -121,7 +121,9 @@ async def test_bad_requests_are_400_json(
 
 
 async def test_unknown_routes_and_methods_are_json(jp_fetch: Any) -> None:
-    for path, method in (("/no/such/thing", "GET"), ("", "GET"), ("/no/such/thing", "PUT"), ("/nosuch", "DELETE")):
+    for path, method in (
+        ("/no/such/thing", "GET"), ("", "GET"), ("/no/such/thing", "PUT"), ("/nosuch", "DELETE"), ("/nosuch", "OPTIONS"),
+    ):
         r = await fetch(jp_fetch, API_PREFIX + path, method, body="{}" if method == "PUT" else None)
         assert r.code == 404 and error_of(r)["code"] == "not_found", (path, method)
     r = await fetch(jp_fetch, LEGACY_PREFIX)  # the old prefix itself: a JSON 404 that points to v2
