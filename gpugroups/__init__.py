@@ -1,5 +1,9 @@
 """gpugroups: run several Hugging Face models on one or more GPUs from Jupyter.
 
+Start with ``gg.manager()`` (this kernel's ``gg.Manager``: load, switch, process, pin, run),
+``gg.panel()`` (the live widget), ``gg.serve()`` (the ``/api/v2`` routes) or ``gg.Client`` (those
+routes from elsewhere); ``help(gg.Manager)`` documents the whole Python API.
+
 The public face. Heavy parts (torch, transformers) load lazily on first use of ``manager()``,
 ``Manager``, ``panel()`` or ``serve()``, so ``import gpugroups`` and the light modules
 (``catalog``, ``placement``, ``protocol``) stay cheap enough for the Jupyter server process.
@@ -51,6 +55,11 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .server.app import GpuGroupsApp
 
     return [{"module": "gpugroups.server", "app": GpuGroupsApp}]
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so that ``dir(gg)`` and tab completion offer ``Manager`` and ``Client``."""
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name: str) -> Any:

@@ -281,6 +281,21 @@ class Catalog:
             del self._adhoc[group_id]
             self._remove_group(group_id)
 
+    def unregister(self, group_id: str, unless: Callable[[str], bool]) -> GroupSpec:
+        """Drop a registered group and its members (``Manager.unregister_group``); ``conflict`` if
+        ``unless(group_id)`` (asked under this catalog's lock: it is loaded, loading or pinned)."""
+        with self._lock:
+            group = self.group(group_id)
+            if group.id not in self.groups:  # a ``single:`` id that nothing registered
+                raise GpuGroupsError("unknown_group", f"unknown group {group_id!r}{self._hint(group_id, 'groups')}")
+            if unless(group.id):
+                raise GpuGroupsError(
+                    "conflict", f"group {group.id!r} is loaded, loading or pinned: m.unload_group({group.id!r}) first"
+                )
+            self._adhoc.pop(group.id, None)
+            self._remove_group(group.id)
+            return group
+
     def local_path(self, source: str) -> Path:
         """The local folder of a model source: the path itself, or the hub id's cached snapshot."""
         p = Path(source)

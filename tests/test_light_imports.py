@@ -30,6 +30,7 @@ modules = json.loads(sys.argv[1])
 for name in modules:
     importlib.import_module(name)
 import gpugroups
+assert {"Manager", "Client"} <= set(dir(gpugroups))  # offered to tab completion, still not imported
 from gpugroups.catalog import Catalog
 Catalog().to_json()
 if importlib.util.find_spec("gpugroups.server") is not None:

@@ -38,6 +38,7 @@ from .catalogs import make_catalog
 from .devices import detect
 from .estimates import EstimateCache
 from .progress import LoadBar, ProgressOption, check_option
+from .registry import Registry
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .state import States, render, snapshot
@@ -48,7 +49,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Manager(AwaitableTwins):
+class Manager(Registry, AwaitableTwins):
     """Owns devices and the groups on them. Thread-safe; one per kernel is usual (``gg.manager()``).
 
     ``devices``: ``"auto"`` (CUDA devices, else one ``cpu``), ``"cpu"``, ``"cuda:N"``,
@@ -375,36 +376,6 @@ class Manager(AwaitableTwins):
         """
         self._res.check_open()
         return self._bus.subscribe(callback)
-
-    def register_group(
-        self,
-        group_id: str,
-        base: str | None = None,
-        adapters: Mapping[str, str] | None = None,
-        models: Mapping[str, str] | Iterable[str] | None = None,
-        name: str | None = None,
-        dtype: str | None = None,
-        base_id: str | None = None,
-    ) -> dict[str, Any]:
-        """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``.
-
-        Relative paths resolve against the working directory. ``base_id`` names the bare base
-        member of an adapters group (default: the base's own id or path). Not on a closed manager.
-        """
-        self._res.check_open()
-        spec = self.catalog.register_group(
-            group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype, base_id=base_id
-        )
-        self._estimates.ensure(spec, self.devices)
-        with self._lock:
-            self._bump()
-        return spec.to_json()
-
-    def discover(self) -> list[str]:
-        """Loadable ids that no group names yet: hub ids in the local Hugging Face cache and model
-        folders (with ``config.json``, two levels deep) under the allowed roots. Each becomes the
-        single-model group ``single:<id>`` when it is first loaded."""
-        return self.catalog.discover()
 
     def close(self) -> None:
         """Refuse new loads, unload everything (after the loads under way), stop the workers, emit a

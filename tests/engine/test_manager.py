@@ -248,3 +248,31 @@ def test_discover_lists_loadable_ungrouped_models(models_root, tiny_llama, tiny_
         assert str(tiny_gpt2) not in found, "a grouped model is not offered again"
         assert mgr.load(str(extra))["group_id"] == f"single:{extra}"
         assert str(extra) not in mgr.discover()
+
+
+def test_a_group_registered_wrong_is_taken_out_and_registered_again(tiny_catalog_toml, tiny_gpt2, tiny_llama, tiny_adapters):
+    """Adapters registered on the wrong base fail to load; ``unregister_group`` takes the group
+    out (refused while it is loaded or pinned), and the same id registers again, fixed."""
+    with gg.Manager(devices="cpu", catalog=tiny_catalog_toml, progress=False) as m:
+        adapter = str(tiny_adapters["tiny-a"])
+        m.register_group("mine", base=str(tiny_gpt2), base_id="mine-base", adapters={"mine-a": adapter})
+        with pytest.raises(GpuGroupsError) as failed:
+            m.load("mine-a")
+        assert failed.value.code in ("invalid_model", "load_failed")
+        with pytest.raises(GpuGroupsError) as again:  # the id is taken until it is taken out
+            m.register_group("mine", base=str(tiny_llama), base_id="mine-base", adapters={"mine-a": adapter})
+        assert again.value.code == "invalid_catalog"
+        assert m.unregister_group("mine")["id"] == "mine"
+        assert "mine" not in {g["id"] for g in m.groups()} and "mine-a" not in {x["id"] for x in m.models()}
+        m.register_group("mine", base=str(tiny_llama), base_id="mine-base", adapters={"mine-a": adapter})
+        assert m.process("mine-a", PROMPT)["predictions"]
+        m.pin("mine")
+        for gid, code in (("mine", "conflict"), ("nothing", "unknown_group")):
+            with pytest.raises(GpuGroupsError) as refused:
+                m.unregister_group(gid)
+            assert refused.value.code == code
+        m.unload_group("mine")
+        m.unregister_group("mine")
+        with pytest.raises(GpuGroupsError) as gone:
+            m.load("mine-a")
+        assert gone.value.code == "unknown_model"
