@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import catalog_toml, localfiles
 from .errors import GpuGroupsError
-from .localfiles import DEMO_DIR, default_roots, hf_hub_cache
+from .localfiles import DEMO_DIR, default_roots, hf_hub_cache, read_json
 from .protocol import MAX_ID_CHARS
 
 GROUP_KINDS = ("adapters", "models", "single")
@@ -371,6 +371,13 @@ class Catalog:
                 raise GpuGroupsError(
                     "unknown_model",
                     f"unknown model {model_id!r}: not in the catalog, and not a model folder under the allowed roots",
+                )
+            if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+                base = read_json(p / "adapter_config.json").get("base_model_name_or_path")
+                raise GpuGroupsError(
+                    "invalid_model",
+                    f"{model_id!r} is a PEFT adapter (base: {base!r}), not a model: load it in an adapters group, "
+                    f"m.register_group('<group>', base='<base folder or id>', adapters={{'<member>': {model_id!r}}})",
                 )
             if not (p / "config.json").is_file():
                 raise GpuGroupsError("invalid_model", f"model folder {model_id!r} has no config.json")

@@ -270,7 +270,8 @@ def _insufficient(
         f"device {r['device_id']}: needs {_mib(r['need_bytes'])}"
         + (f" ({_mib(r['shard_need_bytes'])} as a shard)" if "shard_need_bytes" in r else "")
         + f", has {_mib(r['free_bytes'])} free + {_mib(r['evictable_bytes'])} evictable"
-        for r in rooms
+        + _kept(d)
+        for r, d in zip(rooms, devices, strict=True)
     )
     if max_groups is not None and all(r["free_bytes"] + r["evictable_bytes"] >= need for r in rooms):
         # memory would do: the group limit is what refuses
@@ -283,14 +284,25 @@ def _insufficient(
             f"and no resident group can make way ({kept})"
         )
     else:
+        nowhere = "no device has room" if len(devices) > 1 else f"device {devices[0].device_id} has no room"
         message = (
-            f"group {group_id!r} needs an estimated {_mib(need)}; no device has room"
+            f"group {group_id!r} needs an estimated {_mib(need)}; {nowhere}"
             + (", nor do the devices together" if layout is not None and len(devices) > 1 else "")
             + f" ({where})"
         )
     return GpuGroupsError(
         "insufficient_memory", message, {"group_id": group_id, "estimate_bytes": need, "devices": rooms}
     )
+
+
+def _kept(d: DeviceView) -> str:
+    """What keeps a device's room: its groups that cannot be evicted, and why (what to do)."""
+    pinned = [r.group_id for r in d.residents if r.pinned]
+    busy = [r.group_id for r in d.residents if r.busy and not r.pinned]
+    said = ([f"pinned {', '.join(pinned)} (unpin to free)"] if pinned else []) + (
+        [f"busy {', '.join(busy)} (serving, in use or loading: wait)"] if busy else []
+    )
+    return f", kept by {' and '.join(said)}" if said else ""
 
 
 def _room_for_one(d: DeviceView, max_groups: int | None) -> bool:

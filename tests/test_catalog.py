@@ -298,6 +298,13 @@ def test_folder_without_config_is_invalid_model(tmp_path):
     assert cat.groups == {}
 
 
+def test_an_adapter_folder_loaded_as_a_model_says_how_to_load_it(models_root, tiny_adapters):
+    cat = Catalog(roots=[models_root])
+    err = error(lambda: cat.group_of(str(tiny_adapters["tiny-a"])))
+    assert err.code == "invalid_model" and "is a PEFT adapter" in err.message and "register_group(" in err.message
+    assert cat.groups == {}
+
+
 def test_unknown_ids_and_groups(tmp_path):
     cat = Catalog(roots=[tmp_path])
     assert error(lambda: cat.group_of("not a model id!")).code == "unknown_model"

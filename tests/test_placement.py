@@ -73,6 +73,10 @@ def test_insufficient_memory_names_estimate_and_each_device_room():
     assert [r["device_id"] for r in err.details["devices"]] == [0, 1]
     assert err.details["devices"][1]["evictable_bytes"] == 30 * MiB
     assert "500.0 MiB" in err.message and "device 1" in err.message
+    assert "no device has room" in err.message and "kept by pinned p (unpin to free)" in err.message
+    with pytest.raises(GpuGroupsError) as one:  # one device asked for: that device is named
+        place("x", 500 * MiB, devices, device_id=0)
+    assert "device 0 has no room" in one.value.message and "device 1" not in one.value.message
 
 
 def test_a_small_hot_group_outlives_a_big_cold_one_used_more_recently():

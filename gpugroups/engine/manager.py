@@ -238,6 +238,13 @@ class Manager(Registry, AwaitableTwins):
     ) -> ProcessResult:
         """Top-N next-token predictions for ``prompt`` from ``model_id``, most likely first.
 
+        Returns ``{"model_id", "group_id", "device_id", "device_ids", "prompt", "prompt_tokens",
+        "predictions", "truncated", "notes", "timing"}`` (``schema.ProcessResult``): each
+        prediction is ``{"token", "token_id", "probability", "logprob"}`` (and ``"text"``, its
+        greedy continuation, with ``max_new_tokens``); ``timing`` holds ``load_ms``,
+        ``tokenize_ms``, ``forward_ms``, ``total_ms``, ``request_ms`` and the pass's ``batch_size``.
+        Shown in a notebook, the result renders as a table.
+
         Loads the group if needed (or waits for its load). With ``max_new_tokens > 0`` each
         prediction is continued greedily and carries its ``text``. Arguments follow the ops
         table's rules (``protocol.OPS["process"]``): ``num_predictions`` or ``max_new_tokens`` above
