@@ -45,9 +45,11 @@ class Holds(Loads):
         block or the function, which cannot end while this thread waits. A sharded group's block or
         function holds every device it spans."""
         worker = current_worker()
-        if worker is not None and any(
-            s.in_use and self.workers[s.device_id] is worker and device_id in s.shares for s in self.slots.values()
-        ):
+        with self._lock:
+            runs_here = worker is not None and any(
+                s.in_use and self.workers[s.device_id] is worker and device_id in s.shares for s in self.slots.values()
+            )
+        if runs_here:
             raise GpuGroupsError(
                 "conflict",
                 f"this call comes from the function `m.run` runs on device {device_id}, and would wait "

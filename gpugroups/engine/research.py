@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ..catalog import Catalog
 from ..errors import GpuGroupsError
@@ -127,7 +127,7 @@ class Research:
             raise
         return slot, fut
 
-    def _not_here(self, model_id: str, device_id: int | None) -> None:
+    def _not_here(self, model_id: str, device_id: int | None) -> NoReturn:
         """``use`` where the model lives in another process (a worker process, a Ray device)."""
         where = "every device" if device_id is None else f"device {device_id} ({self._workers[device_id].device.device})"
         raise GpuGroupsError(
