@@ -1,6 +1,6 @@
 """The device worker: the one place a device's loads, unloads, forward passes and research calls run, in order.
 
-``Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
+``calls.Worker`` is the seam: data in, data out, every call answered by a ``concurrent.futures.Future``
 so the caller can queue work while it holds the manager's lock and wait after releasing it.
 ``ThreadWorker`` is the in-process implementation (one thread per device, queued ``process``
 requests of a group batched into one forward pass, groups served in turn). Other implementations (``ProcessWorker``, a
