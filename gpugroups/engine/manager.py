@@ -109,6 +109,7 @@ class Manager(Registry, AwaitableTwins):
         self._states = States()  # the events' states, built on the bus thread only
         self._estimates = EstimateCache(self.catalog, dtype)
         self._bus = EventBus()
+        self._stopped = False  # ``close`` ran to its end
         self._workers: list[Worker] = []
         try:  # a constructor that fails leaves no thread, process or actor behind
             for d in self.devices:
@@ -385,10 +386,11 @@ class Manager(Registry, AwaitableTwins):
         return self._bus.subscribe(callback)
 
     def close(self) -> None:
-        """Refuse new loads, unload everything (after the loads under way), stop the workers, emit a
-        last ``state_update`` (``closed`` true), stop the event thread."""
+        """Refuse new loads, unload everything (after the loads under way, and once ``run`` and
+        ``use`` let go), stop the workers, emit a last ``state_update`` (``closed`` true), stop the
+        event thread. A close that was interrupted (Ctrl-C while it waited) is finished by the next."""
         with self._lock:
-            if self._res.closed:
+            if self._stopped:
                 return
             self._res.closed = True  # from here ``ensure`` refuses: no load can start after the unloads
         for gid in list(self._res.slots):
@@ -400,6 +402,7 @@ class Manager(Registry, AwaitableTwins):
             w.stop()
         with self._lock:  # the last event: panels and clients see the manager closed, workers idle
             self._bump()
+            self._stopped = True
         self._bus.close()
 
     @property

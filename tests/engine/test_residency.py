@@ -351,3 +351,31 @@ def test_an_interrupt_during_the_first_import_leaves_torch_whole():
         assert rest == ["ok", "True"], (after_s, run.stdout)
         said.append(first)
     assert "interrupted" in said, said  # at least one Ctrl-C came while the import ran
+
+
+def test_a_close_interrupted_while_it_waits_is_finished_by_the_next(catalog_factory):
+    """Ctrl-C while ``close`` waits for a group held by ``run`` leaves the manager closed but not
+    yet stopped; the next ``close`` unloads what is left and stops the workers (it used to return
+    at once, leaving groups loaded and worker threads running)."""
+    import os
+    import signal
+    import threading
+
+    before = set(threading.enumerate())
+    m, workers = gated(catalog_factory, 2)
+    m.load_group("g1", device_id=1)
+    release = threading.Event()
+    runner = threading.Thread(target=m.run, args=("m1", lambda model, tokenizer: release.wait(30)))
+    runner.start()
+    assert wait_for(lambda: any(g["status"] == "in_use" for g in m.state()["groups"]))
+    ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C: it wakes a wait
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        m.close()  # waits for the run's hold until the interrupt
+    ctrl_c.join()
+    assert m.closed and workers[1].resident() != {}
+    release.set()
+    runner.join(30)
+    m.close()
+    assert [w.resident() for w in workers] == [{}, {}, {}]
+    assert wait_for(lambda: not [t for t in set(threading.enumerate()) - before if t.name.startswith("gpugroups-")])
