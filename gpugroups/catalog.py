@@ -377,7 +377,8 @@ class Catalog:
                 raise GpuGroupsError(
                     "invalid_model",
                     f"{model_id!r} is a PEFT adapter (base: {base!r}), not a model: load it in an adapters group, "
-                    f"m.register_group('<group>', base='<base folder or id>', adapters={{'<member>': {model_id!r}}})",
+                    "m.register_group('<group>', base='<base folder or id>', "
+                    f"adapters={{'<member>': {model_id!r}}})",
                 )
             if not (p / "config.json").is_file():
                 raise GpuGroupsError("invalid_model", f"model folder {model_id!r} has no config.json")
@@ -403,7 +404,9 @@ def canonical_dtype(value: Any, code: str, context: str = "") -> str | None:
         return None
     if name not in DTYPE_NAMES:
         aliases = ", ".join(n for n in DTYPE_NAMES if n not in DTYPES)
-        raise GpuGroupsError(code, f"{context}dtype must be one of {DTYPES} (or {aliases}, 'auto', None), got {value!r}")
+        raise GpuGroupsError(
+            code, f"{context}dtype must be one of {DTYPES} (or {aliases}, 'auto', None), got {value!r}"
+        )
     return DTYPE_NAMES[name]
 
 
@@ -413,4 +416,6 @@ def _check_id(name: str, value: Any) -> None:
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
         return
     got = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters" if value else "''"
-    raise GpuGroupsError("invalid_request", f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters, got {got}")
+    raise GpuGroupsError(
+        "invalid_request", f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters, got {got}"
+    )

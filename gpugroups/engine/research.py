@@ -129,7 +129,9 @@ class Research:
 
     def _not_here(self, model_id: str, device_id: int | None) -> NoReturn:
         """``use`` where the model lives in another process (a worker process, a Ray device)."""
-        where = "every device" if device_id is None else f"device {device_id} ({self._workers[device_id].device.device})"
+        where = (
+            "every device" if device_id is None else f"device {device_id} ({self._workers[device_id].device.device})"
+        )
         raise GpuGroupsError(
             "invalid_request",
             f"{where} runs its models in another process, so `use` cannot hand them to this one; "

@@ -36,7 +36,9 @@ def import_once(name: str) -> None:
         return
     with _IMPORT_LOCK:
         if name not in _imports:
-            _imports[name] = threading.Thread(target=_import, args=(name,), name=f"gpugroups-import-{name}", daemon=True)
+            _imports[name] = threading.Thread(
+                target=_import, args=(name,), name=f"gpugroups-import-{name}", daemon=True
+            )
             _imports[name].start()
     _imports[name].join()
     if name in _import_failed:

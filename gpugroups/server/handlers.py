@@ -125,7 +125,8 @@ class GpuGroupsHandler(Legacy, JsonErrors, APIHandler):
     def _too_large(self, size: int) -> GpuGroupsError:
         return GpuGroupsError(
             "invalid_request",
-            f"the body has {size} bytes; at most {self.host.max_body_bytes} are accepted (GpuGroupsHost.max_body_bytes)",
+            f"the body has {size} bytes; at most {self.host.max_body_bytes} are accepted "
+            "(GpuGroupsHost.max_body_bytes)",
         )
 
     @property

@@ -250,7 +250,9 @@ def test_discover_lists_loadable_ungrouped_models(models_root, tiny_llama, tiny_
         assert str(extra) not in mgr.discover()
 
 
-def test_a_group_registered_wrong_is_taken_out_and_registered_again(tiny_catalog_toml, tiny_gpt2, tiny_llama, tiny_adapters):
+def test_a_group_registered_wrong_is_taken_out_and_registered_again(
+    tiny_catalog_toml, tiny_gpt2, tiny_llama, tiny_adapters
+):
     """Adapters registered on the wrong base fail to load; ``unregister_group`` takes the group
     out (refused while it is loaded or pinned), and the same id registers again, fixed."""
     with gg.Manager(devices="cpu", catalog=tiny_catalog_toml, progress=False) as m:

@@ -64,7 +64,10 @@ class PromptSection {
       const resident = (g.resident_on || []).length > 0;
       if (!resident) note = `not loaded: predicting loads ${g.id} (~${formatBytes(g.memory_estimate_bytes)})`;
       else if (currentMember(g) === selected.id) note = `current member of ${g.id} on ${devLabel(g.resident_on)}`;
-      else note = `member of resident ${g.id}, whose current member is ${currentMember(g)}: Predict uses ${selected.id} all the same`;
+      else {
+        note = `member of resident ${g.id}, whose current member is ${currentMember(g)}: `
+          + `Predict uses ${selected.id} all the same`;
+      }
     }
     if (this.lastSwitch && this.lastSwitch.model_id === this.modelSelect.value) {
       note += ` · switched in ${(1000 * (this.lastSwitch.seconds || 0)).toFixed(1)} ms`;
