@@ -281,11 +281,14 @@ class KernelConnection:
             self._send_shell("comm_msg", {"comm_id": self.comm_id, "data": data})
 
     async def close(self, reason: str, tidy: bool = False) -> None:
-        """Fail pending requests with ``host_unavailable`` and stop the channels. ``tidy`` (for a
-        kernel that lives on as a non-host) first closes the comm and deletes the subshell."""
+        """Fail pending requests with ``host_unavailable``, stop the channels. ``tidy`` (a kernel that
+        lives on as a non-host): first cancel them there, close the comm, delete the subshell."""
         if self.closed:
             return
         self.closed = True
+        for rid in self._pending if tidy else ():
+            with contextlib.suppress(Exception):  # the kernel may be going away meanwhile
+                self._send(cancel_message(rid))
         error = host_unavailable(f"host kernel {self.kernel_id}: {reason}")
         waiting: list[asyncio.Future[Any]] = [
             *self._pending.values(),

@@ -169,3 +169,38 @@ async def test_a_kernel_restarted_while_it_is_attached_fails_the_attach_at_once(
     assert asyncio.get_running_loop().time() - restarted < 5.0, error  # not the 60 s start timeout
     r = await jp_fetch(API_PREFIX, "system", "host", method="GET")
     assert json.loads(r.body)["kernel_id"] is None
+
+
+@pytest.mark.parametrize("jp_server_config", [{"host_kernel": "none"}], indirect=True)
+async def test_moving_the_host_cancels_what_ran_there_for_callers_it_failed(
+    jp_serverapp: Any, jp_fetch: Any
+) -> None:
+    """``POST /system/host`` to another kernel answers the requests in flight 503; the kernel that
+    stays behind (a notebook's) must not go on computing them for nobody: they are cancelled there."""
+    km = jp_serverapp.kernel_manager
+    first, second = await km.start_kernel(), await km.start_kernel()
+    assert (await post(jp_fetch, "system/host", {"kernel_id": first}, request_timeout=120)).code == 200
+    assert (await post(jp_fetch, "models/load", {"model_id": "tiny-a"}, request_timeout=120)).code == 200
+    slow = {"model_id": "tiny-a", "prompt": "x", "num_predictions": 15, "max_new_tokens": 256}  # ~10 s here
+    calls = [asyncio.ensure_future(post(jp_fetch, "models/process", slow, request_timeout=120)) for _ in range(2)]
+    await asyncio.sleep(1.5)  # both are computing (or queued) in the first kernel
+    assert (await post(jp_fetch, "system/host", {"kernel_id": second}, request_timeout=120)).code == 200
+    assert [r.code for r in await asyncio.gather(*calls)] == [503, 503]
+    moved = asyncio.get_running_loop().time()
+    behind = km.get_kernel(first).client()
+    behind.start_channels()
+    try:
+        await behind.wait_for_ready(timeout=60)
+
+        async def device_status() -> str:
+            reply = await behind.execute_interactive(
+                "import gpugroups as gg", user_expressions={"s": "gg.manager().state()['devices'][0]['status']"},
+                timeout=60,
+            )
+            return str(reply["content"]["user_expressions"]["s"]["data"]["text/plain"])
+
+        while await device_status() != "'idle'":
+            assert asyncio.get_running_loop().time() - moved < 5, "the first kernel still computes the 503'd requests"
+            await asyncio.sleep(0.2)
+    finally:
+        behind.stop_channels()
