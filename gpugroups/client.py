@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
@@ -33,16 +33,24 @@ from .schema import (
     UnloadResult,
 )
 
+#: Seconds to open a connection (a TLS handshake included) before ``host_unavailable``.
+CONNECT_S = 10.0
+#: Connections kept per server: as many threads may share one client without reconnecting.
+POOL_SIZE = 32
+
 
 class Client:
     """A ``Manager`` lookalike that talks to a Jupyter server running the gpugroups extension.
 
-    ``url`` is the server's base URL (with its base path, e.g. ``http://host:8888/user/me/``);
-    ``token`` is the Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every
-    request in seconds (None: wait as long as the server does). Proxies and the CA bundle come
-    from the environment as it is when the client is made (``HTTP(S)_PROXY``, ``NO_PROXY``,
-    ``REQUESTS_CA_BUNDLE``), as with ``requests``. A server that cannot be reached raises
-    ``host_unavailable``, one that does not answer within ``timeout`` raises ``timeout``.
+    ``url`` is the server's base URL (with its base path, e.g. ``http://host:8888/user/me/``; the
+    URL Jupyter prints, ``...?token=...``, works too: the token is read from it); ``token`` is the
+    Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every request in
+    seconds (None: wait as long as the server does); connecting takes at most ``CONNECT_S``.
+    Proxies and the CA bundle come from the environment as it is when the client is made
+    (``HTTP(S)_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``), as with ``requests``; up to
+    ``POOL_SIZE`` threads share one client's connections. A server that cannot be reached raises
+    ``host_unavailable``, one that does not answer within ``timeout`` raises ``timeout``, an
+    answer that is not the API's JSON (a login page, a proxy's) ``internal_error``.
 
     It speaks HTTP through urllib3's connection pool directly: ``requests`` on top of it costs
     about 0.6 ms a call, a tenth of a REST ``process`` on loopback.
@@ -51,7 +59,11 @@ class Client:
     def __init__(
         self, url: str = "http://localhost:8888", token: str | None = None, timeout: float | None = None
     ) -> None:
-        self.url = url.rstrip("/")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise GpuGroupsError("invalid_request", f"url must be http(s)://host[:port][/base/path], got {url!r}")
+        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        token = token or parse_qs(parts.query).get("token", [None])[0]
         self.token = token
         self.timeout = timeout
         self._headers = {"Content-Type": "application/json"}
@@ -181,13 +193,13 @@ class Client:
                 url,
                 body=None if body is None else json.dumps(body),
                 headers=self._headers,
-                timeout=urllib3.Timeout(total=self.timeout),
+                timeout=urllib3.Timeout(total=self.timeout, connect=CONNECT_S),
                 retries=False,
             )
         except urllib3.exceptions.HTTPError as exc:
-            # (urllib3 counts a refused connection as a TimeoutError too)
+            # a refused connection is a ConnectTimeoutError too (NewConnectionError)
             if isinstance(exc, urllib3.exceptions.TimeoutError) and not isinstance(
-                exc, urllib3.exceptions.NewConnectionError
+                exc, urllib3.exceptions.ConnectTimeoutError
             ):
                 raise GpuGroupsError("timeout", f"{method} {url}: no answer within {self.timeout} s") from None
             raise GpuGroupsError("host_unavailable", f"cannot reach the Jupyter server at {self.url}: {exc}") from None
@@ -195,12 +207,16 @@ class Client:
             payload = json.loads(response.data)
         except ValueError:
             payload = None
-        if response.status < 400:
+        if response.status < 400 and payload is not None:
             return payload
         error = payload.get("error") if isinstance(payload, dict) else None
         if not isinstance(error, dict):
             text = response.data[:200].decode("utf-8", "replace")
-            error = {"code": "internal_error", "message": f"HTTP {response.status}: {text}"}
+            error = {
+                "code": "internal_error",
+                "message": f"HTTP {response.status} from {url}, not the API's JSON (is {self.url} the Jupyter "
+                f"server's base URL?): {text}",
+            }
         raise GpuGroupsError.from_json(error)
 
     def _ws_url(self) -> str:
@@ -216,8 +232,8 @@ def _pool(url: str) -> urllib3.PoolManager:
     proxies = get_environ_proxies(url)
     proxy = proxies.get(urlsplit(url).scheme) or proxies.get("all")
     if proxy:
-        return urllib3.ProxyManager(proxy, ca_certs=ca)
-    return urllib3.PoolManager(ca_certs=ca)
+        return urllib3.ProxyManager(proxy, maxsize=POOL_SIZE, ca_certs=ca)
+    return urllib3.PoolManager(maxsize=POOL_SIZE, ca_certs=ca)
 
 
 class EventStream:
@@ -227,9 +243,21 @@ class EventStream:
         import websocket  # websocket-client; imported here so REST-only use never needs it
 
         header = [f"Authorization: token {token}"] if token else []
-        self._ws = websocket.create_connection(url, header=header, timeout=timeout)
+        try:
+            self._ws = websocket.create_connection(url, header=header, timeout=timeout)
+        except websocket.WebSocketBadStatusException as exc:  # refused: as the REST routes say it
+            body = getattr(exc, "resp_body", None) or b""
+            try:
+                error = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                code = {403: "forbidden", 404: "not_found"}.get(exc.status_code, "internal_error")
+                error = {"code": code, "message": f"the event socket at {url} was refused: HTTP {exc.status_code}"}
+            raise GpuGroupsError.from_json(error) from None
+        except (OSError, websocket.WebSocketException) as exc:
+            raise GpuGroupsError("host_unavailable", f"cannot open the event socket at {url}: {exc}") from None
         self._timeout_error = websocket.WebSocketTimeoutException
         self._closed_error = websocket.WebSocketConnectionClosedException
+        self._closing = False
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -239,17 +267,23 @@ class EventStream:
             message = self._ws.recv()
         except self._timeout_error:
             raise TimeoutError("no event within the timeout") from None
-        except self._closed_error:
-            raise StopIteration from None
-        if not message:
+        except (self._closed_error, OSError):
+            message = ""
+        if message:
+            return cast(Event, json.loads(message))
+        if self._closing:
             raise StopIteration
-        return cast(Event, json.loads(message))
+        raise GpuGroupsError(  # not an end: the server went away
+            "host_unavailable", "the event socket closed (the server stopped or restarted): open client.events() "
+            "again, which starts with the whole state (system_state)",
+        )
 
     def get_state(self) -> None:
         """Ask for a ``system_state`` message (it arrives in order with the events)."""
         self._ws.send(json.dumps({"type": "get_state"}))
 
     def close(self) -> None:
+        self._closing = True
         self._ws.close()
 
     def __enter__(self) -> EventStream:

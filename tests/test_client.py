@@ -36,10 +36,23 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class LandingPage(Recorder):
+    """Answers 200 with an HTML page (a wrong base URL's landing page, a login proxy)."""
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>Jupyter Server</html>")
+
+    do_POST = do_GET
+
+
 @pytest.fixture
-def server() -> Any:
+def server(request: pytest.FixtureRequest) -> Any:
     Recorder.requests = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), getattr(request, "param", Recorder))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -51,6 +64,35 @@ def test_an_error_that_is_not_json_is_still_a_gpugroups_error(server: Any) -> No
         Client(f"http://127.0.0.1:{server.server_address[1]}").state()
     assert exc.value.code == "internal_error" and "502" in exc.value.message
     assert Recorder.requests == ["/api/v2/system/state"]
+
+
+@pytest.mark.parametrize("server", [LandingPage], indirect=True)
+def test_a_success_that_is_not_the_apis_json_is_an_error_not_none(server: Any) -> None:
+    with pytest.raises(GpuGroupsError) as exc:
+        Client(f"http://127.0.0.1:{server.server_address[1]}/lab").state()
+    assert exc.value.code == "internal_error" and "HTTP 200" in exc.value.message and "base URL" in exc.value.message
+
+
+def test_the_url_jupyter_prints_gives_the_token_and_a_url_without_a_scheme_is_refused() -> None:
+    c = Client("http://127.0.0.1:8888/user/me/?token=abc#x")
+    assert (c.url, c.token) == ("http://127.0.0.1:8888/user/me", "abc")
+    assert Client("http://127.0.0.1:8888/?token=abc", token="given").token == "given"
+    for bad in ("localhost:8888", "127.0.0.1:8888", "ftp://h/", ""):
+        with pytest.raises(GpuGroupsError) as exc:
+            Client(bad)
+        assert exc.value.code == "invalid_request", bad
+
+
+def test_the_event_socket_says_its_failures_as_gpugroups_errors(server: Any) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(GpuGroupsError) as down:
+        Client(f"http://127.0.0.1:{port}").events()
+    assert down.value.code == "host_unavailable"
+    with pytest.raises(GpuGroupsError) as refused:  # a server that is no gpugroups server: 502
+        Client(f"http://127.0.0.1:{server.server_address[1]}").events()
+    assert refused.value.code == "internal_error" and "502" in refused.value.message
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,11 @@ V1_DEPRECATED_AT = 1795651200  # 2026-11-26T00:00:00Z
 
 #: Codes for refusals that tornado or jupyter_server raise before our code runs.
 _CODE_BY_STATUS = {400: "invalid_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+#: What such a refusal means, where it comes with no message of its own.
+_SAID_BY_STATUS = {
+    403: "send the server's token (Authorization: token <token>, or ?token= in the URL), or from a "
+    "browser session the _xsrf cookie's value as X-XSRFToken",
+}
 
 
 class JsonErrors:
@@ -53,7 +58,12 @@ class JsonErrors:
             error = exc
         elif isinstance(exc, web.HTTPError):
             code = _CODE_BY_STATUS.get(status_code, "internal_error")
-            error = GpuGroupsError(code, exc.log_message or exc.reason or handler._reason)
+            said = "; ".join(filter(None, (exc.log_message, _SAID_BY_STATUS.get(status_code))))
+            error = GpuGroupsError(code, said or exc.reason or handler._reason)
+            if status_code == 405:  # RFC 9110: say what is allowed
+                allowed = ", ".join(handler.SUPPORTED_METHODS)
+                handler.set_header("Allow", allowed)
+                error = GpuGroupsError(code, f"{handler.request.method} is not allowed here; allowed: {allowed}")
             if status_code == 404 and not handler.check_origin():
                 origin = handler.request.headers.get("Origin", "")
                 error = GpuGroupsError(

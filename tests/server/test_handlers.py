@@ -34,6 +34,7 @@ async def test_every_route_refuses_a_missing_or_wrong_token(
                 r = await fetch(jp_fetch, concrete(path), method, headers={"Authorization": auth})
                 assert r.code == 403, (method, path, auth, r.code)
                 assert error_of(r)["code"] == "forbidden"
+                assert "token" in error_of(r)["message"], error_of(r)  # says what is missing
                 checked += 1
             if handler is not NotFoundHandler:
                 assert_documented(spec, path, method, 403)
@@ -130,6 +131,7 @@ async def test_unknown_routes_and_methods_are_json(jp_fetch: Any) -> None:
     assert r.code == 404 and error_of(r)["code"] == "not_found" and r.headers["Deprecation"].startswith("@")
     r = await fetch(jp_fetch, API_PREFIX + "/system/state", "POST")
     assert r.code == 405 and error_of(r)["code"] == "method_not_allowed"
+    assert r.headers["Allow"] == "GET, OPTIONS" and "allowed: GET" in error_of(r)["message"]
 
 
 async def test_a_null_body_is_no_arguments_and_the_path_still_counts(jp_fetch: Any) -> None:
