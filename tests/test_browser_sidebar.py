@@ -207,3 +207,63 @@ def test_a_loading_row_fits_its_card_and_a_restarted_kernel_turns_the_panel_off(
         assert len(disabled) > 10 and all(disabled), disabled
         shot(page, panel, "kernel-gone-panel.png")
         assert thrown == []
+
+
+LONG = "/checkpoints/" + "very-long-experiment-name-" * 4 + "step-120000"
+
+
+def test_edges_a_person_hits_in_one_panel_shown_twice(lab: dict[str, Any], browser: Any) -> None:
+    """One panel shown in two cells: each view takes only its own replies. Switch keeps the group
+    where it is whatever "load on" says; Shift+Enter in a count field predicts (it does not re-run
+    the cell), and junk there is refused inline; a group without an estimate says "size unknown";
+    a long checkpoint id wraps instead of pushing the buttons out of the panel."""
+    write_notebook(
+        lab, "edges.ipynb",
+        SETUP + f"m.register_group('broken', models={{{LONG!r}: '/nowhere/gone'}})\np = gg.panel(m)\np", "p",
+    )
+    with page_for(browser, "edges") as page:
+        open_notebook(page, lab, "edges.ipynb")
+        wait_kernel_idle(lab, "edges.ipynb")
+        run_all(page)
+        views = page.locator(f"{VISIBLE_NOTEBOOK} .jp-OutputArea-output .gg-panel")
+        views.nth(1).locator("tr.gg-model-row[data-model='pycode-tests'] button").wait_for()
+        a, b = views.nth(0), views.nth(1)
+        assert panel_checks.layout_problems(a) == {"outside": [], "cut": [], "scrolls": False}
+        found = panel_checks.at_width(page, a, 360, ARTIFACTS / "long-id-360px.png")
+        assert (found["outside"], found["scrolls"]) == ([], False), found
+
+        # Switch with "load on" naming the other device: a pointer change where the group is
+        a.locator(".gg-catalog-section select").select_option("1")
+        a.locator("tr.gg-model-row[data-model='pycode-tests'] button").click()
+        page.wait_for_function(
+            "() => document.querySelector(\".gg-panel tr.gg-model-row[data-model='pycode-tests'] button\").textContent === 'Current'"
+        )
+        where = run_cell(page, "print('@@' + json.dumps(next(g for g in m.groups() if g['id'] == 'pycode')['resident_on']))")
+        assert where == [0]
+
+        # a refused Predict in view A shows in A only
+        a.locator("textarea.gg-prompt-input").fill("")
+        a.locator("button.gg-run").click()
+        a.locator(".gg-prompt-section .gg-error .gg-error-code", has_text="invalid_request").wait_for()
+        page.wait_for_timeout(300)
+        assert b.locator(".gg-error:not([hidden])").count() == 0
+
+        # junk typed into "top", then Shift+Enter there: refused inline, and the cell is not run again
+        prompts = page.locator(f"{VISIBLE_NOTEBOOK} .jp-InputPrompt").all_inner_texts()
+        a.locator("textarea.gg-prompt-input").fill("def main(")
+        top = a.locator("input.gg-num-predictions")
+        top.fill("")
+        top.press_sequentially("--3")
+        top.press("Shift+Enter")
+        error = a.locator(".gg-prompt-section .gg-error")
+        error.locator(".gg-error-message", has_text="num_predictions").wait_for()
+        assert page.locator(f"{VISIBLE_NOTEBOOK} .jp-InputPrompt").all_inner_texts() == prompts
+        top.fill("4")
+        top.press("Shift+Enter")
+        page.wait_for_function("() => document.querySelectorAll('.gg-panel .gg-prediction').length === 4")
+        assert b.locator(".gg-prediction").count() == 0  # B asked nothing
+
+        # the broken group's member picked: its note says the size is unknown, not "~0 B"
+        a.locator("select.gg-model-select").select_option(LONG)
+        page.wait_for_timeout(200)
+        assert "size unknown" in a.locator(".gg-model-note").inner_text()

@@ -97,7 +97,10 @@ class CatalogSection {
     tr._current = h("span", { class: "gg-badge gg-current-badge", hidden: "" });
     tr._load = h("button", {
       class: "gg-button gg-small", "data-action": "load",
-      onclick: () => this.view.send("load", { model_id: r.model, ...this.deviceArg() }, "catalog"),
+      // a switch stays where the group is (a pointer change); only a load goes where "load on" says
+      onclick: () => this.view.send("load", {
+        model_id: r.model, ...(tr._load.dataset.action === "switch" ? {} : this.deviceArg()),
+      }, "catalog"),
     }, "Load");
     tr.append(
       h("td", { class: "gg-model-name" }, h("span", { class: "gg-tree", text: "└ " }), r.model, " ", tr._current),

@@ -86,6 +86,7 @@ class ErrorLine {
     setText(this.code, error.code || "error");
     setText(this.message, error.message || "");
     setHidden(this.el, false);
+    this.el.scrollIntoView({ block: "nearest" });  // a long catalog may hold it out of view
   }
   clear() {
     setHidden(this.el, true);

@@ -14,14 +14,16 @@ class PromptSection {
     this.numPredictions = h("input", { class: "gg-num-predictions", type: "number", min: n.minimum, max: n.cap ?? n.maximum, value: "5", title: "Number of predictions" });
     this.maxNewTokens = h("input", { class: "gg-max-new-tokens", type: "number", min: k.minimum, max: k.cap ?? k.maximum, value: String(k.default ?? 0), title: "Continue each prediction greedily this many tokens" });
     this.promptInput = h("textarea", { class: "gg-prompt-input", rows: "3", spellcheck: "false", maxlength: (limits.prompt || {}).max_length, placeholder: "Type a prompt; the panel shows the most likely next tokens." });
-    this.promptInput.addEventListener("keydown", (event) => {
-      // Keep Shift+Enter from reaching JupyterLab's "run cell" shortcut; use it to run here.
-      event.stopPropagation();
-      if (event.key === "Enter" && (event.shiftKey || event.ctrlKey)) {
-        event.preventDefault();
-        this.runPrompt();
-      }
-    });
+    for (const input of [this.promptInput, this.numPredictions, this.maxNewTokens]) {
+      input.addEventListener("keydown", (event) => {
+        // Keep Shift+Enter from reaching JupyterLab's "run cell" shortcut; use it to run here.
+        event.stopPropagation();
+        if (event.key === "Enter" && (event.shiftKey || event.ctrlKey)) {
+          event.preventDefault();
+          if (!this.runButton.disabled) this.runPrompt();  // one request at a time, as the button
+        }
+      });
+    }
     this.runButton = h("button", { class: "gg-button gg-accent gg-run", onclick: () => this.runPrompt() }, "Predict");
     this.modelNote = h("div", { class: "gg-model-note" });
     this.resultMeta = h("div", { class: "gg-result-meta" });
@@ -62,7 +64,8 @@ class PromptSection {
     if (selected) {
       const g = groupsById.get(selected.group.id) || selected.group;
       const resident = (g.resident_on || []).length > 0;
-      if (!resident) note = `not loaded: predicting loads ${g.id} (~${formatBytes(g.memory_estimate_bytes)})`;
+      const size = g.memory_estimate_bytes > 0 ? `~${formatBytes(g.memory_estimate_bytes)}` : "size unknown";
+      if (!resident) note = `not loaded: predicting loads ${g.id} (${size})`;
       else if (currentMember(g) === selected.id) note = `current member of ${g.id} on ${devLabel(g.resident_on)}`;
       else {
         note = `member of resident ${g.id}, whose current member is ${currentMember(g)}: `
@@ -97,8 +100,12 @@ class PromptSection {
     const model_id = this.modelSelect.value;
     if (!model_id) return;
     const args = { model_id, prompt: this.promptInput.value };
-    // a count as typed (the ops table's rules judge it, as for any client); empty: its default
-    const count = (input) => (input.value.trim() === "" ? undefined : Number(input.value));
+    // a count as typed (the ops table's rules judge it, as for any client); empty: its default.
+    // What the browser cannot read as a number ("--3") goes as the text it is, and is refused.
+    const count = (input) => {
+      if (input.validity && input.validity.badInput) return "(not a number)";
+      return input.value.trim() === "" ? undefined : Number(input.value);
+    };
     const n = count(this.numPredictions);
     const k = count(this.maxNewTokens);
     if (n !== undefined) args.num_predictions = n;

@@ -88,11 +88,13 @@ class PanelView {
 
   handleReply(msg) {
     if (!msg || msg.reply_to === undefined) return;
+    // replies go to every view of this panel (a panel shown in two cells): each takes its own
     const request = this.pending.get(msg.request_id);
+    if (!request) return;
     this.pending.delete(msg.request_id);
-    const source = request ? request.source : "catalog";
+    const source = request.source;
     const errors = { catalog: this.catalog.error, devices: this.devices.error, prompt: this.prompt.error, picker: this.prompt.error };
-    const line = errors[source] || this.catalog.error;
+    const line = errors[source];
     if (!msg.ok) {
       line.show(msg.error || { code: "internal_error", message: "no error details" });
       if (msg.reply_to === "process") this.prompt.showPredictions(null); // no older answer under the error
