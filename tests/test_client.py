@@ -22,13 +22,14 @@ class Recorder(http.server.BaseHTTPRequestHandler):
     """Answers every request with a proxy's HTML error page, and counts the requests."""
 
     requests: ClassVar[list[str]] = []
+    status, page = 502, b"<html>bad gateway</html>"
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
-        self.send_response(502)
+        self.send_response(self.status)
         self.send_header("Content-Type", "text/html")
         self.end_headers()
-        self.wfile.write(b"<html>bad gateway</html>")
+        self.wfile.write(self.page)
 
     do_POST = do_GET
 
@@ -39,14 +40,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 class LandingPage(Recorder):
     """Answers 200 with an HTML page (a wrong base URL's landing page, a login proxy)."""
 
-    def do_GET(self) -> None:
-        self.requests.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.end_headers()
-        self.wfile.write(b"<html>Jupyter Server</html>")
-
-    do_POST = do_GET
+    status, page = 200, b"<html>Jupyter Server</html>"
 
 
 @pytest.fixture
