@@ -46,6 +46,8 @@ class PromptSection {
   render(groups, groupsById) {
     const models = [];
     for (const g of groups) for (const mid of g.models || []) models.push({ id: mid, group: g });
+    // a picked model that left the catalog (its group unregistered): follow the current one again
+    if (this.userPicked && !models.some((m) => m.id === this.modelSelect.value)) this.userPicked = false;
     syncKeyed(this.modelSelect, models, (m) => m.id, (m) => h("option", { value: m.id }), (opt, m) => {
       const loaded = (m.group.resident_on || []).length > 0;
       const current = loaded && currentMember(m.group) === m.id;
