@@ -267,3 +267,6 @@ def test_edges_a_person_hits_in_one_panel_shown_twice(lab: dict[str, Any], brows
         a.locator("select.gg-model-select").select_option(LONG)
         page.wait_for_timeout(200)
         assert "size unknown" in a.locator(".gg-model-note").inner_text()
+        # its group taken out of the catalog: the picker follows the current member again
+        run_cell(page, "m.unregister_group('broken')\nprint('@@1')")
+        page.wait_for_function("() => document.querySelector('.gg-panel select.gg-model-select').value === 'pycode-tests'")
