@@ -176,31 +176,41 @@ async def test_moving_the_host_cancels_what_ran_there_for_callers_it_failed(
     jp_serverapp: Any, jp_fetch: Any
 ) -> None:
     """``POST /system/host`` to another kernel answers the requests in flight 503; the kernel that
-    stays behind (a notebook's) must not go on computing them for nobody: they are cancelled there."""
+    stays behind (a notebook's) must not go on with them for nobody: they are cancelled there.
+    Its device is held by a ``use`` block meanwhile, so the requests wait in its queue."""
     km = jp_serverapp.kernel_manager
     first, second = await km.start_kernel(), await km.start_kernel()
-    assert (await post(jp_fetch, "system/host", {"kernel_id": first}, request_timeout=120)).code == 200
+    for kernel_id in (second, first):  # each serves once: the switch below is quick, not a kernel's first serve
+        assert (await post(jp_fetch, "system/host", {"kernel_id": kernel_id}, request_timeout=120)).code == 200
     assert (await post(jp_fetch, "models/load", {"model_id": "tiny-a"}, request_timeout=120)).code == 200
-    slow = {"model_id": "tiny-a", "prompt": "x", "num_predictions": 15, "max_new_tokens": 256}  # ~10 s here
-    calls = [asyncio.ensure_future(post(jp_fetch, "models/process", slow, request_timeout=120)) for _ in range(2)]
-    await asyncio.sleep(1.5)  # both are computing (or queued) in the first kernel
-    assert (await post(jp_fetch, "system/host", {"kernel_id": second}, request_timeout=120)).code == 200
-    assert [r.code for r in await asyncio.gather(*calls)] == [503, 503]
-    moved = asyncio.get_running_loop().time()
     behind = km.get_kernel(first).client()
     behind.start_channels()
+
+    async def queue_depth(code: str = "") -> int:
+        reply = await behind.execute_interactive(
+            code, user_expressions={"q": "gg.manager().state()['devices'][0]['queue_depth']"}, timeout=60
+        )
+        return int(reply["content"]["user_expressions"]["q"]["data"]["text/plain"])
+
     try:
         await behind.wait_for_ready(timeout=60)
-
-        async def device_status() -> str:
-            reply = await behind.execute_interactive(
-                "import gpugroups as gg", user_expressions={"s": "gg.manager().state()['devices'][0]['status']"},
-                timeout=60,
-            )
-            return str(reply["content"]["user_expressions"]["s"]["data"]["text/plain"])
-
-        while await device_status() != "'idle'":
-            assert asyncio.get_running_loop().time() - moved < 5, "the first kernel still computes the 503'd requests"
-            await asyncio.sleep(0.2)
+        assert await queue_depth("import gpugroups as gg\nheld = gg.manager().use('tiny-a')\nheld.__enter__()") == 1
+        request = {"model_id": "tiny-a", "prompt": "x"}
+        calls = [
+            asyncio.ensure_future(post(jp_fetch, "models/process", request, request_timeout=120)) for _ in range(2)
+        ]
+        await until_async(lambda: queue_depth(), 3)  # both wait behind the block
+        assert (await post(jp_fetch, "system/host", {"kernel_id": second}, request_timeout=120)).code == 200
+        assert [r.code for r in await asyncio.gather(*calls)] == [503, 503]
+        await until_async(lambda: queue_depth(), 1)  # they left the first kernel's queue
     finally:
+        await behind.execute_interactive("held.__exit__(None, None, None)", timeout=60)
         behind.stop_channels()
+
+
+async def until_async(read: Any, value: Any, timeout: float = 10) -> None:
+    """Wait for the coroutine ``read()`` to answer ``value``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (got := await read()) != value:
+        assert asyncio.get_running_loop().time() < deadline, f"{got}, not {value}"
+        await asyncio.sleep(0.1)
