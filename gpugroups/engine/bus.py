@@ -31,6 +31,10 @@ class _Subscription:
     after: float  # it takes the events emitted from this ``time.monotonic()`` on
 
 
+#: Seconds ``close`` waits for the events queued before it to be delivered.
+CLOSE_WAIT_S = 10.0
+
+
 class EventBus:
     """Numbers events and hands them to the subscribers, in order, from one background thread."""
 
@@ -88,10 +92,11 @@ class EventBus:
             return self._delivery.wait_for(lambda: self._delivered >= target, timeout)
 
     def close(self) -> None:
-        """Deliver what is queued, then stop the thread."""
+        """Deliver what is queued, then stop the thread. Waits ``CLOSE_WAIT_S`` at most: subscribers
+        slower than that still get the rest from the thread, which ends once it is delivered."""
         self._events.put(None)
         if threading.current_thread() is not self._thread:  # a subscriber may close its manager
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=CLOSE_WAIT_S)
 
     def _dispatch(self) -> None:
         while True:

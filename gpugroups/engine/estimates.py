@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
     """Each member's local folder (``unknown_model`` if one cannot be found)."""
-    return {m: catalog.local_path(catalog.models[m].source) for m in group.members}
+    specs = [catalog.models.get(m) for m in group.members]
+    if None in specs:  # ``unregister_group`` took it out meanwhile
+        raise GpuGroupsError("unknown_group", f"group {group.id!r} left the catalog (unregister_group)")
+    return {m: catalog.local_path(s.source) for m, s in zip(group.members, specs, strict=True) if s is not None}
 
 
 def shard_reserve(parts: dict[str, int]) -> est.ShardReserve:

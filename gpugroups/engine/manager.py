@@ -388,7 +388,10 @@ class Manager(Registry, AwaitableTwins):
     def close(self) -> None:
         """Refuse new loads, unload everything (after the loads under way, and once ``run`` and
         ``use`` let go), stop the workers, emit a last ``state_update`` (``closed`` true), stop the
-        event thread. A close that was interrupted (Ctrl-C while it waited) is finished by the next."""
+        event thread. A close that was interrupted (Ctrl-C while it waited) is finished by the next;
+        one from inside a ``use`` block or ``run``'s function, which it would wait for, is ``conflict``."""
+        for d in range(len(self._workers)):
+            self._res.guard(d)  # before anything changes
         with self._lock:
             if self._stopped:
                 return

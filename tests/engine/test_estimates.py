@@ -55,3 +55,16 @@ def test_estimate_io_runs_outside_the_manager_lock(tmp_path, tiny_gpt2):
         cat.local_path = probing  # type: ignore[method-assign]
         m.state()
     assert seen and all(seen)
+
+
+def test_a_group_unregistered_while_it_loads_says_so(tiny_llama):
+    """A load looks up its members' folders after its group was looked up; ``unregister_group`` in
+    between made that a bare ``KeyError``."""
+    from gpugroups.engine.estimates import folders
+
+    cat = Catalog(roots=[])
+    spec = cat.register_group("x", models={"x-model": str(tiny_llama)})
+    cat.unregister("x", unless=lambda gid: False)
+    with pytest.raises(GpuGroupsError) as gone:
+        folders(cat, spec)
+    assert gone.value.code == "unknown_group" and "left the catalog" in gone.value.message

@@ -127,6 +127,29 @@ def test_run_function_calling_its_own_device_is_a_conflict_not_a_wedge(m):
     assert m.process("tiny-gpt2", PROMPT)["predictions"] and m.state()["devices"][0]["status"] == "idle"
 
 
+def test_close_from_inside_use_or_run_is_a_conflict_and_changes_nothing(tiny_catalog_toml):
+    """``close`` would wait for the block or the function it is called from: refused at once
+    (it stalled 30 s, then said closed with the group still loaded), the manager open as it was."""
+
+    def closes(model, tokenizer) -> str:
+        try:
+            m.close()
+        except GpuGroupsError as exc:
+            return exc.code
+        return "closed"
+
+    m = gg.Manager(devices="cpu", catalog=tiny_catalog_toml, progress=False)
+    try:
+        with m.use("tiny-a"), pytest.raises(GpuGroupsError) as inside:
+            m.close()
+        assert inside.value.code == "conflict"
+        assert m.run("tiny-a", closes) == "conflict"
+        assert not m.closed and group_status(m, "tiny") == "resident"
+    finally:
+        m.close()
+    assert m.state()["closed"] and group_status(m, "tiny") == "unloaded"
+
+
 class Boom(Exception):
     pass
 
