@@ -84,7 +84,24 @@ def silent_websocket(live: LiveServer) -> socket.socket:
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101"), head
+    # take the first message (the state on connect), so the server's fetch of it is over and the
+    # events that follow are written to this socket, not held for it: then stop reading
+    sock.settimeout(60)
+    _, length = _exactly(sock, 2)
+    length &= 0x7F
+    if length >= 126:
+        length = int.from_bytes(_exactly(sock, 2 if length == 126 else 8), "big")
+    _exactly(sock, length)
     return sock
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the server closed the socket"
+        data += chunk
+    return data
 
 
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
