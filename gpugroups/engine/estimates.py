@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 
 def folders(catalog: Catalog, group: GroupSpec) -> dict[str, Path]:
     """Each member's local folder (``unknown_model`` if one cannot be found)."""
-    specs = [catalog.models.get(m) for m in group.members]
-    if None in specs:  # ``unregister_group`` took it out meanwhile
-        raise GpuGroupsError("unknown_group", f"group {group.id!r} left the catalog (unregister_group)")
-    return {m: catalog.local_path(s.source) for m, s in zip(group.members, specs, strict=True) if s is not None}
+    found = {}
+    for m in group.members:
+        spec = catalog.models.get(m)
+        if spec is None:  # ``unregister_group`` took it out meanwhile
+            raise GpuGroupsError("unknown_group", f"group {group.id!r} left the catalog (unregister_group)")
+        found[m] = catalog.local_path(spec.source)
+    return found
 
 
 def shard_reserve(parts: dict[str, int]) -> est.ShardReserve:
