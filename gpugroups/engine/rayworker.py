@@ -34,6 +34,7 @@ from ..kernelenv import RAY_ADDRESS_ENV
 from .calls import Held, Progress, Request, Span
 from .devices import Device, parse_size
 from .rayactor import ACTOR_OPTIONS, DeviceActor, seal
+from .rayclaim import Claim
 from .rayline import Address, open_line
 from .remote import Outcome, RemoteCalls, pack_run, result_of
 
@@ -75,6 +76,32 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
     )
     if not nodes:
         raise GpuGroupsError("unknown_device", "the Ray cluster has no node with a GPU resource")
+    claim = Claim(namespace)  # ``conflict`` while another manager drives the namespace
+    try:
+        ready = _start(nodes, kind, size, namespace, idle_timeout_s)
+    except BaseException:
+        claim.drop()
+        raise
+    devices = []
+    for actor, info in ready:
+        total = size or info["total_bytes"]
+        name = f"{'virtual ' + format(size / 1024**3, '.2f') + ' GiB' if size else info['name']} on {info['host']}"
+        d = Device(
+            0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
+            node=info["node"], host=info["host"],
+        )
+        d.remote_worker = functools.partial(
+            RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info.get("line"), claim=claim
+        )
+        devices.append(d)
+    return devices
+
+
+def _start(
+    nodes: list[dict[str, Any]], kind: str, size: int, namespace: str, idle_timeout_s: float
+) -> list[tuple[Any, dict[str, Any]]]:
+    """Get or make the device actor of every GPU of ``nodes``; each ready one with its ``info()``
+    (those of a node going away are left out)."""
     actors = []
     for n in nodes:
         for k in range(int(n["Resources"]["GPU"])):
@@ -101,17 +128,7 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
             except Exception:
                 pass
             continue
-    devices = []
-    for actor, info in ready:
-        total = size or info["total_bytes"]
-        name = f"{'virtual ' + format(size / 1024**3, '.2f') + ' GiB' if size else info['name']} on {info['host']}"
-        d = Device(
-            0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
-            node=info["node"], host=info["host"],
-        )
-        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info.get("line"))
-        devices.append(d)
-    return devices
+    return ready
 
 
 class RayWorker(RemoteCalls):
@@ -124,7 +141,9 @@ class RayWorker(RemoteCalls):
     or over Ray calls when it is None or cannot be opened.
     """
 
-    def __init__(self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None) -> None:
+    def __init__(
+        self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None, claim: Claim | None = None
+    ) -> None:
         super().__init__(device)
         self._actor = actor
         self._idle = idle_timeout_s
@@ -135,6 +154,9 @@ class RayWorker(RemoteCalls):
         self._on_line: dict[int, Future[Any]] = {}  # number -> a call sent on the line, until answered
         self._line = open_line(line, self._caller, self._line_answer, self._line_broken)
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
+        self._claim = claim
+        if claim is not None:
+            claim.hold()
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         fut = self._track("loading")
@@ -220,6 +242,9 @@ class RayWorker(RemoteCalls):
             ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
         except Exception:
             pass  # its node is gone, and the actor with it
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()  # the last worker's frees the namespace
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:

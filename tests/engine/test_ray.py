@@ -350,6 +350,50 @@ def test_a_new_manager_adopts_the_groups_of_a_killed_one(
     assert wait_for(lambda: actors_in(ns) == [], 10)
 
 
+def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
+    ray_cluster: RayCluster, tiny_catalog_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second manager on a namespace, in this process or in another live one, is refused with
+    ``conflict`` naming the first, and changes nothing of the first's; once the first is gone
+    (its process killed) the next one takes the namespace and adopts what it loaded."""
+    from gpugroups.engine import rayclaim
+
+    ns = namespace()
+    code = textwrap.dedent(f"""
+        import sys, gpugroups as gg
+        m = gg.Manager(devices={SPEC!r}, catalog={str(tiny_catalog_toml)!r}, ray_namespace={ns!r})
+        print(m.load("tiny-a", device_id=2)["status"], flush=True)
+        sys.stdin.read()  # lives until the test kills it
+    """)
+    env = {**os.environ, RAY_ADDRESS_ENV: ray_cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "loaded"
+        monkeypatch.setattr(rayclaim, "CLAIM_WAIT_S", 1.0)  # a live holder: no need to wait the full time
+        with pytest.raises(GpuGroupsError) as e:
+            gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
+        assert e.value.code == "conflict" and e.value.details["holder"]["pid"] == first.pid
+        assert f"process {first.pid}" in e.value.message and "ray_namespace" in e.value.message
+        assert first.poll() is None and len(actors_in(ns)) == 5  # the first's claim and its four devices
+    finally:
+        first.kill()
+        first.wait(30)
+    monkeypatch.undo()
+    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)  # waits for the dead one's claim
+    try:
+        assert m.state()["devices"][2]["resident_groups"] == ["tiny"]
+        with pytest.raises(GpuGroupsError) as e:
+            gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)  # this process's own: at once
+        assert e.value.code == "conflict" and e.value.details["holder"]["pid"] == os.getpid()
+        assert m.process("tiny-a", "the cat", 2)["predictions"]  # the refused one touched nothing
+    finally:
+        m.close()
+    assert wait_for(lambda: actors_in(ns) == [], 10)
+    gg.Manager(devices=SPEC, catalog=[], ray_namespace=ns).close()  # a closed manager's namespace is free
+
+
 def test_a_refused_manager_starts_no_actor(ray_cluster: RayCluster) -> None:
     """Options are checked before any device actor is made: a refused manager holds no GPU."""
     ns = namespace()
@@ -369,7 +413,8 @@ def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(ray_cluste
 
 def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     second = ray_cluster.add_node()  # the shared nodes stay for the tests after this one
-    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=namespace())
+    ns = namespace()
+    m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
     try:
         lost = [d["device_id"] for d in m.state()["devices"] if d["node"] == second.node_id]
         kept = [d["device_id"] for d in m.state()["devices"] if d["node"] != second.node_id]
@@ -401,5 +446,8 @@ def test_a_lost_node_fails_its_requests_and_its_groups_reload_elsewhere(ray_clus
         assert m.process("tiny-gpt2", "still here", 2)["device_id"] == kept[0]  # the rest kept answering
         assert m.load("tiny-a")["device_id"] in kept  # reloads on a surviving device
         assert m.process("tiny-a", "again", 2)["predictions"]
+        with pytest.raises(GpuGroupsError) as refused:  # its claim on the namespace is on its own node
+            gg.Manager(devices=SPEC, catalog=[], ray_namespace=ns)
+        assert refused.value.code == "conflict"
     finally:
         m.close()
