@@ -20,11 +20,11 @@ class Adoption(Loads):
 
     def adopt(self) -> None:
         """Take over what the workers already hold (Ray actors outlive the kernel that loaded
-        into them) and listen for lost devices. Held groups this catalog does not know, or whose
+        into them), pinned as it was, and listen for lost devices. Held groups this catalog does not know, or whose
         entry no longer says what was loaded (members, folders, dtype), are unloaded."""
         for i, w in enumerate(self.workers):
             w.on_lost(functools.partial(self.lose, i))
-            for gid, (nbytes, was) in w.resident().items():
+            for gid, (nbytes, was, pinned) in w.resident().items():
                 group = self._as_loaded(gid, was, self.devices[i])
                 if group is None or gid in self.slots:
                     w.unload(gid)
@@ -35,6 +35,8 @@ class Adoption(Loads):
                 slot.done.set_result(slot)
                 with self._lock:
                     self.slots[gid], self.measured[gid] = slot, nbytes
+                    if pinned:
+                        self.pins[gid] = [i]
                     self.warm.add(i)  # no current member: the worker does not know it, so the first load names it
                     self._changed()
 

@@ -86,6 +86,7 @@ class Held(NamedTuple):
 
     bytes: int
     loaded_as: str  # ``loaded_as`` of the load that made it
+    pinned: bool = False  # pinned by the manager that loaded it (``Worker.keep``)
 
 
 def loaded_as(group: GroupSpec, folders: Mapping[str, Path], dtype: str) -> str:
@@ -172,8 +173,14 @@ class Worker(Protocol):
         ...
 
     def resident(self) -> dict[str, Held]:
-        """The groups the device holds now, their measured bytes and what was loaded (a new manager
-        adopts them)."""
+        """The groups the device holds now, their measured bytes, what was loaded and whether it is
+        pinned (a new manager adopts them as they are)."""
+        ...
+
+    def keep(self, group_id: str, pinned: bool) -> None:
+        """Note, after the calls made before it, that the manager pinned or unpinned a group held
+        here, for ``resident`` to say (an unload forgets it). Only a worker that can outlive its
+        manager (a Ray device) needs to keep it."""
         ...
 
     def on_lost(self, callback: Callable[[], None]) -> None:

@@ -213,6 +213,7 @@ class Manager(Registry, AwaitableTwins):
 
         def set_pin(slot: Slot) -> None:
             self._res.pins[group.id] = slot.device_ids
+            self._workers[slot.device_id].keep(group.id, True)  # in order with the loads and unloads
             self._bump()
 
         slot, _, _ = self._ensure(group, device_id, set_pin, device_ids)
@@ -223,6 +224,9 @@ class Manager(Registry, AwaitableTwins):
         group = self.catalog.group(group_id)
         with self._lock:
             if self._res.pins.pop(group.id, "absent") != "absent":
+                slot = self._res.slots.get(group.id)
+                if slot is not None:
+                    self._workers[slot.device_id].keep(group.id, False)
                 self._bump()
         return {"group_id": group.id, "pinned": False}
 

@@ -146,6 +146,12 @@ class DeviceActor:
             done = self._worker.unload(group_id)
         return self._answer(done)
 
+    def keep(self, call: Sealed) -> None:
+        """``(group_id, pinned)``: the manager pinned or unpinned a group held here (``Worker.keep``)."""
+        caller, number, group_id, pinned = unseal(call)
+        with self._order.turn(caller, number):
+            self._worker.keep(group_id, pinned)
+
     def process(self, call: Sealed) -> bytes:
         """``(group_id, request)``."""
         self._touch()

@@ -216,6 +216,11 @@ class RayWorker(RemoteCalls):
             else:
                 self._send_on_line(None, "cancel", request_id)
 
+    def keep(self, group_id: str, pinned: bool) -> None:
+        """Told to the actor, in its turn: a manager that adopts the group pins it again."""
+        if self._lost is None and not self._closed:
+            self._send(self._actor.keep, group_id, pinned)
+
     def resident(self) -> dict[str, Held]:
         if self._lost is not None:
             return {}

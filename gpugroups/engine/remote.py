@@ -155,6 +155,9 @@ class RemoteCalls:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def keep(self, group_id: str, pinned: bool) -> None:
+        """Nothing to keep: a worker process ends with its manager (``RayWorker`` overrides it)."""
+
     def on_lost(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 

@@ -87,6 +87,7 @@ class ThreadWorker:
         self._status = "idle"
         self._runtimes: dict[str, Runtime] = {}
         self._loaded_as: dict[str, str] = {}  # group id -> ``loaded_as`` of its load
+        self._pinned: set[str] = set()  # ``keep``
         self._turns = Turns()
         self._thread = threading.Thread(target=self._loop, name=f"gpugroups-{device.device}", daemon=True)
         self._thread.start()
@@ -172,7 +173,15 @@ class ThreadWorker:
         return dict(self._runtimes)
 
     def resident(self) -> dict[str, Held]:
-        return {gid: Held(rt.bytes, self._loaded_as.get(gid, "")) for gid, rt in list(self._runtimes.items())}
+        return {
+            gid: Held(rt.bytes, self._loaded_as.get(gid, ""), gid in self._pinned) for gid, rt in list(self._runtimes.items())
+        }
+
+    def keep(self, group_id: str, pinned: bool) -> None:
+        if pinned:
+            self._pinned.add(group_id)
+        else:
+            self._pinned.discard(group_id)
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         pass  # a thread of this process goes only with the process
@@ -201,6 +210,7 @@ class ThreadWorker:
     def _unload(self, group_id: str) -> None:
         rt = self._runtimes.pop(group_id, None)
         self._loaded_as.pop(group_id, None)
+        self._pinned.discard(group_id)
         self._turns.forget(group_id)
         if rt is not None:
             rt.unload()

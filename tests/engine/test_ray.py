@@ -355,14 +355,17 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
 ) -> None:
     """A second manager on a namespace, in this process or in another live one, is refused with
     ``conflict`` naming the first, and changes nothing of the first's; once the first is gone
-    (its process killed) the next one takes the namespace and adopts what it loaded."""
+    (its process killed) the next one takes the namespace and adopts what it loaded, pinned as it was."""
     from gpugroups.engine import rayclaim
 
     ns = namespace()
     code = textwrap.dedent(f"""
         import sys, gpugroups as gg
         m = gg.Manager(devices={SPEC!r}, catalog={str(tiny_catalog_toml)!r}, ray_namespace={ns!r})
-        print(m.load("tiny-a", device_id=2)["status"], flush=True)
+        m.load("tiny-a", device_id=2)
+        m.pin("tiny")
+        m.unpin("tiny")
+        print(m.pin("gpt", device_id=0)["pinned"], flush=True)
         sys.stdin.read()  # lives until the test kills it
     """)
     env = {**os.environ, RAY_ADDRESS_ENV: ray_cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -370,7 +373,7 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
         [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        assert first.stdout is not None and first.stdout.readline().strip() == "loaded"
+        assert first.stdout is not None and first.stdout.readline().strip() == "True"
         monkeypatch.setattr(rayclaim, "CLAIM_WAIT_S", 1.0)  # a live holder: no need to wait the full time
         with pytest.raises(GpuGroupsError) as e:
             gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)
@@ -383,7 +386,9 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
     monkeypatch.undo()
     m = gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)  # waits for the dead one's claim
     try:
-        assert m.state()["devices"][2]["resident_groups"] == ["tiny"]
+        state = m.state()
+        assert state["devices"][2]["resident_groups"] == ["tiny"] and state["devices"][0]["resident_groups"] == ["gpt"]
+        assert {g["id"]: g["pinned"] for g in state["groups"] if g["resident_on"]} == {"tiny": False, "gpt": True}
         with pytest.raises(GpuGroupsError) as e:
             gg.Manager(devices=SPEC, catalog=tiny_catalog_toml, ray_namespace=ns)  # this process's own: at once
         assert e.value.code == "conflict" and e.value.details["holder"]["pid"] == os.getpid()

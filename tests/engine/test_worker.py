@@ -22,7 +22,7 @@ def test_thread_worker_satisfies_the_worker_protocol():
 
     w = ThreadWorker(detect("cpu")[0])
     try:
-        for name in ("load", "unload", "process", "run", "stop"):
+        for name in ("load", "unload", "process", "run", "stop", "resident", "keep"):
             assert list(inspect.signature(getattr(w, name)).parameters) == \
                 list(inspect.signature(getattr(Worker, name)).parameters)[1:], name
         assert w.status == "idle" and w.queue_depth == 0 and w.in_process is True
@@ -51,6 +51,20 @@ def test_process_of_a_group_not_loaded_fails_that_call_only():
         assert w.call(lambda: 42).result(10) == 42
     finally:
         w.stop()
+
+
+def test_the_worker_keeps_a_pin_with_its_group_until_unpinned_or_unloaded(held):
+    """``resident`` says which held groups the manager pinned (a manager that adopts them, after a
+    kernel restart on Ray, pins them again); an unpin or an unload forgets it."""
+    m, worker = held
+    m.pin("tiny")
+    assert worker.resident()["tiny"].pinned
+    m.unpin("tiny")
+    assert not worker.resident()["tiny"].pinned
+    m.pin("tiny")
+    m.unload_group("tiny")
+    m.load_group("tiny")
+    assert not worker.resident()["tiny"].pinned
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched(held):
