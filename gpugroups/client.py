@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -37,13 +38,17 @@ from .schema import (
 CONNECT_S = 10.0
 #: Connections kept per server: as many threads may share one client without reconnecting.
 POOL_SIZE = 32
+#: A page of JupyterLab or Notebook at the end of a URL copied from the terminal or the browser
+#: (``/lab``, ``/tree``, ``/lab/tree/x.ipynb``...): the server's base URL is what comes before it.
+FRONT_END_PAGE = re.compile(r"/(?:lab|tree|notebooks|edit|doc)(?:/.*)?$")
 
 
 class Client:
     """A ``Manager`` lookalike that talks to a Jupyter server running the gpugroups extension.
 
     ``url`` is the server's base URL (with its base path, e.g. ``http://host:8888/user/me/``; the
-    URL Jupyter prints, ``...?token=...``, works too: the token is read from it); ``token`` is the
+    URL Jupyter prints, ``http://host:8888/lab?token=...``, or one copied from the browser works
+    too: the page, ``/lab...`` or ``/tree...``, is dropped and the token read from it); ``token`` is the
     Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every request in
     seconds (None: wait as long as the server does); connecting takes at most ``CONNECT_S``.
     Proxies and the CA bundle come from the environment as it is when the client is made
@@ -62,7 +67,8 @@ class Client:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise GpuGroupsError("invalid_request", f"url must be http(s)://host[:port][/base/path], got {url!r}")
-        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        base = FRONT_END_PAGE.sub("", parts.path.rstrip("/"))
+        self.url = urlunsplit((parts.scheme, parts.netloc, base.rstrip("/"), "", ""))
         token = token or parse_qs(parts.query).get("token", [None])[0]
         self.token = token
         self.timeout = timeout

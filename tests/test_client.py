@@ -63,7 +63,7 @@ def test_an_error_that_is_not_json_is_still_a_gpugroups_error(server: Any) -> No
 @pytest.mark.parametrize("server", [LandingPage], indirect=True)
 def test_a_success_that_is_not_the_apis_json_is_an_error_not_none(server: Any) -> None:
     with pytest.raises(GpuGroupsError) as exc:
-        Client(f"http://127.0.0.1:{server.server_address[1]}/lab").state()
+        Client(f"http://127.0.0.1:{server.server_address[1]}/not/jupyter").state()
     assert exc.value.code == "internal_error" and "HTTP 200" in exc.value.message and "base URL" in exc.value.message
 
 
@@ -71,6 +71,11 @@ def test_the_url_jupyter_prints_gives_the_token_and_a_url_without_a_scheme_is_re
     c = Client("http://127.0.0.1:8888/user/me/?token=abc#x")
     assert (c.url, c.token) == ("http://127.0.0.1:8888/user/me", "abc")
     assert Client("http://127.0.0.1:8888/?token=abc", token="given").token == "given"
+    for printed in ("http://127.0.0.1:8888/lab?token=abc", "http://127.0.0.1:8888/tree?token=abc"):
+        assert (Client(printed).url, Client(printed).token) == ("http://127.0.0.1:8888", "abc")
+    copied = Client("https://hub.example/user/me/lab/tree/work/a.ipynb?token=t")  # from the browser
+    assert copied.url == "https://hub.example/user/me"
+    assert Client("http://h:8888/user/lab-a/").url == "http://h:8888/user/lab-a"  # a base path, kept
     for bad in ("localhost:8888", "127.0.0.1:8888", "ftp://h/", ""):
         with pytest.raises(GpuGroupsError) as exc:
             Client(bad)

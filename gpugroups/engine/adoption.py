@@ -20,8 +20,8 @@ class Adoption(Loads):
 
     def adopt(self) -> None:
         """Take over what the workers already hold (Ray actors outlive the kernel that loaded
-        into them), pinned as it was, and listen for lost devices. Held groups this catalog does not know, or whose
-        entry no longer says what was loaded (members, folders, dtype), are unloaded."""
+        into them), pinned as it was, and listen for lost devices. Held groups this catalog does
+        not know, or whose entry no longer says what was loaded (members, folders, dtype), are unloaded."""
         for i, w in enumerate(self.workers):
             w.on_lost(functools.partial(self.lose, i))
             for gid, (nbytes, was, pinned) in w.resident().items():
@@ -31,13 +31,14 @@ class Adoption(Loads):
                     continue
                 self.estimates.ensure(group, self.devices)
                 parts = self.estimates.peek(group, self.devices[i], False) or {}
+                # no current member: the worker does not say it, so the first load names it
                 slot = Slot(group, {i: nbytes + parts.get("reserve_bytes", 0)}, state="resident")
                 slot.done.set_result(slot)
                 with self._lock:
                     self.slots[gid], self.measured[gid] = slot, nbytes
                     if pinned:
                         self.pins[gid] = [i]
-                    self.warm.add(i)  # no current member: the worker does not know it, so the first load names it
+                    self.warm.add(i)  # its device's context exists already
                     self._changed()
 
     def _as_loaded(self, gid: str, was: str, device: Device) -> GroupSpec | None:

@@ -4,8 +4,8 @@ Two managers driving the same device actors would each unload what the other loa
 by a residency the other keeps changing, and serve what they think is loaded. So the first thing
 ``ray_devices`` does in a namespace is to take its claim: a small named actor (``OWNER``) that only
 says who holds it, on the manager's own node. Unlike the device actors it is not detached, so Ray
-ends it with the process that made it: a kernel that dies or restarts frees its namespace by itself, and its successor
-adopts the device actors. A manager that closes ends it at once (``Claim.release``, when its last
+ends it with the process that made it: a kernel that dies or restarts frees its namespace by
+itself, and its successor adopts the device actors. A manager that closes ends it at once (``Claim.release``, when its last
 Ray worker stops). A manager that finds the name taken waits up to ``CLAIM_WAIT_S`` for it to go
 (a kernel just restarted may still be leaving the cluster), then is refused with ``conflict``
 naming the holder, before it has touched a device actor.
@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import ray
@@ -30,8 +31,8 @@ from ..errors import GpuGroupsError
 OWNER = "gpugroups-manager"
 #: How long a manager waits for another's claim to go before it is refused.
 CLAIM_WAIT_S = 15.0
-#: The namespaces a manager of this process holds: a second one here is refused without waiting.
-_HELD: set[str] = set()
+#: The claims of this process's live managers, by namespace: a second one here is refused without waiting.
+_HELD: weakref.WeakValueDictionary[str, Claim] = weakref.WeakValueDictionary()
 _HELD_LOCK = threading.Lock()
 
 
@@ -52,9 +53,9 @@ class Claim:
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._actor: Any = _take(namespace)
         self._holders = 0
         self._lock = threading.Lock()
+        self._actor: Any = _take(self)
 
     def hold(self) -> None:
         with self._lock:
@@ -71,7 +72,7 @@ class Claim:
         with _HELD_LOCK:
             actor, self._actor = self._actor, None
             if actor is not None:
-                _HELD.discard(self.namespace)
+                _HELD.pop(self.namespace, None)
         if actor is not None:
             try:
                 ray.kill(actor, no_restart=True)
@@ -84,8 +85,11 @@ def _owner_class() -> Any:
     return ray.remote(num_cpus=0)(Owner)
 
 
-def _take(namespace: str) -> Any:
-    """The namespace's claim, made by this process; ``conflict`` if another manager keeps it."""
+def _take(claim: Claim) -> Any:
+    """The actor of ``claim`` on its namespace; ``conflict`` if another manager keeps the namespace.
+    (A claim dropped unreleased, its manager never made, leaves ``_HELD`` with it, and Ray ends
+    its actor once no handle to it is left.)"""
+    namespace = claim.namespace
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     made = _owner_class()
     # on this process's node, so that losing another node never ends the claim
@@ -99,7 +103,7 @@ def _take(namespace: str) -> Any:
                 except ValueError:
                     pass  # the name is taken
                 else:
-                    _HELD.add(namespace)
+                    _HELD[namespace] = claim
                     return actor
         holder = _holder(namespace)
         if namespace in _HELD or time.monotonic() > deadline:  # this process's own will not go by waiting

@@ -25,7 +25,7 @@ class GpuGroupsApp(ExtensionApp):
     name = "gpugroups"
     host: GpuGroupsHost | None = None  # None when its settings were refused: the server still starts and stops
     load_other_extensions = True
-    classes = [*ExtensionApp.classes, GpuGroupsHost]  # noqa: RUF012  # traitlets' own shape: --help-all lists its settings
+    classes = [*ExtensionApp.classes, GpuGroupsHost]  # noqa: RUF012  # traitlets' own shape: the app's configurables
 
     full_gc_every = Int(
         100,

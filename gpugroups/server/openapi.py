@@ -121,6 +121,10 @@ def _operation(op: Op, deprecated: bool) -> dict[str, Any]:
 
 def _extra_routes() -> dict[str, dict[str, Any]]:
     """The routes that are not manager ops."""
+    from .websocket import MAX_CLIENT_MESSAGE, MAX_OUTBOX  # here: that module serves this document's route
+
+    ws_errors = _errors(["invalid_request"])  # a request that is not a WebSocket upgrade
+    del ws_errors["404"]  # a page of another origin is refused 403 here, below
     return {
         "/system/host": {
             "get": {
@@ -168,11 +172,14 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
                 "operationId": "events",
                 "summary": "WebSocket of events (upgrade).",
                 "description": "Server messages: system_state, state_update, load_progress, error "
-                '(each described by `x-server-messages`). A client may send {"type": "get_state"}.',
+                '(each described by `x-server-messages`). A client may send {"type": "get_state"}; '
+                f"a message over {MAX_CLIENT_MESSAGE} bytes closes the socket (1009), and so does a "
+                f"client that leaves more than {MAX_OUTBOX} messages untaken (1008, as one slower than "
+                "GpuGroupsHost.ws_send_timeout): it reconnects for the current state.",
                 "x-server-messages": {"oneOf": [{"$ref": _REF + name} for name in _EVENTS]},
                 "responses": {
                     "101": {"description": "Switching protocols"},
-                    **_errors(["invalid_request"]),  # a request that is not a WebSocket upgrade
+                    **ws_errors,
                     "403": {"description": f"{REFUSALS[403]}, or a cookie from a page of another origin",
                             "content": _json("Error")},
                 },

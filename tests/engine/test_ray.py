@@ -357,6 +357,7 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
     ``conflict`` naming the first, and changes nothing of the first's; once the first is gone
     (its process killed) the next one takes the namespace and adopts what it loaded, pinned as it was."""
     from gpugroups.engine import rayclaim
+    from gpugroups.engine.rayworker import ray_devices
 
     ns = namespace()
     code = textwrap.dedent(f"""
@@ -397,6 +398,8 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
         m.close()
     assert wait_for(lambda: actors_in(ns) == [], 10)
     gg.Manager(devices=SPEC, catalog=[], ray_namespace=ns).close()  # a closed manager's namespace is free
+    ray_devices(SPEC, ns)  # devices no manager was made for, dropped: their claim goes with them
+    gg.Manager(devices=SPEC, catalog=[], ray_namespace=ns).close()
 
 
 def test_a_refused_manager_starts_no_actor(ray_cluster: RayCluster) -> None:

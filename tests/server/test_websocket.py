@@ -12,7 +12,7 @@ from tornado.websocket import websocket_connect
 
 from gpugroups.protocol import API_PREFIX, LEGACY_PREFIX
 
-from .routes import browser_login
+from .routes import browser_login, fetch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +40,9 @@ async def test_websocket_refuses_missing_token_and_foreign_origin(
     assert error["code"] == "forbidden" and "evil.example" in error["message"]
     ws = await websocket_connect(HTTPRequest(url, headers={**cookie_only, "Origin": own}))
     ws.close()
+    served = json.loads((await fetch(jp_fetch, API_PREFIX + "/openapi.json")).body)
+    assert {"403", "400"} <= set(served["paths"][API_PREFIX + "/ws"]["get"]["responses"])
+    assert "404" not in served["paths"][API_PREFIX + "/ws"]["get"]["responses"]  # documents what it answers
 
 
 async def test_the_v1_socket_says_it_is_deprecated(jp_fetch: Any, jp_ws_fetch: Any) -> None:
