@@ -5,7 +5,7 @@
 # Extra arguments go to jupyter lab (e.g. --port 8899 --no-browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh notebooks
 root_flag=()
 [ "$(id -u)" = "0" ] && root_flag=(--allow-root)
 exec .venv/bin/python scripts/lab.py "${root_flag[@]}" "$@"

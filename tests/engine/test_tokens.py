@@ -11,12 +11,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from gpugroups.engine.tokens import _direct, encode, token_texts
+from gpugroups.localfiles import DEMO_DIR
 
 PROMPTS = [
     "def __init__(self", " leading and  double  spaces\n\ttabs", "<|endoftext|> after the special token",
     "ünïcødé and emoji 🤖", "x" * 300, "import os\nimport sys\n\n\nclass A:\n    pass\n",
 ]
-DEMO_BASE = Path(__file__).parents[2] / "gpugroups" / "demo" / "pycode-base"
+DEMO_BASE = DEMO_DIR / "pycode-base"  # where the package is installed, checkout or not
 
 
 def _ids(tok: Any, prompts: list[str]) -> list[list[int]]:
