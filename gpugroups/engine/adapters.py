@@ -52,6 +52,17 @@ class Adapters:
         peft.active_adapter = adapter
         peft.base_model.active_adapter = adapter
 
+    def reset(self) -> None:
+        """Undo what research code may have done to the switches: adapters merged into the base
+        weights (``merge_adapter``) are unmerged, layers turned off (``disable_adapter_layers``)
+        are on again; the active adapter stays as it was last set."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer in self.layers or [m for m in submodules(self.peft) if isinstance(m, BaseTunerLayer)]:
+            if layer.merged:
+                layer.unmerge()
+            layer._disable_adapters = False
+
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:
         """The bare base: like ``PeftModel.disable_adapter()``, whose status check and re-enable walk

@@ -341,6 +341,8 @@ class Manager(Registry, AwaitableTwins):
         in order with the device's other work. ``fn``'s exception reaches the caller as itself, with
         a note naming the device. Out-of-process workers pickle ``fn`` and its arguments and return
         tensors on the CPU. A call from ``fn`` that would wait for its own device raises ``conflict``.
+        Afterwards eval mode, grad mode, the adapters' switches and the generation settings are put
+        back and gradients freed; hooks ``fn`` registers stay (remove them unless you steer on purpose).
         """
         return self._research.run(model_id, fn, args, kwargs)  # type: ignore[no-any-return]
 

@@ -9,10 +9,12 @@ when the far side is gone. ``run``'s payloads travel by value, as cloudpickle by
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import pickle
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -58,10 +60,13 @@ def run_outcome(fut: Done) -> Outcome:
     if exc is not None:  # its frames do not travel with it: their text does
         where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
         exc.add_note(f"Traceback where fn ran (most recent call last):\n{where}")
-    kind, value = ("ok", on_cpu(fut.result())) if exc is None else ("raised", exc)
     try:
+        kind, value = ("ok", on_cpu(fut.result())) if exc is None else ("raised", exc)
         return (kind, pack(value, _PACKED[kind]))
-    except GpuGroupsError as err:
+    except Exception as failed:  # never no answer: the caller waits for one
+        err = failed if isinstance(failed, GpuGroupsError) else GpuGroupsError(
+            "invalid_request", f"run: fn's result cannot be brought back ({type(failed).__name__}: {failed})"
+        )
         if exc is not None:  # the exception itself cannot travel: what it says can
             said = "\n".join([f"{type(exc).__qualname__}: {exc}", *getattr(exc, "__notes__", [])])
             err = GpuGroupsError(err.code, f"{err.message}; fn raised {said}")
@@ -114,15 +119,27 @@ def unpack(blob: bytes, what: str) -> Any:
 
 
 def on_cpu(value: Any) -> Any:
-    """``value`` with every torch tensor in it (in lists, tuples and dicts) moved to the CPU."""
+    """``value`` with every torch tensor in it moved to the CPU and detached, each container kept
+    as the type it is: lists, tuples (named ones too), dicts (transformers' ``ModelOutput`` too) and
+    dataclasses; tensors inside other objects travel as they are."""
     import torch
 
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
+    if isinstance(value, Mapping):
+        try:
+            moved: Any = copy.copy(value)  # a ``ModelOutput`` keeps its attributes in step with its items
+            for k, v in value.items():
+                moved[k] = on_cpu(v)
+        except TypeError:  # a mapping that cannot be copied or written: its items as a dict
+            return {k: on_cpu(v) for k, v in value.items()}
+        return moved
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(on_cpu(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
     return value
 
 

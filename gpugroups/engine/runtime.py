@@ -13,6 +13,7 @@ reference, collects garbage and empties the CUDA cache so the memory really retu
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import threading
 import warnings
@@ -44,6 +45,8 @@ class Member:
     #: What one forward pass of it may take (the group's reserve; see ``PassBudget``).
     budget: PassBudget
     adapter: str | None = None  # adapters groups: the PEFT adapter name (None for the base)
+    #: Its generation settings as loaded (continuations use the model's: put back after research).
+    generation_config: Any = None
 
 
 class Runtime:
@@ -57,6 +60,7 @@ class Runtime:
         self.bytes = 0
         self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
         self.reserves: list[int] = []  # and the runtime reserve each of those devices needs
+        self._params: dict[int, list[Any]] | None = None  # each model's parameters (``after_research``)
         self._span: Span | None = None
         self.device_map: dict[str, int] = {}  # a sharded group's modules -> span position
         self._map_split: list[int] = []
@@ -178,6 +182,7 @@ class Runtime:
         for m in self.members.values():
             if m.tokenizer.pad_token_id is None:
                 m.tokenizer.pad_token = m.tokenizer.eos_token or m.tokenizer.unk_token
+            m.generation_config = copy.deepcopy(getattr(m.model, "generation_config", None))
 
     def _budget(self, folder: Path, model: Any, folders: dict[str, Path]) -> PassBudget:
         """A member's pass budget: the group's reserve, against the attention the model really runs
@@ -240,6 +245,27 @@ class Runtime:
                 switch.activate(names[0])
                 yield self._peft, {}
 
+    def after_research(self) -> None:
+        """Put back what research code (``run``, ``use``) may have changed and serving relies on:
+        eval mode (dropout off), the generation settings continuations use, the adapters' switches
+        (none merged, none disabled), and no gradients left on the parameters (memory no estimate
+        counted). Hooks it registered stay: they are how one steers what is served on purpose (the
+        docs say to remove them otherwise)."""
+        if self._params is None:  # once: walking a model's modules is the costly part
+            self._params = {id(m.model): list(m.model.parameters()) for m in self.members.values()}
+        for m in {id(m.model): m for m in self.members.values()}.values():
+            model = m.model
+            if model.training:
+                model.eval()
+            for p in self._params[id(model)]:
+                if p.grad is not None:
+                    p.grad = None
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            if m.generation_config is not None and vars(inner.generation_config) != vars(m.generation_config):
+                inner.generation_config = copy.deepcopy(m.generation_config)
+        if self._adapters is not None:
+            self._adapters.reset()
+
     def can_share_batch(self, a: str, b: str) -> bool:
         """Whether rows of members ``a`` and ``b`` may go into one forward pass."""
         return self._peft is not None or self.members[a].model is self.members[b].model
@@ -255,6 +281,7 @@ class Runtime:
         self.members.clear()
         self._peft = None
         self._adapters = None
+        self._params = None
         if any(r() is not None for r in alive):
             gc.collect()
         for backing in {self.device.backing, *(self._span.backings if self._span else ())}:

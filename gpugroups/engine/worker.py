@@ -219,11 +219,16 @@ class ThreadWorker:
         self, group_id: str, member_id: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
         after: tuple[Future[None], ...],
     ) -> Any:
+        import torch
+
         rt = self._runtime(group_id)
         for f in after:
             f.result()  # a sharded group's other devices are paused while fn runs
-        with rt.rows([member_id]) as (model, _):
-            return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
+        try:  # grad mode is this thread's: fn's setting must not reach the next call here
+            with rt.rows([member_id]) as (model, _), torch.set_grad_enabled(torch.is_grad_enabled()):
+                return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
+        finally:
+            rt.after_research()
 
     def _runtime(self, group_id: str) -> Runtime:
         rt = self._runtimes.get(group_id)

@@ -47,6 +47,7 @@ def test_load_unload_cycles_return_to_the_baseline(
                 for model_id, group_id in (("small", "small"), ("tiny-a", "tiny")):
                     m.load(model_id)
                     m.process(model_id, "def f(x):", max_new_tokens=2)
+                    m.run(model_id, lambda model, tokenizer: None)  # research leaves nothing behind either
                     m.unload_group(group_id)
 
         cycles(WARM_UP)

@@ -7,6 +7,8 @@ same virtual devices, one with process workers and one with thread workers, serv
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import inspect
 import multiprocessing
 import os
@@ -161,6 +163,47 @@ def test_run_sends_fn_by_value_and_brings_tensors_back_on_the_cpu(pair) -> None:
         pm.run("tiny-a", boom)
     notes = "\n".join(raised.value.__notes__)  # fn's own frames travel as text
     assert "Traceback where fn ran" in notes and "in boom" in notes
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+@dataclasses.dataclass
+class Res:
+    x: Any
+
+
+def test_run_brings_back_results_as_the_types_they_are_and_always_answers(pair) -> None:
+    """Named tuples, a model's ``ModelOutput`` and dataclasses come back as themselves, their tensors
+    detached on the CPU; a result that cannot be rebuilt is an error, never a call that hangs."""
+    pm, _, _ = pair
+
+    def shapes(model: Any, tokenizer: Any) -> Any:
+        import torch
+
+        out = model(**tokenizer("the cat", return_tensors="pt"))
+        return Pair(torch.ones(2), out), Res(torch.ones(2, requires_grad=True) * 2)
+
+    (pair_, res) = pm.run("tiny-a", shapes)
+    assert type(pair_).__name__ == "Pair" and pair_.a.tolist() == [1.0, 1.0]
+    assert type(pair_.b).__name__ == "CausalLMOutputWithPast" and pair_.b.logits.device.type == "cpu"
+    assert type(res).__name__ == "Res" and not res.x.requires_grad and res.x.tolist() == [2.0, 2.0]
+
+    def unbuildable(model: Any, tokenizer: Any) -> Any:
+        import collections
+
+        import torch
+
+        class Strict(collections.namedtuple("Strict", "a b")):  # takes no positional fields
+            def __new__(cls, **kw: Any) -> Any:
+                return super().__new__(cls, kw["a"], kw["b"])
+
+        return Strict(a=torch.ones(1), b=2)
+
+    with pytest.raises(GpuGroupsError) as e:
+        pm.run("tiny-a", unbuildable)
+    assert e.value.code == "invalid_request" and "cannot be brought back" in e.value.message
+    assert pm.run("tiny-a", lambda model, tokenizer: 7) == 7  # and the device is free again
 
 
 def test_run_refuses_what_cannot_be_pickled_and_use_points_to_run(pair) -> None:

@@ -80,6 +80,45 @@ def test_run_leaves_process_and_current_member_unaffected(m):
     assert next(g for g in m.groups() if g["id"] == "tiny")["current_model"] == "tiny-a"
 
 
+def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
+    """Merged or disabled adapters, train mode, gradients, grad mode and generation settings left
+    by a ``run`` or ``use`` do not change what the manager serves, nor the next research call."""
+    members = ("tiny-base", "tiny-a", "tiny-b", "tiny-gpt2")
+
+    def answers() -> dict[str, list[tuple[int, float, str]]]:
+        """Each member's top 5 with continuations; log-probabilities to 4 places (merging an adapter
+        into the base and out again moves the base weights by float rounding, ~1e-6)."""
+        return {
+            mid: [(p["token_id"], round(p["logprob"], 4), p["text"])
+                  for p in m.process(mid, PROMPT, num_predictions=5, max_new_tokens=4)["predictions"]]
+            for mid in members
+        }
+
+    before = answers()
+
+    def meddle(model, tokenizer):
+        model.merge_adapter()  # tiny-a's weights into the base
+        model.generation_config.repetition_penalty = 5.0
+        torch.set_grad_enabled(False)  # for this thread: the device's
+        model.train()
+
+    m.run("tiny-a", meddle)
+    assert answers() == before
+    m.run("tiny-b", lambda model, tokenizer: model.disable_adapter_layers())
+    assert answers() == before
+    with m.use("tiny-gpt2") as h:  # a single model's parameters take gradients
+        enc = h.tokenizer(PROMPT, return_tensors="pt")
+        h.model(**enc, labels=enc["input_ids"]).loss.backward()
+        h.model.train()
+    assert answers() == before
+
+    def left(model, tokenizer):
+        return torch.is_grad_enabled(), model.training, sum(p.grad is not None for p in model.parameters())
+
+    assert m.run("tiny-gpt2", left) == (True, False, 0)  # grad mode back on, eval mode, no gradients kept
+    assert m.run("tiny-a", left) == (True, False, 0)
+
+
 def test_use_hands_over_the_member_in_this_thread(m, raw):
     before = m.process("tiny-a", PROMPT, num_predictions=5)["predictions"]
     with m.use("tiny-b") as h:
