@@ -342,7 +342,7 @@ class Manager(Registry, AwaitableTwins):
         a note naming the device. Out-of-process workers pickle ``fn`` and its arguments and return
         tensors on the CPU. A call from ``fn`` that would wait for its own device raises ``conflict``.
         Afterwards eval mode, grad mode, the adapters' switches and the generation settings are put
-        back and gradients freed; hooks ``fn`` registers stay (remove them unless you steer on purpose).
+        back and gradients freed; hooks ``fn`` leaves stay, with a warning (remove them unless you steer).
         """
         return self._research.run(model_id, fn, args, kwargs)  # type: ignore[no-any-return]
 

@@ -27,6 +27,7 @@ import torch
 
 from ..catalog import GroupSpec
 from .adapters import BASE_ROW, Adapters
+from .aftercare import Aftercare
 from .budget import PassBudget
 from .calls import Progress, Span
 from .devices import Device
@@ -60,7 +61,7 @@ class Runtime:
         self.bytes = 0
         self.shares: list[int] = []  # a sharded group's bytes per span device, in layer order
         self.reserves: list[int] = []  # and the runtime reserve each of those devices needs
-        self._params: dict[int, list[Any]] | None = None  # each model's parameters (``after_research``)
+        self._aftercare: Aftercare | None = None
         self._span: Span | None = None
         self.device_map: dict[str, int] = {}  # a sharded group's modules -> span position
         self._map_split: list[int] = []
@@ -245,26 +246,16 @@ class Runtime:
                 switch.activate(names[0])
                 yield self._peft, {}
 
-    def after_research(self) -> None:
-        """Put back what research code (``run``, ``use``) may have changed and serving relies on:
-        eval mode (dropout off), the generation settings continuations use, the adapters' switches
-        (none merged, none disabled), and no gradients left on the parameters (memory no estimate
-        counted). Hooks it registered stay: they are how one steers what is served on purpose (the
-        docs say to remove them otherwise)."""
-        if self._params is None:  # once: walking a model's modules is the costly part
-            self._params = {id(m.model): list(m.model.parameters()) for m in self.members.values()}
-        for m in {id(m.model): m for m in self.members.values()}.values():
-            model = m.model
-            if model.training:
-                model.eval()
-            for p in self._params[id(model)]:
-                if p.grad is not None:
-                    p.grad = None
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            if m.generation_config is not None and vars(inner.generation_config) != vars(m.generation_config):
-                inner.generation_config = copy.deepcopy(m.generation_config)
-        if self._adapters is not None:
-            self._adapters.reset()
+    @property
+    def adapters(self) -> Adapters | None:
+        """The PEFT model's member switches (None without adapters)."""
+        return self._adapters
+
+    def aftercare(self) -> Aftercare:
+        """What puts the models back after research code (made on first use: it lists every module)."""
+        if self._aftercare is None:
+            self._aftercare = Aftercare(self)
+        return self._aftercare
 
     def can_share_batch(self, a: str, b: str) -> bool:
         """Whether rows of members ``a`` and ``b`` may go into one forward pass."""
@@ -281,7 +272,7 @@ class Runtime:
         self.members.clear()
         self._peft = None
         self._adapters = None
-        self._params = None
+        self._aftercare = None
         if any(r() is not None for r in alive):
             gc.collect()
         for backing in {self.device.backing, *(self._span.backings if self._span else ())}:

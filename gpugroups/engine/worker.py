@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -221,14 +222,22 @@ class ThreadWorker:
     ) -> Any:
         import torch
 
+        from .aftercare import hook_handles
+
         rt = self._runtime(group_id)
         for f in after:
             f.result()  # a sharded group's other devices are paused while fn runs
+        care, handles = rt.aftercare(), hook_handles()
         try:  # grad mode is this thread's: fn's setting must not reach the next call here
             with rt.rows([member_id]) as (model, _), torch.set_grad_enabled(torch.is_grad_enabled()):
                 return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
         finally:
-            rt.after_research()
+            if left := care.restore(handles):
+                warnings.warn(
+                    f"research code left {left} hook(s) on group {group_id!r}: every later answer of the group "
+                    "goes through them; remove them (handle.remove(), in a finally) unless you steer it on purpose",
+                    stacklevel=1,
+                )
 
     def _runtime(self, group_id: str) -> Runtime:
         rt = self._runtimes.get(group_id)

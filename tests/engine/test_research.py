@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,19 @@ def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
 
     assert m.run("tiny-gpt2", left) == (True, False, 0)  # grad mode back on, eval mode, no gradients kept
     assert m.run("tiny-a", left) == (True, False, 0)
+
+    handles = []
+
+    def steer(model, tokenizer):  # a hook is the way to change what is served on purpose: it stays, said
+        handles.append(model.get_base_model().model.layers[0].mlp.register_forward_hook(lambda mod, i, o: o * 0))
+
+    with pytest.warns(UserWarning, match="left 1 hook"):
+        m.run("tiny-a", steer)
+    assert answers()["tiny-b"] != before["tiny-b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # removing it is not worth a warning
+        m.run("tiny-a", lambda model, tokenizer: handles[0].remove())
+    assert answers() == before
 
 
 def test_use_hands_over_the_member_in_this_thread(m, raw):
