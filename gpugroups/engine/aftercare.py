@@ -51,8 +51,8 @@ class Aftercare:
                 if p.grad is not None:
                     p.grad = None
             inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            loaded = member.generation_config
-            if loaded is not None and vars(inner.generation_config) != vars(loaded):
+            loaded = member.generation_config  # replaced, emptied or changed: as loaded again
+            if loaded is not None and getattr(getattr(inner, "generation_config", None), "__dict__", None) != vars(loaded):
                 inner.generation_config = copy.deepcopy(loaded)
         if self._rt.adapters is not None:
             self._rt.adapters.reset()

@@ -232,7 +232,15 @@ class ThreadWorker:
             with rt.rows([member_id]) as (model, _), torch.set_grad_enabled(torch.is_grad_enabled()):
                 return fn(model, rt.members[member_id].tokenizer, *args, **kwargs)
         finally:
-            if left := care.restore(handles):
+            try:
+                left = care.restore(handles)
+            except Exception as exc:  # fn's own outcome stands; what could not be put back is said
+                left = 0
+                warnings.warn(
+                    f"after research code, group {group_id!r} could not be put back as it is served "
+                    f"({type(exc).__name__}: {exc}); unload it and load it again", stacklevel=1,
+                )
+            if left:
                 warnings.warn(
                     f"research code left {left} hook(s) on group {group_id!r}: every later answer of the group "
                     "goes through them; remove them (handle.remove(), in a finally) unless you steer it on purpose",

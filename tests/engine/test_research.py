@@ -106,6 +106,7 @@ def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
     m.run("tiny-a", meddle)
     assert answers() == before
     m.run("tiny-b", lambda model, tokenizer: model.disable_adapter_layers())
+    m.run("tiny-gpt2", lambda model, tokenizer: setattr(model, "generation_config", None))
     assert answers() == before
     with m.use("tiny-gpt2") as h:  # a single model's parameters take gradients
         enc = h.tokenizer(PROMPT, return_tensors="pt")
