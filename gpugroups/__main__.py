@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     nbs.add_argument("dir", nargs="?", default="gpugroups-notebooks", help="where (default: ./gpugroups-notebooks)")
     args = parser.parse_args(argv)
     dest = Path(args.dir)
-    made, kept = copy_notebooks(dest)
+    try:
+        made, kept = copy_notebooks(dest)
+    except OSError as exc:
+        print(f"cannot copy the notebooks into {dest}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for path in made:
         print(f"copied  {path}")
     for path in kept:

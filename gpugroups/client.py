@@ -40,6 +40,7 @@ CONNECT_S = 10.0
 POOL_SIZE = 32
 #: A page of JupyterLab or Notebook at the end of a URL copied from the terminal or the browser
 #: (``/lab``, ``/tree``, ``/lab/tree/x.ipynb``...): the server's base URL is what comes before it.
+#: A URL whose path ends in ``/`` is a base URL as given (a hub user named ``lab`` keeps it).
 FRONT_END_PAGE = re.compile(r"/(?:lab|tree|notebooks|edit|doc)(?:/.*)?$")
 
 
@@ -48,7 +49,8 @@ class Client:
 
     ``url`` is the server's base URL (with its base path, e.g. ``http://host:8888/user/me/``; the
     URL Jupyter prints, ``http://host:8888/lab?token=...``, or one copied from the browser works
-    too: the page, ``/lab...`` or ``/tree...``, is dropped and the token read from it); ``token`` is the
+    too: the page, ``/lab...`` or ``/tree...``, is dropped unless the path ends in ``/``, and the
+    token read from it); ``token`` is the
     Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every request in
     seconds (None: wait as long as the server does); connecting takes at most ``CONNECT_S``.
     Proxies and the CA bundle come from the environment as it is when the client is made
@@ -67,7 +69,7 @@ class Client:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise GpuGroupsError("invalid_request", f"url must be http(s)://host[:port][/base/path], got {url!r}")
-        base = FRONT_END_PAGE.sub("", parts.path.rstrip("/"))
+        base = parts.path if parts.path.endswith("/") else FRONT_END_PAGE.sub("", parts.path)  # "/": a base as given
         self.url = urlunsplit((parts.scheme, parts.netloc, base.rstrip("/"), "", ""))
         token = token or parse_qs(parts.query).get("token", [None])[0]
         self.token = token

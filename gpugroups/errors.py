@@ -6,6 +6,7 @@ the status the REST API answers with, so the mapping lives in one place.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -79,3 +80,12 @@ class GpuGroupsError(Exception):
 def manager_closed() -> GpuGroupsError:
     """What every call that would change a closed manager (or wait on its workers) raises."""
     return GpuGroupsError("invalid_request", "the manager is closed")
+
+
+class HooksLeftWarning(UserWarning):
+    """Research code (``m.run``'s function, a ``m.use`` block) left forward hooks on a served
+    model: every later answer of its group goes through them. Shown every time (a second hook
+    forgotten is as worth saying as the first); filter it to steer on purpose in silence."""
+
+
+warnings.filterwarnings("always", category=HooksLeftWarning)

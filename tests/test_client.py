@@ -76,6 +76,7 @@ def test_the_url_jupyter_prints_gives_the_token_and_a_url_without_a_scheme_is_re
     copied = Client("https://hub.example/user/me/lab/tree/work/a.ipynb?token=t")  # from the browser
     assert copied.url == "https://hub.example/user/me"
     assert Client("http://h:8888/user/lab-a/").url == "http://h:8888/user/lab-a"  # a base path, kept
+    assert Client("http://h/user/lab/?token=t").url == "http://h/user/lab"  # ends in "/": a base as given
     for bad in ("localhost:8888", "127.0.0.1:8888", "ftp://h/", ""):
         with pytest.raises(GpuGroupsError) as exc:
             Client(bad)

@@ -34,6 +34,10 @@ def test_the_notebooks_command_copies_them_and_never_overwrites(tmp_path: Path) 
     assert again.returncode == 0 and "kept" in again.stdout
     assert (dest / "quickstart.ipynb").read_text() == "my edits"
     assert gpugroups_cli(cwd=tmp_path).returncode == 2  # no command: usage, not a traceback
+    (tmp_path / "afile").write_text("")
+    refused = gpugroups_cli("notebooks", "afile", cwd=tmp_path)
+    assert refused.returncode == 1 and "cannot copy the notebooks into afile" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 @pytest.mark.slow

@@ -38,14 +38,14 @@ class Aftercare:
         for m in {id(m.model): m for m in rt.members.values()}.values():
             modules = submodules(m.model)
             self._models.append((m, [p for mod in modules for p in mod._parameters.values() if p is not None], modules))
-        self._hooks = self._count()
+        self._hooks = self._hook_ids()
 
     def restore(self, handles_before: int | None) -> int:
-        """Put back what serving relies on; answers how many hooks the code left on the models
-        (``handles_before``: ``hook_handles()`` when it began)."""
-        for member, params, _ in self._models:
+        """Put back what serving relies on; answers how many hooks the code added and left on the
+        models (``handles_before``: ``hook_handles()`` when it began)."""
+        for member, params, modules in self._models:
             model = member.model
-            if model.training:
+            if any(mod.training for mod in modules):  # ``train()`` on any part: dropout is on there
                 model.eval()
             for p in params:
                 if p.grad is not None:
@@ -58,8 +58,13 @@ class Aftercare:
             self._rt.adapters.reset()
         if handles_before is not None and hook_handles() == handles_before:
             return 0  # no hook was registered anywhere meanwhile
-        before, self._hooks = self._hooks, self._count()
-        return max(0, self._hooks - before)
+        before, self._hooks = self._hooks, self._hook_ids()
+        return len(self._hooks - before)
 
-    def _count(self) -> int:
-        return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for _, _, mods in self._models for mod in mods)
+    def hooks(self) -> int:
+        """How many forward hooks are on the group's models now."""
+        return len(self._hooks)
+
+    def _hook_ids(self) -> set[int]:
+        """The handles of every forward hook on the models (torch numbers each handle once)."""
+        return {k for _, _, mods in self._models for mod in mods for k in (*mod._forward_hooks, *mod._forward_pre_hooks)}

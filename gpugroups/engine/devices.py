@@ -61,6 +61,8 @@ class Device:
     host: str | None = None  # Ray devices: the node's address
     #: Ray devices: makes the worker that reaches this device on its node (else the manager's own)
     remote_worker: Callable[[Device], Any] | None = field(default=None, repr=False)
+    #: Ray devices: their manager's hold on the Ray namespace (``rayclaim.Claim``), shared by all of them
+    claim: Any = field(default=None, repr=False)
     _nvml_cache: tuple[float, int, int] = field(default=(0.0, 0, 0), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -144,8 +146,8 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
         elif s.lower().startswith("virtual:"):
             parts.append(_virtual_devices(s))
         elif re.fullmatch(r"ray(:virtual:.+)?", s, re.I):
-            if s in parts:
-                raise GpuGroupsError("invalid_request", f"devices: {s!r} listed more than once")
+            if any(isinstance(p, str) for p in parts):
+                raise GpuGroupsError("invalid_request", "devices: one Ray spec at most (it takes every GPU of the cluster)")
             parts.append(s)
         else:
             raise GpuGroupsError(
@@ -161,6 +163,7 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
             part = ray_devices(part, **(ray or {}))
         devices += part
     if len(devices) > MAX_DEVICES:
+        release(devices)
         raise GpuGroupsError(
             "invalid_request", f"devices: {len(devices)} devices; at most {MAX_DEVICES} (ids 0..{MAX_DEVICE_ID})"
         )
@@ -171,6 +174,12 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
         elif d.kind == "virtual":
             d.device = f"virtual:{i}"
     return devices
+
+
+def release(devices: list[Device]) -> None:
+    """Let go of what devices no manager came to drive hold: their Ray namespace."""
+    for claim in {id(d.claim): d.claim for d in devices if d.claim is not None}.values():
+        claim.drop()
 
 
 def _refuse_twice_listed(devices: list[Device]) -> None:

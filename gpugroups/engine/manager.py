@@ -35,7 +35,7 @@ from .bus import EventBus, Subscriber
 from .calls import Request, Worker, new_request_id
 from .cancels import Cancels
 from .catalogs import make_catalog
-from .devices import detect
+from .devices import detect, release
 from .estimates import EstimateCache
 from .progress import LoadBar, ProgressOption, check_option
 from .registry import Registry
@@ -122,6 +122,7 @@ class Manager(Registry, AwaitableTwins):
         except BaseException:
             for w in self._workers:
                 w.stop()
+            release(self.devices)  # a Ray namespace no worker came to hold
             self._bus.close()
             raise
         self._research = Research(self.catalog, self._res, self._workers)

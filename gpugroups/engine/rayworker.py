@@ -88,11 +88,9 @@ def ray_devices(spec: str, namespace: str = "gpugroups", idle_timeout_s: float =
         name = f"{'virtual ' + format(size / 1024**3, '.2f') + ' GiB' if size else info['name']} on {info['host']}"
         d = Device(
             0, "ray", kind, name, total, total, "cpu" if size else "cuda:0", info["supports_bf16"],
-            node=info["node"], host=info["host"],
+            node=info["node"], host=info["host"], claim=claim,
         )
-        d.remote_worker = functools.partial(
-            RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info.get("line"), claim=claim
-        )
+        d.remote_worker = functools.partial(RayWorker, actor=actor, idle_timeout_s=idle_timeout_s, line=info.get("line"))
         devices.append(d)
     return devices
 
@@ -141,9 +139,7 @@ class RayWorker(RemoteCalls):
     or over Ray calls when it is None or cannot be opened.
     """
 
-    def __init__(
-        self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None, claim: Claim | None = None
-    ) -> None:
+    def __init__(self, device: Device, actor: Any, idle_timeout_s: float, line: Address | None = None) -> None:
         super().__init__(device)
         self._actor = actor
         self._idle = idle_timeout_s
@@ -154,9 +150,9 @@ class RayWorker(RemoteCalls):
         self._on_line: dict[int, Future[Any]] = {}  # number -> a call sent on the line, until answered
         self._line = open_line(line, self._caller, self._line_answer, self._line_broken)
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
-        self._claim = claim
-        if claim is not None:
-            claim.hold()
+        self._claim: Claim | None = device.claim
+        if self._claim is not None:
+            self._claim.hold()
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         fut = self._track("loading")
@@ -219,7 +215,10 @@ class RayWorker(RemoteCalls):
     def keep(self, group_id: str, pinned: bool) -> None:
         """Told to the actor, in its turn: a manager that adopts the group pins it again."""
         if self._lost is None and not self._closed:
-            self._send(self._actor.keep, group_id, pinned)
+            try:
+                self._send(self._actor.keep, group_id, pinned)
+            except Exception:
+                pass  # the actor cannot be reached: its device is being lost, and its groups with it
 
     def resident(self) -> dict[str, Held]:
         if self._lost is not None:

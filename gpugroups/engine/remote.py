@@ -139,7 +139,11 @@ def on_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
+        moved = copy.copy(value)  # not through ``__init__``: fields it does not take keep their values
+        for f in dataclasses.fields(value):
+            if hasattr(value, f.name):
+                object.__setattr__(moved, f.name, on_cpu(getattr(value, f.name)))  # frozen ones too
+        return moved
     return value
 
 

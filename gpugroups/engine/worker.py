@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..catalog import GroupSpec
-from ..errors import GpuGroupsError, manager_closed
+from ..errors import GpuGroupsError, HooksLeftWarning, manager_closed
 from .calls import Held, OutOfMemory, Progress, Request, Span, Worker, cancelled, loaded_as
 from .devices import Device
 from .torchkit import import_transformers
@@ -241,11 +241,11 @@ class ThreadWorker:
                     f"({type(exc).__name__}: {exc}); unload it and load it again", stacklevel=1,
                 )
             if left:
-                warnings.warn(
-                    f"research code left {left} hook(s) on group {group_id!r}: every later answer of the group "
-                    "goes through them; remove them (handle.remove(), in a finally) unless you steer it on purpose",
-                    stacklevel=1,
-                )
+                warnings.warn(HooksLeftWarning(
+                    f"research code left {left} hook(s) on group {group_id!r} ({care.hooks()} on its models now): every "
+                    "later answer of the group goes through them; remove them (handle.remove(), in a finally) "
+                    "unless you steer it on purpose"
+                ), stacklevel=1)
 
     def _runtime(self, group_id: str) -> Runtime:
         rt = self._runtimes.get(group_id)

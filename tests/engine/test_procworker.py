@@ -171,6 +171,7 @@ Pair = collections.namedtuple("Pair", "a b")
 @dataclasses.dataclass
 class Res:
     x: Any
+    y: Any = dataclasses.field(default=None, init=False)  # set after construction: must come back too
 
 
 def test_run_brings_back_results_as_the_types_they_are_and_always_answers(pair) -> None:
@@ -182,12 +183,15 @@ def test_run_brings_back_results_as_the_types_they_are_and_always_answers(pair) 
         import torch
 
         out = model(**tokenizer("the cat", return_tensors="pt"))
-        return Pair(torch.ones(2), out), Res(torch.ones(2, requires_grad=True) * 2)
+        res = Res(torch.ones(2, requires_grad=True) * 2)
+        res.y = torch.zeros(1)
+        return Pair(torch.ones(2), out), res
 
     (pair_, res) = pm.run("tiny-a", shapes)
     assert type(pair_).__name__ == "Pair" and pair_.a.tolist() == [1.0, 1.0]
     assert type(pair_.b).__name__ == "CausalLMOutputWithPast" and pair_.b.logits.device.type == "cpu"
     assert type(res).__name__ == "Res" and not res.x.requires_grad and res.x.tolist() == [2.0, 2.0]
+    assert res.y.tolist() == [0.0]
 
     def unbuildable(model: Any, tokenizer: Any) -> Any:
         import collections

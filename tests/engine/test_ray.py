@@ -405,11 +405,24 @@ def test_one_manager_drives_a_namespace_and_the_next_one_waits_for_it_to_go(
 def test_a_refused_manager_starts_no_actor(ray_cluster: RayCluster) -> None:
     """Options are checked before any device actor is made: a refused manager holds no GPU."""
     ns = namespace()
-    for bad in ({"devices": [SPEC, "bogus"]}, {"devices": SPEC, "worker": "fiber"}, {"devices": [SPEC, SPEC]}):
+    bads: list[dict[str, Any]] = [
+        {"devices": [SPEC, "bogus"]}, {"devices": SPEC, "worker": "fiber"}, {"devices": [SPEC, SPEC]},
+        {"devices": [SPEC, "ray:virtual:256MiB"]},  # one Ray spec: each takes every GPU of the cluster
+    ]
+    for bad in bads:
         with pytest.raises(GpuGroupsError) as e:
             gg.Manager(catalog=[], ray_namespace=ns, **bad)
         assert e.value.code == "invalid_request", bad
     assert actors_in(ns) == []
+
+    def failing(device: Any) -> Any:
+        raise RuntimeError("no worker today")
+
+    with pytest.raises(RuntimeError) as kept:  # after the namespace was claimed, before a Ray worker held it
+        gg.Manager(devices=["virtual:512MiB", SPEC], catalog=[], ray_namespace=ns, worker=failing)
+    # its traceback still alive (as IPython keeps the last one): the namespace is free all the same
+    gg.Manager(devices=SPEC, catalog=[], ray_namespace=ns).close()
+    assert kept.traceback and wait_for(lambda: actors_in(ns) == [], 10)
 
 
 def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:

@@ -14,7 +14,7 @@ import gpugroups as gg
 from gpugroups import protocol
 from gpugroups.engine.devices import detect
 from gpugroups.engine.worker import ThreadWorker
-from gpugroups.errors import GpuGroupsError
+from gpugroups.errors import GpuGroupsError, HooksLeftWarning
 from tests.waiting import wait_for
 
 PROMPT = "def __init__(self"
@@ -111,11 +111,12 @@ def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
     with m.use("tiny-gpt2") as h:  # a single model's parameters take gradients
         enc = h.tokenizer(PROMPT, return_tensors="pt")
         h.model(**enc, labels=enc["input_ids"]).loss.backward()
-        h.model.train()
+        h.model.transformer.train()  # a part of the model: its dropout is on all the same
     assert answers() == before
 
     def left(model, tokenizer):
-        return torch.is_grad_enabled(), model.training, sum(p.grad is not None for p in model.parameters())
+        training = any(mod.training for mod in model.modules())
+        return torch.is_grad_enabled(), training, sum(p.grad is not None for p in model.parameters())
 
     assert m.run("tiny-gpt2", left) == (True, False, 0)  # grad mode back on, eval mode, no gradients kept
     assert m.run("tiny-a", left) == (True, False, 0)
@@ -125,12 +126,14 @@ def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
     def steer(model, tokenizer):  # a hook is the way to change what is served on purpose: it stays, said
         handles.append(model.get_base_model().model.layers[0].mlp.register_forward_hook(lambda mod, i, o: o * 0))
 
-    with pytest.warns(UserWarning, match="left 1 hook"):
+    with pytest.warns(HooksLeftWarning, match="left 1 hook"):
         m.run("tiny-a", steer)
     assert answers()["tiny-b"] != before["tiny-b"]
+    with pytest.warns(HooksLeftWarning, match=r"left 1 hook.*\(2 on its models now\)"):  # each time
+        m.run("tiny-b", steer)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # removing it is not worth a warning
-        m.run("tiny-a", lambda model, tokenizer: handles[0].remove())
+        warnings.simplefilter("error")  # removing them is not worth a warning
+        m.run("tiny-a", lambda model, tokenizer: [h.remove() for h in handles])
     assert answers() == before
 
 
