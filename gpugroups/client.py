@@ -50,8 +50,8 @@ class Client:
     ``url`` is the server's base URL (with its base path, e.g. ``http://host:8888/user/me/``; the
     URL Jupyter prints, ``http://host:8888/lab?token=...``, or one copied from the browser works
     too: the page, ``/lab...`` or ``/tree...``, is dropped unless the path ends in ``/``, and the
-    token read from it); ``token`` is the
-    Jupyter token (sent as ``Authorization: token ...``). ``timeout`` bounds every request in
+    token read from it); ``token`` is the Jupyter token (sent as ``Authorization: token ...``).
+    ``timeout`` bounds every request in
     seconds (None: wait as long as the server does); connecting takes at most ``CONNECT_S``.
     Proxies and the CA bundle come from the environment as it is when the client is made
     (``HTTP(S)_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``), as with ``requests``; up to

@@ -177,7 +177,8 @@ def detect(spec: str | Sequence[str] = "auto", ray: Mapping[str, Any] | None = N
 
 
 def release(devices: list[Device]) -> None:
-    """Let go of what devices no manager came to drive hold: their Ray namespace."""
+    """Let go of what the devices hold for their manager beyond themselves: the Ray namespace
+    (the manager closes, or its constructor failed)."""
     for claim in {id(d.claim): d.claim for d in devices if d.claim is not None}.values():
         claim.drop()
 

@@ -122,7 +122,7 @@ class Manager(Registry, AwaitableTwins):
         except BaseException:
             for w in self._workers:
                 w.stop()
-            release(self.devices)  # a Ray namespace no worker came to hold
+            release(self.devices)  # the Ray namespace, as ``close`` does
             self._bus.close()
             raise
         self._research = Research(self.catalog, self._res, self._workers)
@@ -410,6 +410,7 @@ class Manager(Registry, AwaitableTwins):
                 pass
         for w in self._workers:
             w.stop()
+        release(self.devices)  # the Ray namespace is free for the next manager
         with self._lock:  # the last event: panels and clients see the manager closed, workers idle
             self._bump()
             self._stopped = True

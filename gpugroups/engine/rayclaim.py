@@ -5,8 +5,8 @@ by a residency the other keeps changing, and serve what they think is loaded. So
 ``ray_devices`` does in a namespace is to take its claim: a small named actor (``OWNER``) that only
 says who holds it, on the manager's own node. Unlike the device actors it is not detached, so Ray
 ends it with the process that made it: a kernel that dies or restarts frees its namespace by
-itself, and its successor adopts the device actors. A manager that closes ends it at once (``Claim.release``, when its last
-Ray worker stops). A manager that finds the name taken waits up to ``CLAIM_WAIT_S`` for it to go
+itself, and its successor adopts the device actors. A manager that closes, or whose constructor
+fails, ends it at once (``devices.release``). A manager that finds the name taken waits up to ``CLAIM_WAIT_S`` for it to go
 (a kernel just restarted may still be leaving the cluster), then is refused with ``conflict``
 naming the holder, before it has touched a device actor.
 """
@@ -47,25 +47,12 @@ class Owner:
 
 
 class Claim:
-    """A manager's hold on its namespace, shared by its Ray workers: ``hold`` as each starts,
-    ``release`` as each stops; the last release (or ``drop``, when the manager never came to be)
-    ends the claim."""
+    """A manager's hold on its namespace, shared by its Ray devices (``Device.claim``); ``drop``
+    ends it (dropped unended, Ray ends its actor once no handle to it is left)."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._holders = 0
-        self._lock = threading.Lock()
         self._actor: Any = _take(self)
-
-    def hold(self) -> None:
-        with self._lock:
-            self._holders += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders <= 0:
-                self.drop()
 
     def drop(self) -> None:
         """End the claim now: the namespace is free for the next manager."""

@@ -150,9 +150,6 @@ class RayWorker(RemoteCalls):
         self._on_line: dict[int, Future[Any]] = {}  # number -> a call sent on the line, until answered
         self._line = open_line(line, self._caller, self._line_answer, self._line_broken)
         threading.Thread(target=self._watch, name=f"gpugroups-ray-{device.device}", daemon=True).start()
-        self._claim: Claim | None = device.claim
-        if self._claim is not None:
-            self._claim.hold()
 
     def load(self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress) -> Future[int]:
         fut = self._track("loading")
@@ -246,9 +243,6 @@ class RayWorker(RemoteCalls):
             ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
         except Exception:
             pass  # its node is gone, and the actor with it
-        claim, self._claim = self._claim, None
-        if claim is not None:
-            claim.release()  # the last worker's frees the namespace
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:

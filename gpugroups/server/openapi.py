@@ -55,8 +55,8 @@ def _param_schema(p: Param) -> dict[str, Any]:
     return out
 
 
-def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """Error responses: one per status, naming every code answered with it."""
+def _errors(codes: tuple[str, ...] | list[str], refusals: dict[int, str] = REFUSALS) -> dict[str, Any]:
+    """Error responses: one per status, naming every code answered with it, and ``refusals``."""
     by_status: dict[int, list[str]] = {}
     for code in codes:
         by_status.setdefault(HTTP_STATUS[code], []).append(code)
@@ -64,7 +64,7 @@ def _errors(codes: tuple[str, ...] | list[str]) -> dict[str, Any]:
         str(status): {"description": ", ".join(sorted(set(cs))), "content": _json("Error")}
         for status, cs in sorted(by_status.items())
     }
-    for status, why in REFUSALS.items():
+    for status, why in refusals.items():
         known = out.get(str(status), {}).get("description")
         out[str(status)] = {"description": f"{known}; {why}" if known else why, "content": _json("Error")}
     return out
@@ -123,8 +123,6 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
     """The routes that are not manager ops."""
     from .websocket import MAX_CLIENT_MESSAGE, MAX_OUTBOX  # here: that module serves this document's route
 
-    ws_errors = _errors(["invalid_request"])  # a request that is not a WebSocket upgrade
-    del ws_errors["404"]  # a page of another origin is refused 403 here, below
     return {
         "/system/host": {
             "get": {
@@ -179,9 +177,8 @@ def _extra_routes() -> dict[str, dict[str, Any]]:
                 "x-server-messages": {"oneOf": [{"$ref": _REF + name} for name in _EVENTS]},
                 "responses": {
                     "101": {"description": "Switching protocols"},
-                    **ws_errors,
-                    "403": {"description": f"{REFUSALS[403]}, or a cookie from a page of another origin",
-                            "content": _json("Error")},
+                    # a request that is not a WebSocket upgrade; a page of another origin: 403, not 404
+                    **_errors(["invalid_request"], {403: f"{REFUSALS[403]}, or a cookie from a page of another origin"}),
                 },
             }
         },
