@@ -24,6 +24,14 @@ from .errors import GpuGroupsError
 from .localfiles import DEMO_DIR, default_roots, hf_hub_cache, read_json
 from .protocol import MAX_ID_CHARS
 
+#: A model's source as a caller may give it: a hub id or folder, or a folder as a ``Path``.
+PathArg = str | os.PathLike[str]
+
+
+def _fspath(path: Any) -> Any:
+    """A path given as ``os.PathLike`` (a ``Path``) as its string; anything else as it came (checked later)."""
+    return os.fspath(path) if isinstance(path, os.PathLike) else path
+
 GROUP_KINDS = ("adapters", "models", "single")
 DTYPES = ("float32", "float16", "bfloat16")
 #: The names people write for them: Hugging Face's and PyTorch's (``torch.float16`` too), the short ones.
@@ -116,9 +124,9 @@ class Catalog:
     def register_group(
         self,
         group_id: str,
-        base: str | None = None,
-        adapters: Mapping[str, str] | None = None,
-        models: Mapping[str, str] | Iterable[str] | None = None,
+        base: PathArg | None = None,
+        adapters: Mapping[str, PathArg] | None = None,
+        models: Mapping[str, PathArg] | Iterable[PathArg] | PathArg | None = None,
         name: str | None = None,
         dtype: str | None = None,
         base_id: str | None = None,
@@ -127,7 +135,7 @@ class Catalog:
     ) -> GroupSpec:
         """Register an ``adapters`` group (``base`` + ``adapters``) or a ``models`` group.
 
-        ``base``/paths are hub ids or local folders. A relative path that names an existing
+        ``base``/paths are hub ids or local folders (strings or ``Path``s). A relative path that names an existing
         folder resolves against ``relative_to`` (a TOML file's folder), else against the working
         directory, as ``m.load("models/my-ckpt")`` does; one starting with ``.`` or ``~`` is
         always local. Anything else is a hub id. The bare base is a member with id ``base_id``
@@ -142,12 +150,21 @@ class Catalog:
                 raise GpuGroupsError(
                     "invalid_catalog", f"group {group_id!r}: {key} must be a {want.__name__}, got {type(value).__name__}"
                 )
-        if (base is None) == (models is None):
+        source: str | None = _fspath(base)  # strings from here on, whatever was given
+        if isinstance(adapters, Mapping):
+            adapters = {mid: _fspath(p) for mid, p in adapters.items()}
+        if isinstance(models, (str, os.PathLike)):  # one id, not an iterable of its characters
+            models = [os.fspath(models)]
+        elif isinstance(models, Mapping):
+            models = {mid: _fspath(p) for mid, p in models.items()}
+        elif isinstance(models, (list, tuple)):
+            models = [_fspath(p) for p in models]
+        if (source is None) == (models is None):
             raise GpuGroupsError(
                 "invalid_catalog",
                 f"group {group_id!r}: give either base (+ adapters) or models, not both or neither",
             )
-        if base is None and adapters:
+        if source is None and adapters:
             raise GpuGroupsError("invalid_catalog", f"group {group_id!r}: adapters go with a base, not with models")
         if not isinstance(adapters, (Mapping, type(None))) or not isinstance(
             models, (Mapping, list, tuple, str, type(None))
@@ -157,7 +174,7 @@ class Catalog:
                 f"group {group_id!r}: adapters must be a {{member: path}} dict, models one too or a list of paths",
             )
 
-        def src(mid: str, path: str) -> str:
+        def src(mid: Any, path: Any) -> str:
             if not all(isinstance(s, str) and s for s in (mid, path)):
                 raise GpuGroupsError(
                     "invalid_catalog",
@@ -165,14 +182,12 @@ class Catalog:
                 )
             return self._source(path, relative_to, group_id)
 
-        if base is not None:
-            bid = base_id or base
-            specs = [ModelSpec(bid, group_id, src(bid, base), "base")]
+        if source is not None:
+            bid = base_id or source
+            specs = [ModelSpec(bid, group_id, src(bid, source), "base")]
             specs += [ModelSpec(mid, group_id, src(mid, p), "adapter") for mid, p in (adapters or {}).items()]
             kind, gbase = "adapters", bid
         else:
-            if isinstance(models, str):  # one id, not an iterable of its characters
-                models = [models]
             items = models.items() if isinstance(models, Mapping) else [(m, m) for m in models or ()]
             specs = [ModelSpec(mid, group_id, src(mid, p), "model") for mid, p in items]
             if not specs:

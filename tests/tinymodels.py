@@ -12,6 +12,7 @@ import json
 import shutil
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 #: Per-architecture config class names and the module names a LoRA adapter targets.
 ARCHS: dict[str, tuple[str, list[str]]] = {
@@ -129,29 +130,41 @@ def build_lora_adapter(
     target_modules: list[str] | None = None,
     scale: float = 0.5,
 ) -> Path:
-    """A PEFT LoRA adapter for the model in ``base_dir`` whose weights really change its outputs.
+    """A PEFT LoRA adapter of rank ``r`` on ``target_modules`` (the architecture's attention
+    projections by default) for the model in ``base_dir``: ``build_peft_adapter`` with a LoraConfig."""
+    from peft import LoraConfig
 
-    PEFT initialises LoRA B to zero (an adapter that does nothing); here B is drawn from a
-    seeded normal of std ``scale`` so two adapters with different seeds disagree.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base_dir = Path(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model_type = json.loads((Path(base_dir) / "config.json").read_text())["model_type"]
     if target_modules is None:
-        target_modules = ARCHS.get(base.config.model_type, ("", ["q_proj", "v_proj"]))[1]
+        target_modules = ARCHS.get(model_type, ("", ["q_proj", "v_proj"]))[1]
     config = LoraConfig(
         r=r, lora_alpha=2 * r, target_modules=target_modules, lora_dropout=0.0,
-        fan_in_fan_out=base.config.model_type == "gpt2", task_type="CAUSAL_LM",
+        fan_in_fan_out=model_type == "gpt2", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, config)
+    return build_peft_adapter(directory, base_dir, seed, config, scale)
+
+
+def build_peft_adapter(directory: str | Path, base_dir: str | Path, seed: int, config: Any, scale: float = 0.5) -> Path:
+    """A PEFT adapter of any kind (``config``: a PEFT config) for the model in ``base_dir`` whose
+    weights really change its outputs.
+
+    PEFT initialises most adapters to do nothing (LoRA's B to zero, IA3's vectors to ones, saved
+    modules as copies of the base's); here LoRA's B is drawn from a seeded normal of std ``scale``
+    and every other trainable tensor but LoRA's A gets such noise added, so two adapters with
+    different seeds disagree.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(Path(base_dir)), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
+            elif param.requires_grad and "lora_A" not in name:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
     model.save_pretrained(directory)
     return Path(directory)
 

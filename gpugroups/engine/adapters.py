@@ -5,6 +5,13 @@ PEFT's own switches walk every module of the model on each call (``set_adapter``
 ``disable_adapter``, a forward with ``adapter_names``); here the LoRA layers are found once at load
 and each switch touches only them. Models whose adapters bring more than plain LoRA layers
 (auxiliary modules such as ``modules_to_save``) keep PEFT's own paths.
+
+Not every group can mix members in one pass (``can_share``): PEFT mixes rows of LoRA adapters
+only, refuses DoRA (and then leaves its hooks on the model), fails on ``modules_to_save`` that not
+every adapter has, and ignores ``adapter_names`` for other adapter types (IA3, prefix and prompt
+tuning), answering every row with the active adapter. Rows of such groups go one member per pass,
+and rows of a prompt- or prefix-tuning adapter one per pass: their virtual tokens come before the
+padding, which changes a padded row's answer.
 """
 
 from __future__ import annotations
@@ -27,10 +34,26 @@ class Adapters:
 
     def __init__(self, peft: Any) -> None:
         self.peft = peft
-        self.layers = _tuner_layers(peft)  # [] when a switch needs PEFT's own walk
+        layers, auxiliary = _tuner_layers(peft)
+        self.layers = [] if auxiliary else layers  # [] when a switch needs PEFT's own walk
         # Rows of several adapters are added slice by slice where every layer is a plain LoRA
         # ``Linear`` (no DoRA or other variant, whose mixed forward is PEFT's to do).
         self._plain = bool(self.layers) and all(_plain_linear(layer) for layer in self.layers)
+        configs = peft.peft_config
+        #: Whether rows of different members may share a pass: LoRA adapters without DoRA or
+        #: auxiliary modules (see the module docstring).
+        self.mixable = not auxiliary and all(
+            c.peft_type == "LORA" and not getattr(c, "use_dora", False)
+            for c in configs.values()
+        )
+        #: Adapters whose rows go one per pass: prompt learning prepends virtual tokens.
+        self.alone = frozenset(name for name, c in configs.items() if getattr(c, "is_prompt_learning", False))
+
+    def can_share(self, a: str | None, b: str | None) -> bool:
+        """Whether rows of adapters ``a`` and ``b`` (None: the bare base) may go into one pass."""
+        if a in self.alone or b in self.alone:
+            return False
+        return a == b or self.mixable
 
     def activate(self, adapter: str) -> None:
         """Make ``adapter`` the active one, as ``PeftModel.set_adapter(adapter, inference_mode=True)``
@@ -93,7 +116,11 @@ class Adapters:
         may merge) goes to PEFT, which refuses it.
         """
         if not self._plain or any(layer.merged for layer in self.layers):
-            yield {"adapter_names": names}
+            try:
+                yield {"adapter_names": names}
+            except BaseException:
+                _drop_peft_row_hooks(self.peft)
+                raise
             return
         where: list[tuple[str, slice | list[int]]] = []
         for name in dict.fromkeys(names):
@@ -138,16 +165,26 @@ def _plain_linear(layer: Any) -> bool:
     )
 
 
-def _tuner_layers(peft: Any) -> list[Any]:
-    """The PEFT model's adapter layers, or [] when a switch needs PEFT's full walk (auxiliary
-    modules such as ``modules_to_save``, or adapters that are not plain tuner layers)."""
+def _tuner_layers(peft: Any) -> tuple[list[Any], bool]:
+    """The PEFT model's adapter layers, and whether it has auxiliary modules (such as
+    ``modules_to_save``), with which a switch needs PEFT's full walk."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    layers = []
+    layers, auxiliary = [], False
     for module in submodules(peft):
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return []
+        auxiliary = auxiliary or isinstance(module, AuxiliaryTrainingWrapper)
         if isinstance(module, BaseTunerLayer):
             layers.append(module)
-    return layers
+    return layers, auxiliary
+
+
+def _drop_peft_row_hooks(peft: Any) -> None:
+    """Remove the row hooks a failed PEFT mixed pass left behind: PEFT adds them before the pass
+    and removes them after it, but not when the pass raises, and a hook left there makes every
+    later pass of the model fail on its row count."""
+    for module in submodules(peft):
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -21,7 +21,15 @@ from typing import Any, NamedTuple
 from ..catalog import GroupSpec
 from ..errors import GpuGroupsError
 from ..localfiles import read_json
-from .torchkit import CONSTRUCTION_LOCK, LOAD_ITEMSIZE, import_transformers, model_tensors, unique_bytes
+from .torchkit import (
+    CONSTRUCTION_LOCK,
+    LOAD_ITEMSIZE,
+    declared_context,
+    import_transformers,
+    model_tensors,
+    text_config,
+    unique_bytes,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -145,6 +153,10 @@ def _model_header(folder: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+#: How checkpoints name the input embedding that a tied output head (``lm_head``) shares.
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
 def config_of(folder: Path) -> dict[str, Any]:
     """A model folder's ``config.json`` (``invalid_model`` if it has none)."""
     if not (folder / "config.json").is_file():
@@ -165,10 +177,10 @@ def weight_bytes(folder: PathLike, dtype: str, trust_remote_code: bool = False) 
     tensors = _model_header(folder)
     if not tensors:
         return meta_bytes(folder, dtype, trust_remote_code)
-    if _text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings")) is True:
+    if text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings")) is True:
         head = tensors.get("lm_head.weight")
         if head is not None and any(
-            name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and t.shape == head.shape
+            name.endswith(_EMBEDDINGS) and t.shape == head.shape
             for name, t in tensors.items()
         ):
             del tensors["lm_head.weight"]
@@ -219,29 +231,30 @@ def check_adapter_matches_base(adapter_folder: PathLike, base_folder: PathLike) 
     """Raise ``invalid_model`` unless every LoRA matrix of the adapter fits its module in the base.
 
     ``lora_A`` is ``[r, in]`` and ``lora_B`` ``[out, r]``; the base module's weight is
-    ``[out, in]`` (``[in, out]`` for GPT-2's Conv1D, which the adapter marks with
-    ``fan_in_fan_out``); embeddings pair ``lora_embedding_A [r, num]`` with a ``[num, dim]``
-    weight. Only safetensors headers are read; adapters without safetensors are not checked
-    here (the load itself will then catch a mismatch).
+    ``[out, in]``, or ``[in, out]`` for GPT-2's Conv1D (PEFT decides by the module's type, not by
+    the adapter's ``fan_in_fan_out``, so either fits); embeddings pair ``lora_embedding_A [r, num]``
+    with a ``[num, dim]`` weight. A tied output head, stored only as the input embedding, has that
+    shape. Only safetensors headers are read; adapters without safetensors are not checked here
+    (the load itself will then catch a mismatch).
     """
     adapter_folder, base_folder = Path(adapter_folder), Path(base_folder)
     weights = adapter_folder / _ADAPTER_WEIGHTS
     if not weights.is_file():
         return
-    config = read_json(adapter_folder / "adapter_config.json") if (adapter_folder / "adapter_config.json").is_file() else {}
-    transposed = bool(config.get("fan_in_fan_out", False))
     base = {name: t.shape for name, t in _model_header(base_folder).items()}
     if not base:
         return  # no base header to compare with (weights in .bin only)
     for module, (in_dim, out_dim, embedding) in _lora_modules(read_safetensors_header(weights)).items():
         shape = _find_weight(base, module)
+        if shape is None and module.rsplit(".", 1)[-1] == "lm_head":  # tied: stored as the embedding only
+            shape = next((s for name, s in base.items() if name.endswith(_EMBEDDINGS)), None)
         if shape is None:
             raise GpuGroupsError(
                 "invalid_model",
                 f"adapter {adapter_folder} targets module {module!r}, which base {base_folder} does not have",
             )
-        want = (in_dim, out_dim) if embedding or transposed else (out_dim, in_dim)
-        if len(shape) != 2 or any(w is not None and w != s for w, s in zip(want, shape)):
+        wants = [(in_dim, out_dim)] if embedding else [(out_dim, in_dim), (in_dim, out_dim)]
+        if len(shape) != 2 or not any(all(w is None or w == s for w, s in zip(want, shape)) for want in wants):
             raise GpuGroupsError(
                 "invalid_model",
                 f"adapter {adapter_folder} does not fit base {base_folder}: module {module!r} has weight "
@@ -329,17 +342,17 @@ def reserve_parts(
     ``seq`` defaults to 512 capped by the model's context length; ``attention`` to the config's
     ``_attn_implementation``, else ``sdpa`` (what transformers picks where the model supports it).
     """
-    c = _text_config(config)
+    c = text_config(config)
     hidden = _first(c, "hidden_size", "n_embd", "d_model", default=0)
-    layers = _first(c, "num_hidden_layers", "n_layer", "num_layers", default=0)
-    heads = _first(c, "num_attention_heads", "n_head", default=1) or 1
+    layers = _first(c, "num_hidden_layers", "n_layer", "num_layers", "n_layers", default=0)
+    heads = _first(c, "num_attention_heads", "n_head", "n_heads", default=1) or 1
     kv_heads = _first(c, "num_key_value_heads", "num_kv_heads", default=None)
     if kv_heads is None:
         kv_heads = 1 if c.get("multi_query") else heads
     head_dim = c.get("head_dim") or (hidden // heads)
     inter = _first(c, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
     vocab = c.get("vocab_size") or 0
-    context = _first(c, "max_position_embeddings", "n_positions", "n_ctx", default=REFERENCE_SEQ)
+    context = declared_context(c)
     seq = seq or min(REFERENCE_SEQ, context or REFERENCE_SEQ)
     attention = attention or _first(c, "_attn_implementation", "attn_implementation", default=None) or "sdpa"
     size = LOAD_ITEMSIZE[dtype]
@@ -359,12 +372,6 @@ def group_reserve(group: GroupSpec, paths: Mapping[str, Path], dtype: str) -> Sh
     if group.kind == "adapters":
         return reserve_parts(config_of(Path(paths[group.base])), dtype)  # type: ignore[index]
     return max((reserve_parts(config_of(Path(p)), dtype) for p in paths.values()), key=sum)
-
-
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language-model part of a config (multimodal configs nest it in ``text_config``)."""
-    text = config.get("text_config")
-    return text if isinstance(text, Mapping) else config
 
 
 def _first(c: Mapping[str, Any], *keys: str, default: Any) -> Any:

@@ -73,12 +73,17 @@ def _tokenize(rt: Runtime, requests: list[Request]) -> list[list[int]]:
 
 def _fit(rt: Runtime, r: Request, ids: list[int]) -> tuple[list[int], bool]:
     """The prompt's token ``ids``, cut from the left to fit the context and the member's pass
-    budget, and whether they were cut; ``invalid_request`` if the request's work
+    budget, and whether they were cut; ``invalid_request`` if the prompt has no tokens, if the request's work
     (``protocol.request_work``) is over its budget, or its continuation alone would not fit the
     memory reserve."""
     member = rt.members[r.member]
     budget = member.budget
-    context_room = member.context_length - r.max_new_tokens - 1
+    if not ids:
+        raise GpuGroupsError(
+            "invalid_request", f"prompt {r.prompt[:40]!r} gives no tokens with the tokenizer of {r.member!r}: nothing to predict from"
+        )
+    # the model takes the prompt, then for a continuation its first token and all but the last new one
+    context_room = member.context_length - max(0, r.max_new_tokens - 1)
     # a continuation's pass holds the prompt, its first token and the tokens that follow
     memory_room = budget.max_seq(r.max_new_tokens) - (1 if r.max_new_tokens else 0)
     if memory_room < 1:

@@ -41,7 +41,7 @@ from .progress import LoadBar, ProgressOption, check_option
 from .registry import Registry
 from .research import Handle, Research
 from .residency import Residency, Slot
-from .state import States, render, snapshot
+from .state import States, at_work, render, settled, snapshot
 from .twins import AwaitableTwins
 from .worker import WorkerChoice, worker_factory
 
@@ -107,6 +107,7 @@ class Manager(Registry, AwaitableTwins):
         self._lock = threading.RLock()
         self._cancels = Cancels()
         self._states = States()  # the events' states, built on the bus thread only
+        self._shown_at_work: frozenset[int] = frozenset()  # devices the last event showed busy or queued
         self._estimates = EstimateCache(self.catalog, dtype)
         self._bus = EventBus()
         self._stopped = False  # ``close`` ran to its end
@@ -298,6 +299,8 @@ class Manager(Registry, AwaitableTwins):
             with self._lock:
                 slot.inflight -= 1
                 self._cancels.done(rid)
+                if settled(self._res, self._shown_at_work, slot.device_id):  # an idle device makes no event
+                    self._bump()
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
@@ -439,5 +442,6 @@ class Manager(Registry, AwaitableTwins):
         snapshot is taken now, the JSON is built on the event thread (outside the lock), from the
         previous event's JSON and what changed since."""
         snap = snapshot(self._res, self._bus.version + 1)
+        self._shown_at_work = at_work(snap)
         self._bus.emit("state_update", build=lambda: {"state": self._states.render(snap)})
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..catalog import Catalog
+from ..catalog import Catalog, PathArg
 from .devices import Device
 from .estimates import EstimateCache
 from .residency import Residency
@@ -31,22 +31,25 @@ class Registry:
     def register_group(
         self,
         group_id: str,
-        base: str | None = None,
-        adapters: Mapping[str, str] | None = None,
-        models: Mapping[str, str] | Iterable[str] | None = None,
+        base: PathArg | None = None,
+        adapters: Mapping[str, PathArg] | None = None,
+        models: Mapping[str, PathArg] | Iterable[PathArg] | PathArg | None = None,
         name: str | None = None,
         dtype: str | None = None,
         base_id: str | None = None,
+        trust_remote_code: bool = False,
     ) -> dict[str, Any]:
         """Add a group to the catalog: ``base`` + ``adapters`` ({member: path}) or ``models``.
 
         Relative paths resolve against the working directory. ``base_id`` names the bare base
-        member of an adapters group (default: the base's own id or path). Not on a closed manager.
-        A group registered wrong is taken out again with ``unregister_group``.
+        member of an adapters group (default: the base's own id or path); ``trust_remote_code``
+        lets transformers run the model folder's own code, as in ``from_pretrained``. Not on a
+        closed manager. A group registered wrong is taken out again with ``unregister_group``.
         """
         self._res.check_open()
         spec = self.catalog.register_group(
-            group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype, base_id=base_id
+            group_id, base=base, adapters=adapters, models=models, name=name, dtype=dtype, base_id=base_id,
+            trust_remote_code=trust_remote_code,
         )
         self._estimates.ensure(spec, self.devices)
         with self._lock:

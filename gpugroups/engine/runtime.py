@@ -16,6 +16,7 @@ import contextlib
 import copy
 import gc
 import threading
+import traceback
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -32,7 +33,15 @@ from .budget import PassBudget
 from .calls import Progress, Span
 from .devices import Device
 from .estimate import ShardReserve, config_of, group_reserve
-from .torchkit import CONSTRUCTION_LOCK, context_length, import_transformers, measured_bytes, torch_dtype
+from .torchkit import (
+    CONSTRUCTION_LOCK,
+    check_causal_lm,
+    check_complete,
+    context_length,
+    import_transformers,
+    measured_bytes,
+    torch_dtype,
+)
 
 
 @dataclass
@@ -88,15 +97,19 @@ class Runtime:
         or, with a ``span``, over the span's devices (``device`` is the first): one model layer
         by layer, several members each whole on one device.
 
-        On any failure everything loaded so far is freed before the error propagates.
+        On any failure everything loaded so far is freed before the error propagates: the
+        error's traceback would keep the models alive in its frames' variables (and a worker
+        keeps its last error), so those are cleared.
         """
+        import_transformers()  # before ``_quiet`` imports from it: never two threads' first imports at once
         rt = cls(group, device, dtype)
         rt._span = span
         report = progress or (lambda p, s: None)
         try:
             with CONSTRUCTION_LOCK, _quiet():
                 rt._load(folders, report)
-        except BaseException:
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
             rt.unload()
             raise
         rt.bytes = sum(measured_bytes(m) for m in {id(x.model): x.model for x in rt.members.values()}.values())
@@ -128,7 +141,7 @@ class Runtime:
 
     def _load(self, folders: dict[str, Path], report: Progress) -> None:
         import_transformers()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         g = self.group
         steps = len(g.members) + 1
@@ -149,7 +162,7 @@ class Runtime:
         if g.kind == "adapters":
             base_dir = folders[g.base]  # type: ignore[index]
             report(0.0, f"loading base {g.base}")
-            base = AutoModelForCausalLM.from_pretrained(base_dir, **placed(g.base)).eval()  # type: ignore[arg-type]
+            base = _pretrained(base_dir, placed(g.base))  # type: ignore[arg-type]
             tok = AutoTokenizer.from_pretrained(base_dir)
             ctx = context_length(base_dir)
             budget = self._budget(base_dir, base, folders)
@@ -176,7 +189,7 @@ class Runtime:
         else:
             for i, mid in enumerate(g.members):
                 report(i / steps, f"loading {mid}")
-                model = AutoModelForCausalLM.from_pretrained(folders[mid], **placed(mid)).eval()
+                model = _pretrained(folders[mid], placed(mid))
                 tok = AutoTokenizer.from_pretrained(folders[mid])
                 budget = self._budget(folders[mid], model, folders)
                 self.members[mid] = Member(model, tok, context_length(folders[mid]), backing[mid], budget)
@@ -259,7 +272,9 @@ class Runtime:
 
     def can_share_batch(self, a: str, b: str) -> bool:
         """Whether rows of members ``a`` and ``b`` may go into one forward pass."""
-        return self._peft is not None or self.members[a].model is self.members[b].model
+        if self._adapters is not None:
+            return self._adapters.can_share(self.members[a].adapter, self.members[b].adapter)
+        return self.members[a].model is self.members[b].model
 
     # ---- unloading ----------------------------------------------------------------------
     def unload(self) -> None:
@@ -279,6 +294,18 @@ class Runtime:
             if backing.startswith("cuda"):  # every device the group spans gives its cache back
                 with torch.cuda.device(backing):
                     torch.cuda.empty_cache()
+
+
+def _pretrained(folder: Path, kwargs: dict[str, Any]) -> Any:
+    """The causal LM in ``folder``, in eval mode; ``invalid_model`` for another kind of model or
+    a checkpoint that lacks weights (``check_causal_lm``, ``check_complete``)."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(folder, kwargs.get("trust_remote_code", False))
+    loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+    model, info = loaded
+    check_complete(folder, info)
+    return model.eval()
 
 
 @contextlib.contextmanager

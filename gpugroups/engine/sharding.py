@@ -10,6 +10,7 @@ accounting; ``layer_split`` says where the map put the decoder layers and the he
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,7 +70,8 @@ def _units(model: Any) -> tuple[Block, ...]:
     other modules down to their leaves, a module's own parameters by their names."""
     from accelerate.utils import compute_module_sizes
 
-    sizes = compute_module_sizes(model)
+    # accelerate counts a bool tensor at 1/8 byte per element: a fraction of a byte rounds up
+    sizes = {name: math.ceil(size) for name, size in compute_module_sizes(model).items()}
     no_split = set(model._no_split_modules or ())
     head = model.get_output_embeddings()
     out: list[Block] = []

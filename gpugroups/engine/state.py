@@ -76,6 +76,20 @@ def snapshot(res: Residency, version: int) -> Snapshot:
     )
 
 
+def at_work(snap: Snapshot) -> frozenset[int]:
+    """The devices ``snap`` shows at work: not idle, or with requests queued."""
+    return frozenset(v.device.device_id for v in snap.devices if v.status != "idle" or v.queue_depth)
+
+
+def settled(res: Residency, shown_at_work: frozenset[int], device_id: int) -> bool:
+    """Under the manager's lock, as a request on ``device_id`` ends: whether the last event showed
+    the device at work and it is idle now. A device going idle is no change of its own (it would
+    be an event per request), so without one more event every subscriber, the server's mirror
+    among them, would show it busy until the next change."""
+    worker = res.workers[device_id]
+    return device_id in shown_at_work and worker.status == "idle" and not worker.queue_depth
+
+
 def render(snap: Snapshot) -> State:
     """Outside the lock: ``{"version", "num_devices", "devices", "groups", "models", "operations"}``, all new."""
     return States().render(snap)

@@ -6,7 +6,9 @@ host kernel serves another manager (``gg.serve(m2)``: its versions start again);
 ``state_update`` and ``load_progress`` events from the manager; ``{"type": "error", "error":
 {"code", "message"}}`` (``host_unavailable`` when the host is lost, ``invalid_request`` for a
 message it does not understand). Events that race a state fetch are held back and the ones it
-already covers dropped, so versions only go up between two ``system_state`` messages.
+already covers dropped, as are events that arrive after it but are older than the state it sent
+(a state read may be answered ahead of the event stream), so versions only go up between two
+``system_state`` messages.
 
 Each socket has one message on its way at a time: the rest wait in an outbox, coalesced (latest
 state wins), so a client that stops reading costs the server one pending state, not one per change.
@@ -80,6 +82,7 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
     def open(self, *args: Any, **kwargs: Any) -> None:
         super().open(*args, **kwargs)
         self._fetching = 0
+        self._floor: int | None = None  # the version of the last whole state sent: older events are stale
         self._held: list[Event] = []
         self._outbox: list[Event] = []
         self._in_flight: Future[None] | None = None
@@ -113,7 +116,7 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
         try:
             state = await self.host.request("state")
             if not _whole(self._held):  # else a newer whole state (a new host or manager) is held
-                version = state["version"]
+                version = self._floor = state["version"]
                 self._write({"type": "system_state", "version": version, "state": state})
         except GpuGroupsError as exc:
             self._write({"type": "error", "error": exc.to_json()})
@@ -123,17 +126,15 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
             held, self._held = self._held, []
             whole = _whole(held)  # then every held event is the new host's or manager's: all go
             for event in held:
-                if (
-                    whole or version is None
-                    or event.get("type") not in ("state_update", "load_progress")
-                    or event["version"] > version
-                ):
+                if whole or not _stale(event, version):
                     self._write(event)
 
     def _on_event(self, event: Event) -> None:
+        if event.get("type") == "system_state":  # a new host or manager: its versions start again
+            self._floor = event.get("version")
         if self._fetching:  # held, coalesced: a system_state supersedes the states before it
             self._held = _coalesced(self._held, event)
-        else:
+        elif not _stale(event, self._floor):
             self._write(event)
 
     def _write(self, message: Event) -> None:
@@ -196,6 +197,11 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
 #: Messages a socket's outbox may hold after coalescing (events that never supersede each other,
 #: such as errors or progress of many operations) before the client counts as not reading.
 MAX_OUTBOX = 256
+
+
+def _stale(event: Event, floor: int | None) -> bool:
+    """Whether ``event`` is a state change a whole state of version ``floor`` already covers."""
+    return floor is not None and event.get("type") in ("state_update", "load_progress") and event["version"] <= floor
 
 
 def _whole(events: list[Event]) -> bool:

@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -227,3 +228,28 @@ def test_a_switch_event_builds_the_switched_group_only(tiny_catalog_toml, tiny_l
         groups = {g["id"]: g for g in events[-1]["state"]["groups"]}
         assert len(groups) == 2 + extra and groups["tiny"]["current_model"] == "tiny-base"
         assert _steady(events[-1]["state"]) == _steady(mgr.state())
+
+
+def test_a_device_that_goes_idle_after_an_event_showed_it_at_work_says_so(held):
+    """An event made while a request waited or ran shows its device busy; going idle is no event
+    of its own, so subscribers (the server's mirror, the panel) showed it busy until the next
+    change. The request's end now makes one more event when the last one showed the device at work."""
+    m, worker = held
+    m.load("tiny-gpt2")
+    events: list[dict] = []
+    m.subscribe(events.append)
+    gate = worker.hold()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(m.process, "tiny-gpt2", "def f(")
+        assert wait_for(lambda: m.state()["devices"][0]["queue_depth"] == 2)
+        m.pin("gpt")  # a change while the request waits (no load): its event shows the device at work
+        assert wait_for(lambda: events and events[-1]["version"] == m.version)
+        shown = events[-1]["state"]["devices"][0]
+        assert (shown["status"], shown["queue_depth"]) != ("idle", 0)
+        gate.set()
+        answer.result(timeout=60)
+    now = m.state()["devices"][0]
+    assert (now["status"], now["queue_depth"]) == ("idle", 0)
+    assert wait_for(lambda: events[-1]["version"] == m.version)
+    last = events[-1]["state"]["devices"][0]
+    assert (last["status"], last["queue_depth"]) == ("idle", 0)
