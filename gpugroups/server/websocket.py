@@ -24,6 +24,7 @@ the deadline timer.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from asyncio import Future
 from collections import deque
@@ -81,6 +82,9 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         super().open(*args, **kwargs)
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
+        if stream is not None and stream.socket is not None:  # see SEND_BUFFER
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._fetching = 0
         self._floor: int | None = None  # the version of the last whole state sent: older events are stale
         self._held: list[Event] = []
@@ -193,6 +197,12 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
         self._stop_deadline()
         self.close(1008, "too slow: reconnect for the current state")
 
+
+#: Bytes of the kernel's send buffer for each socket (Linux doubles it). Coalescing happens only
+#: in the outbox, behind a write the socket has not taken: with the kernel's own buffer of up to
+#: 4 MiB, hundreds of states went into it, and a client reading slower than the changes came
+#: read them all, one by one, tens of seconds late.
+SEND_BUFFER = 64 * 1024
 
 #: Messages a socket's outbox may hold after coalescing (events that never supersede each other,
 #: such as errors or progress of many operations) before the client counts as not reading.

@@ -191,6 +191,63 @@ def test_events_over_64_kib_reach_websocket_clients_whole(shared: LiveServer) ->
         kernel.close()
 
 
+#: Run in the host kernel: three threads switch the tiny group's member for {seconds} s.
+SWITCHING = """
+import threading, time, gpugroups as gg
+def _switch(m=gg.manager(), until=time.monotonic() + {seconds}):
+    n = 0
+    while time.monotonic() < until:
+        m.load("tiny-a" if n % 2 else "tiny-b")
+        n += 1
+_threads = [threading.Thread(target=_switch) for _ in range(3)]
+[t.start() for t in _threads]
+[t.join() for t in _threads]
+"""
+
+
+def test_versions_only_go_up_after_a_system_state_while_kernel_and_rest_both_change(shared: LiveServer) -> None:
+    """A socket's state fetch may be answered ahead of the event stream: events older than the
+    state it sent, arriving after it, went out too (seen 46 times in 20 s, up to 1,337 versions
+    back, with the kernel and a REST client changing the state together)."""
+    client = shared.client()
+    client.load("tiny-a")
+    kernel = host_kernel(shared)
+    switching = threading.Thread(target=kernel.run, args=(SWITCHING.replace("{seconds}", "12"),), kwargs={"timeout": 120})
+    stop = threading.Event()
+
+    def pin_unpin() -> None:
+        rest, n = shared.client(), 0
+        while not stop.is_set():
+            (rest.pin if n % 2 else rest.unpin)("tiny")
+            n += 1
+
+    pinning = threading.Thread(target=pin_unpin)
+    switching.start()
+    pinning.start()
+    went_back, sockets = [], 0
+    try:
+        until = time.monotonic() + 10
+        while time.monotonic() < until:
+            with shared.client().events(timeout=30) as stream:
+                sockets += 1
+                first = next(stream)
+                assert first["type"] == "system_state"
+                seen, opened = first["version"], time.monotonic()
+                for message in stream:
+                    if message["type"] == "state_update":
+                        if message["version"] < seen:
+                            went_back.append((seen, message["version"]))
+                        seen = max(seen, message["version"])
+                    if time.monotonic() - opened > 0.5:
+                        break
+    finally:
+        stop.set()
+        pinning.join()
+        switching.join()
+        kernel.close()
+    assert sockets > 5 and went_back == []
+
+
 def queue_depth(live: LiveServer) -> int:
     return sum(d["queue_depth"] for d in live.client().state()["devices"])
 
