@@ -24,6 +24,7 @@ from .bus import EventBus
 from .calls import OutOfMemory, Span, Worker
 from .devices import Device
 from .estimates import EstimateCache, folders, needed_bytes, shard_reserve
+from .shield import ShieldedLock
 from .slot import Operation, Slot
 
 
@@ -39,7 +40,7 @@ class Loads:
         workers: list[Worker],
         catalog: Catalog,
         estimates: EstimateCache,
-        lock: threading.RLock,
+        lock: ShieldedLock,
         bus: EventBus,
         changed: Callable[[], None],
         max_groups_per_device: int | None,
@@ -55,7 +56,7 @@ class Loads:
         self.ledger = Ledger()  # what each group is worth keeping (placement's eviction order)
         self.closed = False
         self._lock, self._bus, self._changed = lock, bus, changed
-        self._use_ended = threading.Condition(lock)  # notified when a hold ends (``Holds.unhold``)
+        self._use_ended = threading.Condition(lock)  # type: ignore[arg-type]  # notified when a hold ends (``Holds.unhold``); a wait lifts the shield
         self._op_ids = itertools.count(1)
 
     def check_open(self) -> None:

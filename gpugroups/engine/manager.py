@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
@@ -41,6 +40,7 @@ from .progress import LoadBar, ProgressOption, check_option
 from .registry import Registry
 from .research import Handle, Research
 from .residency import Residency, Slot
+from .shield import ShieldedLock
 from .state import States, at_work, render, settled, snapshot
 from .twins import AwaitableTwins
 from .worker import WorkerChoice, worker_factory
@@ -104,7 +104,7 @@ class Manager(Registry, AwaitableTwins):
         worker_factory(worker, [])  # a bad choice is refused before any device (a Ray actor) exists
         self.devices = detect(devices, ray={"namespace": ray_namespace, "idle_timeout_s": ray_idle_timeout_s})
         make = worker_factory(worker, self.devices)
-        self._lock = threading.RLock()
+        self._lock = ShieldedLock()  # held in the main thread, it holds Ctrl-C back (see engine/shield.py)
         self._cancels = Cancels()
         self._states = States()  # the events' states, built on the bus thread only
         self._shown_at_work: frozenset[int] = frozenset()  # devices the last event showed busy or queued
@@ -279,28 +279,32 @@ class Manager(Registry, AwaitableTwins):
             model.id, prompt, n, new, notes, request_id=request_id or new_request_id(), max_work=self.max_request_work
         )
         rid = request.request_id
+        counted: list[Slot] = []  # the slot that counts this request in flight, once it is queued
 
-        def queue(slot: Slot) -> Future[dict[str, Any]]:
+        def queue(slot: Slot) -> Future[dict[str, Any]]:  # under the lock, where no interrupt comes between
             self._res.guard(slot.device_id)
             self._cancels.queued(rid, slot.device_id)
             slot.inflight += 1
+            counted.append(slot)
             self._res.touch(slot)
             return self._res.queue_process(slot, group.id, request)
 
-        slot, _, fut = self._ensure(group, device_id, queue)
-        t1 = time.perf_counter()
+        fut: Future[dict[str, Any]] | None = None
         try:
+            slot, _, fut = self._ensure(group, device_id, queue)
+            t1 = time.perf_counter()
             out = fut.result()
         except BaseException:
-            if not fut.done():  # interrupted while waiting: nobody will read the answer
+            if counted and (fut is None or not fut.done()):  # interrupted while waiting: nobody will read the answer
                 self.cancel(rid)
             raise
         finally:
-            with self._lock:
-                slot.inflight -= 1
-                self._cancels.done(rid)
-                if settled(self._res, self._shown_at_work, slot.device_id):  # an idle device makes no event
-                    self._bump()
+            if counted:
+                with self._lock:
+                    counted[0].inflight -= 1
+                    self._cancels.done(rid)
+                    if settled(self._res, self._shown_at_work, counted[0].device_id):  # an idle device makes no event
+                        self._bump()
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,

@@ -7,7 +7,6 @@ estimates and residency, under its lock, and every change bumps the manager's ve
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -15,6 +14,7 @@ from ..catalog import Catalog, PathArg
 from .devices import Device
 from .estimates import EstimateCache
 from .residency import Residency
+from .shield import ShieldedLock
 
 
 class Registry:
@@ -24,7 +24,7 @@ class Registry:
     catalog: Catalog
     devices: list[Device]
     _estimates: EstimateCache
-    _lock: threading.RLock
+    _lock: ShieldedLock
     _res: Residency
     _bump: Callable[[], None]
 

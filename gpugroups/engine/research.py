@@ -45,14 +45,12 @@ class Research:
         """``fn(model, tokenizer, *args, **kwargs)`` on the device's worker; see ``Manager.run``."""
         if not callable(fn):
             raise GpuGroupsError("invalid_request", f"run: fn must be callable, got {type(fn).__name__}")
-        slot, fut = self._start(model_id, fn, args, kwargs, holder=None)
+        slot, fut = self._start(model_id, fn, args, kwargs, holder=None)  # its hold ends when fn ends
         try:
             return fut.result()
         except Exception as exc:  # fn's own error, as itself; the note says where it ran
             exc.add_note(self._where(model_id, slot))
             raise
-        finally:  # at once when fn ended; after an interrupt here, once fn ends on the worker
-            fut.add_done_callback(lambda _: self._res.unhold(slot))
 
     @contextlib.contextmanager
     def use(self, model_id: str) -> Iterator[Handle]:
@@ -94,8 +92,10 @@ class Research:
         holder: int | None,
         in_process: bool = False,
     ) -> tuple[Slot, Future[Any]]:
-        """Get the group resident, hold it and queue ``fn`` on its worker. The caller ends the hold;
-        if this raises (an interrupt included), the hold it took ends here, or once ``fn`` ends.
+        """Get the group resident, hold it and queue ``fn`` on its worker. A ``run``'s hold (no
+        ``holder``) ends when ``fn`` ends, as arranged where it is queued, under the lock (where no
+        interrupt comes between); a ``use``'s caller ends its own. If this raises (an interrupt
+        included), the hold it took ends here, or once ``fn`` ends.
 
         ``in_process`` (``use``): the worker must share this process, and ``fn`` also receives the slot.
         """
@@ -115,15 +115,17 @@ class Research:
             self._res.hold(slot, holder, held)
             queued.append(self._res.on_span(slot, lambda after: worker.run(
                 group.id, model_id, fn, call_args, kwargs, after)))
+            if holder is None:
+                queued[0].add_done_callback(lambda _: self._res.unhold(slot))
             return queued[0]
 
         try:
             slot, _, fut = self._res.ensure(group, None, queue)
         except BaseException:
-            if held and queued:
-                queued[0].add_done_callback(lambda _: self._res.unhold(held[0], holder))
-            elif held:
+            if held and not queued:
                 self._res.unhold(held[0], holder)
+            elif held and holder is not None:  # a run's hold ends with fn already
+                queued[0].add_done_callback(lambda _: self._res.unhold(held[0], holder))
             raise
         return slot, fut
 

@@ -78,9 +78,14 @@ def test_a_checkpoint_missing_weights_is_refused_and_frees_what_it_built(tmp_pat
     broken = build_lora_adapter(tmp_path / "broken", tiny_llama, seed=3)
     (broken / "adapter_config.json").unlink()
 
-    def alive() -> list[str]:
+    def models() -> set[int]:
         gc.collect()
-        return [type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM")]
+        return {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM")}
+
+    before = models()  # other tests' (meta models kept for device maps, fixtures' managers)
+
+    def alive() -> list[int]:
+        return sorted(models() - before)
 
     m = _manager(tmp_path)
     try:
