@@ -352,7 +352,7 @@ def reserve_parts(
     head_dim = c.get("head_dim") or (hidden // heads)
     inter = _first(c, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
     vocab = c.get("vocab_size") or 0
-    context = declared_context(c)
+    context = declared_context(config)
     seq = seq or min(REFERENCE_SEQ, context or REFERENCE_SEQ)
     attention = attention or _first(c, "_attn_implementation", "attn_implementation", default=None) or "sdpa"
     size = LOAD_ITEMSIZE[dtype]

@@ -41,7 +41,7 @@ from .registry import Registry
 from .research import Handle, Research
 from .residency import Residency, Slot
 from .shield import ShieldedLock
-from .state import States, at_work, render, settled, snapshot
+from .state import Announcer, render, snapshot
 from .twins import AwaitableTwins
 from .worker import WorkerChoice, worker_factory
 
@@ -106,10 +106,10 @@ class Manager(Registry, AwaitableTwins):
         make = worker_factory(worker, self.devices)
         self._lock = ShieldedLock()  # held in the main thread, it holds Ctrl-C back (see engine/shield.py)
         self._cancels = Cancels()
-        self._states = States()  # the events' states, built on the bus thread only
-        self._shown_at_work: frozenset[int] = frozenset()  # devices the last event showed busy or queued
         self._estimates = EstimateCache(self.catalog, dtype)
         self._bus = EventBus()
+        self._events = Announcer(self._bus)
+        self._bump = self._events.bump  # under the lock: a change happened, its event is queued
         self._stopped = False  # ``close`` ran to its end
         self._workers: list[Worker] = []
         try:  # a constructor that fails leaves no thread, process or actor behind
@@ -119,6 +119,7 @@ class Manager(Registry, AwaitableTwins):
                 self.devices, self._workers, self.catalog, self._estimates, self._lock, self._bus, self._bump,
                 max_groups_per_device,
             )
+            self._events.res = self._res
             self._res.adopt()
         except BaseException:
             for w in self._workers:
@@ -303,8 +304,7 @@ class Manager(Registry, AwaitableTwins):
                 with self._lock:
                     counted[0].inflight -= 1
                     self._cancels.done(rid)
-                    if settled(self._res, self._shown_at_work, counted[0].device_id):  # an idle device makes no event
-                        self._bump()
+                    self._events.settled(counted[0].device_id)
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,
@@ -440,12 +440,4 @@ class Manager(Registry, AwaitableTwins):
 
     def _repr_html_(self) -> str:
         return manager_html(self.state())
-
-    def _bump(self) -> None:
-        """Under the lock: a change happened. Queue its ``state_update`` for the subscribers: the
-        snapshot is taken now, the JSON is built on the event thread (outside the lock), from the
-        previous event's JSON and what changed since."""
-        snap = snapshot(self._res, self._bus.version + 1)
-        self._shown_at_work = at_work(snap)
-        self._bus.emit("state_update", build=lambda: {"state": self._states.render(snap)})
 

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from ..catalog import Catalog, GroupSpec
 from ..schema import State
+from .bus import EventBus
 from .devices import Device
 from .estimates import EstimateCache, needed_bytes
 from .residency import Residency
@@ -76,18 +77,35 @@ def snapshot(res: Residency, version: int) -> Snapshot:
     )
 
 
-def at_work(snap: Snapshot) -> frozenset[int]:
-    """The devices ``snap`` shows at work: not idle, or with requests queued."""
-    return frozenset(v.device.device_id for v in snap.devices if v.status != "idle" or v.queue_depth)
+class Announcer:
+    """The manager's ``state_update`` events: a snapshot per change, taken under the lock, whose
+    JSON the event thread builds (``States``), and one more event when a request ends on a device
+    the last event showed at work and it is idle now. Going idle is no change of its own (that
+    would be an event per request), so without it every subscriber, the server's mirror among them,
+    showed the device busy until the next change. ``res`` is set once residency exists."""
 
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._states = States()  # built on the bus thread only
+        self._at_work: frozenset[int] = frozenset()  # devices the last event showed busy or queued
+        self.res: Residency | None = None
 
-def settled(res: Residency, shown_at_work: frozenset[int], device_id: int) -> bool:
-    """Under the manager's lock, as a request on ``device_id`` ends: whether the last event showed
-    the device at work and it is idle now. A device going idle is no change of its own (it would
-    be an event per request), so without one more event every subscriber, the server's mirror
-    among them, would show it busy until the next change."""
-    worker = res.workers[device_id]
-    return device_id in shown_at_work and worker.status == "idle" and not worker.queue_depth
+    def bump(self) -> None:
+        """Under the lock: a change happened. Queue its ``state_update``: the snapshot is taken now,
+        the JSON is built on the event thread (outside the lock), from the previous event's JSON
+        and what changed since."""
+        assert self.res is not None
+        snap = snapshot(self.res, self._bus.version + 1)
+        self._at_work = frozenset(v.device.device_id for v in snap.devices if v.status != "idle" or v.queue_depth)
+        self._bus.emit("state_update", build=lambda: {"state": self._states.render(snap)})
+
+    def settled(self, device_id: int) -> None:
+        """Under the lock, as a request on ``device_id`` ends: the event that says it is idle, if
+        the last one showed it at work."""
+        assert self.res is not None
+        worker = self.res.workers[device_id]
+        if device_id in self._at_work and worker.status == "idle" and not worker.queue_depth:
+            self.bump()
 
 
 def render(snap: Snapshot) -> State:
