@@ -273,8 +273,8 @@ def _insufficient(
         + _kept(d)
         for r, d in zip(rooms, devices, strict=True)
     )
-    if max_groups is not None and all(r["free_bytes"] + r["evictable_bytes"] >= need for r in rooms):
-        # memory would do: the group limit is what refuses
+    if max_groups is not None and all(r["free_bytes"] + r["evictable_bytes"] >= r.get("shard_need_bytes", need) for r in rooms):
+        # memory would do (for the whole group, or for each device's part of it): the group limit is what refuses
         kept = "; ".join(
             f"device {d.device_id}: {sum(not r.evictable for r in d.residents)} group(s) that cannot be evicted "
             "(pinned or busy)" for d in devices

@@ -26,7 +26,7 @@ class Memory(TypedDict):
     used_bytes: Annotated[int, "manager_bytes + other_bytes."]
     free_bytes: Annotated[int, "What placement may still use: the budget left, capped by what the hardware has free."]
     budget_bytes: Annotated[int, "The share of the device gpugroups may fill."]
-    manager_bytes: Annotated[int, "Held or reserved by this manager's groups."]
+    manager_bytes: Annotated[int, "Held or reserved by this manager's groups (a group being unloaded no longer counts)."]
     other_bytes: Annotated[int, "Used by the rest of the machine (other processes)."]
 
 

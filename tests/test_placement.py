@@ -271,3 +271,9 @@ def test_the_group_limit_is_named_when_it_is_what_refuses():
     with pytest.raises(GpuGroupsError) as err:
         place("b", 900 * MiB, devices, max_groups_per_device=1)
     assert "needs an estimated" in err.value.message
+    # a group that must shard, with room on every device for its part: the limit refuses, not memory
+    devices = [dev(0, 60), dev(1, 40, res("a", 10, 1, pinned=True)), dev(2, 40, res("c", 10, 1, pinned=True))]
+    with pytest.raises(GpuGroupsError) as err:
+        place("b", 100 * MiB, devices, max_groups_per_device=1, layout=layout([10] * 10))
+    assert "max_groups_per_device=1" in err.value.message and "free" not in err.value.message
+    assert place("b", 100 * MiB, devices, layout=layout([10] * 10)).device_ids == [0, 1]  # without the limit

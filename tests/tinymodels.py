@@ -169,6 +169,36 @@ def build_peft_adapter(directory: str | Path, base_dir: str | Path, seed: int, c
     return Path(directory)
 
 
+_GATED = """\
+import os
+import time
+
+from transformers import LlamaForCausalLM
+
+
+class GatedLlama(LlamaForCausalLM):
+    \"\"\"A Llama whose ``from_pretrained`` waits until the file ``config.gate`` exists.\"\"\"
+
+    @classmethod
+    def from_pretrained(cls, *args, config, **kwargs):
+        while not os.path.exists(config.gate):
+            time.sleep(0.01)
+        return super().from_pretrained(*args, config=config, **kwargs)
+"""
+
+
+def build_gated(directory: str | Path, base_dir: str | Path, gate: str | Path) -> Path:
+    """A copy of the Llama in ``base_dir`` whose load waits until the file ``gate`` exists (remote
+    code: load it with ``trust_remote_code``): a load that is under way for as long as a test needs."""
+    directory = Path(directory)
+    shutil.copytree(base_dir, directory)
+    (directory / "modeling_gated.py").write_text(_GATED, encoding="utf-8")
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config.update(auto_map={"AutoModelForCausalLM": "modeling_gated.GatedLlama"}, gate=str(gate))
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return directory
+
+
 def catalog_toml(path: str | Path, base: Path, adapters: dict[str, Path], models: dict[str, Path]) -> Path:
     """Write a catalog TOML: adapters group ``tiny`` (base id ``tiny-base``) and models group ``gpt``."""
     lines = [

@@ -146,9 +146,11 @@ class Worker(Protocol):
         self, group: GroupSpec, folders: Mapping[str, Path], dtype: str, progress: Progress, span: Span
     ) -> Future[list[tuple[int, int]]]: ...
 
-    def pause(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any], ended: Future[None] | None = None) -> Future[None]:
         """Pause this worker after what is queued until ``release`` is done; the answer is done
-        once the pause has begun (or failed, when the worker is stopped)."""
+        once the pause has begun (or failed, when the worker is stopped). ``ended``, if given, is
+        set once the pause is over (or never began) and the worker shows the device free again,
+        so that the state made then shows it idle."""
         ...
 
     def unload(self, group_id: str) -> Future[None]: ...

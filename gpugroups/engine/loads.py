@@ -9,11 +9,12 @@ are held (``Worker.pause``). ``views`` is what placement sees of each device.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from ..catalog import Catalog, GroupSpec
@@ -172,19 +173,34 @@ class Loads:
                     if attempt == 2 or not self._evict_for(slot):
                         raise
         except BaseException as exc:
-            with self._lock:
-                self.slots.pop(group.id, None)
-                self.ops.pop(group.id, None)
-                self._changed()
-            slot.done.set_exception(_failure(group, exc))
-            slot.gone.set_result(None)
+            self._forget(slot, exc)
             return
         with self._lock:
-            slot.state = "resident"
-            self.ops.pop(group.id, None)
-            self.current.setdefault(group.id, group.members[0])
-            self._changed()
+            # A device the span lost meanwhile held only a pause: the load did not fail, but
+            # ``lose`` passed the slot by while it was loading. Checked where it turns resident.
+            lost = [d for d in slot.device_ids if self.workers[d].status == "lost"]
+            if not lost:
+                slot.state = "resident"
+                self.ops.pop(group.id, None)
+                self.current.setdefault(group.id, group.members[0])
+                self._changed()
+        if lost:
+            if slot.device_id not in lost:  # its first device holds the whole model: freed before its room is
+                with contextlib.suppress(Exception):
+                    self.workers[slot.device_id].unload(group.id).result()
+            which = f"device {lost[0]} of its span was" if len(lost) == 1 else f"devices {', '.join(map(str, lost))} of its span were"
+            self._forget(slot, GpuGroupsError("host_unavailable", f"{which} lost while it loaded"))
+            return
         slot.done.set_result(slot)
+
+    def _forget(self, slot: Slot, exc: BaseException) -> None:
+        """A load that failed: its slot leaves (and its accounting with it); ``slot.done`` says why."""
+        with self._lock:
+            self.slots.pop(slot.group.id, None)
+            self.ops.pop(slot.group.id, None)
+            self._changed()
+        slot.done.set_exception(_failure(slot.group, exc))
+        slot.gone.set_result(None)
 
     def _start_load(
         self, slot: Slot, victims: list[Slot], paths: dict[str, Any], dtype: str
@@ -206,12 +222,25 @@ class Loads:
                 single = worker.load(group, paths, dtype, progress)
                 return lambda: {first: (single.result(), parts["reserve_bytes"])}
             release: Future[None] = Future()
-            holds = tuple(self.workers[d].pause(release) for d in slot.device_ids[1:])
+            holds, ends = self.pause_span(slot, release)
             weights = tuple(slot.weights[d] for d in slot.device_ids)
             span = Span(tuple(self.devices[d].backing for d in slot.device_ids), weights, shard_reserve(parts), holds)
             sharded = worker.load_sharded(group, paths, dtype, progress, span)
             sharded.add_done_callback(lambda _: release.set_result(None))
-        return lambda: dict(zip(slot.device_ids, sharded.result()))
+
+        def measured() -> dict[int, tuple[int, int]]:
+            try:
+                return dict(zip(slot.device_ids, sharded.result()))
+            finally:
+                wait(ends)  # the held devices show free again before the load's state is made
+
+        return measured
+
+    def pause_span(self, slot: Slot, release: Future[Any]) -> tuple[tuple[Future[None], ...], list[Future[None]]]:
+        """Under the lock: pause the slot's devices after its first until ``release``; the pauses
+        begun (a sharded call's ``after``) and their ends (each device free again)."""
+        ends: list[Future[None]] = [Future() for _ in slot.device_ids[1:]]
+        return tuple(self.workers[d].pause(release, e) for d, e in zip(slot.device_ids[1:], ends, strict=True)), ends
 
     def _admit(self, slot: Slot, measured: dict[int, tuple[int, int]]) -> None:
         """Account the loaded group per device (its weights and runtime reserve there); a device
@@ -223,7 +252,7 @@ class Loads:
             over = []
             for d, total in totals.items():
                 dev = self.devices[d]
-                others = sum(s.shares.get(d, 0) for s in self.slots.values() if s is not slot)
+                others = self.accounted(d) - slot.shares.get(d, 0)
                 if dev.kind != "cuda" and others + total > dev.budget_bytes:
                     over.append(f"device {d} has {dev.budget_bytes - others} of its {dev.budget_bytes}-byte budget left for {total}")
             if not over:
@@ -304,8 +333,11 @@ class Loads:
         return views
 
     def accounted(self, device_id: int) -> int:
-        """Bytes this manager holds or has reserved on a device."""
-        return sum(s.shares.get(device_id, 0) for s in self.slots.values())
+        """Bytes this manager holds or has reserved on a device. A group being unloaded counts no
+        more: its unload is queued on the device's worker before any load placed in its room (a
+        span's other devices are paused behind their queues first), so its room is promised to
+        what comes after it, and counting both would put the device over its budget on paper."""
+        return sum(s.shares.get(device_id, 0) for s in self.slots.values() if s.state != "unloading")
 
     def resident(self, device_id: int) -> list[Slot]:
         """The device's resident slots, most recently used first."""

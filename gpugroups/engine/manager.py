@@ -304,7 +304,7 @@ class Manager(Registry, AwaitableTwins):
                 with self._lock:
                     counted[0].inflight -= 1
                     self._cancels.done(rid)
-                    self._events.settled(counted[0].device_id)
+                    self._events.settled(counted[0].device_ids)
         out["timing"].update(load_ms=(t1 - t0) * 1e3, request_ms=(time.perf_counter() - t0) * 1e3)
         return rich_process_result(cast(ProcessResult, {
             "model_id": model_id, "group_id": group.id, "device_id": slot.device_id, "device_ids": slot.device_ids,

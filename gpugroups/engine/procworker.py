@@ -92,11 +92,17 @@ class ProcessWorker(RemoteCalls):
         there = dataclasses.replace(span, after=())
         return self._call("loading", "load_sharded", (group, dict(folders), dtype, there), span.after, progress)
 
-    def pause(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any], ended: Future[None] | None = None) -> Future[None]:
         call_id = next(self._ids)
         begun = self._call("busy", "pause", (), call_id=call_id)
-        # overtakes the queue (what waits behind the pause must not wait for its release)
-        release.add_done_callback(lambda _: self._send_now((call_id, "release", ())))
+
+        def let_go(_: Future[Any]) -> None:
+            # overtakes the queue (what waits behind the pause must not wait for its release)
+            self._send_now((call_id, "release", ()))
+            if ended is not None:  # a pause is pending here only until it has begun: the device shows idle
+                ended.set_result(None)
+
+        release.add_done_callback(let_go)
         return begun
 
     def unload(self, group_id: str) -> Future[None]:

@@ -177,7 +177,9 @@ class RayWorker(RemoteCalls):
     ) -> Future[list[tuple[int, int]]]:
         return self._unshardable(group.id)
 
-    def pause(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any], ended: Future[None] | None = None) -> Future[None]:
+        if ended is not None:
+            ended.set_result(None)
         return self._unshardable(None)
 
     def run(

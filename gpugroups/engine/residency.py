@@ -68,9 +68,8 @@ class Residency(Holds, Adoption):
             with self._lock:
                 self.check_open()
                 slot = self.slots.get(group.id)
-                elsewhere = (device_id is not None and device_id not in slot.shares) or (
-                    device_ids is not None and device_ids != slot.device_ids
-                ) if slot is not None else False
+                wanted = [device_id] if device_id is not None else device_ids  # device_ids=[n] is device_id=n
+                elsewhere = slot is not None and wanted is not None and wanted != slot.device_ids
                 if slot is not None and slot.state == "resident" and elsewhere:
                     if group.id in self.pins:
                         raise GpuGroupsError(
@@ -146,15 +145,40 @@ class Residency(Holds, Adoption):
         if len(slot.shares) == 1:
             return submit(())
         release: Future[None] = Future()
-        fut = submit(tuple(self.workers[d].pause(release) for d in slot.device_ids[1:]))
+        holds, ends = self.pause_span(slot, release)
+        fut = submit(holds)
         fut.add_done_callback(lambda _: release.set_result(None))
-        return fut
+        return _once_ended(fut, ends)
 
     def queue_unload(self, slot: Slot) -> Future[None]:
         """Under the lock: mark a resident slot unloading and queue its unload after its requests."""
         slot.state = "unloading"
         self._changed()
         return self._drop(slot)
+
+
+def _once_ended(fut: Future[T], ends: list[Future[None]]) -> Future[T]:
+    """``fut``'s outcome, settled once every one of ``ends`` is done too (they end after it): an
+    answer on a sharded group comes when each device it held shows free again, so the state made
+    on that answer shows them idle."""
+    out: Future[T] = Future()
+    lock = threading.Lock()
+    settled: list[bool] = []
+
+    def settle(_: Future[Any]) -> None:
+        with lock:  # the last of them to be done settles ``out``, once
+            if settled or not fut.done() or not all(e.done() for e in ends):
+                return
+            settled.append(True)
+        if fut.exception() is not None:
+            out.set_exception(fut.exception())
+        else:
+            out.set_result(fut.result())
+
+    fut.add_done_callback(settle)
+    for e in ends:
+        e.add_done_callback(settle)
+    return out
 
 
 def _wait(fut: Future[Any]) -> None:

@@ -99,12 +99,12 @@ class Announcer:
         self._at_work = frozenset(v.device.device_id for v in snap.devices if v.status != "idle" or v.queue_depth)
         self._bus.emit("state_update", build=lambda: {"state": self._states.render(snap)})
 
-    def settled(self, device_id: int) -> None:
-        """Under the lock, as a request on ``device_id`` ends: the event that says it is idle, if
-        the last one showed it at work."""
+    def settled(self, device_ids: list[int]) -> None:
+        """Under the lock, as a request on these devices ends (a sharded group's span): the event
+        that says they are idle, if the last one showed one of them at work and it is idle now."""
         assert self.res is not None
-        worker = self.res.workers[device_id]
-        if device_id in self._at_work and worker.status == "idle" and not worker.queue_depth:
+        workers = self.res.workers
+        if any(d in self._at_work and workers[d].status == "idle" and not workers[d].queue_depth for d in device_ids):
             self.bump()
 
 
@@ -189,7 +189,7 @@ def _state(snap: Snapshot, groups: list[dict[str, Any]], models: list[dict[str, 
             "current_group": {"id": current.id, "name": current.name, "model": snap.current.get(current.id)} if current else None,
             "resident_groups": list(v.resident),
             "loaded_models": [m for gid in v.resident if gid in catalog.groups for m in catalog.groups[gid].members],
-            "status": "loading" if v.loading else v.status,
+            "status": "loading" if v.loading and v.status != "lost" else v.status,  # lost says more
             "queue_depth": v.queue_depth,
         })
     return cast(State, {

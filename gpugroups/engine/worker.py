@@ -109,15 +109,24 @@ class ThreadWorker:
     ) -> Future[list[tuple[int, int]]]:
         return self.call(functools.partial(self._load, group, dict(folders), dtype, progress, span), "loading")
 
-    def pause(self, release: Future[Any]) -> Future[None]:
+    def pause(self, release: Future[Any], ended: Future[None] | None = None) -> Future[None]:
         begun: Future[None] = Future()
+
+        def end(_: Any = None) -> None:
+            if ended is not None:
+                ended.set_result(None)
+
         if self._turns.claim_idle(Task(begun)):
             # An idle device is held at once, from the caller's thread: waking this device's
             # thread to begin the pause and again to end it would cost two thread hand-offs on
             # every sharded pass, and the first device's worker would wait for the first.
             self._status = "busy"
             begun.set_result(None)
-            release.add_done_callback(lambda _: self._free())
+            def free(_: Future[Any]) -> None:
+                self._free()
+                end()
+
+            release.add_done_callback(free)
             return begun
 
         def paused() -> None:
@@ -127,6 +136,7 @@ class ThreadWorker:
         def never_began(f: Future[Any]) -> None:
             if not begun.done():
                 begun.set_exception(f.exception() or manager_closed())
+            end()  # the call answers once the device is free again
 
         self.call(paused, "busy").add_done_callback(never_began)
         return begun

@@ -9,6 +9,7 @@ from gpugroups.catalog import Catalog
 from gpugroups.engine.calls import OutOfMemory
 from gpugroups.errors import GpuGroupsError
 from tests.engine.gated import GatedWorker, gated_manager
+from tests.waiting import wait_for
 
 PROMPTS = ["def add(a, b):", "import os"]
 
@@ -80,6 +81,12 @@ def test_explicit_device_ids_shard_in_that_order_even_when_one_device_would_do(d
             m.load("big-base", device_id=0, device_ids=[0, 1])
         assert e.value.code == "invalid_request"
         assert m.load_group("s1")["device_ids"] == [1]  # a group that fits one device stays on one
+        # device_id=n is device_ids=[n]: only that device, so a group sharded over it moves onto it alone
+        moved = m.load("big-a", device_id=0)
+        assert (moved["status"], moved["device_ids"]) == ("loaded", [0])
+        assert m.load("big-a", device_ids=[0])["status"] != "loaded"  # the same place: nothing to do
+        assert m.pin("big", device_id=2)["device_ids"] == [2]
+        assert m.process("big-a", "x", device_id=2)["device_ids"] == [2]  # pinned there: no move needed
 
 
 def test_idle_groups_are_evicted_to_make_room_for_shards_and_pins_stay(deep):
@@ -338,3 +345,19 @@ def test_a_models_group_whose_largest_member_fits_no_device_is_refused_with_why(
         assert e.value.code == "insufficient_memory"
         assert "sharded by whole members" in e.value.message and e.value.details["largest_member"] == "deep"
         assert all(not d["resident_groups"] for d in m.state()["devices"])
+
+
+def test_after_a_sharded_load_that_evicts_the_last_event_shows_every_spanned_device_idle(deep):
+    """The span's other devices are paused behind their queues (here a victim's unload); the load
+    answers once they show free again, so the state its event carries shows them idle (it showed
+    one busy until an unrelated change, in about one round in four)."""
+    make, _ = deep
+    with gg.Manager(devices=devices(deep), catalog=make(), progress=False) as m:
+        last: list[dict] = []
+        m.subscribe(lambda e: last.append(e) if e["type"] == "state_update" else None)
+        for _ in range(6):
+            m.load_group("s1", device_id=1)
+            m.load_group("big", device_ids=[0, 1])  # evicts s1: device 1 unloads it, then is paused
+            assert wait_for(lambda: last[-1]["version"] == m.state()["version"])
+            assert [d["status"] for d in last[-1]["state"]["devices"]] == ["idle"] * 3
+            m.unload_group("big")
