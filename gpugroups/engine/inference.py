@@ -92,11 +92,17 @@ def _fit(rt: Runtime, r: Request, ids: list[int]) -> tuple[list[int], bool]:
             f"max_new_tokens={r.max_new_tokens} does not fit the group's runtime reserve "
             f"({sum(budget.reserve)} bytes) even for a one-token prompt; ask for fewer new tokens",
         )
-    room = max(1, min(context_room, memory_room))
+    if context_room < 1:  # learned positions (GPT-2) would fail with an index error, others answer past what they know
+        raise GpuGroupsError(
+            "invalid_request",
+            f"max_new_tokens={r.max_new_tokens} does not fit the {member.context_length}-token context of "
+            f"{r.member!r} even after a one-token prompt; ask for {member.context_length} new tokens at most",
+        )
+    room = min(context_room, memory_room)
     cut = len(ids) > room
     if cut:
         why = (
-            f"model context {member.context_length}" if room == max(1, context_room)
+            f"model context {member.context_length}" if room == context_room
             else f"the group's runtime reserve holds {room} tokens in one pass"
         )
         r.notes.append(f"prompt truncated from the left: {len(ids)} tokens kept the last {room} ({why})")

@@ -371,10 +371,16 @@ class Manager(Registry, AwaitableTwins):
         return self._bus.version
 
     def state(self) -> State:
-        """The state JSON (same as ``GET /api/v2/system/state``): devices, groups, models, operations."""
+        """The state JSON (same as ``GET /api/v2/system/state``): devices, groups, models, operations.
+
+        Groups not yet estimated are estimated first (reading their configs); new estimates make a
+        new version, which subscribers get too."""
+        known = self._estimates.revision
         for g in list(self.catalog.groups.values()):
             self._estimates.ensure(g, self.devices)  # file I/O stays outside the lock; cached after
         with self._lock:
+            if self._estimates.revision != known:  # new estimates: a new version, which subscribers get too
+                self._bump()
             snap = snapshot(self._res, self._bus.version)
         return render(snap)
 

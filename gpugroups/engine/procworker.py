@@ -95,11 +95,13 @@ class ProcessWorker(RemoteCalls):
     def pause(self, release: Future[Any], ended: Future[None] | None = None) -> Future[None]:
         call_id = next(self._ids)
         begun = self._call("busy", "pause", (), call_id=call_id)
+        held = self._track("busy")  # the pause's call ends as it begins: the device shows busy until its release
 
         def let_go(_: Future[Any]) -> None:
             # overtakes the queue (what waits behind the pause must not wait for its release)
             self._send_now((call_id, "release", ()))
-            if ended is not None:  # a pause is pending here only until it has begun: the device shows idle
+            self._settle(held, ("ok", None))
+            if ended is not None:
                 ended.set_result(None)
 
         release.add_done_callback(let_go)

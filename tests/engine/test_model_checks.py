@@ -18,7 +18,7 @@ import torch
 import gpugroups as gg
 from gpugroups.catalog import Catalog
 from gpugroups.engine.torchkit import declared_context
-from tests.tinymodels import build_lora_adapter
+from tests.tinymodels import build_causal_lm, build_lora_adapter
 
 
 def _manager(*roots: Path) -> gg.Manager:
@@ -129,6 +129,21 @@ def test_a_prompt_as_long_as_the_context_is_answered_whole_as_transformers_does(
         assert [p["token_id"] for p in got["predictions"]] == want
         cut = m.process(str(tiny_gpt2), prompt + " y", num_predictions=3)
         assert (cut["prompt_tokens"], cut["truncated"]) == (context, True)
+    finally:
+        m.close()
+
+
+def test_a_continuation_longer_than_the_context_is_an_invalid_request(tmp_path: Path, tokenizer_dir: Path):
+    """With learned positions (GPT-2) a continuation past the context failed with a raw
+    ``IndexError`` (on a GPU, a device-side assert); it is refused before the pass, for every model."""
+    short = build_causal_lm(tmp_path / "short-gpt2", "gpt2", tokenizer_dir=tokenizer_dir, context=16)
+    m = _manager(tmp_path)
+    try:
+        full = m.process(str(short), "def f(x):", max_new_tokens=16)  # the prompt cut to one token
+        assert full["prompt_tokens"] == 1 and full["truncated"] and full["predictions"][0]["text"]
+        with pytest.raises(gg.GpuGroupsError) as refused:
+            m.process(str(short), "def f(x):", max_new_tokens=17)
+        assert refused.value.code == "invalid_request" and "16 new tokens at most" in refused.value.message
     finally:
         m.close()
 

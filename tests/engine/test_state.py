@@ -81,6 +81,23 @@ def test_event_state_equals_state_read_of_the_same_version(m):
     assert last["state"]["devices"][0]["current_group"] == {"id": "tiny", "name": groups["tiny"]["name"], "model": "tiny-b"}
 
 
+def test_estimates_a_state_read_computes_reach_subscribers_with_a_new_version(m):
+    """``state()`` estimates the groups not yet estimated: the state it answers is a new version,
+    and subscribers (the server's mirror, the panel) get it, not 0 bytes under the same version."""
+    events: list[dict] = []
+    m.subscribe(events.append)
+    m.load("tiny-a")  # estimates its own group only
+    assert wait_for(lambda: events and events[-1]["version"] == m.version)
+    before = events[-1]
+    assert {g["id"]: g["memory_estimate_bytes"] for g in before["state"]["groups"]}["gpt"] == 0
+    now = m.state()
+    assert now["version"] > before["version"]
+    assert wait_for(lambda: events[-1]["version"] == now["version"])
+    assert _steady(events[-1]["state"]) == _steady(now)
+    assert {g["id"]: g["memory_estimate_bytes"] for g in now["groups"]}["gpt"] > 0
+    assert m.state()["version"] == now["version"]  # nothing new to estimate: no new version
+
+
 def test_the_event_an_answer_makes_shows_its_device_idle(m):
     """A worker frees its device before it answers, so the state a finished load or unload makes
     (and its event: the last until the next change) shows the device idle, not still busy."""

@@ -1,6 +1,7 @@
-"""A device lost while a group sharded over it loads (``worker="process"``): the load fails and
-leaves nothing behind, whether the device was lost before the load began on the first device (its
-pause fails) or while it ran there (the lost device held only a pause: nothing of the load fails)."""
+"""Groups sharded over worker processes (``worker="process"``): a device lost while a group sharded
+over it loads fails the load and leaves nothing behind, whether it was lost before the load began on
+the first device (its pause fails) or while it ran there (the lost device held only a pause: nothing
+of the load fails); and a device held by a sharded call shows busy, as with thread workers."""
 
 from __future__ import annotations
 
@@ -77,4 +78,22 @@ def test_a_device_lost_while_a_sharded_group_loads_fails_the_load_and_frees_ever
         go.touch()
         if busy.ident is not None:
             busy.join(60)
+        m.close()
+
+
+def test_a_device_held_by_a_sharded_call_shows_busy_until_it_ends(tiny_catalog_toml: Path, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    m = gg.Manager(devices=DEVICES, catalog=tiny_catalog_toml, worker="process", progress=False)
+    try:
+        m.load("tiny-a", device_ids=[0, 1])
+        running = threading.Thread(target=m.run, args=("tiny-a", wait_for_file, str(go)))
+        running.start()
+        assert wait_for(lambda: [d["status"] for d in m.state()["devices"]] == ["busy", "busy"])
+        time.sleep(0.3)
+        assert [d["status"] for d in m.state()["devices"]] == ["busy", "busy"]  # device 1 is held, not idle
+        go.touch()
+        running.join(60)
+        assert wait_for(lambda: [d["status"] for d in m.state()["devices"]] == ["idle", "idle"])
+    finally:
+        go.touch()
         m.close()
