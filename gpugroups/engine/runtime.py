@@ -40,6 +40,7 @@ from .torchkit import (
     context_length,
     import_transformers,
     measured_bytes,
+    release_heap,
     torch_dtype,
 )
 
@@ -282,6 +283,8 @@ class Runtime:
 
         Reference counting frees the tensors at once; a full ``gc.collect`` (hundreds of ms
         in a process that imported transformers) runs only if a reference cycle kept a model.
+        Then each device gives back what its allocator keeps: CUDA's cache, or on the CPU the
+        C heap's free pages (``release_heap``).
         """
         alive = [weakref.ref(m.model) for m in self.members.values()]
         self.members.clear()
@@ -294,6 +297,8 @@ class Runtime:
             if backing.startswith("cuda"):  # every device the group spans gives its cache back
                 with torch.cuda.device(backing):
                     torch.cuda.empty_cache()
+            else:
+                release_heap()
 
 
 def _pretrained(folder: Path, kwargs: dict[str, Any]) -> Any:

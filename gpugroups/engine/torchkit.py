@@ -5,6 +5,8 @@ the header-only estimates that import this module stay light.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
 import threading
 import time
@@ -205,3 +207,22 @@ def unique_bytes(tensors: Iterable[torch.Tensor], dtype: str | None) -> int:
         seen.add(key)
         total += t.numel() * itemsize if itemsize is not None and t.is_floating_point() else t.nbytes
     return total
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing where
+    there is none). A model loaded on the CPU in another dtype than it is stored in lives on the
+    heap, in pieces glibc keeps for reuse after they are freed: an unloaded 400 MB model kept
+    160-290 MB of the process's memory, and a 1.4 GB one up to 1.8 GB, all of which counts as
+    the machine's memory in use (the cpu device's ``other_bytes``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return None  # not glibc (macOS, musl): its allocator is its own business
