@@ -92,7 +92,7 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
         self._in_flight: Future[None] | None = None
         self._deadline: object | None = None
         self.host.add_listener(self._on_event)
-        IOLoop.current().spawn_callback(self._send_state)
+        self._request_state()
 
     def on_message(self, message: str | bytes) -> None:
         try:
@@ -101,7 +101,7 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
             self._write({"type": "error", "error": exc.to_json()})
             return
         if isinstance(msg, dict) and msg.get("type") == "get_state":
-            IOLoop.current().spawn_callback(self._send_state)
+            self._request_state()
         else:
             error = GpuGroupsError("invalid_request", 'expected {"type": "get_state"}')
             self._write({"type": "error", "error": error.to_json()})
@@ -114,8 +114,13 @@ class EventsSocket(Legacy, JsonErrors, WebSocketMixin, websocket.WebSocketHandle
             self.ping_callback.stop()
             self.ping_callback = None
 
-    async def _send_state(self) -> None:
+    def _request_state(self) -> None:
+        """Fetch and send the whole state; events are held from now on until it is sent (one
+        arriving before the fetch began went out first, ahead of the socket's ``system_state``)."""
         self._fetching += 1
+        IOLoop.current().spawn_callback(self._send_state)
+
+    async def _send_state(self) -> None:
         version = None
         try:
             state = await self.host.request("state")
