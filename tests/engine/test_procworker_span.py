@@ -35,9 +35,8 @@ def test_a_device_lost_while_a_sharded_group_loads_fails_the_load_and_frees_ever
 ) -> None:
     go = tmp_path / "go"
     workers: list[ProcessWorker] = []
+    gated = tinymodels.build_gated(tmp_path / "gated", tiny_llama, go)
     m = gg.Manager(devices=DEVICES, catalog=tiny_catalog_toml, worker=collecting(workers), progress=False)
-    m.register_group("gated", models={"gated-1": tinymodels.build_gated(tmp_path / "gated", tiny_llama, go)},
-                     trust_remote_code=True)
     failed: list[BaseException] = []
 
     def load() -> None:
@@ -46,7 +45,9 @@ def test_a_device_lost_while_a_sharded_group_loads_fails_the_load_and_frees_ever
         except BaseException as exc:
             failed.append(exc)
 
+    busy = threading.Thread()
     try:
+        m.register_group("gated", models={"gated-1": gated}, trust_remote_code=True)
         m.load("tiny-gpt2", device_id=0)
         busy = threading.Thread(target=m.run, args=("tiny-gpt2", wait_for_file, str(go)))
         if when == "queued":  # device 0's worker runs it: the sharded load waits behind it
