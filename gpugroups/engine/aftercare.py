@@ -66,5 +66,15 @@ class Aftercare:
         return len(self._hooks)
 
     def _hook_ids(self) -> set[int]:
-        """The handles of every forward hook on the models (torch numbers each handle once)."""
-        return {k for _, _, mods in self._models for mod in mods for k in (*mod._forward_hooks, *mod._forward_pre_hooks)}
+        """The handles of every forward hook on the models (torch numbers each handle once), but
+        the libraries' own: transformers installs its output-capturing hooks the first time a
+        model is asked for ``output_hidden_states`` or ``output_attentions`` (inert otherwise)."""
+        return {
+            k for _, _, mods in self._models for mod in mods
+            for hooks in (mod._forward_hooks, mod._forward_pre_hooks) for k, fn in hooks.items()
+            if not getattr(fn, "__module__", "").startswith(_LIBRARIES)
+        }
+
+
+#: Packages whose own hooks on a model are part of how it runs, not research code's.
+_LIBRARIES = ("transformers.", "peft.", "accelerate.")
