@@ -1,8 +1,8 @@
 """The far side of a ``ProcessWorker``: a process of its own that runs one device's ``ThreadWorker``.
 
 ``main`` reads calls from its pipe and hands them to the worker, which orders and batches them as
-in any process; each call's outcome (``remote.Outcome``) and a load's progress go back on the same
-pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
+in any process; each call's outcome (``remote.Outcome``), a load's progress and the warnings shown
+here go back on the same pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
 ends when the parent says ``stop`` (after everything queued) or when its pipe closes (the parent is
 gone). ``run``'s payloads travel packed (``remote.pack``).
 
@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -44,7 +45,9 @@ def main() -> None:
     conn = Connection(int(sys.argv[1]))
     fields, path = conn.recv()
     sys.path[:] = path + [p for p in sys.path if p not in path]  # fn pickled by reference imports from there
-    _Host(conn, Device(**fields)).serve()
+    host = _Host(conn, Device(**fields))
+    warnings.showwarning = host.forward_warning
+    host.serve()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # everything is answered; tearing down torch's modules only makes the parent wait
@@ -86,6 +89,12 @@ class _Host:
                 lent = ops[op](call_id, *args)
             if lent is not None:
                 lent()  # the device was idle: its pass runs here while the other thread reads
+
+    def forward_warning(self, message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        """``warnings.showwarning`` here: a warning shown in this process (research code's own, or
+        the hooks it left) is the caller's, so it goes to the parent, which warns it there, before
+        the answer of the call that raised it (the pipe keeps their order)."""
+        self._send(("warning", 0, category.__module__, category.__qualname__, str(message)))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:

@@ -14,11 +14,13 @@ Light: neither side imports torch until the worker process loads or predicts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import multiprocessing
 import subprocess
 import sys
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, wait
@@ -238,6 +240,9 @@ class ProcessWorker(RemoteCalls):
                 if kind == "progress":
                     self._report(call_id, *rest)
                     continue
+                if kind == "warning":
+                    _warn(*rest)
+                    continue
                 call = self._calls.pop(call_id, None)
                 if call is not None:
                     self._settle(call.future, result_of(*rest[0]) if call.op == "run" else rest[0])
@@ -263,3 +268,14 @@ class ProcessWorker(RemoteCalls):
             call.progress(fraction, stage)
         except Exception:
             pass  # a failing progress display must not stop this device's answers
+
+
+def _warn(module: str, name: str, text: str) -> None:
+    """Warn here what the worker process showed: its category where this process can import it, else ``UserWarning``."""
+    try:
+        category = getattr(importlib.import_module(module), name)
+    except Exception:
+        category = None
+    if not (isinstance(category, type) and issubclass(category, Warning)):
+        category = UserWarning
+    warnings.warn(text, category, stacklevel=1)
