@@ -99,34 +99,56 @@ def _start(
     nodes: list[dict[str, Any]], kind: str, size: int, namespace: str, idle_timeout_s: float
 ) -> list[tuple[Any, dict[str, Any]]]:
     """Get or make the device actor of every GPU of ``nodes``; each ready one with its ``info()``
-    (those of a node going away are left out)."""
-    actors = []
+    (those of a node going away are left out). Refused (``host_unavailable``) when the actors do
+    not start in time or none starts: the actors this call made are killed first, so none of them
+    takes a GPU later with no manager to drive it (an actor that was there before, and may hold a
+    manager's groups for adoption, is left as it is)."""
+    actors: list[Any] = []
+    made: list[int] = []
     for n in nodes:
         for k in range(int(n["Resources"]["GPU"])):
+            name = f"{kind}-{n['NodeID'][:16]}-{k}"
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                made.append(len(actors))  # none of that name yet: this call makes it
             actors.append(_actor_class().options(
-                name=f"{kind}-{n['NodeID'][:16]}-{k}", namespace=namespace, lifetime="detached", get_if_exists=True,
+                name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
                 num_gpus=1, num_cpus=0,  # a CPU per actor would starve small nodes of actors
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
             ).remote(kind, size, idle_timeout_s))
     refs = [a.info.remote() for a in actors]
     deadline = time.monotonic() + READY_S
-    ready = []
-    for actor, ref in zip(actors, refs):
-        try:
-            ready.append((actor, ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))))
-        except GetTimeoutError as exc:
-            raise GpuGroupsError(
-                "host_unavailable",
-                f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
-                "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
-            ) from exc
-        except RayError:  # its node is going away (still listed alive for a moment): not a device
+    ready: list[tuple[Any, dict[str, Any]]] = []
+    failed: list[BaseException] = []
+    try:
+        for actor, ref in zip(actors, refs):
             try:
-                ray.kill(actor, no_restart=True)  # nor a name left behind for the next manager
-            except Exception:
-                pass
-            continue
+                ready.append((actor, ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))))
+            except GetTimeoutError as exc:
+                raise GpuGroupsError(
+                    "host_unavailable",
+                    f"the Ray device actors did not start within {READY_S:.0f} s: are the GPUs held by actors of "
+                    "another namespace or of another kind (ray vs ray:virtual)? Close that manager first.",
+                ) from exc
+            except RayError as exc:  # its node is going away (still listed alive for a moment): not a device
+                failed.append(exc)
+                _kill(actor)  # nor a name left behind for the next manager
+        if not ready:
+            cause = f" ({type(failed[0]).__name__}: {str(failed[0]).strip().splitlines()[-1]})" if failed else ""
+            raise GpuGroupsError("host_unavailable", f"no Ray device actor started on the cluster's GPU nodes{cause}")
+    except BaseException:
+        for i in made:
+            _kill(actors[i])
+        raise
     return ready
+
+
+def _kill(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:
+        pass  # gone already
 
 
 class RayWorker(RemoteCalls):

@@ -425,6 +425,32 @@ def test_a_refused_manager_starts_no_actor(ray_cluster: RayCluster) -> None:
     assert kept.traceback and wait_for(lambda: actors_in(ns) == [], 10)
 
 
+def test_a_manager_refused_at_start_leaves_no_actor_to_take_the_gpus_later(
+    ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Actors that could not start in time (another namespace's manager holds every GPU) or at all
+    (``ray``, the GPUs themselves, where the nodes have none to show) are killed as the manager is
+    refused: queued, they took the GPUs once the holder closed, with no manager to drive them."""
+    from gpugroups.engine import rayworker
+
+    holder, late = namespace(), namespace()
+    first = gg.Manager(devices=SPEC, catalog=[], ray_namespace=holder)
+    try:
+        monkeypatch.setattr(rayworker, "READY_S", 3.0)
+        with pytest.raises(GpuGroupsError) as refused:
+            gg.Manager(devices=SPEC, catalog=[], ray_namespace=late)
+        assert refused.value.code == "host_unavailable" and "did not start" in refused.value.message
+        assert wait_for(lambda: actors_in(late) == [], 10)
+    finally:
+        first.close()
+        monkeypatch.undo()
+    gg.Manager(devices=SPEC, catalog=[], ray_namespace=holder).close()  # the GPUs are free to take again
+    with pytest.raises(GpuGroupsError) as none:  # simulated GPUs: no CUDA device in the actors
+        gg.Manager(devices="ray", catalog=[], ray_namespace=late)
+    assert none.value.code == "host_unavailable" and "no Ray device actor started" in none.value.message
+    assert wait_for(lambda: actors_in(late) == [], 10)
+
+
 def test_actors_without_a_manager_unload_and_exit_after_the_idle_time(ray_cluster: RayCluster, tiny_catalog_toml: Path) -> None:
     ns = namespace()
     out = in_subprocess(ray_cluster, tiny_catalog_toml, ns, 'print(m.load_group("gpt")["status"])', idle_s=5)
