@@ -66,15 +66,18 @@ class Aftercare:
         return len(self._hooks)
 
     def _hook_ids(self) -> set[int]:
-        """The handles of every forward hook on the models (torch numbers each handle once), but
-        the libraries' own: transformers installs its output-capturing hooks the first time a
-        model is asked for ``output_hidden_states`` or ``output_attentions`` (inert otherwise)."""
-        return {
-            k for _, _, mods in self._models for mod in mods
-            for hooks in (mod._forward_hooks, mod._forward_pre_hooks) for k, fn in hooks.items()
-            if not getattr(fn, "__module__", "").startswith(_LIBRARIES)
-        }
+        """The handles of every forward hook on the models, theirs and torch's global ones (torch
+        numbers each handle once), but the libraries' own: transformers installs its output-
+        capturing hooks the first time a model is asked for ``output_hidden_states`` or
+        ``output_attentions`` (inert otherwise)."""
+        every = [hooks for _, _, mods in self._models for mod in mods for hooks in (mod._forward_hooks, mod._forward_pre_hooks)]
+        every += [_GLOBAL_HOOKS, _GLOBAL_PRE_HOOKS]  # torch's hooks on every module: on these too
+        return {k for hooks in every for k, fn in hooks.items() if not getattr(fn, "__module__", "").startswith(_LIBRARIES)}
 
+
+#: ``register_module_forward_hook``'s hooks (on every module of the process), by handle id.
+_GLOBAL_HOOKS = torch.nn.modules.module._global_forward_hooks
+_GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
 
 #: Packages whose own hooks on a model are part of how it runs, not research code's.
 _LIBRARIES = ("transformers.", "peft.", "accelerate.")

@@ -138,6 +138,13 @@ def test_what_research_code_changes_and_serving_relies_on_is_put_back(m):
         m.run("tiny-a", lambda model, tokenizer: [h.remove() for h in handles])
     assert answers() == before
 
+    def everywhere(model, tokenizer):  # torch's global hook: on every module of every model
+        handles.append(torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: o))
+
+    with pytest.warns(HooksLeftWarning, match="left 1 hook"):
+        m.run("tiny-a", everywhere)
+    handles[-1].remove()
+
 
 def test_use_hands_over_the_member_in_this_thread(m, raw):
     before = m.process("tiny-a", PROMPT, num_predictions=5)["predictions"]
