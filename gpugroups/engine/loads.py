@@ -109,6 +109,10 @@ class Loads:
             details.update(largest_member=blocks[largest].name, member_need_bytes=member_need)
         return GpuGroupsError("insufficient_memory", message, details)
 
+    def guard(self, device_id: int) -> None:
+        """``conflict`` if this thread may not wait for the device's worker (``Holds``: inside a
+        ``use`` block or ``run``'s function there); loads do not know of holds."""
+
     def _reserve(self, group: GroupSpec, device_id: int | None, device_ids: list[int] | None) -> tuple[Slot, list[Slot]]:
         """Under the lock: choose the device(s), mark the victims, reserve the estimate. Emits a change."""
         decision, _ = self._place(group, device_id, device_ids)
@@ -121,6 +125,8 @@ class Loads:
                 f"it would span {list(decision.device_ids)}",
                 {"group_id": group.id, "device_ids": list(device_ids)},
             )
+        for d in decision.device_ids:  # before anything is unloaded or reserved for it
+            self.guard(d)
         if len(decision.shares) > 1:
             slot = Slot(group, {s.device_id: s.bytes for s in decision.shares})
             slot.weights = {s.device_id: s.weight_bytes for s in decision.shares}

@@ -77,7 +77,9 @@ class Residency(Holds, Adoption):
                             f"group {group.id!r} is pinned to device {'+'.join(map(str, slot.device_ids))}; unpin it to move it",
                         )
                     # resident elsewhere: move it, unless it cannot go there (then it stays where it is)
-                    self._place(group, device_id, device_ids, in_use_evictable=True, without=slot)
+                    there, _ = self._place(group, device_id, device_ids, in_use_evictable=True, without=slot)
+                    for d in there.device_ids:  # a move there would wait for this thread's hold: before the unload
+                        self.guard(d)
                     wait_for: Future[Any] = self.queue_unload(slot)
                 elif slot is not None and slot.state == "resident":
                     return slot, loaded, then(slot)

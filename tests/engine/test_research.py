@@ -193,6 +193,41 @@ def test_run_function_calling_its_own_device_is_a_conflict_not_a_wedge(m):
     assert m.process("tiny-gpt2", PROMPT)["predictions"] and m.state()["devices"][0]["status"] == "idle"
 
 
+def test_a_load_or_move_refused_from_a_use_block_or_run_changes_nothing(tiny_catalog_toml):
+    """A call that would load onto (or move a group to) the device this thread holds is a
+    ``conflict`` before anything is unloaded or reserved for it: the group was loaded or moved
+    all the same, after the block, and stayed ``loading`` for other callers during it."""
+    with gg.Manager(devices="virtual:2x512MiB", catalog=tiny_catalog_toml, progress=False) as m:
+        m.load("tiny-a", device_id=0)
+        m.load("tiny-gpt2", device_id=1)
+
+        def placed() -> dict[str, tuple[str, list[int]]]:
+            return {g["id"]: (g["status"], g["resident_on"]) for g in m.state()["groups"]}
+
+        before = placed()
+
+        def move(model, tokenizer) -> str:
+            try:
+                m.load("tiny-gpt2", device_id=0)
+            except GpuGroupsError as exc:
+                return exc.code
+            return "moved"
+
+        with m.use("tiny-a"):
+            with pytest.raises(GpuGroupsError) as moving:
+                m.load("tiny-gpt2", device_id=0)
+            assert moving.value.code == "conflict"
+            assert {k: v for k, v in placed().items() if k != "tiny"} == {k: v for k, v in before.items() if k != "tiny"}
+        assert m.run("tiny-a", move) == "conflict"
+        m.unload_group("gpt")
+        with m.use("tiny-a"):  # a load placed on the held device
+            with pytest.raises(GpuGroupsError) as loading:
+                m.process("tiny-gpt2", PROMPT, device_id=0)
+            assert loading.value.code == "conflict"
+            assert placed()["gpt"] == ("unloaded", [])
+        assert placed()["gpt"] == ("unloaded", []) and placed()["tiny"] == ("resident", [0])
+
+
 def test_close_from_inside_use_or_run_is_a_conflict_and_changes_nothing(tiny_catalog_toml):
     """``close`` would wait for the block or the function it is called from: refused at once
     (it stalled 30 s, then said closed with the group still loaded), the manager open as it was."""
