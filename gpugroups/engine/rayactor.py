@@ -45,6 +45,8 @@ CONTROL = "control"
 #: How ``ray.remote`` makes the actor: threads for two full batches of waiting requests (one
 #: running, the next queued behind it), one more for ``CONTROL``.
 ACTOR_OPTIONS: dict[str, Any] = {"max_concurrency": 2 * MAX_BATCH, "concurrency_groups": {CONTROL: 1}}
+#: How long ``resident`` (a new manager adopting) waits for the work queued before it to end.
+SETTLE_S = 30.0
 #: Ray hands an argument bigger than its inline limit (100 KiB) to the actor through its object
 #: store, and that call starts only once the actor has fetched it, after calls sent later: they
 #: would hold the actor's threads at its gate meanwhile, all of them in a flood. A sealed call
@@ -113,9 +115,15 @@ class DeviceActor:
         self.idle_timeout_s = idle_timeout_s
         return self._worker.resident()
 
-    @ray.method(concurrency_group=CONTROL)
     def resident(self) -> dict[str, Held]:
-        """The groups held here and their measured bytes."""
+        """The groups held here and their measured bytes, once the work queued before this call has
+        ended (at most ``SETTLE_S``): a manager adopting them after its kernel died while a load
+        ran here adopts that load's group too (read at once, it was held here unaccounted and loaded
+        again). Not in ``CONTROL``: the pings go on meanwhile."""
+        try:
+            self._worker.call(lambda: None).result(timeout=SETTLE_S)
+        except Exception:
+            pass  # still busy, or stopping: what is held now
         return self._worker.resident()
 
     def load(self, call: Sealed) -> Iterator[Any]:

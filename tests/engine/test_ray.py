@@ -8,6 +8,7 @@ manager holds every GPU resource. The node-loss test removes a node it added its
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -346,6 +347,36 @@ def test_a_new_manager_adopts_the_groups_of_a_killed_one(
         assert m.process("tiny-b", "adopt me", 3)["predictions"][0]["token_id"] == expected
         assert not any(e["type"] == "load_progress" for e in events)
     finally:
+        m.close()
+    assert wait_for(lambda: actors_in(ns) == [], 10)
+
+
+def test_a_load_under_way_when_the_kernel_died_is_adopted_once_it_ends(
+    ray_cluster: RayCluster, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The new manager's adoption waits for the work queued on each actor: a load the dead kernel
+    began is adopted as it ends (it was held unaccounted, and loaded again by the next ``load``)."""
+    go = tmp_path / "go"
+    gated = tinymodels.build_gated(tmp_path / "gated", tiny_llama, go)
+    catalog = tmp_path / "gated.toml"
+    catalog.write_text(f'[groups.gated]\nkind = "models"\ntrust_remote_code = true\n'
+                       f'[groups.gated.models]\n"gated-1" = {json.dumps(str(gated))}\n', encoding="utf-8")
+    ns = namespace()
+    in_subprocess(ray_cluster, catalog, ns, """
+        import threading, time
+        threading.Thread(target=m.load, args=("gated-1",), kwargs={"device_id": 0}, daemon=True).start()
+        while not any(g["status"] == "loading" for g in m.state()["groups"]):
+            time.sleep(0.05)
+        time.sleep(1)  # on the actor, its from_pretrained waits for the file
+    """)
+    threading.Timer(2.0, go.touch).start()  # the load ends while the new manager attaches
+    m = gg.Manager(devices=SPEC, catalog=catalog, ray_namespace=ns)
+    try:
+        assert m.state()["devices"][0]["resident_groups"] == ["gated"]
+        assert m.state()["devices"][0]["memory"]["manager_bytes"] > 0
+        assert m.load("gated-1")["status"] == "already_loaded"
+    finally:
+        go.touch()
         m.close()
     assert wait_for(lambda: actors_in(ns) == [], 10)
 
