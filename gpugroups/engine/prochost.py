@@ -2,9 +2,9 @@
 
 ``main`` reads calls from its pipe and hands them to the worker, which orders and batches them as
 in any process; each call's outcome (``remote.Outcome``), a load's progress and the warnings shown
-here go back on the same pipe. ``pause`` waits for the parent's ``release`` message, which overtakes the queue. The process
-ends when the parent says ``stop`` (after everything queued) or when its pipe closes (the parent is
-gone). ``run``'s payloads travel packed (``remote.pack``).
+here go back on the same pipe. ``pause`` waits for the parent's ``release`` message, which
+overtakes the queue. The process ends when the parent says ``stop`` (after everything queued) or
+when its pipe closes (the parent is gone). ``run``'s payloads travel packed (``remote.pack``).
 
 Two threads take turns at the pipe, one reading at a time. Where passes may run on either of them
 (``worker.lends``: not on a CPU device whose torch runs on several threads), a ``process`` call

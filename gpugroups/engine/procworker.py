@@ -271,7 +271,8 @@ class ProcessWorker(RemoteCalls):
 
 
 def _warn(module: str, name: str, text: str) -> None:
-    """Warn here what the worker process showed: its category where this process can import it, else ``UserWarning``."""
+    """Warn here what the worker process showed: in its category where this process can import
+    it, else as a ``UserWarning``."""
     try:
         category = getattr(importlib.import_module(module), name)
     except Exception:
