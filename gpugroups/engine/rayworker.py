@@ -145,10 +145,11 @@ def _start(
 
 
 def _kill(actor: Any) -> None:
+    """End a device actor for good (no restart, its name free again)."""
     try:
         ray.kill(actor, no_restart=True)
     except Exception:
-        pass  # gone already
+        pass  # gone already, or its node is, and the actor with it
 
 
 class RayWorker(RemoteCalls):
@@ -263,10 +264,7 @@ class RayWorker(RemoteCalls):
                 pass  # gone already or stuck: the kill below ends it either way
         if self._line is not None:
             self._line.close()
-        try:
-            ray.kill(self._actor, no_restart=True)  # a lost one too: its name must not outlive the manager
-        except Exception:
-            pass  # its node is gone, and the actor with it
+        _kill(self._actor)  # a lost one too: its name must not outlive the manager
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _send(self, method: Any, *args: Any) -> Any:

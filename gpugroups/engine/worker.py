@@ -122,6 +122,7 @@ class ThreadWorker:
             # every sharded pass, and the first device's worker would wait for the first.
             self._status = "busy"
             begun.set_result(None)
+
             def free(_: Future[Any]) -> None:
                 self._free()
                 end()
@@ -133,12 +134,12 @@ class ThreadWorker:
             begun.set_result(None)
             _quietly(release)
 
-        def never_began(f: Future[Any]) -> None:
+        def answered(f: Future[Any]) -> None:  # once the device is free again, or the pause never began
             if not begun.done():
                 begun.set_exception(f.exception() or manager_closed())
-            end()  # the call answers once the device is free again
+            end()
 
-        self.call(paused, "busy").add_done_callback(never_began)
+        self.call(paused, "busy").add_done_callback(answered)
         return begun
 
     def unload(self, group_id: str) -> Future[None]:
